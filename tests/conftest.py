@@ -1,0 +1,23 @@
+"""Shared pytest fixtures."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+PARITY_FIXTURE = SHARED / "fixtures" / "official_ddim_parity.npz"
+
+os.environ.setdefault("WANDB_MODE", "offline")
+
+
+@pytest.fixture(scope="session")
+def parity():
+    """The official DDIM code's recorded outputs (../shared/fixtures/official_ddim_parity.npz)."""
+    if not PARITY_FIXTURE.exists():
+        pytest.skip(f"official parity fixture not found at {PARITY_FIXTURE} (it lives in ../shared beside the checkout)")
+    with np.load(PARITY_FIXTURE) as data:
+        return {k: data[k] for k in data.files}
