@@ -1,0 +1,183 @@
+#!/usr/bin/env python
+"""DDIM sampling throughput of the CIFAR-10 U-Net: fast path vs the plain fp32 eager path.
+
+Prints, per variant: images/s, achieved TFLOP/s (FLOPs counted with FlopCounterMode, times the S
+network evaluations), share of the chip's bf16 peak (measured in the same run with an 8192^3 bf16
+matrix product; the H100/H200 datasheet figure is ~990 dense, ~790 is what products reach), peak
+GPU memory, and how far each variant's samples are from the first (fp32) variant's, from the same
+noise x_T: max / mean / 99th-percentile absolute difference in [-1, 1] image units after the final
+clamp, against a stated tolerance.
+
+    python bench/sampling.py                       # GPU: batch 512, S = 50, eta = 0
+    python bench/sampling.py --tiny --device cpu   # seconds on a CPU (CI smoke test)
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import sys
+import time
+
+import torch
+
+from ddim import perf
+from ddim.diffusion import alphas_cumprod as make_alphas_cumprod
+from ddim.diffusion import beta_schedule, sample, timesteps
+from ddim.models import UNet
+
+CIFAR10 = dict(ch=128, out_ch=3, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(16,),
+               dropout=0.1, in_channels=3, resolution=32, resamp_with_conv=True)
+TINY = dict(ch=32, out_ch=3, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,),
+            dropout=0.0, in_channels=3, resolution=16, resamp_with_conv=True)
+
+# name -> prepare_for_inference kwargs; None = the model itself, fp32, eager, NCHW, PyTorch's default
+# precision flags (cuDNN convolutions may use TF32, as in the official code's runs); "fp32-strict" turns
+# TF32 off everywhere: the numerics reference.
+VARIANTS: dict[str, dict | None] = {
+    "fp32": None,
+    "fp32-strict": None,
+    "bf16-eager": dict(dtype="bf16", channels_last=True, compile=False),
+    "fast": dict(dtype="bf16", channels_last=True, compile=True),
+    "fast-pure": dict(dtype="bf16", autocast=False, channels_last=True, compile=True),
+    "fast-max": dict(dtype="bf16", channels_last=True, compile=True, compile_mode="max-autotune-no-cudagraphs"),
+    "fp16": dict(dtype="fp16", channels_last=True, compile=True),
+}
+LEVEL = 2.0 / 255.0  # one 8-bit level in [-1, 1] units
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--tiny", action="store_true", help="tiny U-Net at 16x16, batch 4, S = 3 (CPU smoke test)")
+    p.add_argument("--batch", type=int, default=None, help="images per sampling call (512; tiny: 4)")
+    p.add_argument("--steps", type=int, default=None, help="S, number of sampling steps (50; tiny: 3)")
+    p.add_argument("--eta", type=float, default=0.0)
+    p.add_argument("--variants", default="fp32,fast", help=f"comma list from {list(VARIANTS)}; the first is the reference")
+    p.add_argument("--repeats", type=int, default=3, help="timed sampling calls per variant (median reported)")
+    p.add_argument("--ckpt", default=None, help="Lightning checkpoint to sample (ddim.lit.load_for_sampling); default: random init")
+    p.add_argument("--backend", default="inductor", help="torch.compile backend ('eager' for cheap CPU tests)")
+    p.add_argument("--tol-mean", type=float, default=1 * LEVEL, help="allowed mean |diff| vs reference (default one 8-bit level)")
+    p.add_argument("--tol-p99", type=float, default=4 * LEVEL, help="allowed 99th-percentile |diff| (default four 8-bit levels)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None, help="write the full record here")
+    a = p.parse_args(argv)
+    for name in a.variants.split(","):
+        if name not in VARIANTS:
+            p.error(f"unknown variant {name!r}; allowed: {list(VARIANTS)}")
+    a.batch = a.batch or (4 if a.tiny else 512)
+    a.steps = a.steps or (3 if a.tiny else 50)
+    if a.batch < 1 or a.steps < 1 or a.repeats < 1:
+        p.error("--batch, --steps and --repeats must be >= 1")
+    return a
+
+
+def build(args, device):
+    if args.ckpt:
+        from ddim.lit import load_for_sampling
+
+        model, ac, cfg = load_for_sampling(args.ckpt, use_ema=True, map_location="cpu")
+        return model.to(device).eval(), ac, {"ckpt": args.ckpt}
+    torch.manual_seed(args.seed)
+    config = TINY if args.tiny else CIFAR10
+    model = UNet(**config).to(device).eval()
+    ac = make_alphas_cumprod(beta_schedule("linear", T=1000))
+    return model, ac, {"unet": {k: list(v) if isinstance(v, tuple) else v for k, v in config.items()}}
+
+
+def main(argv=None) -> dict:
+    args = parse(argv)
+    device = torch.device(args.device)
+    torch.backends.cudnn.benchmark = True  # as the official main.py
+    flags = perf.backend_flags()
+    model, ac, model_info = build(args, device)
+    res = model_info.get("unet", {}).get("resolution") or getattr(model, "resolution", 32)
+    n_params = sum(p.numel() for p in model.parameters())
+    ts = timesteps(len(ac), args.steps, "linear")
+    nfe = len(ts)
+
+    with torch.no_grad():
+        x1 = torch.randn(1, 3, res, res, device=device)
+        t1 = torch.zeros(1, dtype=torch.long, device=device)
+        flops_fwd = perf.count_flops(lambda: model(x1, t1))
+    gen = torch.Generator(device="cpu").manual_seed(args.seed)
+    x_T = torch.randn(args.batch, 3, res, res, generator=gen).to(device)
+    peak = perf.matmul_tflops(device)
+
+    rows, ref = [], None
+    for name in args.variants.split(","):
+        kw = VARIANTS[name]
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        perf.reset_peak_memory(device)
+        torch.backends.cudnn.allow_tf32 = flags["cudnn.allow_tf32"] and name != "fp32-strict"
+        torch.backends.cuda.matmul.allow_tf32 = flags["cuda.matmul.allow_tf32"] and name != "fp32-strict"
+        eps = model if kw is None else perf.prepare_for_inference(model, backend=args.backend, **kw)
+
+        def run(S=None):
+            seq = ts if S is None else timesteps(len(ac), S, "linear")
+            with torch.no_grad():
+                return sample(eps, x_T, ac, seq, eta=args.eta)
+
+        t0 = time.perf_counter()
+        run(S=min(args.steps, 5))  # warm-up: compilation, cuDNN autotuning
+        perf.synchronize(device)
+        warmup_s = time.perf_counter() - t0
+        out = {}
+
+        def timed_run():
+            out["x0"] = run()
+
+        times = perf.timed(timed_run, device, args.repeats)
+        med = statistics.median(times)
+        img = out["x0"].float().clamp(-1, 1).cpu()
+        row = dict(variant=name, config=kw or {"dtype": "fp32", "channels_last": False, "compile": False,
+                                               "flags": perf.backend_flags()},
+                   seconds=times, seconds_median=med, warmup_s=warmup_s,
+                   images_per_s=args.batch / med, tflops=flops_fwd * args.batch * nfe / med / 1e12,
+                   peak_mem_gib=perf.peak_memory_gib(device),
+                   nonfinite=int((~torch.isfinite(out["x0"])).sum()))
+        row["share_of_peak"] = row["tflops"] / peak if peak else None
+        if ref is None:
+            ref = img
+        else:
+            d = (img - ref).abs().flatten()
+            q = torch.quantile(d[: 2**24].double(), 0.99).item()
+            u8 = lambda z: ((z + 1) * 127.5).round()  # noqa: E731
+            row.update(diff_max=d.max().item(), diff_mean=d.mean().item(), diff_p99=q,
+                       u8_changed=(u8(img) != u8(ref)).float().mean().item(),
+                       within_tol=bool(d.mean().item() <= args.tol_mean and q <= args.tol_p99))
+        rows.append(row)
+        del eps
+    torch.backends.cudnn.allow_tf32 = flags["cudnn.allow_tf32"]
+    torch.backends.cuda.matmul.allow_tf32 = flags["cuda.matmul.allow_tf32"]
+    base = rows[0]["images_per_s"]
+    for r in rows:
+        r["speedup"] = r["images_per_s"] / base
+
+    record = dict(benchmark="sampling", command=" ".join(["python", "bench/sampling.py", *(argv if argv is not None else sys.argv[1:])]),
+                  batch=args.batch, steps=args.steps, nfe=nfe, eta=args.eta, params=n_params,
+                  gflop_per_forward=flops_fwd / 1e9, matmul_peak_tflops=peak, flags=flags,
+                  tolerance=dict(mean=args.tol_mean, p99=args.tol_p99, units="[-1,1] image units after clamp"),
+                  model=model_info, machine=perf.device_info(device), rows=rows)
+    print(f"# DDIM sampling, {perf.device_info(device).get('gpu') or 'CPU'}: batch {args.batch}, S = {args.steps} "
+          f"({nfe} forwards), eta = {args.eta}; {n_params / 1e6:.2f}M params, {flops_fwd / 1e9:.2f} GFLOP/forward; "
+          f"measured bf16 matmul peak {peak or float('nan'):.0f} TFLOP/s")
+    print(perf.format_table(rows, [("variant", "variant", ""), ("images_per_s", "images/s", ".1f"),
+                                   ("speedup", "x fp32", ".2f"), ("tflops", "TFLOP/s", ".1f"),
+                                   ("share_of_peak", "of peak", ".1%"), ("peak_mem_gib", "peak GiB", ".2f"),
+                                   ("warmup_s", "warm-up s", ".1f"), ("diff_mean", "mean |d|", ".2e"),
+                                   ("diff_p99", "p99 |d|", ".2e"), ("diff_max", "max |d|", ".2e"),
+                                   ("u8_changed", "u8 px changed", ".2%"), ("within_tol", "within tol", "")]))
+    print(f"tolerance vs {rows[0]['variant']}: mean |d| <= {args.tol_mean:.4f}, p99 |d| <= {args.tol_p99:.4f} "
+          f"([-1,1] units; one 8-bit level = {LEVEL:.4f})")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(record, f, indent=1)
+    return record
+
+
+if __name__ == "__main__":
+    main()

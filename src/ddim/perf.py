@@ -1,0 +1,287 @@
+"""Fast paths for sampling and training on a GPU, and the measuring helpers the benchmarks share.
+
+The ε-network is the whole cost of DDIM sampling (S forward passes; the update of eq. (12) is a few
+element-wise ops), so the inference fast path is about the network alone: bf16 autocast (matrix
+units at full rate, GroupNorm/softmax kept in fp32 by autocast), channels_last (the layout cuDNN's
+bf16 convolutions want, no transposes) and ``torch.compile`` (fuses GroupNorm+SiLU, the residual adds
+and the casts).  Training adds a fused Adam, a foreach EMA update and a step with no host syncs.
+
+Everything here is plain PyTorch and runs on the CPU too (bf16 autocast exists there; compile can use
+the cheap ``"eager"`` backend), so the benchmarks can be smoke-tested without a GPU.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from contextlib import nullcontext
+from typing import Callable
+
+import torch
+from torch import nn
+
+DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise ValueError(f"dtype {name!r} is not supported; allowed: {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
+class CastEpsModel(nn.Module):
+    """Runs ``model(x, t)`` under autocast (or on weights already cast) and hands back float32.
+
+    The sampler's update stays in float32, so only the network sees the low precision; inputs are
+    made channels_last here so the first convolution does not transpose.
+    """
+
+    def __init__(self, model: nn.Module, dtype: torch.dtype, *, autocast: bool, channels_last: bool):
+        super().__init__()
+        self.model = model
+        self.dtype = dtype
+        self.autocast = autocast and dtype != torch.float32
+        self.cast_input = (not autocast) and dtype != torch.float32
+        self.channels_last = channels_last
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if self.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        if self.cast_input:
+            x = x.to(self.dtype)
+        ctx = torch.autocast(device_type=x.device.type, dtype=self.dtype) if self.autocast else nullcontext()
+        with ctx:
+            out = self.model(x, t)
+        return out.float().contiguous()
+
+
+def prepare_for_inference(
+    model: nn.Module,
+    *,
+    dtype: str = "bf16",
+    autocast: bool = True,
+    channels_last: bool = True,
+    compile: bool = True,
+    compile_mode: str | None = None,
+    backend: str = "inductor",
+) -> nn.Module:
+    """A fast eval-mode copy of an ε-model with the same ``(x, t) -> ε`` signature.
+
+    dtype: "fp32", "bf16" or "fp16".  autocast=True keeps fp32 weights and lets autocast choose the
+    per-op precision (GroupNorm, softmax stay fp32); autocast=False casts the weights themselves
+    ("pure" low precision: fewer casts, a little more error).  The caller's model is left untouched
+    (the copy is deep), so fp32 and fast paths can be compared on the same weights.
+    """
+    torch_dtype = _dtype(dtype)
+    fast = copy.deepcopy(model).eval().requires_grad_(False)
+    if not autocast and torch_dtype != torch.float32:
+        fast = fast.to(torch_dtype)
+    if channels_last:
+        fast = fast.to(memory_format=torch.channels_last)
+    wrapped: nn.Module = CastEpsModel(fast, torch_dtype, autocast=autocast, channels_last=channels_last)
+    if compile:
+        wrapped = torch.compile(wrapped, mode=compile_mode, backend=backend, dynamic=False)
+    return wrapped
+
+
+def set_fast_flags(cudnn_benchmark: bool = True, tf32: bool = True) -> dict:
+    """Global cuDNN/TF32 switches; returns the values in force, for the benchmark's record."""
+    torch.backends.cudnn.benchmark = cudnn_benchmark
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
+    return backend_flags()
+
+
+def backend_flags() -> dict:
+    return {
+        "cudnn.benchmark": torch.backends.cudnn.benchmark,
+        "cudnn.allow_tf32": torch.backends.cudnn.allow_tf32,
+        "cuda.matmul.allow_tf32": torch.backends.cuda.matmul.allow_tf32,
+    }
+
+
+# ----------------------------------------------------------------------------- training
+
+
+class DiffusionTrainStep:
+    """One optimisation step of the simplified DDPM loss (the paper's eq. (5) with γ_t = 1).
+
+    Official CIFAR-10 recipe: Adam(lr 2e-4), gradient-norm clip 1.0, EMA 0.9999, antithetic
+    timesteps (t and T-1-t in one batch) and the loss summed over pixels, averaged over the batch.
+    Nothing in ``__call__`` reads a value back to the host, so the CPU can queue steps ahead of the
+    GPU; the returned loss is a device tensor.
+
+    fast=False is the plain fp32 eager path (foreach Adam, one EMA op per parameter, as the official
+    code); fast=True uses ``dtype`` autocast, channels_last, a compiled network, fused Adam and a
+    foreach EMA lerp.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        alphas_cumprod: torch.Tensor,
+        *,
+        lr: float = 2e-4,
+        grad_clip: float = 1.0,
+        ema_decay: float = 0.9999,
+        fast: bool = False,
+        dtype: str = "bf16",
+        compile_mode: str | None = None,
+        backend: str = "inductor",
+        compile: bool | None = None,
+    ):
+        if not 0.0 <= ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
+        if grad_clip is not None and grad_clip <= 0:
+            raise ValueError(f"grad_clip must be positive or None, got {grad_clip}")
+        device = next(model.parameters()).device
+        self.fast = fast
+        self.dtype = _dtype(dtype) if fast else torch.float32
+        self.grad_clip = grad_clip
+        self.ema_decay = ema_decay
+        self.model = model.train()
+        if fast:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.ema_params = [p for p, q in zip(self.ema.parameters(), self.model.parameters()) if q.requires_grad]
+        self.sqrt_ab = alphas_cumprod.sqrt().float().to(device)
+        self.sqrt_1mab = (1.0 - alphas_cumprod).sqrt().float().to(device)
+        self.T = alphas_cumprod.numel()
+        use_fused = fast and device.type in ("cuda", "cpu")
+        self.optimizer = torch.optim.Adam(self.params, lr=lr, betas=(0.9, 0.999), eps=1e-8,
+                                          fused=True if use_fused else None)
+        do_compile = fast if compile is None else compile
+        self.cudagraphs = do_compile and compile_mode is not None and "reduce-overhead" in compile_mode
+        self.forward = (torch.compile(self._loss, mode=compile_mode, backend=backend, dynamic=False)
+                        if do_compile else self._loss)
+
+    def _loss(self, x0: torch.Tensor, t: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        a = self.sqrt_ab[t].view(-1, 1, 1, 1)
+        s = self.sqrt_1mab[t].view(-1, 1, 1, 1)
+        x = x0 * a + e * s
+        if self.fast:
+            x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device_type=x.device.type, dtype=self.dtype):
+                out = self.model(x, t)
+        else:
+            out = self.model(x, t)
+        return (e - out.float()).square().sum(dim=(1, 2, 3)).mean()
+
+    def sample_t(self, n: int, device: torch.device) -> torch.Tensor:
+        """Antithetic timesteps, as the official trainer draws them."""
+        t = torch.randint(0, self.T, (n // 2 + 1,), device=device)
+        return torch.cat([t, self.T - t - 1])[:n]
+
+    def __call__(self, x0: torch.Tensor) -> torch.Tensor:
+        if self.cudagraphs:
+            torch.compiler.cudagraph_mark_step_begin()
+        t = self.sample_t(x0.shape[0], x0.device)
+        e = torch.randn_like(x0)
+        loss = self.forward(x0, t, e)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip, foreach=self.fast or None)
+        self.optimizer.step()
+        self._ema_update()
+        return loss.detach().clone()  # a CUDA-graph output is overwritten by the next replay
+
+    @torch.no_grad()
+    def _ema_update(self) -> None:
+        w = 1.0 - self.ema_decay
+        if self.fast:
+            torch._foreach_lerp_(self.ema_params, self.params, w)
+        else:  # one op per tensor, like the official EMAHelper
+            for e, p in zip(self.ema_params, self.params):
+                e.mul_(self.ema_decay).add_(p, alpha=w)
+
+
+# ----------------------------------------------------------------------------- measuring
+
+
+def count_flops(fn: Callable[[], object]) -> int:
+    """Floating-point operations (multiply and add counted separately) of running ``fn`` once.
+
+    Uses ``torch.utils.flop_counter.FlopCounterMode``, which counts matrix products and convolutions
+    (and their backward passes) -- the operations the matrix units run; element-wise work is left out.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+def synchronize(device: torch.device | str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], object], device: torch.device | str, repeats: int) -> list[float]:
+    """Wall seconds of each of ``repeats`` calls, the device drained before and after each."""
+    times = []
+    for _ in range(repeats):
+        synchronize(device)
+        t0 = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def reset_peak_memory(device: torch.device | str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_gib(device: torch.device | str) -> float | None:
+    if torch.device(device).type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return None
+
+
+def matmul_tflops(device: torch.device | str, n: int = 8192, repeats: int = 20) -> float | None:
+    """Measured bf16 matrix-product rate (TFLOP/s) of an n×n×n product on random data: the chip's
+    practical peak, used as the denominator of "share of peak"."""
+    if torch.device(device).type != "cuda":
+        return None
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        a @ b
+    end.record()
+    torch.cuda.synchronize(device)
+    return 2 * n**3 * repeats / (start.elapsed_time(end) / 1e3) / 1e12
+
+
+def device_info(device: torch.device | str) -> dict:
+    import platform
+
+    info = {"torch": torch.__version__, "python": platform.python_version(), "device": str(device)}
+    if torch.device(device).type == "cuda":
+        p = torch.cuda.get_device_properties(device)
+        info.update(gpu=p.name, gpu_memory_gib=round(p.total_memory / 2**30, 1),
+                    multiprocessors=p.multi_processor_count, cuda=torch.version.cuda,
+                    cudnn=torch.backends.cudnn.version())
+    else:
+        info.update(gpu=None, cpu=platform.processor() or platform.machine(), threads=torch.get_num_threads())
+    return info
+
+
+def format_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
+    """Markdown table; columns are (key, header, format spec); missing values print as '-'."""
+    head = "| " + " | ".join(h for _, h, _ in columns) + " |"
+    rule = "| " + " | ".join("---" for _ in columns) + " |"
+    lines = [head, rule]
+    for r in rows:
+        cells = []
+        for key, _, spec in columns:
+            v = r.get(key)
+            cells.append("-" if v is None else format(v, spec))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
