@@ -1,0 +1,155 @@
+"""Higher-order ODE samplers for a trained ε-model (beyond the paper, see its eq. (14) and discussion).
+
+DDIM with η = 0 is the Euler method of the probability-flow ODE written in the paper's eq. (14)
+coordinates: with σ = sqrt((1 - ᾱ) / ᾱ) and x̄ = x / sqrt(ᾱ),
+
+    dx̄ / dσ = ε_θ(x̄ · sqrt(ᾱ(σ)), t(σ)),
+
+and one DDIM step from t to s is x̄_s = x̄_t + (σ_s - σ_t) ε_θ(x_t, t). Every solver here works in these
+coordinates, on the same increasing trajectory τ_1 < ... < τ_S as the DDIM sampler, and, like it, the
+last step goes from τ_1 to ᾱ = 1 (σ = 0, x̄ = x); that final step is always first order (its end point
+has no ε-evaluation), i.e. it returns the x_0-prediction at τ_1 updated with the solver's ε-estimate.
+
+- ``plms``: pseudo linear multistep (Liu et al. 2022, PNDM), exactly diffusers' ``PNDMScheduler`` with
+  ``skip_prk_steps=True``: the DDIM transfer driven by an Adams-Bashforth combination of past ε's; the
+  first step is a pseudo improved-Euler (Heun) step, then AB2, AB3, then AB4. NFE = S + 1.
+- ``dpmpp_2m``: DPM-Solver++(2M) (Lu et al. 2022), data prediction, midpoint form, as diffusers'
+  ``DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", solver_order=2, final_sigmas_type="zero")``:
+  first step first order (= DDIM), then 2M, last step (to σ = 0) first order. NFE = S.
+- ``heun``: Heun's method (2nd order) on the ODE above: average the slope at both ends of each step;
+  the last step, ending at σ = 0, is Euler only. NFE = 2S - 1.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+EpsModel = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+SOLVERS: tuple[str, ...] = ("plms", "dpmpp_2m", "heun")
+
+# Fewest trajectory steps S for which each method is more than DDIM: PLMS needs its warm-up step plus one
+# multistep step, DPM-Solver++(2M) a first-order start, one 2M step and the first-order final step,
+# Heun one corrected step before the Euler-only final step.
+MIN_STEPS: dict[str, int] = {"plms": 2, "dpmpp_2m": 3, "heun": 2}
+
+
+def _check_kind(kind: str, allowed: tuple[str, ...] = SOLVERS) -> str:
+    if kind not in allowed:
+        raise ValueError(f"unknown sampler kind {kind!r}; allowed: {', '.join(allowed)}")
+    return kind
+
+
+def nfe(kind: str, S: int) -> int:
+    """Network evaluations spent by ``kind`` on an S-step trajectory (``"ddim"`` also accepted: NFE = S)."""
+    _check_kind(kind, ("ddim",) + SOLVERS)
+    if not isinstance(S, int) or S < 1:
+        raise ValueError(f"number of steps S must be a positive int, got {S!r}")
+    if kind != "ddim" and S < MIN_STEPS[kind]:
+        raise ValueError(f"{kind} needs at least S={MIN_STEPS[kind]} steps, got S={S}")
+    return {"ddim": S, "plms": S + 1, "dpmpp_2m": S, "heun": 2 * S - 1}[kind]
+
+
+def min_nfe(kind: str) -> int:
+    """Smallest NFE budget ``kind`` can run with (1 for ``"ddim"``)."""
+    _check_kind(kind, ("ddim",) + SOLVERS)
+    return 1 if kind == "ddim" else nfe(kind, MIN_STEPS[kind])
+
+
+def steps_for_nfe(kind: str, nfe_budget: int) -> int:
+    """Largest S whose NFE is at most ``nfe_budget`` (exact for ddim, plms, dpmpp_2m; heun with an even
+    budget spends one evaluation less, as 2S - 1 is odd). Raises ValueError below the method's minimum."""
+    _check_kind(kind, ("ddim",) + SOLVERS)
+    minimum = min_nfe(kind)
+    if not isinstance(nfe_budget, int) or nfe_budget < minimum:
+        raise ValueError(f"NFE={nfe_budget!r} is too small for {kind}: it needs NFE >= {minimum}")
+    return {"ddim": nfe_budget, "plms": nfe_budget - 1, "dpmpp_2m": nfe_budget, "heun": (nfe_budget + 1) // 2}[kind]
+
+
+def _check_inputs(kind: str, x_T: torch.Tensor, alphas_cumprod: torch.Tensor, timesteps: torch.Tensor) -> None:
+    _check_kind(kind)
+    if alphas_cumprod.ndim != 1 or not bool(((alphas_cumprod > 0) & (alphas_cumprod <= 1)).all()):
+        raise ValueError("alphas_cumprod must be a 1-D tensor with values in (0, 1]")
+    if timesteps.ndim != 1 or timesteps.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"timesteps must be a 1-D integer tensor, got shape {tuple(timesteps.shape)} {timesteps.dtype}")
+    T = alphas_cumprod.numel()
+    if len(timesteps) and (int(timesteps.min()) < 0 or int(timesteps.max()) >= T):
+        raise ValueError(f"timesteps must lie in [0, {T - 1}], got [{int(timesteps.min())}, {int(timesteps.max())}]")
+    if len(timesteps) > 1 and not bool((timesteps[1:] > timesteps[:-1]).all()):
+        raise ValueError("timesteps must be strictly increasing (0-indexed, e.g. from ddim.diffusion.timesteps)")
+    S = len(timesteps)
+    if S < MIN_STEPS[kind]:
+        raise ValueError(
+            f"{kind} needs at least S={MIN_STEPS[kind]} steps (NFE >= {min_nfe(kind)}), got S={S} (NFE would be "
+            f"too small for this method; use ddim for fewer evaluations)"
+        )
+
+
+@torch.no_grad()
+def solve(
+    kind: str,
+    eps_model: EpsModel,
+    x_T: torch.Tensor,
+    alphas_cumprod: torch.Tensor,
+    timesteps: torch.Tensor,
+) -> torch.Tensor:
+    """Integrate the DDIM ODE from x_T at ``timesteps[-1]`` down to x_0 (ᾱ = 1) with solver ``kind``.
+
+    ``eps_model(x, t)`` gets t as a long tensor (B,) of 0-indexed timesteps. Deterministic; spends
+    ``nfe(kind, len(timesteps))`` network evaluations.
+    """
+    _check_inputs(kind, x_T, alphas_cumprod, timesteps)
+    a = alphas_cumprod.double().cpu()
+    taus = [int(t) for t in timesteps.flip(0)]  # τ_S, ..., τ_1 (high noise first)
+    # Noise levels along the run, with the final target ᾱ = 1 (σ = 0) appended.
+    sqrt_a = [float(a[t].sqrt()) for t in taus] + [1.0]
+    sig = [float(((1 - a[t]) / a[t]).sqrt()) for t in taus] + [0.0]
+    B = x_T.shape[0]
+
+    def eps(xbar: torch.Tensor, i: int) -> torch.Tensor:
+        t = torch.full((B,), taus[i], dtype=torch.long, device=x_T.device)
+        return eps_model(xbar * sqrt_a[i], t).to(x_T.dtype)
+
+    xbar = x_T / sqrt_a[0]
+    S = len(taus)
+    if kind == "heun":
+        for i in range(S):
+            d = eps(xbar, i)
+            x_euler = xbar + (sig[i + 1] - sig[i]) * d
+            if i + 1 == S:  # σ = 0 has no model evaluation: Euler (= DDIM) step
+                xbar = x_euler
+            else:
+                xbar = xbar + (sig[i + 1] - sig[i]) * 0.5 * (d + eps(x_euler, i + 1))
+    elif kind == "plms":
+        ets: list[torch.Tensor] = []
+        for i in range(S):
+            e = eps(xbar, i)
+            ets = (ets + [e])[-4:]
+            if i == 0:
+                # Pseudo improved Euler: DDIM predictor, then average its ε with the ε at the predicted point.
+                x_pred = xbar + (sig[1] - sig[0]) * e
+                e_hat = 0.5 * (e + eps(x_pred, 1)) if S > 1 else e
+            elif len(ets) == 2:
+                e_hat = (3 * ets[-1] - ets[-2]) / 2
+            elif len(ets) == 3:
+                e_hat = (23 * ets[-1] - 16 * ets[-2] + 5 * ets[-3]) / 12
+            else:
+                e_hat = (55 * ets[-1] - 59 * ets[-2] + 37 * ets[-3] - 9 * ets[-4]) / 24
+            xbar = xbar + (sig[i + 1] - sig[i]) * e_hat
+    else:  # dpmpp_2m: data prediction D = x̄ - σ ε; one step x̄_s = r x̄_t + (1 - r) D̂, r = σ_s / σ_t.
+        import math
+
+        D_prev = None
+        for i in range(S):
+            D = xbar - sig[i] * eps(xbar, i)
+            r = sig[i + 1] / sig[i]
+            if D_prev is None or sig[i + 1] == 0.0:
+                D_hat = D  # first order (= DDIM step)
+            else:
+                h = math.log(sig[i] / sig[i + 1])  # λ_s - λ_t with λ = -log σ
+                h_0 = math.log(sig[i - 1] / sig[i])
+                D_hat = D + 0.5 * (h / h_0) * (D - D_prev)
+            xbar = r * xbar + (1 - r) * D_hat
+            D_prev = D
+    return xbar
