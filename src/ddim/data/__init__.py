@@ -1,0 +1,267 @@
+"""Training data for the ε-model: images scaled to [-1, 1] as (C, H, W) float tensors, with labels.
+
+``build_dataset(name, root=..., image_size=..., split=...)`` knows the paper's data sets (cifar10,
+celeba, lsun church/bedroom), any folder of images, and ``digits``: scikit-learn's bundled 8x8
+digits, the embedded default so that ``python train.py`` runs with no download.
+Preprocessing follows the official DDIM code: CelebA's centre crop (cx=89, cy=121, 128x128) then
+resize, random horizontal flip, optional uniform dequantisation, x -> 2x - 1.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+DATASETS = ("digits", "cifar10", "celeba", "lsun", "image_folder")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+
+
+def _to_model_range(x: torch.Tensor, uniform_dequantization: bool) -> torch.Tensor:
+    """[0, 1] -> [-1, 1]; with dequantisation, x*255/256 + U(0, 1/256) first (official ``data_transform``)."""
+    if uniform_dequantization:
+        x = x / 256.0 * 255.0 + torch.rand_like(x) / 256.0
+    return 2.0 * x - 1.0
+
+
+class _Transformed(Dataset):
+    """Wraps a dataset of (PIL image or [0,1] tensor, label), applies a torchvision transform and the [-1,1] scaling."""
+
+    def __init__(self, base: Dataset, transform: Callable, uniform_dequantization: bool = False):
+        self.base = base
+        self.transform = transform
+        self.uniform_dequantization = uniform_dequantization
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int):
+        img, label = self.base[i]
+        x = self.transform(img)
+        return _to_model_range(x, self.uniform_dequantization), label
+
+
+class DigitsDataset(Dataset):
+    """scikit-learn's 1,797 8x8 handwritten digits (bundled, no download), upscaled bilinearly to ``image_size``.
+
+    The sklearn split is not official: "train" is the first 90 %, "test" the rest, "all" everything.
+    """
+
+    def __init__(self, image_size: int = 16, channels: int = 1, split: str = "train", random_flip: bool = False,
+                 uniform_dequantization: bool = False):
+        from sklearn.datasets import load_digits
+
+        if channels not in (1, 3):
+            raise ValueError(f"digits: channels must be 1 or 3, got {channels}")
+        d = load_digits()
+        x = torch.from_numpy(d.images.astype(np.float32) / 16.0)[:, None]  # (N,1,8,8) in [0,1]
+        y = torch.from_numpy(d.target.astype(np.int64))
+        n_train = int(0.9 * len(x))
+        if split == "train":
+            x, y = x[:n_train], y[:n_train]
+        elif split == "test":
+            x, y = x[n_train:], y[n_train:]
+        elif split != "all":
+            raise ValueError(f"digits: split must be 'train', 'test' or 'all', got {split!r}")
+        if image_size != 8:
+            x = torch.nn.functional.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False)
+        self.images = x.clamp(0, 1).repeat(1, channels, 1, 1)
+        self.labels = y
+        self.random_flip = random_flip  # off by default: mirrored digits are not digits
+        self.uniform_dequantization = uniform_dequantization
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int):
+        x = self.images[i]
+        if self.random_flip and torch.rand(()) < 0.5:
+            x = x.flip(-1)
+        return _to_model_range(x, self.uniform_dequantization), int(self.labels[i])
+
+
+class ImageFolderFlat(Dataset):
+    """Every image file under ``root`` (recursively, sorted); label = index of its parent folder name."""
+
+    def __init__(self, root: Path, files: list[Path] | None = None):
+        self.root = Path(root)
+        self.files = files if files is not None else sorted(
+            p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        classes = sorted({p.parent.name for p in self.files})
+        self.class_to_idx = {c: i for i, c in enumerate(classes)}
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int):
+        from PIL import Image
+
+        p = self.files[i]
+        with Image.open(p) as im:
+            img = im.convert("RGB")
+        return img, self.class_to_idx[p.parent.name]
+
+
+CELEBA_HELP = ("CelebA: download 'img_align_celeba.zip' and 'list_eval_partition.txt' from "
+               "https://mmlab.ie.cuhk.edu.hk/projects/CelebA.html (or Google Drive) and arrange "
+               "<root>/celeba/img_align_celeba/*.jpg and <root>/celeba/list_eval_partition.txt")
+
+
+def _celeba_files(root: Path, split: str) -> list[Path]:
+    """The standard CelebA layout, read directly (no md5 check, unlike torchvision.datasets.CelebA)."""
+    base = root / "celeba" if (root / "celeba").is_dir() else root
+    img_dir = base / "img_align_celeba"
+    if not img_dir.is_dir():
+        raise FileNotFoundError(f"CelebA images not found: {img_dir} does not exist. {CELEBA_HELP}")
+    splits = {"train": 0, "valid": 1, "val": 1, "test": 2}
+    if split == "all":
+        return sorted(p for p in img_dir.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+    if split not in splits:
+        raise ValueError(f"celeba: split must be one of {sorted(splits) + ['all']}, got {split!r}")
+    part = base / "list_eval_partition.txt"
+    if not part.is_file():
+        raise FileNotFoundError(f"CelebA split file not found: {part}. {CELEBA_HELP}")
+    files = []
+    for line in part.read_text().split("\n"):
+        fields = line.split()
+        if len(fields) == 2 and int(fields[1]) == splits[split]:
+            files.append(img_dir / fields[0])
+    if not files:
+        raise ValueError(f"celeba: no images of split {split!r} listed in {part}")
+    return files
+
+
+def celeba_transform(image_size: int, random_flip: bool) -> Callable:
+    """The official crop: the 128x128 box around (cx=89, cy=121) of the 178x218 aligned image, then resize."""
+    import torchvision.transforms as T
+
+    cx, cy = 89, 121
+    top, left = cy - 64, cx - 64
+    steps: list[Any] = [T.Lambda(lambda im: im.crop((left, top, left + 128, top + 128))), T.Resize(image_size)]
+    if random_flip:
+        steps.append(T.RandomHorizontalFlip())
+    steps.append(T.ToTensor())
+    return T.Compose(steps)
+
+
+def _default_transform(image_size: int, random_flip: bool, crop: bool) -> Callable:
+    import torchvision.transforms as T
+
+    steps: list[Any] = [T.Resize(image_size)]
+    if crop:
+        steps.append(T.CenterCrop(image_size))
+    if random_flip:
+        steps.append(T.RandomHorizontalFlip())
+    steps.append(T.ToTensor())
+    return T.Compose(steps)
+
+
+def build_dataset(name: str, *, root: str | Path = "data", image_size: int = 32, split: str = "train",
+                  random_flip: bool = True, uniform_dequantization: bool = False, download: bool = False,
+                  channels: int = 3, category: str = "church_outdoor", **unused: Any) -> Dataset:
+    """A Dataset of (image in [-1, 1], label) for ``name`` in DATASETS.
+
+    root: folder holding the data (cifar10: torchvision's ``cifar-10-batches-py`` lives in it; celeba:
+    ``root/celeba/img_align_celeba``; lsun: ``root/<category>_<split>_lmdb`` or an image folder
+    ``root/<category>``; image_folder: the images themselves, any depth).
+    split: "train" or "test" ("valid" for celeba/lsun val).  channels: digits only (1 or 3).
+    """
+    root = Path(root).expanduser()
+    if name == "digits":
+        return DigitsDataset(image_size=image_size, channels=channels, split=split, random_flip=random_flip,
+                             uniform_dequantization=uniform_dequantization)
+    if name == "cifar10":
+        import torchvision
+
+        if split not in ("train", "test"):
+            raise ValueError(f"cifar10: split must be 'train' or 'test', got {split!r}")
+        if not (root / "cifar-10-batches-py").is_dir() and not download:
+            raise FileNotFoundError(
+                f"CIFAR-10 not found: {root / 'cifar-10-batches-py'} does not exist. Set dataset.download=true "
+                f"where the internet is reachable, or unpack the local JPEG copy with "
+                f"`python ../shared/tools/cifar10_jpeg.py` and use dataset=image_folder dataset.root=<that folder>.")
+        try:
+            base = torchvision.datasets.CIFAR10(str(root), train=split == "train", download=download)
+        except Exception as e:  # noqa: BLE001 - network errors come in many types
+            raise RuntimeError(f"CIFAR-10 download into {root} failed ({e}); no internet? Put "
+                               f"cifar-10-batches-py under {root} or use dataset=image_folder.") from e
+        return _Transformed(base, _default_transform(image_size, random_flip, crop=False), uniform_dequantization)
+    if name == "celeba":
+        files = _celeba_files(root, split)
+        return _Transformed(ImageFolderFlat(root, files), celeba_transform(image_size, random_flip),
+                            uniform_dequantization)
+    if name == "lsun":
+        lmdb_dir = root / f"{category}_{'val' if split in ('valid', 'val', 'test') else 'train'}_lmdb"
+        folder = root / category
+        tf = _default_transform(image_size, random_flip, crop=True)
+        if lmdb_dir.is_dir():
+            import torchvision
+
+            base = torchvision.datasets.LSUN(str(root), classes=[lmdb_dir.name[:-5]])
+            return _Transformed(base, tf, uniform_dequantization)
+        if folder.is_dir():
+            return _Transformed(ImageFolderFlat(folder), tf, uniform_dequantization)
+        raise FileNotFoundError(
+            f"LSUN {category} not found: neither {lmdb_dir} (lmdb) nor {folder} (image folder) exists. Download with "
+            f"https://github.com/fyu/lsun (python download.py -c {category}) and unzip into {root}.")
+    if name == "image_folder":
+        if not root.is_dir():
+            raise FileNotFoundError(f"image folder not found: {root}. Point dataset.root at a folder of images "
+                                    f"(e.g. the CIFAR-10 copy unpacked with ../shared/tools/cifar10_jpeg.py).")
+        base = ImageFolderFlat(root)
+        if len(base) == 0:
+            raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {root}")
+        return _Transformed(base, _default_transform(image_size, random_flip, crop=True), uniform_dequantization)
+    raise ValueError(f"unknown dataset {name!r}; allowed: {', '.join(DATASETS)}")
+
+
+class EpochSeededSampler(torch.utils.data.Sampler[int]):
+    """A random permutation drawn from (seed, epoch): Lightning calls ``set_epoch``, so a run resumed at
+    epoch k sees exactly the order the uninterrupted run saw (a plain seeded generator would restart)."""
+
+    def __init__(self, n: int, seed: int = 0):
+        self.n, self.seed, self.epoch = n, int(seed), 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(torch.randperm(self.n, generator=g).tolist())
+
+
+class DiffusionDataModule(L.LightningDataModule):
+    """Shuffled, drop-last training batches; seeded so that a resumed run sees the same data order."""
+
+    def __init__(self, name: str = "digits", root: str = "data", image_size: int = 16, batch_size: int = 64,
+                 num_workers: int = 0, split: str = "train", random_flip: bool = True,
+                 uniform_dequantization: bool = False, download: bool = False, channels: int = 3,
+                 category: str = "church_outdoor", seed: int = 0, **unused: Any):
+        super().__init__()
+        self.save_hyperparameters()
+        self.dataset: Dataset | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.dataset is not None:
+            return
+        h = self.hparams
+        self.dataset = build_dataset(h.name, root=h.root, image_size=h.image_size, split=h.split,
+                                     random_flip=h.random_flip, uniform_dequantization=h.uniform_dequantization,
+                                     download=h.download, channels=h.channels, category=h.category)
+        if h.batch_size > len(self.dataset):
+            raise ValueError(f"batch_size={h.batch_size} is larger than the {h.name} data set ({len(self.dataset)} "
+                             f"images at {h.root}); lower data.batch_size or add data")
+
+    def train_dataloader(self) -> DataLoader:
+        assert self.dataset is not None
+        # Under DDP Lightning swaps this for a DistributedSampler (also seeded and epoch-based).
+        sampler = EpochSeededSampler(len(self.dataset), self.hparams.seed)
+        return DataLoader(self.dataset, batch_size=self.hparams.batch_size, sampler=sampler, drop_last=True,
+                          num_workers=self.hparams.num_workers,
+                          persistent_workers=self.hparams.num_workers > 0, pin_memory=torch.cuda.is_available())

@@ -1,0 +1,103 @@
+"""Data sets: shapes, ranges, the official CelebA crop, folder layouts, and clear errors for missing data."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ddim.data import DiffusionDataModule, EpochSeededSampler, build_dataset
+
+
+def make_image_folder(root, n=6, size=(20, 24)):
+    for i in range(n):
+        sub = root / f"class{i % 2}"
+        sub.mkdir(parents=True, exist_ok=True)
+        arr = np.random.default_rng(i).integers(0, 256, (*size[::-1], 3), dtype=np.uint8)
+        Image.fromarray(arr).save(sub / f"{i}.png")
+    return root
+
+
+def make_fake_celeba(root, n=6):
+    """The standard layout: celeba/img_align_celeba/*.jpg (178x218) + list_eval_partition.txt, no md5 files."""
+    img_dir = root / "celeba" / "img_align_celeba"
+    img_dir.mkdir(parents=True)
+    lines = []
+    for i in range(n):
+        arr = np.random.default_rng(i).integers(0, 256, (218, 178, 3), dtype=np.uint8)
+        name = f"{i + 1:06d}.jpg"
+        Image.fromarray(arr).save(img_dir / name, quality=95)
+        lines.append(f"{name} {0 if i < n - 2 else 2}")
+    (root / "celeba" / "list_eval_partition.txt").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def test_digits_shape_range_and_split():
+    ds = build_dataset("digits", root="unused", image_size=16, channels=1)
+    x, y = ds[0]
+    assert x.shape == (1, 16, 16) and x.dtype == torch.float32
+    assert x.min() >= -1 and x.max() <= 1 and x.min() < -0.9 and x.max() > 0.5  # background -1, strokes bright
+    assert 0 <= y <= 9
+    test = build_dataset("digits", root="unused", image_size=32, channels=3, split="test")
+    assert len(ds) + len(test) == 1797 and test[0][0].shape == (3, 32, 32)
+
+
+def test_uniform_dequantization_stays_in_range_and_adds_noise():
+    a = build_dataset("digits", root="x", image_size=8, random_flip=False, uniform_dequantization=True)
+    b = build_dataset("digits", root="x", image_size=8, random_flip=False, uniform_dequantization=False)
+    xa, xb = a[3][0], b[3][0]
+    assert xa.min() >= -1 and xa.max() <= 1
+    u = (xb + 1) / 2  # [0, 1] pixels; official: u*255/256 + U(0, 1/256), then 2x - 1
+    r = ((xa + 1) / 2 - u * 255 / 256) * 256  # the uniform draws
+    assert r.min() >= -1e-4 and r.max() <= 1 + 1e-4 and r.std() > 0.1
+
+
+def test_image_folder(tmp_path):
+    ds = build_dataset("image_folder", root=make_image_folder(tmp_path / "imgs"), image_size=16)
+    assert len(ds) == 6
+    x, y = ds[0]
+    assert x.shape == (3, 16, 16) and -1 <= x.min() and x.max() <= 1 and y in (0, 1)
+
+
+def test_celeba_official_crop(tmp_path):
+    root = make_fake_celeba(tmp_path)
+    ds = build_dataset("celeba", root=root, image_size=64, random_flip=False)
+    assert len(ds) == 4  # partition 0 only
+    assert len(build_dataset("celeba", root=root, image_size=64, split="test")) == 2
+    x, _ = ds[0]
+    assert x.shape == (3, 64, 64)
+    # official: the 128x128 box with rows 121-64..121+64 and columns 89-64..89+64, resized to 64
+    im = Image.open(root / "celeba" / "img_align_celeba" / "000001.jpg").convert("RGB")
+    want = np.asarray(im.crop((25, 57, 153, 185)).resize((64, 64), Image.BILINEAR), dtype=np.float32) / 255 * 2 - 1
+    got = x.permute(1, 2, 0).numpy()
+    assert np.abs(got - want).mean() < 0.02
+
+
+@pytest.mark.parametrize("name", ["celeba", "image_folder", "cifar10", "lsun"])
+def test_missing_data_names_the_path(tmp_path, name):
+    missing = tmp_path / "nowhere"
+    with pytest.raises(FileNotFoundError) as e:
+        build_dataset(name, root=missing, image_size=32)
+    assert str(missing) in str(e.value)
+
+
+def test_unknown_dataset():
+    with pytest.raises(ValueError, match="unknown dataset 'mnist'.*digits"):
+        build_dataset("mnist", root=".", image_size=32)
+
+
+def test_batch_larger_than_dataset(tmp_path):
+    dm = DiffusionDataModule(name="image_folder", root=str(make_image_folder(tmp_path / "i")), image_size=8,
+                             batch_size=64)
+    with pytest.raises(ValueError, match="batch_size=64 is larger than .* \\(6 images"):
+        dm.setup("fit")
+
+
+def test_sampler_order_depends_only_on_seed_and_epoch():
+    a, b = EpochSeededSampler(50, seed=3), EpochSeededSampler(50, seed=3)
+    first = list(a)
+    a.set_epoch(1)
+    second = list(a)
+    assert first != second and sorted(first) == list(range(50))
+    b.set_epoch(1)
+    assert list(b) == second  # a fresh (resumed) sampler at epoch 1 sees the same order
