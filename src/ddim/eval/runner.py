@@ -1,0 +1,215 @@
+"""What ``evaluate.py`` does with its Hydra config: validate, skip if done, load, run one task, record.
+
+Everything that can be wrong with the input (task, η, S, trajectory, checkpoint, Inception weights, data
+set) is checked before the first network evaluation, so a bad sweep entry fails in seconds, not hours.
+"""
+from __future__ import annotations
+
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from ddim.eval import records as rec
+from ddim.eval import tasks as T
+
+# official checkpoint name -> (data set name, image size, LSUN category)
+OFFICIAL_DATA = {"cifar10": ("cifar10", 32, None), "celeba": ("celeba", 64, None),
+                 "church": ("lsun", 256, "church_outdoor"), "bedroom": ("lsun", 256, "bedroom")}
+
+
+def _device(name: str | None) -> str:
+    if name in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return str(name)
+
+
+def _dataset_cfg(cfg: DictConfig, model_cfg: dict) -> dict:
+    """The data set to evaluate against: ``dataset=`` when given, else the one the checkpoint was trained on."""
+    if cfg.get("dataset") is not None:
+        return OmegaConf.to_container(cfg.dataset, resolve=True)
+    data_dir = Path(cfg.paths.data_dir)
+    if model_cfg.get("official"):
+        name, size, category = OFFICIAL_DATA[model_cfg["official"]]
+        d = {"name": name, "image_size": size, "channels": 3, "category": category}
+    else:
+        d = dict(model_cfg.get("data") or {})
+        if not d.get("name"):
+            raise ValueError("the checkpoint does not record its data set; pass dataset=<name> (e.g. dataset=cifar10)")
+    sub = {"cifar10": "cifar10", "lsun": "lsun"}.get(d["name"])
+    d.setdefault("root", str(data_dir / sub) if sub else str(data_dir))
+    d.setdefault("channels", 3)
+    return d
+
+
+def _load_model(cfg: DictConfig, device: str):
+    from ddim.lit import load_for_sampling
+
+    if cfg.get("official"):
+        path = cfg.get("official_path")
+        if not path:
+            raise ValueError(f"official={cfg.official} needs official_path=<the released .ckpt/.pth file>")
+        if cfg.official not in OFFICIAL_DATA:
+            raise ValueError(f"official must be one of {sorted(OFFICIAL_DATA)}, got {cfg.official!r}")
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"official checkpoint not found: official_path={path}")
+        return load_for_sampling(path, use_ema=cfg.use_ema, map_location=device, format="official", config=cfg.official)
+    path = cfg.get("ckpt_path")
+    if not path:
+        raise ValueError("no model given: pass ckpt_path=<checkpoint written by train.py> "
+                         "or official=<cifar10|celeba|church|bedroom> official_path=<file>")
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"checkpoint not found: ckpt_path={path}")
+    return load_for_sampling(path, use_ema=cfg.use_ema, map_location=device)
+
+
+def _model_id(cfg: DictConfig) -> dict:
+    if cfg.get("official"):
+        return {"official": cfg.official, "path": str(Path(cfg.official_path).resolve()), "use_ema": bool(cfg.use_ema)}
+    return {"ckpt": str(Path(cfg.ckpt_path).resolve()), "use_ema": bool(cfg.use_ema)}
+
+
+def _task_params(cfg: DictConfig, task: str) -> dict:
+    section = cfg.get(task)
+    p = OmegaConf.to_container(section, resolve=True) if section is not None else {}
+    # settings that change only speed or where files go do not change the result
+    for k in ("batch_size", "device", "cache_dir", "weights_path", "save_npz", "nrow", "ref_batch_size"):
+        p.pop(k, None)
+    return p
+
+
+def _device_info() -> dict:
+    info = {"host": socket.gethostname(), "cuda": torch.cuda.is_available()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+        info["gpu_count"] = torch.cuda.device_count()
+    return info
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Run ``cfg.task``; returns the record (also written to the records folder unless not rank 0)."""
+    task = cfg.get("task")
+    if task not in T.EVAL_TASKS:
+        raise ValueError(f"unknown task {task!r}; allowed: {', '.join(T.EVAL_TASKS)}")
+    T_eta = T.parse_eta(cfg.sampler.eta)  # cheap checks before touching any file
+    if task == "fid":
+        if int(cfg.fid.num_samples) < 2:
+            raise ValueError(f"fid.num_samples must be >= 2, got {cfg.fid.num_samples}")
+        wp = cfg.fid.get("weights_path")
+        if wp and not Path(wp).is_file():
+            raise FileNotFoundError(f"Inception weights not found: fid.weights_path={wp}")
+    device = _device(cfg.get("device"))
+    eps_model, alphas_cumprod, model_cfg = _load_model(cfg, device)
+    n_T = int(alphas_cumprod.numel())
+    data = _dataset_cfg(cfg, model_cfg)
+    trajectory = cfg.sampler.get("trajectory") or T.default_trajectory(data["name"])
+    eta, steps = T.check_sampler(kind=cfg.sampler.kind, eta=T_eta, steps=cfg.sampler.steps, trajectory=trajectory, T=n_T)
+    if task == "consistency":
+        for S in cfg.consistency.steps:
+            T.check_sampler(kind=cfg.sampler.kind, eta=0.0, steps=S, trajectory=trajectory, T=n_T)
+    shape = (int(data.get("channels", 3)), int(data["image_size"]), int(data["image_size"]))
+
+    key = {"task": task, "dataset": f"{data['name']}{'-' + data['category'] if data.get('category') else ''}"
+                                   f"-{data['image_size']}",
+           "model": _model_id(cfg), "seed": int(cfg.seed), "params": _task_params(cfg, task),
+           "sampler": {"kind": cfg.sampler.kind, "eta": eta, "steps": steps, "trajectory": trajectory}}
+    if task == "reconstruction":
+        key["sampler"]["eta"] = 0.0  # encode/decode is the deterministic DDIM ODE whatever η says
+    path = rec.record_path(cfg.records_dir, key)
+    if cfg.get("skip_done", True):
+        done = rec.load_record(path)
+        if done is not None:
+            print(f"skipped: already done ({path})")
+            done["skipped"] = True
+            return done
+
+    ref_ds = test_ds = None
+    weights = None
+    from ddim.data import build_dataset
+
+    kw = {k: v for k, v in data.items() if k not in ("name", "split", "batch_size", "num_workers", "train_steps")}
+    kw.update(random_flip=False, uniform_dequantization=False)
+    if task == "fid":
+        weights = T._resolve_weights(cfg.fid.get("weights_path"), cfg.fid.get("cache_dir"))
+        ref_ds = build_dataset(data["name"], split=cfg.fid.get("ref_split", "train"), **kw)
+    if task == "reconstruction":
+        test_ds = build_dataset(data["name"], split=cfg.reconstruction.split, **kw)
+
+    out_dir = Path(cfg.output_dir)
+    seq = T.make_timesteps(n_T, steps, trajectory)
+    bs = int(cfg.sampler.batch_size)
+    t0 = time.time()
+    metric: dict[str, Any]
+    outputs: dict[str, Any] = {}
+    if task in ("fid", "samples"):
+        n = int(cfg.fid.num_samples) if task == "fid" else int(cfg.samples.num_samples)
+        tk = OmegaConf.to_container(cfg.trainer, resolve=True)
+        images = T.generate(eps_model, alphas_cumprod, seq, n, shape, eta=eta, kind=cfg.sampler.kind, seed=int(cfg.seed),
+                            batch_size=bs, shard_dir=out_dir / "shards", trainer_kwargs=tk)
+        if images is None:  # not rank 0: rank 0 merges, scores and records
+            return {"rank0": False}
+        if task == "fid":
+            ref_key = f"{key['dataset']}-{cfg.fid.get('ref_split', 'train')}"
+            res = T.fid_task(images, ref_ds, ref_key=ref_key, weights_path=weights, cache_dir=cfg.fid.get("cache_dir"),
+                             device=_device(cfg.fid.get("device")), batch_size=int(cfg.fid.batch_size))
+            metric = {"fid": float(res["fid"])}
+            outputs["fid_details"] = {k: v for k, v in res.items() if isinstance(v, (int, float, str))}
+            if cfg.fid.get("save_npz"):
+                outputs.update(T.samples_task(images[:64], out_dir=out_dir, save_npz=False))
+        else:
+            outputs.update(T.samples_task(images, out_dir=out_dir, nrow=cfg.samples.get("nrow"),
+                                          save_npz=bool(cfg.samples.save_npz)))
+            metric = {}
+        num = n
+    elif task == "reconstruction":
+        res = T.reconstruction_task(eps_model, alphas_cumprod, seq, test_ds, num_images=cfg.reconstruction.num_images,
+                                    batch_size=bs, device=device, kind="ddim")
+        metric, num = {"mse": res["mse"]}, res["num_images"]
+    elif task == "interpolation":
+        res = T.interpolation_task(eps_model, alphas_cumprod, seq, shape, out_dir=out_dir, seed=int(cfg.seed),
+                                   num_pairs=int(cfg.interpolation.num_pairs),
+                                   num_alphas=int(cfg.interpolation.num_alphas), device=device, batch_size=bs,
+                                   kind=cfg.sampler.kind)
+        metric, num, outputs = {}, res["num_images"], {"grid": res["grid"]}
+    else:  # consistency
+        res = T.consistency_task(eps_model, alphas_cumprod, list(cfg.consistency.steps), shape, trajectory=trajectory,
+                                 out_dir=out_dir, num_samples=int(cfg.consistency.num_samples), seed=int(cfg.seed),
+                                 device=device, batch_size=bs, kind=cfg.sampler.kind)
+        metric, num, outputs = {}, res["num_images"], {"grid": res["grid"]}
+    wall = time.time() - t0
+
+    record = {"task": task, "key": key, "metric": metric, "num_samples": num, "wall_time_s": round(wall, 3),
+              "device": _device_info(), "outputs": outputs, "output_dir": str(out_dir),
+              "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+              "config": OmegaConf.to_container(cfg, resolve=True)}
+    rec.write_record(path, record)
+    record["record_path"] = str(path)
+    _log(cfg, record)
+    print(f"{task}: {metric or outputs} ({num} samples, {wall:.1f}s) -> {path}")
+    return record
+
+
+def _log(cfg: DictConfig, record: dict) -> None:
+    """Send the metric and any grid image to the configured loggers (W&B, CSV, ...)."""
+    loggers = cfg.get("logger") or {}
+    if not loggers:
+        return
+    from hydra.utils import instantiate
+
+    for lc in loggers.values():
+        if lc is None:
+            continue
+        lg = instantiate(lc)
+        lg.log_hyperparams({"task": record["task"], **record["key"]["sampler"], "seed": record["key"]["seed"]})
+        if record["metric"]:
+            lg.log_metrics({f"{record['task']}/{k}": v for k, v in record["metric"].items()})
+        grid = record["outputs"].get("grid")
+        if grid and hasattr(lg, "log_image"):
+            lg.log_image(key=f"{record['task']}/grid", images=[grid])
+        lg.finalize("success")
+        exp = getattr(lg, "experiment", None)
+        if exp is not None and hasattr(exp, "finish"):
+            exp.finish()

@@ -1,0 +1,202 @@
+"""evaluate.py end to end on CPU: a tiny random ε-model on 8x8 digits, tiny sample counts.
+
+FID here swaps the Inception network for cheap per-channel pixel statistics (``tasks._fid_between``);
+the real Inception FID is tested in test_fid.py.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO
+
+TINY_UNET = {"ch": 32, "out_ch": 1, "in_channels": 1, "ch_mult": [1], "num_res_blocks": 1, "attn_resolutions": [],
+             "dropout": 0.0, "resolution": 8, "resamp_with_conv": True}
+DIFFUSION = {"beta_schedule": "linear", "beta_start": 1e-4, "beta_end": 0.02, "num_diffusion_timesteps": 1000}
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory) -> Path:
+    """A DiffusionModule checkpoint (random weights) in train.py's format."""
+    from ddim.lit import DiffusionModule
+
+    torch.manual_seed(0)
+    m = DiffusionModule(model=TINY_UNET, diffusion=DIFFUSION, optim={"ema_decay": 0.999},
+                        data={"name": "digits", "image_size": 8, "channels": 1, "category": None})
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.ckpt"
+    torch.save({"state_dict": m.state_dict(), "hyper_parameters": dict(m.hparams), "global_step": 0}, path)
+    return path
+
+
+def _evaluate_module():
+    spec = importlib.util.spec_from_file_location("ddim_evaluate_script", REPO / "evaluate.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def run_evaluate(monkeypatch, tmp_path: Path, *overrides: str, multirun: bool = False) -> None:
+    """``python evaluate.py <overrides>`` in this process (so monkeypatched hooks apply)."""
+    mod = _evaluate_module()
+    argv = ["evaluate.py"] + (["-m"] if multirun else []) + [
+        f"paths.log_dir={tmp_path}", "trainer.enable_progress_bar=false", "device=cpu", "trainer.accelerator=cpu",
+        *overrides]
+    mod._add_sweeps_to_search_path(argv)
+    monkeypatch.setattr(sys, "argv", argv)
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "1")  # let the original exception through
+    mod.main()
+
+
+def records(tmp_path: Path) -> list[dict]:
+    from ddim.eval.records import iter_records
+
+    return iter_records(tmp_path / "records")
+
+
+def pixel_fid(gen, ref, *, ref_key, weights_path, cache_dir, device, batch_size):
+    """Fréchet distance between per-channel mean/std features of the two image sets (a stand-in for Inception)."""
+    from ddim.eval.fid import feature_statistics, frechet_distance
+
+    def feats(imgs):
+        x = torch.stack([imgs[i] for i in range(len(imgs))]).float().flatten(2) / 255.0
+        return torch.cat([x.mean(-1), x.std(-1)], dim=1)
+
+    assert gen.dtype == torch.uint8 and gen.shape[1] == 3
+    m1, s1 = feature_statistics(feats(gen))
+    m2, s2 = feature_statistics(feats(ref))
+    return {"fid": frechet_distance(m1, s1, m2, s2), "ref_cache_hit": False}
+
+
+@pytest.fixture
+def fake_inception(monkeypatch, tmp_path):
+    from ddim.eval import tasks
+
+    w = tmp_path / "inception.pth"
+    w.write_bytes(b"stand-in")
+    monkeypatch.setattr(tasks, "_fid_between", pixel_fid)
+    monkeypatch.setattr(tasks, "_resolve_weights", lambda weights_path, cache_dir: weights_path or w)
+    return w
+
+
+def test_fid_task_writes_record_and_rerun_skips(monkeypatch, tmp_path, tiny_ckpt, fake_inception, capsys):
+    args = (f"ckpt_path={tiny_ckpt}", "task=fid", "fid.num_samples=12", "sampler.steps=3", "sampler.eta=0",
+            "sampler.batch_size=5")
+    run_evaluate(monkeypatch, tmp_path, *args)
+    (rec,) = records(tmp_path)
+    assert rec["task"] == "fid" and rec["num_samples"] == 12
+    assert np.isfinite(rec["metric"]["fid"]) and rec["metric"]["fid"] > 0  # random model vs digits
+    assert rec["key"]["sampler"] == {"kind": "ddim", "eta": 0.0, "steps": 3, "trajectory": "linear"}
+    assert rec["key"]["dataset"] == "digits-8" and rec["wall_time_s"] >= 0 and "host" in rec["device"]
+    assert rec["config"]["sampler"]["steps"] == 3
+    mtime = Path(rec["_path"]).stat().st_mtime_ns
+
+    from ddim.eval import tasks
+
+    monkeypatch.setattr(tasks, "sample_batch", lambda *a, **k: pytest.fail("a finished run must not sample again"))
+    run_evaluate(monkeypatch, tmp_path, *args)
+    assert "skipped: already done" in capsys.readouterr().out
+    assert Path(rec["_path"]).stat().st_mtime_ns == mtime
+
+
+def test_samples_identical_across_batchings(monkeypatch, tmp_path, tiny_ckpt):
+    """Sample i depends on (seed, i) only: batch sizes 3 and 8 (as 1 vs 8 GPUs would split) give the same images."""
+    outs = []
+    for bs in (3, 8):
+        out = tmp_path / f"bs{bs}"
+        run_evaluate(monkeypatch, tmp_path / "logs", f"ckpt_path={tiny_ckpt}", "task=samples", "samples.num_samples=7",
+                     "samples.save_npz=true", "sampler.steps=4", "sampler.eta=0.5", f"sampler.batch_size={bs}",
+                     f"output_dir={out}", "skip_done=false")
+        assert (out / "samples.png").is_file()
+        outs.append(np.load(out / "samples.npz")["arr_0"])
+    assert outs[0].shape == (7, 8, 8, 1) and outs[0].dtype == np.uint8
+    np.testing.assert_array_equal(outs[0], outs[1])
+    assert len({outs[0][i].tobytes() for i in range(7)}) == 7  # and different samples differ
+
+
+def test_index_noise_is_per_sample():
+    from ddim.eval.tasks import latents_and_noise
+
+    a, na = latents_and_noise([0, 1, 2], (1, 4, 4), 5, seed=3)
+    b, nb = latents_and_noise([2], (1, 4, 4), 5, seed=3)
+    torch.testing.assert_close(a[2:], b)
+    torch.testing.assert_close(na[:, 2:], nb)
+    c, _ = latents_and_noise([2], (1, 4, 4), 0, seed=4)
+    assert not torch.equal(b, c)
+
+
+def test_reconstruction_mse(monkeypatch, tmp_path, tiny_ckpt):
+    from ddim.data import build_dataset
+    from ddim.eval.tasks import reconstruction_task
+    from ddim.lit import load_for_sampling
+
+    run_evaluate(monkeypatch, tmp_path, f"ckpt_path={tiny_ckpt}", "task=reconstruction", "sampler.steps=5",
+                 "reconstruction.num_images=6")
+    (rec,) = records(tmp_path)
+    assert rec["num_samples"] == 6 and rec["key"]["sampler"]["eta"] == 0.0
+    mse = rec["metric"]["mse"]
+    assert 0 < mse < 1
+
+    # the same number by hand: encode, decode, per-dimension MSE on [0, 1]
+    from ddim.diffusion import encode, sample, timesteps
+
+    eps, ac, _ = load_for_sampling(tiny_ckpt)
+    ds = build_dataset("digits", root="data", image_size=8, channels=1, split="test", random_flip=False)
+    x0 = torch.stack([ds[i][0] for i in range(6)])
+    seq = timesteps(1000, 5, kind="linear")
+    with torch.no_grad():
+        x0_hat = sample(eps, encode(eps, x0, ac, seq), ac, seq, eta=0.0)
+    ref = ((x0 + 1) / 2 - (x0_hat.clamp(-1, 1) + 1) / 2).double().square().mean().item()
+    assert mse == pytest.approx(ref, rel=1e-5)
+    assert reconstruction_task(eps, ac, seq, ds, num_images=6, batch_size=4)["mse"] == pytest.approx(ref, rel=1e-5)
+
+
+def test_interpolation_and_consistency_grids(monkeypatch, tmp_path, tiny_ckpt):
+    from PIL import Image
+
+    out = tmp_path / "interp"
+    run_evaluate(monkeypatch, tmp_path, f"ckpt_path={tiny_ckpt}", "task=interpolation", "sampler.steps=3",
+                 "interpolation.num_pairs=2", "interpolation.num_alphas=5", f"output_dir={out}")
+    w, h = Image.open(out / "interpolation.png").size
+    assert (w, h) == (5 * 10 + 2, 2 * 10 + 2)  # 8x8 tiles with 2-pixel padding: 5 alphas x 2 pairs
+
+    out = tmp_path / "cons"
+    run_evaluate(monkeypatch, tmp_path, f"ckpt_path={tiny_ckpt}", "task=consistency", "consistency.steps=[2,5,10]",
+                 "consistency.num_samples=3", f"output_dir={out}")
+    w, h = Image.open(out / "consistency.png").size
+    assert (w, h) == (3 * 10 + 2, 3 * 10 + 2)
+    tasks = sorted(r["task"] for r in records(tmp_path))
+    assert tasks == ["consistency", "interpolation"]
+
+
+@pytest.mark.parametrize("override, error, match", [
+    ("sampler.eta=-0.5", ValueError, r"sampler.eta must be a number >= 0 or 'hat', got -0.5"),
+    ("sampler.eta=often", ValueError, r"sampler.eta must be a number >= 0 or 'hat'"),
+    ("sampler.steps=1001", ValueError, r"sampler.steps=1001 exceeds the model's T=1000"),
+    ("sampler.steps=0", ValueError, r"positive integer"),
+    ("sampler.trajectory=cubic", ValueError, r"trajectory must be one of linear, quadratic"),
+    ("sampler.kind=euler", ValueError, r"sampler.kind must be one of ddim"),
+    ("task=nope", ValueError, r"unknown task 'nope'; allowed: fid, reconstruction"),
+    ("ckpt_path=/nonexistent/model.ckpt", FileNotFoundError, r"checkpoint not found: ckpt_path=/nonexistent"),
+    ("fid.weights_path=/nonexistent/pt_inception.pth", FileNotFoundError, r"Inception weights not found"),
+])
+def test_bad_input_fails_before_sampling(monkeypatch, tmp_path, tiny_ckpt, override, error, match):
+    from ddim.eval import tasks
+
+    monkeypatch.setattr(tasks, "sample_batch", lambda *a, **k: pytest.fail("sampling started despite bad input"))
+    monkeypatch.setattr(tasks, "_resolve_weights", lambda *a, **k: pytest.fail("weights resolved despite bad input")
+                        if "weights_path" not in override else None)
+    with pytest.raises(error, match=match):
+        run_evaluate(monkeypatch, tmp_path, f"ckpt_path={tiny_ckpt}", "task=fid", "fid.num_samples=4", "sampler.steps=3",
+                     override)
+    assert not (tmp_path / "records").exists()
+
+
+def test_no_model_given(monkeypatch, tmp_path):
+    with pytest.raises(ValueError, match="no model given: pass ckpt_path="):
+        run_evaluate(monkeypatch, tmp_path, "task=samples")
