@@ -1,0 +1,80 @@
+"""Exponential moving average of the weights (the official DDIM/DDPM ``EMAHelper`` semantics).
+
+Choice: ``torch.optim.swa_utils.AveragedModel`` with ``get_ema_multi_avg_fn`` — maintained in torch
+itself, fused ``_foreach_lerp_`` update, works with DDP/FSDP-unwrapped modules and gives a plain
+``nn.Module`` whose ``.module`` is the averaged copy.  ema-pytorch adds a warmup schedule and step
+bookkeeping we do not want by default, and Lightning's ``WeightAveraging`` callback swaps weights in
+and out of the trained module, which complicates sampling from both during training.
+
+Semantics (as the official code): the shadow starts as a copy of the model when ``EMA`` is created,
+then every ``update(model)`` does ``shadow = decay * shadow + (1 - decay) * param``; buffers are copied.
+(``AveragedModel`` would copy the weights on its first update; we seed it at construction, so the
+first ``update`` already averages, exactly like the official ``EMAHelper.register`` + ``update``.)
+
+Usage::
+
+    ema = EMA(model, decay=0.9999)      # an nn.Module; register it as a submodule to checkpoint it
+    ...optimizer.step(); ema.update(model)
+    x0 = sample(ema.module, ...)        # or ema(x, t)
+    ema.state_dict() / ema.load_state_dict(sd)   # keys: "n_averaged", "module.<model keys>"
+    ema.load_shadow(official_ema_state)          # official EMAHelper.shadow dicts too
+
+``AveragedModel.update_parameters`` checks ``n_averaged`` on the host (one small sync per update);
+keep ``EMA`` on the same device as the model.
+"""
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+__all__ = ["EMA", "DEFAULT_EMA_DECAY"]
+
+DEFAULT_EMA_DECAY = 0.9999
+
+
+class EMA(AveragedModel):
+    """EMA copy of ``model`` (frozen, eval mode); ``update(model)`` after each optimizer step."""
+
+    def __init__(self, model: nn.Module, decay: float = DEFAULT_EMA_DECAY):
+        decay = float(decay)
+        if not 0.0 <= decay <= 1.0:
+            raise ValueError(f"EMA decay must be in [0, 1], got {decay}")
+        super().__init__(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=False)
+        self.decay = decay
+        self.module.eval().requires_grad_(False)
+        # Seed: n_averaged 0 -> 1 copies the current weights, so later updates are pure EMA steps.
+        self.update_parameters(model)
+
+    def train(self, mode: bool = True) -> EMA:  # the averaged copy always samples in eval mode
+        super().train(False)
+        return self
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        """shadow <- decay * shadow + (1 - decay) * param; buffers copied from ``model``."""
+        self.update_parameters(model)
+        for b_ema, b in zip(self.module.buffers(), model.buffers(), strict=True):
+            b_ema.copy_(b)
+
+    @torch.no_grad()
+    def load_shadow(self, shadow: Mapping[str, torch.Tensor]) -> None:
+        """Load averaged weights given as a plain model state dict or an official ``EMAHelper.shadow``
+        (parameter names, maybe ``module.``-prefixed; parameters only)."""
+        from ddim.models.official import official_state_dict
+
+        sd = official_state_dict(dict(shadow), source="EMA shadow")
+        own = dict(self.module.named_parameters())
+        missing = sorted(set(own) - set(sd))
+        if missing:
+            raise ValueError(f"EMA shadow lacks parameters {missing[:8]}")
+        result = self.module.load_state_dict(sd, strict=False)
+        if result.unexpected_keys:
+            raise ValueError(f"EMA shadow has unexpected keys {result.unexpected_keys[:8]}")
+
+    def copy_module(self) -> nn.Module:
+        """A standalone deep copy of the averaged model (eval mode, no grad), e.g. for export."""
+        return copy.deepcopy(self.module).eval().requires_grad_(False)
