@@ -1,0 +1,106 @@
+"""Sweeps: a 2x2 Hydra multirun, its resumption, aggregation into the paper's layout; the presets compose."""
+from __future__ import annotations
+
+import csv
+import itertools
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO
+from test_evaluate import fake_inception, records, run_evaluate, tiny_ckpt  # noqa: F401  (fixtures)
+
+
+def test_2x2_sweep_resumes_and_aggregates(monkeypatch, tmp_path, tiny_ckpt, fake_inception):  # noqa: F811
+    from ddim.eval import aggregate, tasks
+
+    calls = []
+    real = tasks.sample_batch
+    monkeypatch.setattr(tasks, "sample_batch", lambda *a, **k: calls.append(1) or real(*a, **k))
+    sweep = (f"ckpt_path={tiny_ckpt}", "task=fid", "fid.num_samples=6", "sampler.batch_size=6",
+             "sampler.eta=0.0,hat", "sampler.steps=2,4")
+    run_evaluate(monkeypatch, tmp_path, *sweep, multirun=True)
+    recs = records(tmp_path)
+    assert sorted((str(r["key"]["sampler"]["eta"]), r["key"]["sampler"]["steps"]) for r in recs) == \
+        [("0.0", 2), ("0.0", 4), ("hat", 2), ("hat", 4)]
+    assert len(calls) == 4
+    mtimes = {r["_path"]: Path(r["_path"]).stat().st_mtime_ns for r in recs}
+
+    # a crash lost one entry: the re-run redoes only that one
+    lost = next(p for p in mtimes if "etahat_S4" in p)
+    Path(lost).unlink()
+    run_evaluate(monkeypatch, tmp_path, *sweep, multirun=True)
+    assert len(calls) == 5
+    after = {r["_path"]: Path(r["_path"]).stat().st_mtime_ns for r in records(tmp_path)}
+    assert set(after) == set(mtimes)
+    assert all(after[p] == mtimes[p] for p in mtimes if p != lost)
+
+    res = aggregate.main([str(tmp_path / "records"), "--out", str(tmp_path / "tables")])
+    md = Path(res["table1_md"]).read_text()
+    assert "| η \\ S | 2 | 4 |" in md and "| 0.0 |" in md and "| σ̂ |" in md
+    fids = {(r["key"]["sampler"]["eta"], r["key"]["sampler"]["steps"]): r["metric"]["fid"] for r in recs}
+    assert f"{fids[(0.0, 2)]:.2f}" in md
+    with open(res["table1_csv"]) as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 4 and {r["eta"] for r in rows} == {"0.0", "hat"}
+    assert Path(res["plot"]).stat().st_size > 1000
+
+
+def test_aggregate_puts_paper_numbers_beside_ours(tmp_path):
+    from ddim.eval import aggregate
+    from ddim.eval.records import record_path, write_record
+
+    def put(task, ds, eta, steps, metric):
+        key = {"task": task, "dataset": ds, "model": {"official": "cifar10"}, "seed": 0, "params": {},
+               "sampler": {"kind": "ddim", "eta": eta, "steps": steps, "trajectory": "quadratic"}}
+        write_record(record_path(tmp_path, key), {"task": task, "key": key, "metric": metric, "num_samples": 10})
+
+    put("fid", "cifar10-32", 0.0, 10, {"fid": 12.5})
+    put("fid", "cifar10-32", "hat", 1000, {"fid": 3.5})
+    put("reconstruction", "cifar10-32", 0.0, 10, {"mse": 0.02})
+    res = aggregate.aggregate(tmp_path, tmp_path / "out")
+    t1 = Path(res["table1_md"]).read_text()
+    assert "12.50 (13.36)" in t1 and "3.50 (3.17)" in t1
+    assert "– (6.84)" in t1  # the paper's cell is shown even where we have no run
+    t2 = Path(res["table2_md"]).read_text()
+    assert "| ours | 0.02 |" in t2 and "| paper | 0.014 | 0.0065 |" in t2
+
+
+def _compose(*overrides):
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return compose("evaluate", overrides=[f"hydra.searchpath=[file://{REPO}]", *overrides], return_hydra_config=True)
+
+
+@pytest.mark.parametrize("preset, task, grid", [
+    ("table1_cifar10", "fid", {"sampler.eta": "0.0,0.2,0.5,1.0,hat", "sampler.steps": "10,20,50,100,1000"}),
+    ("table1_celeba", "fid", {"sampler.eta": "0.0,0.2,0.5,1.0,hat", "sampler.steps": "10,20,50,100,1000"}),
+    ("table2_cifar10", "reconstruction", {"sampler.steps": "10,20,50,100,200,500,1000"}),
+])
+def test_sweep_presets(preset, task, grid):
+    cfg = _compose(f"+sweeps={preset}")
+    assert cfg.task == task
+    assert dict(cfg.hydra.sweeper.params) == grid
+    assert cfg.sampler.trajectory == {"table1_cifar10": "quadratic", "table1_celeba": "linear"}.get(preset)
+    slurm = _compose(f"+sweeps={preset}", "+sweeps/launcher=slurm")
+    assert "submitit" in slurm.hydra.launcher._target_ and slurm.hydra.launcher.gpus_per_node == 1
+
+
+@pytest.mark.parametrize("name", ["table1_cifar10", "table1_celeba", "table2_cifar10"])
+def test_wandb_sweep_files_are_valid_overrides(name):
+    spec = yaml.safe_load((REPO / "sweeps" / "wandb" / f"{name}.yaml").read_text())
+    assert spec["program"] == "evaluate.py" and spec["method"] == "grid"
+    params = spec["parameters"]
+    grids = {k: v["values"] if "values" in v else [v["value"]] for k, v in params.items()}
+    from ddim.eval.tasks import parse_eta
+
+    n = 0
+    for combo in itertools.product(*grids.values()):
+        ov = [f"{k}={v}" for k, v in zip(grids, combo)]
+        cfg = _compose(*ov)
+        parse_eta(cfg.sampler.eta)
+        assert cfg.task in ("fid", "reconstruction")
+        n += 1
+    assert n == {"table1_cifar10": 25, "table1_celeba": 25, "table2_cifar10": 7}[name]
