@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 BETA_SCHEDULES: tuple[str, ...] = ("linear", "quad", "const", "jsd", "sigmoid", "cosine")
@@ -23,17 +24,22 @@ def beta_schedule(kind: str, T: int = 1000, beta_start: float = 1e-4, beta_end: 
         raise ValueError(f"unknown beta schedule kind {kind!r}; allowed: {', '.join(BETA_SCHEDULES)}")
     if isinstance(T, bool) or not isinstance(T, int) or T < 1:
         raise ValueError(f"number of diffusion steps T must be a positive int, got {T!r}")
-    f64 = torch.float64
+    # numpy, as the official code, so the float64 values are bit-identical to its schedules
     if kind == "linear":
-        return torch.linspace(beta_start, beta_end, T, dtype=f64)
-    if kind == "quad":
-        return torch.linspace(beta_start**0.5, beta_end**0.5, T, dtype=f64) ** 2
-    if kind == "const":
-        return torch.full((T,), float(beta_end), dtype=f64)
-    if kind == "jsd":  # 1/T, 1/(T-1), ..., 1
-        return 1.0 / torch.linspace(T, 1, T, dtype=f64)
-    if kind == "sigmoid":
-        return torch.sigmoid(torch.linspace(-6, 6, T, dtype=f64)) * (beta_end - beta_start) + beta_start
+        betas = np.linspace(beta_start, beta_end, T, dtype=np.float64)
+    elif kind == "quad":
+        betas = np.linspace(beta_start**0.5, beta_end**0.5, T, dtype=np.float64) ** 2
+    elif kind == "const":
+        betas = beta_end * np.ones(T, dtype=np.float64)
+    elif kind == "jsd":  # 1/T, 1/(T-1), ..., 1
+        betas = 1.0 / np.linspace(T, 1, T, dtype=np.float64)
+    elif kind == "sigmoid":
+        betas = 1 / (np.exp(-np.linspace(-6, 6, T)) + 1) * (beta_end - beta_start) + beta_start
+    else:
+        betas = None
+    if betas is not None:
+        return torch.from_numpy(betas)
+    f64 = torch.float64
     # cosine: ᾱ(t) = f(t) / f(0), f(t) = cos²((t/T + s) / (1 + s) · π/2); β_t = 1 - ᾱ(t+1)/ᾱ(t) <= 0.999
     s = 0.008
     f = torch.cos((torch.arange(T + 1, dtype=f64) / T + s) / (1 + s) * math.pi / 2) ** 2
