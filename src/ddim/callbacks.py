@@ -1,0 +1,85 @@
+"""Training callbacks: DDIM sample grids from fixed noise, so runs can be compared by eye as they train."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_only
+
+
+class SampleGrid(L.Callback):
+    """Every ``every_n_steps`` and at the end of training: DDIM (η=0, ``steps`` steps) samples of the EMA
+    model from the same noise, saved as ``<dirpath>/step_XXXXXXX.png`` and ``<dirpath>/last.png`` and sent
+    to the logger (W&B image / TensorBoard image).  The fixed noise makes grids of one run comparable."""
+
+    def __init__(self, dirpath: str, every_n_steps: int = 1000, num_samples: int = 64, steps: int = 50,
+                 eta: float = 0.0, seed: int = 1234, nrow: int | None = None, use_ema: bool = True):
+        super().__init__()
+        self.dirpath = Path(dirpath)
+        self.every_n_steps = int(every_n_steps)
+        self.num_samples = int(num_samples)
+        self.steps = int(steps)
+        self.eta = eta
+        self.seed = int(seed)
+        self.nrow = nrow
+        self.use_ema = use_ema
+        self.last_path: Path | None = None
+
+    def _noise(self, pl_module: L.LightningModule) -> torch.Tensor:
+        d = pl_module.hparams.data
+        shape = (self.num_samples, int(d.get("channels", 3)), int(d["image_size"]), int(d["image_size"]))
+        g = torch.Generator().manual_seed(self.seed)
+        return torch.randn(shape, generator=g).to(pl_module.device)
+
+    @torch.no_grad()
+    def sample(self, pl_module: L.LightningModule) -> torch.Tensor:
+        """x_0 in [-1, 1] from the fixed noise."""
+        from ddim.diffusion import sample, timesteps
+
+        model = pl_module.ema_model if self.use_ema else pl_module.model
+        was_training = model.training
+        model.eval()
+        try:
+            seq = timesteps(pl_module.num_timesteps, self.steps)
+            x = sample(model, self._noise(pl_module), pl_module.alphas_cumprod, seq.to(pl_module.device), eta=self.eta)
+        finally:
+            model.train(was_training)
+        return x.float().clamp(-1, 1)
+
+    @rank_zero_only
+    def write(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Path:
+        import math
+
+        import torchvision
+
+        x = self.sample(pl_module)
+        step = trainer.global_step
+        nrow = self.nrow or int(math.ceil(math.sqrt(self.num_samples)))
+        grid = torchvision.utils.make_grid((x + 1) / 2, nrow=nrow, padding=2, pad_value=1.0)
+        self.dirpath.mkdir(parents=True, exist_ok=True)
+        path = self.dirpath / f"step_{step:07d}.png"
+        torchvision.utils.save_image(grid, path)
+        torchvision.utils.save_image(grid, self.dirpath / "last.png")
+        self.last_path = self.dirpath / "last.png"
+        for logger in trainer.loggers:
+            _log_image(logger, grid, step)
+        return path
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if self.every_n_steps > 0 and trainer.global_step % self.every_n_steps == 0 and not trainer.sanity_checking:
+            self.write(trainer, pl_module)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.write(trainer, pl_module)
+
+
+def _log_image(logger: Any, grid: torch.Tensor, step: int) -> None:
+    from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
+
+    if isinstance(logger, WandbLogger):
+        logger.log_image(key="samples", images=[grid.cpu()], step=step)
+    elif isinstance(logger, TensorBoardLogger):
+        logger.experiment.add_image("samples", grid.cpu(), global_step=step)

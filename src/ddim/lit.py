@@ -1,0 +1,235 @@
+"""Lightning training of the DDPM ε-model (the network DDIM samples from) and loading it back for sampling.
+
+DDIM needs no training of its own: the paper samples models trained with the DDPM objective
+L_γ with γ = 1 (eq. (5)), i.e. ||ε - ε_θ(√ᾱ_t x_0 + √(1-ᾱ_t) ε, t)||².  This module reproduces the
+official recipe: squared error summed over pixels, mean over the batch; antithetic timesteps
+(t and T-1-t in one batch); Adam; gradient-norm clipping; an EMA of the weights that is what
+gets sampled and is saved in every checkpoint.
+
+Checkpoint format (a Lightning ``.ckpt``): ``state_dict`` holds ``model.*`` (raw weights) and
+``ema_model.*`` (EMA weights, same keys after the prefix); ``hyper_parameters`` holds plain dicts
+``model`` (UNet kwargs), ``diffusion`` (beta schedule), ``optim`` and ``data`` (name, image_size, channels).
+"""
+from __future__ import annotations
+
+import copy
+import math
+import pickle
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+
+
+def _plain(d: Any) -> Any:
+    """OmegaConf / tuples -> plain dicts and lists, so checkpoints load with ``weights_only=True``."""
+    try:
+        from omegaconf import DictConfig, ListConfig, OmegaConf
+
+        if isinstance(d, (DictConfig, ListConfig)):
+            return OmegaConf.to_container(d, resolve=True)
+    except ImportError:  # pragma: no cover
+        pass
+    if isinstance(d, dict):
+        return {str(k): _plain(v) for k, v in d.items()}
+    if isinstance(d, (list, tuple)):
+        return [_plain(v) for v in d]
+    return d
+
+
+def build_eps_model(model_cfg: dict) -> nn.Module:
+    """The DDPM U-Net from its kwargs (``ddim.models.UNet``); unknown keys fail loudly."""
+    from ddim.models import UNet
+
+    return UNet(**{k: tuple(v) if isinstance(v, list) else v for k, v in model_cfg.items()})
+
+
+def build_alphas_cumprod(diffusion_cfg: dict) -> torch.Tensor:
+    """ᾱ_t (float64, shape (T,)) from ``{"beta_schedule", "beta_start", "beta_end", "num_diffusion_timesteps"}``."""
+    from ddim.diffusion import alphas_cumprod, beta_schedule
+
+    betas = beta_schedule(diffusion_cfg.get("beta_schedule", "linear"), int(diffusion_cfg.get("num_diffusion_timesteps", 1000)),
+                          beta_start=float(diffusion_cfg.get("beta_start", 1e-4)),
+                          beta_end=float(diffusion_cfg.get("beta_end", 0.02)))
+    return alphas_cumprod(betas).to(torch.float64)
+
+
+def antithetic_timesteps(n: int, T: int, device: torch.device | str = "cpu", generator: torch.Generator | None = None) -> torch.Tensor:
+    """t ~ U{0..T-1} for half the batch and T-1-t for the other half (official variance reduction)."""
+    t = torch.randint(0, T, (n // 2 + 1,), device=device, generator=generator)
+    return torch.cat([t, T - t - 1])[:n]
+
+
+def eps_loss(eps_model: nn.Module, x0: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor,
+             noise: torch.Tensor | None = None) -> torch.Tensor:
+    """Official DDPM/DDIM loss: ||ε - ε_θ(x_t, t)||² summed over pixels, averaged over the batch."""
+    e = torch.randn_like(x0) if noise is None else noise
+    a = alphas_cumprod.to(device=x0.device, dtype=x0.dtype).index_select(0, t).view(-1, *([1] * (x0.dim() - 1)))
+    x_t = x0 * a.sqrt() + e * (1.0 - a).sqrt()
+    return (e - eps_model(x_t, t)).square().flatten(1).sum(1).mean()
+
+
+class DiffusionModule(L.LightningModule):
+    """Trains ``model`` (UNet kwargs) under ``diffusion`` (beta schedule) with ``optim`` (Adam + clip + EMA)."""
+
+    def __init__(self, model: dict, diffusion: dict, optim: dict | None = None, data: dict | None = None):
+        super().__init__()
+        model, diffusion, optim, data = _plain(model), _plain(diffusion), _plain(optim or {}), _plain(data or {})
+        self.save_hyperparameters({"model": model, "diffusion": diffusion, "optim": optim, "data": data})
+        self.model = build_eps_model(model)
+        self.ema_model = copy.deepcopy(self.model).eval().requires_grad_(False)
+        self.register_buffer("alphas_cumprod", build_alphas_cumprod(diffusion), persistent=False)
+        self.num_timesteps = int(self.alphas_cumprod.numel())
+        self.ema_decay = float(optim.get("ema_decay", 0.9999))
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"optim.ema_decay must be in [0, 1), got {self.ema_decay}")
+        self.ema_warmup = bool(optim.get("ema_warmup", False))
+
+    # ------------------------------------------------------------------ training
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.model(x, t)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x0 = batch[0] if isinstance(batch, (list, tuple)) else batch
+        t = antithetic_timesteps(x0.shape[0], self.num_timesteps, device=x0.device)
+        loss = eps_loss(self.model, x0, t, self.alphas_cumprod.float())
+        self.log("train/loss", loss, prog_bar=True, on_step=True, batch_size=x0.shape[0])
+        return loss
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """Clip the global grad norm to optim.grad_clip (official 1.0) and log the pre-clip norm."""
+        clip = self.hparams.optim.get("grad_clip", 1.0)
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), float(clip) if clip else math.inf)
+        self.log("train/grad_norm", norm, on_step=True)
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        # EMA right after the step (not in on_train_batch_end, which runs after ModelCheckpoint saved)
+        super().optimizer_step(*args, **kwargs)
+        self.update_ema()
+
+    @torch.no_grad()
+    def update_ema(self) -> None:
+        """θ_ema <- d θ_ema + (1-d) θ; with ema_warmup, d = min(decay, (1+n)/(10+n)) so short runs are usable."""
+        d = self.ema_decay
+        if self.ema_warmup:
+            n = self.global_step  # optimizer steps taken before this one
+            d = min(d, (1 + n) / (10 + n))
+        ema = [p for p in self.ema_model.parameters()]
+        cur = [p.detach() for p in self.model.parameters()]
+        torch._foreach_lerp_(ema, cur, 1.0 - d)
+        for b_ema, b in zip(self.ema_model.buffers(), self.model.buffers()):
+            b_ema.copy_(b)
+
+    def configure_optimizers(self):
+        o = self.hparams.optim
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        opt = torch.optim.Adam(params, lr=float(o.get("lr", 2e-4)), betas=(float(o.get("beta1", 0.9)), 0.999),
+                               eps=float(o.get("eps", 1e-8)), weight_decay=float(o.get("weight_decay", 0.0)),
+                               amsgrad=bool(o.get("amsgrad", False)), fused=torch.cuda.is_available() or None)
+        warmup = int(o.get("warmup_steps", 0) or 0)
+        if warmup <= 0:
+            return opt
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warmup))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Also save the RNG states (Lightning does not), so a resumed run draws the same t, ε and dropout."""
+        checkpoint["rng_states"] = {"torch": torch.get_rng_state(),
+                                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Refuse a checkpoint of another architecture with a readable message (not a wall of missing keys)."""
+        _check_architecture(checkpoint, self.hparams.model)
+        rng = checkpoint.get("rng_states")
+        if rng is not None:
+            torch.set_rng_state(rng["torch"].cpu())
+            if rng.get("cuda") and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
+                torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+def _check_architecture(checkpoint: dict, model_cfg: dict) -> None:
+    saved = checkpoint.get("hyper_parameters", {}).get("model")
+    if saved is not None and _plain(saved) != _plain(model_cfg):
+        diff = {k: (saved.get(k), model_cfg.get(k)) for k in set(saved) | set(model_cfg) if saved.get(k) != model_cfg.get(k)}
+        raise ValueError(f"checkpoint was trained with a different model architecture; differing keys "
+                         f"(checkpoint, this run): {diff}")
+
+
+def _torch_load(path: str | Path, map_location: Any) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "Weights only load failed" in str(e):  # e.g. a logger stored an object; trust local files
+            try:
+                return torch.load(path, map_location=map_location, weights_only=False)
+            except Exception as e2:  # noqa: BLE001
+                raise ValueError(f"cannot read checkpoint {path}: {e2}") from e2
+        raise ValueError(f"cannot read checkpoint {path}: not a valid torch checkpoint (corrupt or truncated?): {e}") from e
+    except (RuntimeError, EOFError, OSError) as e:
+        raise ValueError(f"cannot read checkpoint {path}: not a valid torch checkpoint (corrupt or truncated?): {e}") from e
+
+
+def load_for_sampling(ckpt_path: str | Path, use_ema: bool = True, map_location: Any = "cpu", *,
+                      format: str = "lightning", config: str | dict | None = None
+                      ) -> tuple[nn.Module, torch.Tensor, dict]:
+    """(ε-model in eval mode, ᾱ float64 (T,), cfg dict) from a checkpoint.
+
+    format="lightning": a checkpoint written by ``train.py``; use_ema picks ``ema_model.*`` (default)
+    or the raw ``model.*`` weights; cfg is its hyper_parameters (model, diffusion, optim, data).
+    format="official": a checkpoint released with the official DDIM/DDPM code, loaded through
+    ``ddim.models.load_official_unet``; ``config`` is a name in ``ddim.models.OFFICIAL_CONFIGS``
+    (cifar10, celeba, church, bedroom) or an official config dict; the schedule is the official linear
+    one (1e-4..0.02, T=1000) unless the config has a ``diffusion`` entry.  use_ema picks the EMA
+    state when the file holds the official [model, optimizer, epoch, step, ema] list.
+    """
+    if format == "official":
+        return load_official_for_sampling(ckpt_path, config, use_ema=use_ema, map_location=map_location)
+    if format != "lightning":
+        raise ValueError(f"format must be 'lightning' or 'official', got {format!r}")
+    ckpt = _torch_load(ckpt_path, map_location)
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "model" not in ckpt.get("hyper_parameters", {}):
+        raise ValueError(f"{ckpt_path} is not a checkpoint written by train.py (no state_dict/hyper_parameters.model); "
+                         f"for the official released weights use format='official'")
+    cfg = _plain(ckpt["hyper_parameters"])
+    prefix = "ema_model." if use_ema else "model."
+    sd = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
+    if not sd:
+        raise ValueError(f"{ckpt_path} holds no '{prefix}*' weights")
+    model = build_eps_model(cfg["model"])
+    try:
+        model.load_state_dict(sd)
+    except RuntimeError as e:
+        raise ValueError(f"weights in {ckpt_path} do not fit the model config {cfg['model']}: {e}") from e
+    model = model.to(map_location if map_location is not None else "cpu").eval().requires_grad_(False)
+    cfg["global_step"] = ckpt.get("global_step")
+    cfg["use_ema"] = use_ema
+    return model, build_alphas_cumprod(cfg["diffusion"]), cfg
+
+
+def load_official_for_sampling(path: str | Path, config: str | dict | None, use_ema: bool = True,
+                               map_location: Any = "cpu") -> tuple[nn.Module, torch.Tensor, dict]:
+    """The official released checkpoints (see ``load_for_sampling(format="official")``)."""
+    from ddim.models import OFFICIAL_CONFIGS, load_official_unet
+
+    if isinstance(config, str):
+        if config not in OFFICIAL_CONFIGS:
+            raise ValueError(f"unknown official config {config!r}; allowed: {sorted(OFFICIAL_CONFIGS)}")
+        name, config = config, OFFICIAL_CONFIGS[config]
+    elif config is None:
+        raise ValueError("format='official' needs config= (a name in OFFICIAL_CONFIGS or the official config dict)")
+    else:
+        name = None
+    obj = _torch_load(path, map_location)
+    if isinstance(obj, (list, tuple)):  # official training state: [model, optimizer, epoch, step, ema]
+        obj = obj[4] if use_ema and len(obj) > 4 else obj[0]
+    model = load_official_unet(obj, config).to(map_location or "cpu").eval().requires_grad_(False)
+    config = _plain(config)
+    diffusion = config.get("diffusion", {"beta_schedule": "linear", "beta_start": 1e-4, "beta_end": 0.02,
+                                         "num_diffusion_timesteps": 1000})
+    cfg = {"official": name, "model": config, "diffusion": diffusion, "use_ema": use_ema}
+    return model, build_alphas_cumprod(diffusion), cfg

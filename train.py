@@ -1,0 +1,67 @@
+"""Train a DDPM ε-model for DDIM sampling.  `python train.py` trains on the embedded digits on a CPU.
+
+    python train.py                                  # digits, a few minutes on a CPU, writes a DDIM sample grid
+    python train.py dataset=celeba                   # the paper's CelebA 64x64 setup (model/optim follow)
+    python train.py experiment=cifar10 trainer=ddp logger=wandb
+    python train.py ckpt_path=outputs/.../checkpoints/last.ckpt   # resume
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+
+def run(cfg: DictConfig) -> dict:
+    """Build data, module, trainer from ``cfg`` and fit; returns where things were written."""
+    import lightning as L
+    from hydra.utils import instantiate
+
+    from ddim.data import DiffusionDataModule
+    from ddim.lit import DiffusionModule
+
+    L.seed_everything(cfg.seed, workers=True)
+    data_cfg = OmegaConf.to_container(cfg.dataset, resolve=True)
+    dm = DiffusionDataModule(**data_cfg, seed=cfg.seed)
+    module = DiffusionModule(model=cfg.model, diffusion=cfg.diffusion, optim=cfg.optim,
+                             data={k: data_cfg.get(k) for k in ("name", "image_size", "channels", "category")})
+
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    if not cfg.trainer.get("enable_progress_bar", True):
+        from lightning.pytorch.callbacks import ProgressBar
+
+        callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
+    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    for lg in loggers:
+        lg.log_hyperparams(resolved)
+
+    ckpt_path = cfg.get("ckpt_path")
+    if ckpt_path is not None:
+        from ddim.lit import _torch_load, _check_architecture
+
+        _check_architecture(_torch_load(ckpt_path, "cpu"), module.hparams.model)  # clear message before fit
+    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+
+    out = Path(cfg.paths.output_dir)
+    grid = next((c.last_path for c in callbacks if hasattr(c, "last_path")), None)
+    ckpt_cb = trainer.checkpoint_callback
+    last = getattr(ckpt_cb, "last_model_path", None) if ckpt_cb is not None else None
+    return {"run_dir": out, "grid": grid, "last_ckpt": last, "trainer": trainer, "module": module}
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+def main(cfg: DictConfig) -> None:
+    res = run(cfg)
+    if res["trainer"].is_global_zero:
+        print(f"run directory: {res['run_dir'].resolve()}")
+        if res["last_ckpt"]:
+            print(f"checkpoint:    {Path(res['last_ckpt']).resolve()}")
+        if res["grid"] is not None:
+            print(f"sample grid:   {Path(res['grid']).resolve()}")
+
+
+if __name__ == "__main__":
+    main()
