@@ -150,18 +150,29 @@ def test_error_falls_at_expected_order(kind):
 
 
 def test_higher_order_beats_ddim_at_equal_nfe(gauss):
-    """On the linear-β schedule at NFE = 20 every solver lands closer to the exact ODE solution than DDIM."""
+    """Linear-β schedule, the paper's quadratic trajectory (CIFAR-10 setting), NFE budget 50: every solver lands
+    closer to the exact ODE solution than DDIM. Measured max errors: ddim 4.7e-2, plms 2.7e-3, dpmpp_2m 2.9e-3,
+    heun 1.6e-2. (Not at every budget: at NFE 20 Heun's 10 steps lose to DDIM's 20 on this grid, and on the
+    linear trajectory DPM-Solver++(2M)'s few, very unequal log-σ steps near σ = 0 lose at NFE 10-20.)"""
+    import warnings
+
+    from ddim.diffusion import timesteps
+
     mu, x_T = gauss
-    sigma_T = math.sqrt((1 - AC[-1]) / AC[-1])
-    exact = mu + (x_T / AC[-1].sqrt() - mu) * S_DATA / math.sqrt(S_DATA**2 + sigma_T**2)
     err = {}
     for kind in ("ddim",) + SOLVERS:
-        S = steps_for_nfe(kind, 20)
-        tau = torch.linspace(0, T - 1, S).round().long()
-        out = _ddim(GaussianEps(AC, mu), x_T, AC, tau) if kind == "ddim" else solve(kind, GaussianEps(AC, mu), x_T, AC, tau)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # quadratic S=50 has 49 distinct steps
+            tau = timesteps(T, steps_for_nfe(kind, 50), "quadratic")
+        a_T = AC[tau[-1]]
+        sigma_T = math.sqrt((1 - a_T) / a_T)
+        exact = mu + (x_T / a_T.sqrt() - mu) * S_DATA / math.sqrt(S_DATA**2 + sigma_T**2)
+        model = GaussianEps(AC, mu)
+        out = _ddim(model, x_T, AC, tau) if kind == "ddim" else solve(kind, model, x_T, AC, tau)
+        assert model.calls <= 50
         err[kind] = (out - exact).abs().max().item()
     for kind in SOLVERS:
-        assert err[kind] < err["ddim"], err
+        assert err[kind] < 0.5 * err["ddim"], err
 
 
 # ---------------------------------------------------------------- NFE accounting
@@ -227,3 +238,62 @@ def test_too_few_steps_fails_before_sampling(gauss, kind):
     with pytest.raises(ValueError, match=r"timesteps must lie in \[0, 999\]"):
         solve(kind, model, x_T, AC, torch.tensor([0, 500, 1000]))
     assert model.calls == 0
+
+
+# ---------------------------------------------------------------- the FID-against-NFE sweep
+
+def _fid_vs_nfe_module():
+    import importlib.util
+
+    from conftest import REPO
+
+    spec = importlib.util.spec_from_file_location("fid_vs_nfe", REPO / "sweeps" / "fid_vs_nfe.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("preset", ["fid_vs_nfe_cifar10", "fid_vs_nfe_celeba"])
+def test_fid_vs_nfe_preset_spends_largest_s_within_budget(preset):
+    """Each (kind, budget) of the preset resolves to the largest S whose real NFE fits the budget."""
+    hydra = pytest.importorskip("hydra")
+    from conftest import REPO
+
+    real_nfe = _fid_vs_nfe_module().real_nfe
+    with hydra.initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        for kind in ("ddim",) + SOLVERS:
+            for budget in (5, 10, 20, 50, 100):
+                cfg = hydra.compose("evaluate", overrides=[f"+sweeps={preset}", f"hydra.searchpath=[file://{REPO}]",
+                                                           f"sampler.kind={kind}", f"fid_vs_nfe.budget=nfe{budget}"])
+                S, traj, T_ = cfg.sampler.steps, cfg.sampler.trajectory, cfg.fid_vs_nfe.T
+                assert cfg.task == "fid" and cfg.sampler.eta == 0.0
+                assert min(budget, 3 if kind != "ddim" else 1) <= real_nfe(kind, S, traj, T_) <= budget, (kind, budget, S)
+                for larger in range(S + 1, 2 * budget + 3):
+                    assert real_nfe(kind, larger, traj, T_) > budget, (kind, budget, S, larger)
+
+
+def test_fid_vs_nfe_aggregate_table_and_plot(tmp_path):
+    from ddim.eval.records import record_path, write_record
+
+    agg = _fid_vs_nfe_module()
+    steps = {"ddim": {5: 5, 10: 10}, "plms": {5: 4, 10: 9}, "dpmpp_2m": {5: 5, 10: 10}, "heun": {5: 3, 10: 5}}
+    fids = {}
+    for i, (kind, table) in enumerate(steps.items()):
+        for budget, S in table.items():
+            for eta in (0.0, 0.5) if kind == "ddim" else (0.0,):
+                key = {"task": "fid", "dataset": "cifar10-32", "model": {"official": "cifar10", "path": "x", "use_ema": True},
+                       "seed": 0, "params": {"num_samples": 100},
+                       "sampler": {"kind": kind, "eta": eta, "steps": S, "trajectory": "quadratic"}}
+                fid = 100.0 / budget + i + (50 if eta else 0)
+                fids[(kind, budget, eta)] = fid
+                write_record(record_path(tmp_path / "records", key),
+                             {"task": "fid", "key": key, "metric": {"fid": fid}, "num_samples": 100,
+                              "config": {"fid_vs_nfe": {"T": 1000, "budget": f"nfe{budget}"}}})
+    res = agg.aggregate(tmp_path / "records", tmp_path / "tables")
+    assert len(res["rows"]) == 8  # the eta = 0.5 DDIM runs are not ODE samples and are left out
+    md = res["md"].read_text()
+    assert "| sampler \\ NFE | 5 | 10 |" in md
+    assert f"| heun | {fids[('heun', 5, 0.0)]:.2f} | {fids[('heun', 10, 0.0)]:.2f} @9 |" in md  # 2*5-1 = 9 < 10
+    assert f"| plms | {fids[('plms', 5, 0.0)]:.2f} | {fids[('plms', 10, 0.0)]:.2f} |" in md
+    assert "| ddim (paper) | – | 13.36 |" in md  # Table 1, cifar10, eta 0, S = 10
+    assert res["plot"].stat().st_size > 1000 and len(res["csv"].read_text().splitlines()) == 9
