@@ -297,3 +297,24 @@ def test_fid_vs_nfe_aggregate_table_and_plot(tmp_path):
     assert f"| plms | {fids[('plms', 5, 0.0)]:.2f} | {fids[('plms', 10, 0.0)]:.2f} |" in md
     assert "| ddim (paper) | – | 13.36 |" in md  # Table 1, cifar10, eta 0, S = 10
     assert res["plot"].stat().st_size > 1000 and len(res["csv"].read_text().splitlines()) == 9
+
+
+def test_fid_vs_nfe_wandb_sweep_composes():
+    """Every value of each W&B grid axis composes to an evaluate config with the preset's S for it."""
+    hydra = pytest.importorskip("hydra")
+    import yaml
+
+    from conftest import REPO
+
+    spec = yaml.safe_load((REPO / "sweeps" / "wandb" / "fid_vs_nfe_cifar10.yaml").read_text())
+    assert spec["program"] == "evaluate.py" and spec["method"] == "grid"
+    grid = {k: v.get("values", [v.get("value")]) for k, v in spec["parameters"].items()}
+    assert grid["sampler.kind"] == ["ddim", *SOLVERS] and len(grid["fid_vs_nfe.budget"]) == 5
+    fixed = [f"{k}={v[0]}" for k, v in grid.items() if k not in ("sampler.kind", "fid_vs_nfe.budget", "logger")]
+    with hydra.initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        for kind in grid["sampler.kind"]:
+            for budget in (grid["fid_vs_nfe.budget"] if kind == "heun" else grid["fid_vs_nfe.budget"][:1]):
+                cfg = hydra.compose("evaluate", overrides=[f"hydra.searchpath=[file://{REPO}]", *fixed,
+                                                           f"sampler.kind={kind}", f"fid_vs_nfe.budget={budget}"])
+                assert cfg.task == "fid" and cfg.official == "cifar10"
+                assert cfg.sampler.steps == cfg.fid_vs_nfe.steps[kind][budget]
