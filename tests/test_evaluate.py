@@ -21,6 +21,15 @@ TINY_UNET = {"ch": 32, "out_ch": 1, "in_channels": 1, "ch_mult": [1], "num_res_b
 DIFFUSION = {"beta_schedule": "linear", "beta_start": 1e-4, "beta_end": 0.02, "num_diffusion_timesteps": 1000}
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine threads thrash (50x slower)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def tiny_ckpt(tmp_path_factory) -> Path:
     """A DiffusionModule checkpoint (random weights) in train.py's format."""

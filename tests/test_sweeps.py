@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from conftest import REPO
-from test_evaluate import fake_inception, records, run_evaluate, tiny_ckpt  # noqa: F401  (fixtures)
+from test_evaluate import fake_inception, one_thread, records, run_evaluate, tiny_ckpt  # noqa: F401  (fixtures)
 
 
 def test_2x2_sweep_resumes_and_aggregates(monkeypatch, tmp_path, tiny_ckpt, fake_inception):  # noqa: F811
