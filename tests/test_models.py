@@ -177,6 +177,7 @@ def test_ema_matches_official_formula():
         ema.update(model)
         for k, p in model.named_parameters():
             shadow[k] = (1.0 - decay) * p.detach() + decay * shadow[k]
+    assert int(ema.n_averaged) == 4  # seeded copy + 3 updates
     ema_params = dict(ema.module.named_parameters())
     for k, p in model.named_parameters():
         torch.testing.assert_close(ema_params[k], shadow[k], rtol=1e-6, atol=1e-7)

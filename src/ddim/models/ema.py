@@ -19,8 +19,8 @@ Usage::
     ema.state_dict() / ema.load_state_dict(sd)   # keys: "n_averaged", "module.<model keys>"
     ema.load_shadow(official_ema_state)          # official EMAHelper.shadow dicts too
 
-``AveragedModel.update_parameters`` checks ``n_averaged`` on the host (one small sync per update);
-keep ``EMA`` on the same device as the model.
+``update`` has no host syncs (no ``.item()`` or tensor-to-bool checks), so a training step stays
+sync-free on GPU; keep ``EMA`` on the same device as the model.
 """
 from __future__ import annotations
 
@@ -55,8 +55,26 @@ class EMA(AveragedModel):
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
-        """shadow <- decay * shadow + (1 - decay) * param; buffers copied from ``model``."""
-        self.update_parameters(model)
+        """shadow <- decay * shadow + (1 - decay) * param; buffers copied from ``model``.
+
+        Calls the library's ``get_ema_multi_avg_fn`` update directly (one fused ``_foreach_lerp_``)
+        instead of ``update_parameters``, whose ``n_averaged == 0`` checks would sync the host with the
+        GPU every step; the shadow is always seeded here, so those checks are moot.
+        """
+        ema = [p.detach() for p in self.module.parameters()]
+        cur = [p.detach() for p in model.parameters()]
+        if len(ema) != len(cur):
+            raise ValueError(f"EMA.update: model has {len(cur)} parameters, the EMA copy {len(ema)}")
+        groups: dict[tuple, tuple[list, list]] = {}
+        for e, c in zip(ema, cur):
+            if c.device != e.device:
+                c = c.to(e.device, non_blocking=True)
+            g = groups.setdefault((e.device, e.dtype), ([], []))
+            g[0].append(e)
+            g[1].append(c)
+        for e_list, c_list in groups.values():
+            self.multi_avg_fn(e_list, c_list, self.n_averaged)
+        self.n_averaged.add_(1)
         for b_ema, b in zip(self.module.buffers(), model.buffers(), strict=True):
             b_ema.copy_(b)
 
