@@ -3,7 +3,7 @@
 All samplers here are linear-Gaussian maps of (x_T, noise), so besides the data's mean and std we can compute,
 independently of ddim.diffusion (numpy, eq. 12 / 16 and the σ̂ posterior), the exact std the *discretised*
 sampler produces. The samplers are not exact: DDIM with S = 100 shrinks the std by a few percent (each step
-multiplies by cos Δθ in the eq. (14) angle), η = 1 by less. The tests assert the empirical std matches
+multiplies by cos Δθ in the angle arccos sqrt(ᾱ) when s = 1), η = 1 by less. The tests assert the empirical std matches
 that prediction within 5 standard errors, and the data's (mean, std) within 5 standard errors plus that
 known discretisation bias (which the test prints in its assertion messages).
 """
