@@ -143,3 +143,19 @@ def test_sample_bad_options(kwargs, match):
 def test_bad_alphas_and_timesteps(fn, ac, seq, match):
     with pytest.raises(ValueError, match=match):
         fn(toy_eps, x_T(), ac, seq)
+
+
+def test_no_reads_of_device_tensors():
+    """The loops never read x back to the host (no per-step syncs): they run on the meta device, whose
+    tensors have no data, so any .item() / bool() / .tolist() on them would raise."""
+    x = torch.empty(2, 3, 4, 4, device="meta")
+    with pytest.raises(Exception):
+        bool(x.sum() > 0)  # the meta device indeed refuses reads
+    eps = lambda x, t: torch.tanh(x * t.view(-1, 1, 1, 1))  # noqa: E731
+    seq = timesteps(1000, 10)
+    for kw in (dict(eta=0.0), dict(eta=0.5), dict(eta="hat"), dict(eta=0.0, clip_denoised=True),
+               dict(eta=1.0, noise=torch.empty(10, 2, 3, 4, 4, device="meta"))):
+        assert sample(eps, x, AC, seq, **kw).device.type == "meta"
+    _, traj = sample(eps, x, AC, seq, eta=1.0, return_trajectory=True)
+    assert traj["x_t"][-1].device.type == "meta"
+    assert encode(eps, x, AC, seq).device.type == "meta"

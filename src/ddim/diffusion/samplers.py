@@ -96,6 +96,8 @@ def sample(eps_model: EpsModel, x_T: torch.Tensor, alphas_cumprod: torch.Tensor,
     S = seq.numel()
     if noise is not None:
         _check_noise(noise, S, x_T)
+        if isinstance(noise, torch.Tensor):  # one copy up front instead of one per step
+            noise = noise.to(device=x_T.device, dtype=x_T.dtype)
 
     # sampling order: τ_S, ..., τ_1 and the ᾱ each step goes to (1 after τ_1)
     a_t = ac[seq].flip(0)
