@@ -15,7 +15,8 @@ class SampleGrid(L.Callback):
     to the logger (W&B image / TensorBoard image).  The fixed noise makes grids of one run comparable."""
 
     def __init__(self, dirpath: str, every_n_steps: int = 1000, num_samples: int = 64, steps: int = 50,
-                 eta: float = 0.0, seed: int = 1234, nrow: int | None = None, use_ema: bool = True):
+                 eta: float = 0.0, seed: int = 1234, nrow: int | None = None, use_ema: bool = True,
+                 display_size: int | None = None):
         super().__init__()
         self.dirpath = Path(dirpath)
         self.every_n_steps = int(every_n_steps)
@@ -25,6 +26,7 @@ class SampleGrid(L.Callback):
         self.seed = int(seed)
         self.nrow = nrow
         self.use_ema = use_ema
+        self.display_size = display_size  # viewing only: nearest upscaling (None: images under 32 px go to 32)
         self.last_path: Path | None = None
 
     def _noise(self, pl_module: L.LightningModule) -> torch.Tensor:
@@ -55,6 +57,9 @@ class SampleGrid(L.Callback):
         import torchvision
 
         x = self.sample(pl_module)
+        size = self.display_size or max(32, x.shape[-1])
+        if size > x.shape[-1]:
+            x = torch.nn.functional.interpolate(x, size=(size, size), mode="nearest")
         step = trainer.global_step
         nrow = self.nrow or int(math.ceil(math.sqrt(self.num_samples)))
         grid = torchvision.utils.make_grid((x + 1) / 2, nrow=nrow, padding=2, pad_value=1.0)
