@@ -51,15 +51,17 @@ def _toy_eps(x, t):
 
 
 def _diffusers_config(**kw):
-    return dict(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02, clip_sample=False,
-                set_alpha_to_one=True, steps_offset=0, timestep_spacing="leading", **kw)
+    cfg = dict(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02, clip_sample=False,
+               set_alpha_to_one=True, steps_offset=0, timestep_spacing="leading")
+    return {**cfg, **kw}
 
 
-@pytest.mark.parametrize("S,eta", [(10, 0.0), (50, 0.0), (20, 0.5), (20, 1.0)])
-def test_diffusers_ddim_scheduler_parity(S, eta):
+@pytest.mark.parametrize("S,eta,clip", [(10, 0.0, False), (50, 0.0, False), (20, 0.5, False), (20, 1.0, False),
+                                        (10, 0.0, True), (20, 1.0, True)])
+def test_diffusers_ddim_scheduler_parity(S, eta, clip):
     diffusers = pytest.importorskip("diffusers")
     ac = alphas_cumprod(beta_schedule("linear", 1000))
-    sched = diffusers.DDIMScheduler(**_diffusers_config())
+    sched = diffusers.DDIMScheduler(**_diffusers_config(clip_sample=clip, clip_sample_range=1.0))
     # same linear betas: diffusers' float32 ᾱ equals ours to float32 rounding
     np.testing.assert_allclose(sched.alphas_cumprod.numpy(), ac.numpy(), rtol=2e-5)
     sched.alphas_cumprod = ac.clone()  # float64 table so the comparison is not limited by float32
@@ -68,13 +70,13 @@ def test_diffusers_ddim_scheduler_parity(S, eta):
     assert sched.timesteps.tolist() == seq.flip(0).tolist()
 
     g = torch.Generator().manual_seed(0)
-    x_T = torch.randn(3, 2, 4, 4, generator=g, dtype=torch.float64)
+    x_T = 2 * torch.randn(3, 2, 4, 4, generator=g, dtype=torch.float64)  # wide enough that clipping acts
     noise = torch.randn(S, 3, 2, 4, 4, generator=g, dtype=torch.float64)
     x = x_T
     for i, t in enumerate(sched.timesteps):
         e = _toy_eps(x, torch.full((3,), int(t)))
         x = sched.step(e, int(t), x, eta=eta, variance_noise=noise[i] if eta > 0 else None).prev_sample
-    ours = sample(_toy_eps, x_T, ac, seq, eta=eta, noise=noise if eta > 0 else None)
+    ours = sample(_toy_eps, x_T, ac, seq, eta=eta, noise=noise if eta > 0 else None, clip_denoised=clip)
     assert ours.dtype == torch.float64
     torch.testing.assert_close(ours, x, rtol=1e-10, atol=1e-10)
 
