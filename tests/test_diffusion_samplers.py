@@ -159,3 +159,17 @@ def test_no_reads_of_device_tensors():
     _, traj = sample(eps, x, AC, seq, eta=1.0, return_trajectory=True)
     assert traj["x_t"][-1].device.type == "meta"
     assert encode(eps, x, AC, seq).device.type == "meta"
+
+
+def test_encode_is_exact_inverse_when_eps_ignores_x():
+    """encode mirrors sample step by step (same ᾱ pairs, same labels); only the point where ε is evaluated
+    differs, so for an ε that depends on t alone, sample(encode(x_0)) == x_0 up to rounding, for any τ."""
+    bias = torch.randn(1000, 1, 3, 1, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    eps = lambda x, t: bias[t].squeeze(1).expand_as(x)  # noqa: E731
+    x_0 = x_T(dtype=torch.float64)
+    for seq in (timesteps(1000, 4), timesteps(1000, 20, "quadratic"), torch.tensor([7, 300, 301, 999])):
+        torch.testing.assert_close(sample(eps, encode(eps, x_0, AC, seq), AC, seq), x_0, rtol=1e-9, atol=1e-9)
+    # while with the label shifted by one step it is not: the labels matter
+    seq = timesteps(1000, 4)
+    shifted = lambda x, t: eps(x, (t + 1).clamp(max=999))  # noqa: E731
+    assert not torch.allclose(sample(eps, encode(shifted, x_0, AC, seq), AC, seq), x_0, atol=1e-3)
