@@ -84,6 +84,12 @@ def test_converted_weights_match_torchscript(tmp_path):
     assert (ours - ref).abs().max().item() < 1e-5
 
 
+def test_conversion_is_byte_deterministic(weights, tmp_path):
+    """The converted file's sha1 keys the statistics cache, so every machine must write the same bytes."""
+    again = inception_convert.convert_to_file(inception_convert.find_torchscript(), tmp_path / "again.pth")
+    assert inception_convert.sha1_of(again) == inception_convert.sha1_of(weights)
+
+
 def test_torchscript_sha1_checked(tmp_path):
     bad = tmp_path / "default_1.pt"
     bad.write_bytes(b"not the network")
