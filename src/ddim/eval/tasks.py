@@ -166,7 +166,8 @@ def generate(eps_model: nn.Module, alphas_cumprod: torch.Tensor, seq: torch.Tens
             idx = torch.cat([p[0] for p in preds]) if preds else torch.empty(0, dtype=torch.long)
             imgs = torch.cat([p[1] for p in preds]) if preds else torch.empty(0, *shape, dtype=torch.uint8)
             shard_dir.mkdir(parents=True, exist_ok=True)
-            torch.save({"index": idx, "images": imgs}, shard_dir / f"rank{trainer.global_rank:04d}.pt")
+            name = f"rank{trainer.global_rank:04d}-of-{trainer.world_size:04d}.pt"
+            torch.save({"index": idx, "images": imgs}, shard_dir / name)
 
     kw = {"accelerator": "auto", "devices": 1, "logger": False, "enable_checkpointing": False,
           "enable_model_summary": False, "enable_progress_bar": False}
@@ -180,10 +181,13 @@ def generate(eps_model: nn.Module, alphas_cumprod: torch.Tensor, seq: torch.Tens
         return None
     out = torch.empty((n, *shape), dtype=torch.uint8)
     seen = torch.zeros(n, dtype=torch.bool)
-    for p in sorted(shard_dir.glob("rank*.pt")):
+    shards = [shard_dir / f"rank{r:04d}-of-{trainer.world_size:04d}.pt" for r in range(trainer.world_size)]
+    for p in shards:  # exactly this run's world size: a stale shard of another run is never merged
         d = torch.load(p, weights_only=True)
         out[d["index"]] = d["images"]
         seen[d["index"]] = True
+    for p in shards:
+        p.unlink()
     if not bool(seen.all()):
         raise RuntimeError(f"sampling shards in {shard_dir} miss {int((~seen).sum())} of {n} indices")
     return out
