@@ -211,6 +211,32 @@ def test_no_model_given(monkeypatch, tmp_path):
         run_evaluate(monkeypatch, tmp_path, "task=samples")
 
 
+
+def test_official_checkpoint_missing(monkeypatch, tmp_path):
+    with pytest.raises(FileNotFoundError, match="official checkpoint not found: official_path=/nonexistent"):
+        run_evaluate(monkeypatch, tmp_path, "official=cifar10", "official_path=/nonexistent/cifar10.ckpt", "task=samples")
+
+
+def test_solver_kind_dispatches_to_solvers(monkeypatch, tmp_path, tiny_ckpt):
+    from ddim.diffusion import timesteps
+    from ddim.diffusion.solvers import solve
+    from ddim.eval.tasks import latents_and_noise, to_uint8
+    from ddim.lit import load_for_sampling
+
+    with pytest.raises(ValueError, match="deterministic ODE solver; it needs sampler.eta=0"):
+        run_evaluate(monkeypatch, tmp_path, f"ckpt_path={tiny_ckpt}", "task=samples", "sampler.kind=heun",
+                     "sampler.eta=0.5")
+    out = tmp_path / "heun"
+    run_evaluate(monkeypatch, tmp_path, f"ckpt_path={tiny_ckpt}", "task=samples", "sampler.kind=heun",
+                 "sampler.steps=3", "samples.num_samples=3", "samples.save_npz=true", f"output_dir={out}")
+    got = np.load(out / "samples.npz")["arr_0"]
+    eps, ac, _ = load_for_sampling(tiny_ckpt)
+    x_T, _ = latents_and_noise(range(3), (1, 8, 8), 0, seed=0)
+    with torch.no_grad():
+        want = to_uint8(solve("heun", eps, x_T, ac, timesteps(1000, 3, kind="linear"))).permute(0, 2, 3, 1).numpy()
+    np.testing.assert_array_equal(got, want)
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not os.environ.get("DDIM_DDP_TEST"), reason="spawns 2 DDP processes (~30-80 s on 2 cores); "
                     "run with DDIM_DDP_TEST=1")
