@@ -76,7 +76,7 @@ def _task_params(cfg: DictConfig, task: str) -> dict:
     section = cfg.get(task)
     p = OmegaConf.to_container(section, resolve=True) if section is not None else {}
     # settings that change only speed or where files go do not change the result
-    for k in ("batch_size", "device", "cache_dir", "weights_path", "save_npz", "nrow", "ref_batch_size"):
+    for k in ("batch_size", "device", "cache_dir", "weights_path", "save_npz", "save_grid", "nrow"):
         p.pop(k, None)
     return p
 
@@ -116,8 +116,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                                    f"-{data['image_size']}",
            "model": _model_id(cfg), "seed": int(cfg.seed), "params": _task_params(cfg, task),
            "sampler": {"kind": cfg.sampler.kind, "eta": eta, "steps": steps, "trajectory": trajectory}}
-    if task == "reconstruction":
-        key["sampler"]["eta"] = 0.0  # encode/decode is the deterministic DDIM ODE whatever η says
+    if task in ("reconstruction", "interpolation", "consistency"):
+        key["sampler"]["eta"] = 0.0  # these decode with the deterministic DDIM (η = 0) whatever η says
     path = rec.record_path(cfg.records_dir, key)
     if cfg.get("skip_done", True):
         done = rec.load_record(path)
@@ -157,7 +157,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                              device=_device(cfg.fid.get("device")), batch_size=int(cfg.fid.batch_size))
             metric = {"fid": float(res["fid"])}
             outputs["fid_details"] = {k: v for k, v in res.items() if isinstance(v, (int, float, str))}
-            if cfg.fid.get("save_npz"):
+            if cfg.fid.get("save_grid"):
                 outputs.update(T.samples_task(images[:64], out_dir=out_dir, save_npz=False))
         else:
             outputs.update(T.samples_task(images, out_dir=out_dir, nrow=cfg.samples.get("nrow"),
