@@ -1,0 +1,141 @@
+"""CPU smoke tests of the fast paths (ddim.perf) and of the benchmarks in bench/ at tiny sizes."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from ddim import perf
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _unet(**kw):
+    from ddim.models import UNet
+
+    cfg = dict(ch=32, out_ch=3, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), dropout=0.0,
+               in_channels=3, resolution=16, resamp_with_conv=True)
+    cfg.update(kw)
+    return UNet(**cfg)
+
+
+def test_count_flops_of_a_convolution():
+    conv = nn.Conv2d(3, 8, 3, padding=1)
+    x = torch.randn(2, 3, 5, 5)
+    # 2 FLOPs (multiply + add) per weight per output pixel per image
+    assert perf.count_flops(lambda: conv(x)) == 2 * 3 * 8 * 9 * 25 * 2
+
+
+def test_prepare_for_inference_matches_fp32_and_leaves_model_alone():
+    torch.manual_seed(0)
+    model = _unet().eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x, t = torch.randn(3, 3, 16, 16), torch.tensor([0, 500, 999])
+    with torch.no_grad():
+        ref = model(x, t)
+        exact = perf.prepare_for_inference(model, dtype="fp32", compile=False)(x, t)
+        fast = perf.prepare_for_inference(model, dtype="bf16", backend="eager")(x, t)
+    assert torch.allclose(exact, ref, atol=1e-5, rtol=1e-5)  # channels_last alone changes nothing
+    assert fast.dtype == torch.float32 and fast.shape == ref.shape
+    rel = ((fast - ref).norm() / ref.norm()).item()
+    assert 0 < rel < 3e-2, rel  # bf16 operands: visibly rounded, still close
+    for k, v in model.state_dict().items():
+        assert v.dtype == before[k].dtype and torch.equal(v, before[k])
+    assert next(model.parameters()).is_contiguous()
+
+
+def test_prepare_for_inference_rejects_unknown_dtype():
+    with pytest.raises(ValueError, match="int8"):
+        perf.prepare_for_inference(nn.Linear(2, 2), dtype="int8")
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_train_step_learns_and_keeps_ema(fast):
+    from ddim.diffusion import alphas_cumprod, beta_schedule
+
+    torch.manual_seed(0)
+    model = _unet(ch=16, attn_resolutions=())
+    ac = alphas_cumprod(beta_schedule("linear", T=1000))
+    step = perf.DiffusionTrainStep(model, ac, lr=2e-3, ema_decay=0.5, fast=fast, backend="eager")
+    ema0 = [p.clone() for p in step.ema_params]
+    x0 = torch.rand(8, 3, 16, 16) * 2 - 1
+    torch.manual_seed(1)
+    first = torch.stack([step(x0) for _ in range(3)]).mean().item()
+    p1 = [p.detach().clone() for p in step.params]
+    for _ in range(25):
+        step(x0)
+    last = torch.stack([step(x0) for _ in range(3)]).mean().item()
+    assert last < first, (first, last)
+    # EMA follows the weights: not frozen at init, and between init and the current weights' scale
+    moved = sum((e - e0).abs().sum().item() for e, e0 in zip(step.ema_params, ema0))
+    assert moved > 0
+    assert any(not torch.equal(p, q) for p, q in zip(p1, step.params))
+
+
+def test_train_step_ema_is_the_official_update():
+    from ddim.diffusion import alphas_cumprod, beta_schedule
+
+    torch.manual_seed(0)
+    model = _unet(ch=16, attn_resolutions=())
+    step = perf.DiffusionTrainStep(model, alphas_cumprod(beta_schedule("linear")), ema_decay=0.9, fast=True,
+                                   compile=False)
+    ema0 = [p.clone() for p in step.ema_params]
+    step(torch.rand(4, 3, 16, 16) * 2 - 1)
+    for e, e0, p in zip(step.ema_params, ema0, step.params):
+        assert torch.allclose(e, 0.9 * e0 + 0.1 * p.detach(), atol=1e-6)
+
+
+def test_train_step_rejects_bad_settings():
+    from ddim.diffusion import alphas_cumprod, beta_schedule
+
+    ac = alphas_cumprod(beta_schedule("linear"))
+    with pytest.raises(ValueError, match="ema_decay"):
+        perf.DiffusionTrainStep(_unet(), ac, ema_decay=1.5)
+    with pytest.raises(ValueError, match="grad_clip"):
+        perf.DiffusionTrainStep(_unet(), ac, grad_clip=0.0)
+
+
+def _run_bench(script, tmp_path, *args):
+    out = tmp_path / f"{script}.json"
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", WANDB_MODE="offline")
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / f"{script}.py"), "--tiny", "--device", "cpu",
+                           "--backend", "eager", "--json", str(out), *args],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(out.read_text()), proc.stdout
+
+
+def test_sampling_benchmark_tiny_cpu(tmp_path):
+    rec, stdout = _run_bench("sampling", tmp_path, "--variants", "fp32,fast", "--repeats", "1")
+    assert [r["variant"] for r in rec["rows"]] == ["fp32", "fast"]
+    assert rec["nfe"] == 3 and rec["batch"] == 4
+    assert rec["gflop_per_forward"] > 0
+    for r in rec["rows"]:
+        assert r["images_per_s"] > 0 and r["nonfinite"] == 0
+        # TFLOP/s is the counted work over the measured time
+        assert r["tflops"] == pytest.approx(rec["gflop_per_forward"] * 4 * 3 / r["seconds_median"] / 1e3)
+    fast = rec["rows"][1]
+    assert 0 < fast["diff_mean"] <= fast["diff_max"] <= 2.0
+    assert "images/s" in stdout and "fast" in stdout
+
+
+def test_training_benchmark_tiny_cpu(tmp_path):
+    rec, stdout = _run_bench("training", tmp_path, "--variants", "fp32,fast", "--windows", "1")
+    assert [r["variant"] for r in rec["rows"]] == ["fp32", "fast"]
+    for r in rec["rows"]:
+        assert r["it_per_s"] > 0 and r["loss_finite"]
+        assert r["sync_free"] is None  # only checked on CUDA
+    assert rec["gflop_per_step_per_image"] > 0
+    assert "it/s" in stdout
+
+
+def test_benchmarks_reject_unknown_variant(tmp_path):
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "sampling.py"), "--tiny", "--variants", "turbo"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "turbo" in proc.stderr
