@@ -162,7 +162,7 @@ def evaluate(args) -> None:
     x_T = torch.randn(args.samples, 3, res, res, generator=gen).to(device)
     etas = [e if e == "hat" else float(e) for e in args.etas.split(",")]
     steps = [int(s) for s in args.steps.split(",")]
-    record = dict(command=" ".join(sys.argv), samples=args.samples, train_steps=ck["steps"],
+    record = dict(command=" ".join(sys.argv), samples=args.samples, reference_images=int(ref.shape[0]), train_steps=ck["steps"],
                   train_seconds=ck["train_seconds"], machine=perf.device_info(device), table1=[], table2=[])
 
     # Table 1
@@ -237,7 +237,7 @@ def evaluate(args) -> None:
 def write_markdown(record: dict, etas, steps, path: Path) -> None:
     t1 = {(c["eta"], c["S"]): c["fid"] for c in record["table1"]}
     name = {"0.0": "η = 0 (DDIM)", "1.0": "η = 1", "hat": "σ̂"}
-    lines = [f"Table 1: FID ({record['samples']} samples vs the 50,000 training images), model trained "
+    lines = [f"Table 1: FID ({record['samples']} samples vs the {record['reference_images']:,} training images), model trained "
              f"{record['train_steps']} steps ({record['train_seconds'] / 60:.1f} min) on {record['machine'].get('gpu')}",
              "", "| | " + " | ".join(f"S = {s}" for s in steps) + " |", "| --- |" + " --- |" * len(steps)]
     for eta in etas:
