@@ -148,6 +148,7 @@ def evaluate(args) -> None:
     import matplotlib.pyplot as plt
     from torchvision.utils import save_image
 
+    t_eval = time.time()
     device = torch.device(args.device)
     torch.backends.cudnn.benchmark = True
     out = Path(args.out)
@@ -165,6 +166,10 @@ def evaluate(args) -> None:
     record = dict(command=" ".join(sys.argv), samples=args.samples, reference_images=int(ref.shape[0]), train_steps=ck["steps"],
                   train_seconds=ck["train_seconds"], machine=perf.device_info(device), table1=[], table2=[])
 
+    def save() -> None:  # after every cell: a run cut short keeps what it finished
+        json.dump(record, open(out / "results.json", "w"), indent=1)
+        write_markdown(record, etas, steps, out / "tables.md")
+
     # Table 1
     grids = {}
     for eta in etas:
@@ -177,6 +182,7 @@ def evaluate(args) -> None:
             cell = dict(eta=str(eta), S=S, fid=fid, sample_seconds=gen_s, fid_seconds=time.time() - t0)
             record["table1"].append(cell)
             log(f"eta={eta} S={S}: FID {fid} (sampling {gen_s:.1f}s)")
+            save()
             if S == max(steps) or S == min(steps):
                 grids[(str(eta), S)] = imgs[:64]
     for (eta, S), g in grids.items():
@@ -197,10 +203,11 @@ def evaluate(args) -> None:
                                   u8_p99_abs_diff=torch.quantile(d.flatten()[: 2**24], 0.99).item(),
                                   u8_changed=(d > 0).float().mean().item())
         log(f"numerics: {record['numerics']}")
+        save()
 
     # Table 2: x_0 -> x_T (eta = 0) -> x_0 on test images
     x_test = to_model(load_split(args.data, "test", args.recon)).to(device)
-    for S in steps:
+    for S in [int(s) for s in args.recon_steps.split(",")]:
         ts = timesteps(len(ac), S, args.trajectory)
         t0 = time.time()
         errs = []
@@ -213,6 +220,7 @@ def evaluate(args) -> None:
         mse = torch.cat(errs).mean().item()
         record["table2"].append(dict(S=S, mse=mse, images=x_test.shape[0], seconds=time.time() - t0))
         log(f"reconstruction S={S}: per-dim MSE {mse:.5f}")
+        save()
 
     # outputs
     if not args.no_fid:
@@ -229,8 +237,8 @@ def evaluate(args) -> None:
         ax.legend()
         fig.tight_layout()
         fig.savefig(out / "fid_vs_S.png", dpi=120)
-    json.dump(record, open(out / "results.json", "w"), indent=1)
-    write_markdown(record, etas, steps, out / "tables.md")
+    record["eval_seconds"] = time.time() - t_eval
+    save()
     print((out / "tables.md").read_text())
 
 
@@ -281,6 +289,7 @@ def parse(argv=None):
     p.add_argument("--steps", default="10,20,50,100")
     p.add_argument("--trajectory", default="quadratic", choices=["linear", "quadratic"],
                    help="timestep sub-sequence tau; the paper used quadratic for CIFAR-10")
+    p.add_argument("--recon-steps", default="10,20,50,100,200", help="S values of Table 2 (the paper: up to 1000)")
     p.add_argument("--recon", type=int, default=1000, help="test images for Table 2")
     p.add_argument("--fp32-check", action="store_true")
     p.add_argument("--no-fid", action="store_true")

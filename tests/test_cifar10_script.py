@@ -1,0 +1,60 @@
+"""scripts/cifar10_gpu.py (the one-GPU CIFAR-10 train + Table 1/2 run) end to end on CPU, tiny sizes.
+
+The pack is generated here in the format of ../shared/data/cifar10_jpeg_q75.npz (JPEG scans + offsets).
+"""
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def make_pack(path: Path, n_train: int = 24, n_test: int = 8) -> None:
+    rng = np.random.default_rng(0)
+    arrays = {"jpeg_header": np.zeros(0, np.uint8), "classes": np.array(["a", "b"])}
+    for split, n in (("train", n_train), ("test", n_test)):
+        blobs = []
+        for _ in range(n):
+            buf = io.BytesIO()
+            Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(buf, "JPEG", quality=75)
+            blobs.append(np.frombuffer(buf.getvalue(), np.uint8))
+        arrays[f"{split}_scans"] = np.concatenate(blobs)
+        arrays[f"{split}_offsets"] = np.cumsum([0] + [len(b) for b in blobs])
+    np.savez(path, **arrays)
+
+
+def run(*args: str) -> str:
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "cifar10_gpu.py"), *args], cwd=ROOT,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    return r.stdout
+
+
+@pytest.mark.slow
+def test_train_then_eval_writes_tables_plot_and_grids(tmp_path: Path) -> None:
+    pack, out = tmp_path / "pack.npz", tmp_path / "run"
+    make_pack(pack)
+    run("train", "--tiny", "--no-fast", "--device", "cpu", "--data", str(pack), "--out", str(out),
+        "--batch", "8", "--max-steps", "3", "--log-every", "1", "--minutes", "5")
+    train = json.loads((out / "train.json").read_text())
+    assert train["steps"] == 3 and (out / "ckpt.pt").is_file()
+
+    stdout = run("eval", "--no-fast", "--no-fid", "--device", "cpu", "--data", str(pack), "--out", str(out),
+                 "--samples", "8", "--batch", "4", "--etas", "0,hat", "--steps", "2,4", "--recon", "4",
+                 "--recon-steps", "2,4")
+    res = json.loads((out / "results.json").read_text())
+    assert [(c["eta"], c["S"]) for c in res["table1"]] == [("0.0", 2), ("0.0", 4), ("hat", 2), ("hat", 4)]
+    assert [c["S"] for c in res["table2"]] == [2, 4]
+    assert all(0.0 < c["mse"] < 1.0 and c["images"] == 4 for c in res["table2"])
+    assert res["reference_images"] == 24 and res["train_steps"] == 3 and res["eval_seconds"] > 0
+    assert "Table 2" in stdout and (out / "tables.md").read_text().count("|") > 10
+    for name in ("samples_eta0.0_S4.png", "samples_eta0.0_S2.png"):
+        assert Image.open(out / name).size[0] > 32
