@@ -141,3 +141,25 @@ def test_benchmarks_reject_unknown_variant(tmp_path):
     proc = subprocess.run([sys.executable, str(REPO / "bench" / "sampling.py"), "--tiny", "--variants", "turbo"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "turbo" in proc.stderr
+
+
+def test_ddp_benchmark_two_processes_tiny_cpu(tmp_path):
+    """bench/ddp.py on 1 and 2 gloo processes: ranks end with the same weights, sharded sampling gives
+    exactly the images of one process, throughput figures are reported."""
+    out = tmp_path / "ddp.json"
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "ddp.py"), "--world", "1,2", "--tiny", "--device", "cpu",
+                           "--samples", "6", "--json", str(out)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rec = json.loads(out.read_text())
+    assert [r["world"] for r in rec["rows"]] == [1, 2]
+    for r in rec["rows"]:
+        assert r["weights_agree"] and r["same_images_as_first"] and r["max_u8_diff_to_first"] == 0
+        assert r["train_images_per_s"] > 0 and r["sample_images_per_s"] > 0
+    assert rec["rows"][0]["train_scaling"] == pytest.approx(1.0)
+    assert "same images" in proc.stdout
+
+
+def test_ddp_benchmark_rejects_bad_world(tmp_path):
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "ddp.py"), "--world", "1,x", "--tiny", "--device", "cpu"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "'1,x'" in proc.stderr
