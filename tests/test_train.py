@@ -129,3 +129,29 @@ def test_train_py_entry_point_prints_run_dir_and_grid(tmp_path):
     assert (tmp_path / "run" / "samples" / "last.png").is_file()
     assert (tmp_path / "run" / "csv" / "version_0" / "metrics.csv").is_file()  # loss, grad norm, lr
     assert (tmp_path / "run" / ".hydra" / "config.yaml").is_file()
+
+
+def test_sample_grid_clip_denoised_keeps_previews_in_range():
+    """An ε-model that predicts ε = -3 x pushes x_0 predictions far outside [-1, 1]: the preview with
+    clip_denoised differs from the unclipped one and equals sample(..., clip_denoised=True)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from ddim.callbacks import SampleGrid
+    from ddim.diffusion import alphas_cumprod, beta_schedule, sample, timesteps
+
+    class Eps(torch.nn.Module):
+        def forward(self, x, t):
+            return -3.0 * x
+
+    ac = alphas_cumprod(beta_schedule("linear", T=1000))
+    module = SimpleNamespace(ema_model=Eps(), model=Eps(), alphas_cumprod=ac, num_timesteps=1000,
+                             device=torch.device("cpu"),
+                             hparams=SimpleNamespace(data={"channels": 1, "image_size": 4}))
+    clipped = SampleGrid("unused", num_samples=4, steps=5, seed=0, clip_denoised=True).sample(module)
+    raw = SampleGrid("unused", num_samples=4, steps=5, seed=0, clip_denoised=False).sample(module)
+    x_T = torch.randn((4, 1, 4, 4), generator=torch.Generator().manual_seed(0))
+    expect = sample(Eps(), x_T, ac, timesteps(1000, 5), clip_denoised=True).clamp(-1, 1)
+    assert torch.allclose(clipped, expect)
+    assert not torch.allclose(clipped, raw)

@@ -12,11 +12,15 @@ from lightning.pytorch.utilities import rank_zero_only
 class SampleGrid(L.Callback):
     """Every ``every_n_steps`` and at the end of training: DDIM (η=0, ``steps`` steps) samples of the EMA
     model from the same noise, saved as ``<dirpath>/step_XXXXXXX.png`` and ``<dirpath>/last.png`` and sent
-    to the logger (W&B image / TensorBoard image).  The fixed noise makes grids of one run comparable."""
+    to the logger (W&B image / TensorBoard image).  The fixed noise makes grids of one run comparable.
+
+    clip_denoised clamps each step's x_0 prediction to [-1, 1] (diffusers' ``clip_sample``): early in training
+    a few latents otherwise decode to blank or saturated images.  It only affects these preview grids;
+    evaluate.py samples without clipping, as the official code does for the paper's tables."""
 
     def __init__(self, dirpath: str, every_n_steps: int = 1000, num_samples: int = 64, steps: int = 50,
                  eta: float = 0.0, seed: int = 1234, nrow: int | None = None, use_ema: bool = True,
-                 display_size: int | None = None):
+                 display_size: int | None = None, clip_denoised: bool = True):
         super().__init__()
         self.dirpath = Path(dirpath)
         self.every_n_steps = int(every_n_steps)
@@ -27,6 +31,7 @@ class SampleGrid(L.Callback):
         self.nrow = nrow
         self.use_ema = use_ema
         self.display_size = display_size  # viewing only: nearest upscaling (None: images under 32 px go to 32)
+        self.clip_denoised = bool(clip_denoised)
         self.last_path: Path | None = None
 
     def _noise(self, pl_module: L.LightningModule) -> torch.Tensor:
@@ -45,7 +50,8 @@ class SampleGrid(L.Callback):
         model.eval()
         try:
             seq = timesteps(pl_module.num_timesteps, self.steps)
-            x = sample(model, self._noise(pl_module), pl_module.alphas_cumprod, seq.to(pl_module.device), eta=self.eta)
+            x = sample(model, self._noise(pl_module), pl_module.alphas_cumprod, seq.to(pl_module.device), eta=self.eta,
+                       clip_denoised=self.clip_denoised)
         finally:
             model.train(was_training)
         return x.float().clamp(-1, 1)
