@@ -42,6 +42,10 @@ VARIANTS: dict[str, dict | None] = {
     "fast": dict(dtype="bf16", channels_last=True, compile=True),
     "fast-max": dict(dtype="bf16", channels_last=True, compile=True, compile_mode="max-autotune-no-cudagraphs"),
     "fp16": dict(dtype="fp16", channels_last=True, compile=True),
+    # weights cast to bf16 once (no per-call autocast casts; GroupNorm/softmax then run in bf16 too)
+    "fast-pure": dict(dtype="bf16", autocast=False, channels_last=True, compile=True),
+    # CUDA graphs around each forward (removes launch gaps; matters at small batches)
+    "fast-graphs": dict(dtype="bf16", channels_last=True, compile=True, compile_mode="reduce-overhead"),
 }
 LEVEL = 2.0 / 255.0  # one 8-bit level in [-1, 1] units
 

@@ -163,3 +163,11 @@ def test_ddp_benchmark_rejects_bad_world(tmp_path):
     proc = subprocess.run([sys.executable, str(REPO / "bench" / "ddp.py"), "--world", "1,x", "--tiny", "--device", "cpu"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "'1,x'" in proc.stderr
+
+
+def test_sampling_benchmark_pure_bf16_variant_runs_within_tolerance(tmp_path):
+    """fast-pure casts the weights themselves to bf16 (no autocast): it must run and stay close to fp32."""
+    rec, _ = _run_bench("sampling", tmp_path, "--variants", "fp32,fast-pure", "--repeats", "1")
+    pure = rec["rows"][1]
+    assert "error" not in pure, pure.get("error")
+    assert pure["images_per_s"] > 0 and pure["nonfinite"] == 0 and 0 < pure["diff_mean"] <= pure["diff_max"]

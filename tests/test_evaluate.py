@@ -98,7 +98,10 @@ def test_fid_task_writes_record_and_rerun_skips(monkeypatch, tmp_path, tiny_ckpt
             "sampler.batch_size=5")
     run_evaluate(monkeypatch, tmp_path, *args)
     (rec,) = records(tmp_path)
+    from ddim.diffusion import timesteps
+
     assert rec["task"] == "fid" and rec["num_samples"] == 12
+    assert rec["nfe"] == len(timesteps(1000, 3)) == 4  # range(0, 1000, 333): the official rule gives 4 steps
     assert np.isfinite(rec["metric"]["fid"]) and rec["metric"]["fid"] > 0  # random model vs digits
     assert rec["key"]["sampler"] == {"kind": "ddim", "eta": 0.0, "steps": 3, "trajectory": "linear"}
     assert rec["key"]["dataset"] == "digits-8" and rec["wall_time_s"] >= 0 and "host" in rec["device"]
@@ -148,6 +151,7 @@ def test_reconstruction_mse(monkeypatch, tmp_path, tiny_ckpt):
                  "reconstruction.num_images=6")
     (rec,) = records(tmp_path)
     assert rec["num_samples"] == 6 and rec["key"]["sampler"]["eta"] == 0.0
+    assert rec["nfe"] == 10  # range(0, 1000, 200): 5 steps to encode + 5 to decode
     mse = rec["metric"]["mse"]
     assert 0 < mse < 1
 
@@ -235,6 +239,8 @@ def test_solver_kind_dispatches_to_solvers(monkeypatch, tmp_path, tiny_ckpt):
     with torch.no_grad():
         want = to_uint8(solve("heun", eps, x_T, ac, timesteps(1000, 3, kind="linear"))).permute(0, 2, 3, 1).numpy()
     np.testing.assert_array_equal(got, want)
+    (rec,) = records(tmp_path)
+    assert rec["nfe"] == 2 * len(timesteps(1000, 3, kind="linear")) - 1  # Heun: 2 S - 1 on the real S
 
 
 @pytest.mark.slow

@@ -230,3 +230,25 @@ def test_bf16_autocast_forward():
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out = model(x.to(memory_format=torch.channels_last), t)
     assert out.shape == ref.shape and (out.float() - ref).abs().max() < 0.1 * ref.abs().max()
+
+
+def test_unet_cast_to_bf16_keeps_exact_timestep_phases_and_runs():
+    """A model cast with .to(bfloat16) (the 'pure' low-precision path of ddim.perf) still computes the
+    sinusoidal embedding from float32 frequencies (bf16 phases would be off by radians at t ~ 1000) and
+    its forward accepts bf16 inputs."""
+    from ddim.models import UNet
+
+    torch.manual_seed(0)
+    model = UNet(ch=32, out_ch=3, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), dropout=0.0,
+                 in_channels=3, resolution=16, resamp_with_conv=True).eval()
+    t = torch.tensor([0, 1, 500, 999])
+    emb32 = model.timestep_embedding(t)
+    x = torch.randn(4, 3, 16, 16)
+    with torch.no_grad():
+        ref = model(x, t)
+        low = model.to(torch.bfloat16)
+        assert low.temb_freqs.dtype == torch.bfloat16  # the cast did touch the buffer ...
+        assert torch.equal(low.timestep_embedding(t), emb32)  # ... but not the phases
+        out = low(x.to(torch.bfloat16), t)
+    assert out.dtype == torch.bfloat16
+    assert (out.float() - ref).abs().mean() < 0.05 * ref.abs().mean()

@@ -180,15 +180,25 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                                  device=device, batch_size=bs, kind=cfg.sampler.kind)
         metric, num, outputs = {}, res["num_images"], {"grid": res["grid"]}
     wall = time.time() - t0
+    from ddim.diffusion.solvers import nfe as solver_nfe
 
-    record = {"task": task, "key": key, "metric": metric, "num_samples": num, "wall_time_s": round(wall, 3),
+    # network evaluations per image: the decode (after the trajectory's repeat removal); reconstruction also
+    # spends len(seq) on the encode, consistency one decode per S in its list
+    if task == "reconstruction":
+        nfe = 2 * len(seq)
+    elif task == "consistency":
+        nfe = sum(solver_nfe(cfg.sampler.kind, len(T.make_timesteps(n_T, int(S), trajectory))) for S in cfg.consistency.steps)
+    else:
+        nfe = solver_nfe(cfg.sampler.kind, len(seq))
+
+    record = {"task": task, "key": key, "metric": metric, "nfe": nfe, "num_samples": num, "wall_time_s": round(wall, 3),
               "device": _device_info(), "outputs": outputs, "output_dir": str(out_dir),
               "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
               "config": OmegaConf.to_container(cfg, resolve=True)}
     rec.write_record(path, record)
     record["record_path"] = str(path)
     _log(cfg, record)
-    print(f"{task}: {metric or outputs} ({num} samples, {wall:.1f}s) -> {path}")
+    print(f"{task}: {metric or outputs} ({num} samples, NFE {nfe}, {wall:.1f}s) -> {path}")
     return record
 
 

@@ -188,7 +188,10 @@ class UNet(nn.Module):
 
     def timestep_embedding(self, t: torch.Tensor) -> torch.Tensor:
         """Official sinusoidal embedding: [sin(t f), cos(t f)] in float32, zero-padded if ch is odd."""
-        arg = t.float()[:, None] * self.temb_freqs[None, :]
+        freqs = self.temb_freqs
+        if freqs.dtype != torch.float32:  # the model was cast (e.g. .to(bfloat16)): keep the phases exact
+            freqs = timestep_embedding_frequencies(self.ch).to(t.device)
+        arg = t.float()[:, None] * freqs[None, :]
         emb = torch.cat([torch.sin(arg), torch.cos(arg)], dim=1)
         if self.ch % 2:
             emb = F.pad(emb, (0, 1))
@@ -197,7 +200,8 @@ class UNet(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if t.ndim == 0:
             t = t.expand(x.shape[0])
-        temb = self.temb.dense[1](F.silu(self.temb.dense[0](self.timestep_embedding(t))))
+        emb = self.timestep_embedding(t).to(self.temb.dense[0].weight.dtype)  # no-op unless the weights were cast
+        temb = self.temb.dense[1](F.silu(self.temb.dense[0](emb)))
         temb = F.silu(temb)  # every ResnetBlock applies swish before temb_proj; do it once
 
         hs = [self.conv_in(x)]
