@@ -15,7 +15,6 @@ For every world size W (one process per GPU, NCCL; gloo on CPU):
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import socket
 import sys
@@ -195,9 +194,7 @@ def main(argv=None) -> dict:
                                    ("sample_images_per_s", "sample img/s", ".0f"), ("sample_scaling", "x", ".2f"),
                                    ("same_images_as_first", "same images", ""), ("weights_agree", "ranks agree", ""),
                                    ("train_peak_gib", "train GiB", ".2f")]))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(record, f, indent=1)
+    perf.write_json(record, args.json)
     return record
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import statistics
 import sys
 import time
@@ -192,9 +191,7 @@ def _report(args, argv, rows, flops_fwd, nfe, n_params, peak, flags, model_info,
                                    ("u8_changed", "u8 px changed", ".2%"), ("within_tol", "within tol", "")]))
     print(f"tolerance vs {rows[0]['variant']}: mean |d| <= {args.tol_mean:.4f}, p99 |d| <= {args.tol_p99:.4f} "
           f"([-1,1] units; one 8-bit level = {LEVEL:.4f})")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(record, f, indent=1)
+    perf.write_json(record, args.json)
     return record
 
 

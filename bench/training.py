@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
-import json
 import statistics
 import sys
 import time
@@ -151,9 +150,7 @@ def main(argv=None) -> dict:
                                    ("tflops", "TFLOP/s", ".1f"), ("share_of_peak", "of peak", ".1%"),
                                    ("peak_mem_gib", "peak GiB", ".2f"), ("warmup_s", "warm-up s", ".1f"),
                                    ("sync_free", "no host sync", ""), ("loss", "loss", ".1f")]))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(record, f, indent=1)
+    perf.write_json(record, args.json)
     return record
 
 

@@ -273,6 +273,15 @@ def device_info(device: torch.device | str) -> dict:
     return info
 
 
+def write_json(record: dict, path: str | None) -> None:
+    """Write a benchmark record (no-op without a path), so figures can be compared across runs."""
+    if path:
+        import json
+
+        with open(path, "w") as f:
+            json.dump(record, f, indent=1)
+
+
 def format_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
     """Markdown table; columns are (key, header, format spec); missing values print as '-'."""
     head = "| " + " | ".join(h for _, h, _ in columns) + " |"
