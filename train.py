@@ -15,8 +15,13 @@ from omegaconf import DictConfig, OmegaConf
 
 def run(cfg: DictConfig) -> dict:
     """Build data, module, trainer from ``cfg`` and fit; returns where things were written."""
+    import warnings
+
     import lightning as L
     from hydra.utils import instantiate
+
+    # the EMA copy is in eval mode on purpose (it never trains): not worth a warning on every run
+    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
 
     from ddim.data import DiffusionDataModule
     from ddim.lit import DiffusionModule

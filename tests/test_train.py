@@ -155,3 +155,22 @@ def test_sample_grid_clip_denoised_keeps_previews_in_range():
     expect = sample(Eps(), x_T, ac, timesteps(1000, 5), clip_denoised=True).clamp(-1, 1)
     assert torch.allclose(clipped, expect)
     assert not torch.allclose(clipped, raw)
+
+
+def test_lit_update_ema_is_the_official_rule():
+    """DiffusionModule.update_ema: ema <- d ema + (1 - d) param (the official EMAHelper), buffers copied."""
+    import torch
+
+    from ddim.lit import DiffusionModule
+
+    model = dict(ch=32, out_ch=1, ch_mult=[1, 2], num_res_blocks=1, attn_resolutions=[4], dropout=0.0,
+                 in_channels=1, resolution=8, resamp_with_conv=True)
+    m = DiffusionModule(model=model, diffusion={"beta_schedule": "linear", "num_diffusion_timesteps": 100},
+                        optim={"ema_decay": 0.9})
+    before = [p.detach().clone() for p in m.ema_model.parameters()]
+    with torch.no_grad():
+        for p in m.model.parameters():
+            p.add_(torch.randn_like(p))
+    m.update_ema()
+    for e, old, p in zip(m.ema_model.parameters(), before, m.model.parameters()):
+        torch.testing.assert_close(e, 0.9 * old + 0.1 * p.detach())

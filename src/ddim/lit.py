@@ -21,6 +21,7 @@ from typing import Any
 import lightning as L
 import torch
 from torch import nn
+from torch.optim.swa_utils import get_ema_multi_avg_fn
 
 
 def _plain(d: Any) -> Any:
@@ -118,7 +119,9 @@ class DiffusionModule(L.LightningModule):
             d = min(d, (1 + n) / (10 + n))
         ema = [p for p in self.ema_model.parameters()]
         cur = [p.detach() for p in self.model.parameters()]
-        torch._foreach_lerp_(ema, cur, 1.0 - d)
+        # torch's own EMA rule (one fused _foreach_lerp_), as ddim.models.EMA; built per step because the
+        # warm-up changes d. Keeping ema_model a plain module keeps checkpoint keys ("ema_model.*") stable.
+        get_ema_multi_avg_fn(d)(ema, cur, None)
         for b_ema, b in zip(self.ema_model.buffers(), self.model.buffers()):
             b_ema.copy_(b)
 
