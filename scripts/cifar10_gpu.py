@@ -31,7 +31,7 @@ import torch
 
 from ddim import perf
 from ddim.diffusion import alphas_cumprod as make_alphas_cumprod
-from ddim.diffusion import beta_schedule, encode, sample, timesteps
+from ddim.diffusion import SOLVERS, beta_schedule, encode, sample, solve, steps_for_nfe_on, timesteps
 from ddim.models import UNet
 
 CIFAR10 = dict(ch=128, out_ch=3, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(16,),
@@ -131,13 +131,16 @@ def fid_of(images_u8: torch.Tensor, ref_u8: torch.Tensor, args) -> float | None:
     return float(res["fid"] if isinstance(res, dict) else res)
 
 
-def generate(eps, x_T: torch.Tensor, ac, S: int, eta, batch: int, seed: int, trajectory: str) -> torch.Tensor:
+def generate(eps, x_T: torch.Tensor, ac, S: int, eta, batch: int, seed: int, trajectory: str,
+             kind: str = "ddim") -> torch.Tensor:
     ts = timesteps(len(ac), S, trajectory)
     outs = []
     gen = torch.Generator(device=x_T.device).manual_seed(seed)
     with torch.no_grad():
         for i in range(0, x_T.shape[0], batch):
-            outs.append(to_u8(sample(eps, x_T[i:i + batch], ac, ts, eta=eta, generator=gen)).cpu())
+            x = (sample(eps, x_T[i:i + batch], ac, ts, eta=eta, generator=gen) if kind == "ddim"
+                 else solve(kind, eps, x_T[i:i + batch], ac, ts))
+            outs.append(to_u8(x).cpu())
     return torch.cat(outs)
 
 
@@ -189,6 +192,24 @@ def evaluate(args) -> None:
         if (eta, S) in (("0.0", max(steps)), ("1.0", max(steps)), ("0.0", min(steps))):
             save_image(g.float() / 255, out / f"samples_eta{eta}_S{S}.png", nrow=8)
 
+    # FID against network evaluations (beyond the paper): DDIM (eta = 0) and the ODE solvers, same x_T
+    if args.nfe:
+        record["fid_vs_nfe"] = []
+        for kind in ("ddim",) + SOLVERS:
+            for budget in [int(b) for b in args.nfe.split(",")]:
+                try:
+                    S, spent = steps_for_nfe_on(kind, budget, len(ac), args.trajectory)
+                except ValueError as e:  # budget below the method's minimum: leave the cell empty
+                    log(f"{kind} NFE {budget}: skipped ({e})")
+                    continue
+                t0 = time.time()
+                imgs = generate(eps, x_T, ac, S, 0.0, args.batch, args.seed + 1, args.trajectory, kind=kind)
+                gen_s = time.time() - t0
+                fid = fid_of(imgs, ref, args)
+                record["fid_vs_nfe"].append(dict(kind=kind, budget=budget, S=S, nfe=spent, fid=fid, sample_seconds=gen_s))
+                log(f"{kind} NFE {spent} (S={S}): FID {fid} (sampling {gen_s:.1f}s)")
+                save()
+
     # numerics: bf16 fast path vs fp32 eager from the same noise, eta = 0, S = 50
     if args.fast and args.fp32_check:
         S = 50
@@ -232,14 +253,34 @@ def evaluate(args) -> None:
         ax.set_xscale("log")
         ax.set_xticks(steps, [str(s) for s in steps])
         ax.set_xlabel("S (sampling steps)")
-        ax.set_ylabel(f"FID ({args.samples // 1000}k samples vs train)")
+        ax.set_ylabel(f"FID ({args.samples:,} samples vs train)")
         ax.set_title(f"CIFAR-10 (JPEG q75), {ck['steps']} training steps")
         ax.legend()
         fig.tight_layout()
         fig.savefig(out / "fid_vs_S.png", dpi=120)
+        if record.get("fid_vs_nfe"):
+            fig, ax = plt.subplots(figsize=(5, 3.5))
+            for kind in ("ddim",) + SOLVERS:
+                pts = [(c["nfe"], c["fid"]) for c in record["fid_vs_nfe"] if c["kind"] == kind]
+                if pts:
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=NAMES.get(kind, kind))
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.set_xlabel("NFE (network evaluations per image)")
+            ax.set_ylabel(f"FID ({args.samples:,} samples vs train)")
+            nfes = sorted({c["nfe"] for c in record["fid_vs_nfe"]})
+            ax.set_xticks(nfes, [str(n) for n in nfes])
+            ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+            ax.set_title(f"CIFAR-10 (JPEG q75), {ck['steps']} steps, {args.trajectory} τ")
+            ax.legend()
+            fig.tight_layout()
+            fig.savefig(out / "fid_vs_nfe.png", dpi=120)
     record["eval_seconds"] = time.time() - t_eval
     save()
     print((out / "tables.md").read_text())
+
+
+NAMES = {"ddim": "DDIM (η = 0)", "plms": "PLMS", "dpmpp_2m": "DPM-Solver++(2M)", "heun": "Heun"}
 
 
 def write_markdown(record: dict, etas, steps, path: Path) -> None:
@@ -256,6 +297,18 @@ def write_markdown(record: dict, etas, steps, path: Path) -> None:
               "| S | " + " | ".join(str(c["S"]) for c in record["table2"]) + " |",
               "| --- |" + " --- |" * len(record["table2"]),
               "| MSE | " + " | ".join(f"{c['mse']:.5f}" for c in record["table2"]) + " |"]
+    if record.get("fid_vs_nfe"):
+        cells = record["fid_vs_nfe"]
+        budgets = sorted({c["budget"] for c in cells})
+        lines += ["", f"FID against NFE (η = 0 ODE samplers, same x_T, {record['samples']} samples); a cell reads "
+                  "FID, or FID @NFE where the trajectory spent less than the budget", "",
+                  "| sampler | " + " | ".join(f"NFE {b}" for b in budgets) + " |", "| --- |" + " --- |" * len(budgets)]
+        for kind in NAMES:
+            row = {c["budget"]: c for c in cells if c["kind"] == kind}
+            if row:
+                lines.append(f"| {NAMES[kind]} | " + " | ".join(
+                    "-" if b not in row or row[b]["fid"] is None else
+                    f"{row[b]['fid']:.2f}" + ("" if row[b]["nfe"] == b else f" @{row[b]['nfe']}") for b in budgets) + " |")
     if "numerics" in record:
         n = record["numerics"]
         lines += ["", f"Numerics (η = 0, S = {n['S']}, same x_T): bf16 fast path vs fp32 eager: mean |Δ| "
@@ -291,6 +344,7 @@ def parse(argv=None):
                    help="timestep sub-sequence tau; the paper used quadratic for CIFAR-10")
     p.add_argument("--recon-steps", default="10,20,50,100,200", help="S values of Table 2 (the paper: up to 1000)")
     p.add_argument("--recon", type=int, default=1000, help="test images for Table 2")
+    p.add_argument("--nfe", default="", help="NFE budgets for FID vs NFE of DDIM and the ODE solvers, e.g. 5,10,20,50")
     p.add_argument("--fp32-check", action="store_true")
     p.add_argument("--no-fid", action="store_true")
     p.add_argument("--weights", default=None, help="Inception weights for ddim.eval.fid")

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One GPU, about 20 minutes: train the CIFAR-10 U-Net on the JPEG CIFAR-10 copy in ../shared/data, then
 # FID on 5,000 samples for eta in {0, 1, hat} x S in {10, 20, 50, 100} (Table 1), reconstruction error
-# (Table 2), FID-vs-S plot, sample grids, and the bf16-vs-fp32 numerics check.
+# (Table 2), FID-vs-S plot, sample grids, FID against NFE for DDIM and the ODE solvers, and the bf16-vs-fp32
+# numerics check.
 #
 #   scripts/cifar10_gpu.sh OUT_DIR [DATA_NPZ] [INCEPTION_WEIGHTS]
 #
@@ -14,5 +15,5 @@ DATA=${2:-../shared/data/cifar10_jpeg_q75.npz}
 WEIGHTS=${3:-}
 export PYTHONUNBUFFERED=1
 python3 scripts/cifar10_gpu.py train --out "$OUT" --data "$DATA" --minutes "${MINUTES:-7}"
-python3 scripts/cifar10_gpu.py eval --out "$OUT" --data "$DATA" --fp32-check ${WEIGHTS:+--weights "$WEIGHTS"} \
+python3 scripts/cifar10_gpu.py eval --out "$OUT" --data "$DATA" --fp32-check --nfe 5,10,20,50 ${WEIGHTS:+--weights "$WEIGHTS"} \
     --cache "$OUT/fid_cache"

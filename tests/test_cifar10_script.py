@@ -49,12 +49,44 @@ def test_train_then_eval_writes_tables_plot_and_grids(tmp_path: Path) -> None:
 
     stdout = run("eval", "--no-fast", "--no-fid", "--device", "cpu", "--data", str(pack), "--out", str(out),
                  "--samples", "8", "--batch", "4", "--etas", "0,hat", "--steps", "2,4", "--recon", "4",
-                 "--recon-steps", "2,4")
+                 "--recon-steps", "2,4", "--nfe", "2,5")
     res = json.loads((out / "results.json").read_text())
     assert [(c["eta"], c["S"]) for c in res["table1"]] == [("0.0", 2), ("0.0", 4), ("hat", 2), ("hat", 4)]
     assert [c["S"] for c in res["table2"]] == [2, 4]
     assert all(0.0 < c["mse"] < 1.0 and c["images"] == 4 for c in res["table2"])
     assert res["reference_images"] == 24 and res["train_steps"] == 3 and res["eval_seconds"] > 0
+    # FID vs NFE: every (sampler, budget) that fits spends at most its budget; NFE 2 is below every
+    # solver's minimum (PLMS, Heun 3, DPM-Solver++(2M) 3), so only DDIM runs there
+    cells = {(c["kind"], c["budget"]): c for c in res["fid_vs_nfe"]}
+    assert set(cells) == {("ddim", 2), ("ddim", 5), ("plms", 5), ("dpmpp_2m", 5), ("heun", 5)}
+    assert all(c["nfe"] <= c["budget"] for c in cells.values())
+    assert "FID against NFE" in (out / "tables.md").read_text()
     assert "Table 2" in stdout and (out / "tables.md").read_text().count("|") > 10
     for name in ("samples_eta0.0_S4.png", "samples_eta0.0_S2.png"):
         assert Image.open(out / name).size[0] > 32
+
+
+@pytest.mark.slow
+def test_eval_reports_with_fid_plots_and_tables(tmp_path: Path, monkeypatch) -> None:
+    """The FID-dependent outputs (fid_vs_S.png, fid_vs_nfe.png, the tables' numbers) with the FID itself
+    replaced by a stand-in (the real one needs the Inception weights; ddim.eval.fid is tested elsewhere)."""
+    import importlib.util
+
+    pack, out = tmp_path / "pack.npz", tmp_path / "run"
+    make_pack(pack)
+    spec = importlib.util.spec_from_file_location("cifar10_gpu", ROOT / "scripts" / "cifar10_gpu.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    common = ["--no-fast", "--device", "cpu", "--data", str(pack), "--out", str(out)]
+    mod.main(["train", "--tiny", *common, "--batch", "8", "--max-steps", "2", "--log-every", "1"])
+    calls = []
+    monkeypatch.setattr(mod, "fid_of", lambda imgs, ref, args: calls.append(imgs.shape) or 10.0 + len(calls))
+    mod.main(["eval", *common, "--samples", "6", "--batch", "3", "--etas", "0,1", "--steps", "2,4", "--recon", "3",
+              "--recon-steps", "2", "--nfe", "5"])
+    res = json.loads((out / "results.json").read_text())
+    assert len(calls) == 4 + 4 and all(shape == (6, 3, 32, 32) for shape in calls)  # Table 1 + one per sampler
+    assert [c["fid"] for c in res["table1"]] == [11.0, 12.0, 13.0, 14.0]
+    tables = (out / "tables.md").read_text()
+    assert "| η = 0 (DDIM) | 11.00 | 12.00 |" in tables and "| DPM-Solver++(2M) |" in tables
+    for name in ("fid_vs_S.png", "fid_vs_nfe.png"):
+        assert Image.open(out / name).size[0] > 100

@@ -8,6 +8,7 @@ x̄(σ) - mu = (x̄(σ_T) - mu) sqrt(s^2 + σ^2) / sqrt(s^2 + σ_T^2), so x_0 = 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -194,6 +195,33 @@ def test_steps_for_nfe_spends_at_most_budget(kind):
         assert nfe(kind, S) <= budget < nfe(kind, S + 1)
         if not (kind == "heun" and budget % 2 == 0):
             assert nfe(kind, S) == budget
+
+
+@pytest.mark.parametrize("kind", ("ddim",) + SOLVERS)
+@pytest.mark.parametrize("trajectory", ("linear", "quadratic"))
+def test_steps_for_nfe_on_real_trajectory(kind, trajectory):
+    """The S to request so that the real (official-rule, repeat-free) trajectory spends the most NFE within
+    the budget; agrees with the cifar10 fid_vs_nfe preset's table for the quadratic trajectory."""
+    import warnings
+
+    from ddim.diffusion import steps_for_nfe_on, timesteps
+
+    for budget in (5, 10, 20, 50, 100):
+        S, spent = steps_for_nfe_on(kind, budget, 1000, trajectory)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            n = len(timesteps(1000, S, trajectory))
+            assert spent == nfe(kind, n) <= budget
+            # no larger request fits (up to the search bound)
+            assert all(nfe(kind, len(timesteps(1000, s, trajectory))) > budget for s in range(S + 1, 2 * budget + 3))
+    if trajectory == "quadratic":
+        from omegaconf import OmegaConf
+
+        preset = OmegaConf.load(Path(__file__).resolve().parents[1] / "sweeps" / "fid_vs_nfe_cifar10.yaml")
+        for key, S in preset.fid_vs_nfe.steps[kind].items():
+            assert steps_for_nfe_on(kind, int(key.removeprefix("nfe")), 1000, "quadratic")[0] == S
+    with pytest.raises(ValueError, match="too small"):
+        steps_for_nfe_on(kind, 0, 1000, trajectory)
 
 
 def test_dtype_and_shape_preserved_float32(gauss):

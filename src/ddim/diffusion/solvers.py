@@ -67,6 +67,30 @@ def steps_for_nfe(kind: str, nfe_budget: int) -> int:
     return {"ddim": nfe_budget, "plms": nfe_budget - 1, "dpmpp_2m": nfe_budget, "heun": (nfe_budget + 1) // 2}[kind]
 
 
+def steps_for_nfe_on(kind: str, nfe_budget: int, T: int, trajectory: str = "linear") -> tuple[int, int]:
+    """(S, real NFE) for the largest request S whose *real* trajectory spends at most ``nfe_budget``.
+
+    ``timesteps(T, S, trajectory)`` need not have S entries (the official linear rule range(0, T, T // S)
+    can give more, the quadratic rule repeats indices that are removed), so the S of ``steps_for_nfe`` can
+    over- or undershoot the budget there; this searches the S to pass to ``timesteps`` instead.
+    """
+    import warnings
+
+    from ddim.diffusion.trajectories import timesteps
+
+    minimum = min_nfe(kind)
+    if not isinstance(nfe_budget, int) or nfe_budget < minimum:
+        raise ValueError(f"NFE={nfe_budget!r} is too small for {kind}: it needs NFE >= {minimum}")
+    floor = 1 if kind == "ddim" else MIN_STEPS[kind]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "trajectory has N distinct steps": what is counted here
+        for S in range(min(T, 2 * nfe_budget + 2), 0, -1):
+            n = len(timesteps(T, S, trajectory))
+            if n >= floor and nfe(kind, n) <= nfe_budget:
+                return S, nfe(kind, n)
+    raise ValueError(f"no trajectory of T={T} ({trajectory}) fits NFE={nfe_budget} for {kind}")
+
+
 def _check_inputs(kind: str, x_T: torch.Tensor, alphas_cumprod: torch.Tensor, timesteps: torch.Tensor) -> None:
     _check_kind(kind)
     if alphas_cumprod.ndim != 1 or not bool(((alphas_cumprod > 0) & (alphas_cumprod <= 1)).all()):

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from ddim.diffusion.solvers import nfe as solver_nfe
 from ddim.eval import records as rec
 from ddim.eval import tasks as T
 
@@ -180,7 +181,6 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                                  device=device, batch_size=bs, kind=cfg.sampler.kind)
         metric, num, outputs = {}, res["num_images"], {"grid": res["grid"]}
     wall = time.time() - t0
-    from ddim.diffusion.solvers import nfe as solver_nfe
 
     # network evaluations per image: the decode (after the trajectory's repeat removal); reconstruction also
     # spends len(seq) on the encode, consistency one decode per S in its list
