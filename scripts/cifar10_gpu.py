@@ -354,6 +354,19 @@ def parse(argv=None):
     a = p.parse_args(argv)
     if a.batch is None:
         a.batch = 1000 if a.stage == "eval" else 128
+    # fail here, before hours of training or sampling, not at the first cell that uses a bad value
+    for name in ("steps", "recon_steps", "nfe"):
+        value = getattr(a, name)
+        if value and not all(v.strip().isdigit() and int(v) > 0 for v in value.split(",")):
+            p.error(f"--{name.replace('_', '-')} must be a comma list of positive integers, got {value!r}")
+    for e in a.etas.split(","):
+        if e != "hat":
+            try:
+                ok = float(e) >= 0
+            except ValueError:
+                ok = False
+            if not ok:
+                p.error(f"--etas takes floats >= 0 or 'hat' (sigma-hat), got {e!r} in {a.etas!r}")
     return a
 
 

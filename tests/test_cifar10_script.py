@@ -90,3 +90,11 @@ def test_eval_reports_with_fid_plots_and_tables(tmp_path: Path, monkeypatch) -> 
     assert "| η = 0 (DDIM) | 11.00 | 12.00 |" in tables and "| DPM-Solver++(2M) |" in tables
     for name in ("fid_vs_S.png", "fid_vs_nfe.png"):
         assert Image.open(out / name).size[0] > 100
+
+
+@pytest.mark.parametrize("args, match", [(("--etas", "0,-1"), "--etas"), (("--nfe", "5,x"), "--nfe"),
+                                         (("--steps", "10,0"), "--steps")])
+def test_bad_arguments_fail_before_any_work(tmp_path: Path, args, match) -> None:
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "cifar10_gpu.py"), "eval", "--out", str(tmp_path / "none"),
+                        "--device", "cpu", *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and match in r.stderr and args[1] in r.stderr
