@@ -106,3 +106,35 @@ def test_wandb_sweep_files_are_valid_overrides(name):
     for v in grids.values():
         n *= len(v)
     assert n == {"table1_cifar10": 25, "table1_celeba": 25, "table2_cifar10": 7}[name]
+
+
+def test_aggregate_logs_table_and_plot_to_wandb_offline(tmp_path, monkeypatch):
+    """`python -m ddim.eval.aggregate RECORDS --wandb PROJECT`: one W&B run (offline here) holding the table and
+    the FID-vs-S plot; the run's files are written like any offline run, ready for `wandb sync`."""
+    from ddim.eval import aggregate
+    from ddim.eval.records import record_path, write_record
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    logged = []
+    import wandb
+
+    real_init = wandb.init
+
+    def init(*a, **k):
+        run = real_init(*a, **k)
+        real_log = run.log
+        run.log = lambda d, *x, **y: (logged.append(d), real_log(d, *x, **y))[1]
+        return run
+
+    monkeypatch.setattr(wandb, "init", init)
+    for eta, steps, fid in ((0.0, 10, 12.5), (0.0, 20, 7.0), ("hat", 10, 300.0)):
+        key = {"task": "fid", "dataset": "cifar10-32", "model": {"official": "cifar10"}, "seed": 0, "params": {},
+               "sampler": {"kind": "ddim", "eta": eta, "steps": steps, "trajectory": "quadratic"}}
+        write_record(record_path(tmp_path / "rec", key), {"task": "fid", "key": key, "metric": {"fid": fid},
+                                                         "num_samples": 10})
+    aggregate.main([str(tmp_path / "rec"), "--out", str(tmp_path / "out"), "--wandb", "ddim-test"])
+    table = next(d["results"] for d in logged if "results" in d)
+    assert isinstance(table, wandb.Table) and len(table.data) == 3
+    assert any("fid_vs_steps" in d for d in logged)
+    assert list(tmp_path.glob("wandb/offline-run-*/run-*.wandb"))
