@@ -131,6 +131,21 @@ def test_samples_identical_across_batchings(monkeypatch, tmp_path, tiny_ckpt):
     assert len({outs[0][i].tobytes() for i in range(7)}) == 7  # and different samples differ
 
 
+def test_fast_sampler_is_close_to_fp32_and_recorded_apart(monkeypatch, tmp_path, tiny_ckpt):
+    """sampler.fast=true (bf16 autocast + channels_last; compiled on CUDA) gives nearly the fp32 images, and
+    its record has its own key, so a fast sweep never skips over (or is skipped by) an fp32 one."""
+    outs = {}
+    for fast in ("false", "true"):
+        out = tmp_path / f"fast_{fast}"
+        run_evaluate(monkeypatch, tmp_path, f"ckpt_path={tiny_ckpt}", "task=samples", "samples.num_samples=6",
+                     "samples.save_npz=true", "sampler.steps=5", f"sampler.fast={fast}", f"output_dir={out}")
+        outs[fast] = np.load(out / "samples.npz")["arr_0"].astype(np.int16)
+    diff = np.abs(outs["true"] - outs["false"])
+    assert diff.mean() < 2.0 and diff.max() > 0  # a few 8-bit levels apart, not the same computation
+    recs = records(tmp_path)
+    assert len(recs) == 2 and sorted(str(r["key"]["sampler"].get("fast")) for r in recs) == ["None", "True"]
+
+
 def test_index_noise_is_per_sample():
     from ddim.eval.tasks import latents_and_noise
 
