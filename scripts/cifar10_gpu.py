@@ -32,6 +32,7 @@ import torch
 from ddim import perf
 from ddim.diffusion import alphas_cumprod as make_alphas_cumprod
 from ddim.diffusion import SOLVERS, beta_schedule, encode, sample, solve, steps_for_nfe_on, timesteps
+from ddim.eval.tasks import parse_eta
 from ddim.models import UNet
 
 CIFAR10 = dict(ch=128, out_ch=3, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(16,),
@@ -164,7 +165,7 @@ def evaluate(args) -> None:
     res = ck["unet"]["resolution"]
     gen = torch.Generator(device="cpu").manual_seed(args.seed)
     x_T = torch.randn(args.samples, 3, res, res, generator=gen).to(device)
-    etas = [e if e == "hat" else float(e) for e in args.etas.split(",")]
+    etas = args.etas
     steps = [int(s) for s in args.steps.split(",")]
     record = dict(command=" ".join(sys.argv), samples=args.samples, reference_images=int(ref.shape[0]), train_steps=ck["steps"],
                   train_seconds=ck["train_seconds"], machine=perf.device_info(device), table1=[], table2=[])
@@ -359,14 +360,10 @@ def parse(argv=None):
         value = getattr(a, name)
         if value and not all(v.strip().isdigit() and int(v) > 0 for v in value.split(",")):
             p.error(f"--{name.replace('_', '-')} must be a comma list of positive integers, got {value!r}")
-    for e in a.etas.split(","):
-        if e != "hat":
-            try:
-                ok = float(e) >= 0
-            except ValueError:
-                ok = False
-            if not ok:
-                p.error(f"--etas takes floats >= 0 or 'hat' (sigma-hat), got {e!r} in {a.etas!r}")
+    try:
+        a.etas = [parse_eta(e) for e in a.etas.split(",")]
+    except ValueError as e:
+        p.error(f"--etas {a.etas!r}: {e}")
     return a
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import warnings
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -24,12 +23,9 @@ BUDGETS = (5, 10, 20, 50, 100)
 
 def real_nfe(kind: str, steps: int, trajectory: str, T: int = 1000) -> int:
     """Network evaluations a run with ``sampler.kind/steps/trajectory`` spent on a T-step model."""
-    from ddim.diffusion import timesteps
-    from ddim.diffusion.solvers import nfe
+    from ddim.diffusion.solvers import nfe_on
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "trajectory has N distinct steps": exactly what we count here
-        return nfe(kind, len(timesteps(T, int(steps), trajectory)))
+    return nfe_on(kind, int(steps), T, trajectory)
 
 
 def _model_label(m: dict) -> str:

@@ -198,8 +198,10 @@ def test_interpolation_and_consistency_grids(monkeypatch, tmp_path, tiny_ckpt):
                  "consistency.num_samples=3", f"output_dir={out}")
     w, h = Image.open(out / "consistency.png").size
     assert (w, h) == (3 * 10 + 2, 3 * 10 + 2)
-    tasks = sorted(r["task"] for r in records(tmp_path))
-    assert tasks == ["consistency", "interpolation"]
+    recs = {r["task"]: r for r in records(tmp_path)}
+    assert sorted(recs) == ["consistency", "interpolation"]
+    # one decode per S; linear trajectories of T = 1000: range(0, 1000, 500 | 200 | 100) -> 2 + 5 + 10
+    assert recs["consistency"]["nfe"] == 17 and recs["interpolation"]["nfe"] == 4  # range(0, 1000, 333)
 
 
 @pytest.mark.parametrize("override, error, match", [

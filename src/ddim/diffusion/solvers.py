@@ -57,13 +57,28 @@ def min_nfe(kind: str) -> int:
     return 1 if kind == "ddim" else nfe(kind, MIN_STEPS[kind])
 
 
+def _check_budget(kind: str, nfe_budget: int) -> None:
+    minimum = min_nfe(kind)  # also checks kind
+    if not isinstance(nfe_budget, int) or nfe_budget < minimum:
+        raise ValueError(f"NFE={nfe_budget!r} is too small for {kind}: it needs NFE >= {minimum}")
+
+
+def nfe_on(kind: str, S: int, T: int, trajectory: str = "linear") -> int:
+    """Network evaluations ``kind`` spends on ``timesteps(T, S, trajectory)``: its real length, which the
+    official rules make differ from S (linear range(0, T, T // S) can be longer, quadratic drops repeats)."""
+    import warnings
+
+    from ddim.diffusion.trajectories import timesteps
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "trajectory has N distinct steps": exactly what is counted here
+        return nfe(kind, len(timesteps(T, int(S), trajectory)))
+
+
 def steps_for_nfe(kind: str, nfe_budget: int) -> int:
     """Largest S whose NFE is at most ``nfe_budget`` (exact for ddim, plms, dpmpp_2m; heun with an even
     budget spends one evaluation less, as 2S - 1 is odd). Raises ValueError below the method's minimum."""
-    _check_kind(kind, ("ddim",) + SOLVERS)
-    minimum = min_nfe(kind)
-    if not isinstance(nfe_budget, int) or nfe_budget < minimum:
-        raise ValueError(f"NFE={nfe_budget!r} is too small for {kind}: it needs NFE >= {minimum}")
+    _check_budget(kind, nfe_budget)
     return {"ddim": nfe_budget, "plms": nfe_budget - 1, "dpmpp_2m": nfe_budget, "heun": (nfe_budget + 1) // 2}[kind]
 
 
@@ -74,20 +89,14 @@ def steps_for_nfe_on(kind: str, nfe_budget: int, T: int, trajectory: str = "line
     can give more, the quadratic rule repeats indices that are removed), so the S of ``steps_for_nfe`` can
     over- or undershoot the budget there; this searches the S to pass to ``timesteps`` instead.
     """
-    import warnings
-
-    from ddim.diffusion.trajectories import timesteps
-
-    minimum = min_nfe(kind)
-    if not isinstance(nfe_budget, int) or nfe_budget < minimum:
-        raise ValueError(f"NFE={nfe_budget!r} is too small for {kind}: it needs NFE >= {minimum}")
-    floor = 1 if kind == "ddim" else MIN_STEPS[kind]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "trajectory has N distinct steps": what is counted here
-        for S in range(min(T, 2 * nfe_budget + 2), 0, -1):
-            n = len(timesteps(T, S, trajectory))
-            if n >= floor and nfe(kind, n) <= nfe_budget:
-                return S, nfe(kind, n)
+    _check_budget(kind, nfe_budget)
+    for S in range(min(T, 2 * nfe_budget + 2), 0, -1):
+        try:
+            spent = nfe_on(kind, S, T, trajectory)
+        except ValueError:  # this trajectory is shorter than the method's minimum
+            continue
+        if spent <= nfe_budget:
+            return S, spent
     raise ValueError(f"no trajectory of T={T} ({trajectory}) fits NFE={nfe_budget} for {kind}")
 
 

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ddim.diffusion.solvers import nfe as solver_nfe
+from ddim.diffusion.solvers import nfe as solver_nfe, nfe_on
 from ddim.eval import records as rec
 from ddim.eval import tasks as T
 
@@ -197,7 +197,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if task == "reconstruction":
         nfe = 2 * len(seq)
     elif task == "consistency":
-        nfe = sum(solver_nfe(cfg.sampler.kind, len(T.make_timesteps(n_T, int(S), trajectory))) for S in cfg.consistency.steps)
+        nfe = sum(nfe_on(cfg.sampler.kind, S, n_T, trajectory) for S in cfg.consistency.steps)
     else:
         nfe = solver_nfe(cfg.sampler.kind, len(seq))
 
