@@ -35,9 +35,11 @@ TINY = dict(ch=32, out_ch=3, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=
 # name -> DiffusionTrainStep kwargs
 VARIANTS: dict[str, dict] = {
     "fp32": dict(fast=False),
-    "fast": dict(fast=True, dtype="bf16"),
-    "fast-cudagraphs": dict(fast=True, dtype="bf16", compile_mode="reduce-overhead"),
-    "fast-max": dict(fast=True, dtype="bf16", compile_mode="max-autotune-no-cudagraphs"),
+    "fast": dict(fast=True, dtype="bf16", group_norm="torch"),
+    "fast-cudagraphs": dict(fast=True, dtype="bf16", compile_mode="reduce-overhead", group_norm="torch"),
+    "fast-cudagraphs-gn": dict(fast=True, dtype="bf16", compile_mode="reduce-overhead", group_norm="channel-stats"),
+    "fast-gn": dict(fast=True, dtype="bf16", group_norm="channel-stats"),
+    "fast-max": dict(fast=True, dtype="bf16", compile_mode="max-autotune-no-cudagraphs", group_norm="torch"),
     "bf16-eager": dict(fast=True, dtype="bf16", compile=False),
 }
 

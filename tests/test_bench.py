@@ -1,6 +1,7 @@
 """CPU smoke tests of the fast paths (ddim.perf) and of the benchmarks in bench/ at tiny sizes."""
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -171,3 +172,111 @@ def test_sampling_benchmark_pure_bf16_variant_runs_within_tolerance(tmp_path):
     pure = rec["rows"][1]
     assert "error" not in pure, pure.get("error")
     assert pure["images_per_s"] > 0 and pure["nonfinite"] == 0 and 0 < pure["diff_mean"] <= pure["diff_max"]
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_channel_stat_group_norm_equals_group_norm(affine):
+    """Statistics pooled from channels give GroupNorm's output and gradients, also for data with a large
+    offset (the pooled variance has no E[x^2] - E[x]^2 cancellation)."""
+    torch.manual_seed(0)
+    ref = nn.GroupNorm(8, 32, eps=1e-6, affine=affine)
+    if affine:
+        with torch.no_grad():
+            ref.weight.normal_()
+            ref.bias.normal_()
+    new = perf.swap_group_norm(copy.deepcopy(ref))
+    assert isinstance(new, perf.ChannelStatGroupNorm) and new.state_dict().keys() == ref.state_dict().keys()
+    # reference in float64; float32 torch GroupNorm itself loses the digits at an offset 1e4 x the spread
+    ref64 = copy.deepcopy(ref).double()
+    x = (torch.randn(3, 32, 7, 5) * 0.01 + 100.0).double().to(memory_format=torch.channels_last)  # fp32 values
+    x64, x32 = x.clone().requires_grad_(), x.float().requires_grad_()
+    y_ref, y_new = ref64(x64), new(x32)
+    assert torch.allclose(y_new.double(), y_ref, atol=2e-3, rtol=0), (y_new - y_ref).abs().max()
+    g = torch.randn_like(y_ref)
+    y_ref.backward(g)
+    y_new.backward(g.float())
+    assert torch.allclose(x32.grad.double(), x64.grad, atol=1e-2 * x64.grad.abs().max().item())
+    # ordinary data: the same output and gradients as float32 nn.GroupNorm
+    new.zero_grad()
+    xo = (torch.randn(3, 32, 7, 5) * 3 + 1).requires_grad_()
+    xn = xo.detach().clone().requires_grad_()
+    yo, yn = ref(xo), new(xn)
+    assert torch.allclose(yn, yo, atol=1e-5)
+    go = torch.randn_like(yo)
+    yo.backward(go)
+    yn.backward(go)
+    assert torch.allclose(xn.grad, xo.grad, atol=1e-5)
+    if affine:
+        assert torch.allclose(new.weight.grad, ref.weight.grad, atol=1e-4)
+        assert torch.allclose(new.bias.grad, ref.bias.grad, atol=1e-4)
+    # bf16 input: float32 statistics, output in the input's dtype
+    xb = torch.randn(2, 32, 4, 4).bfloat16()
+    assert new(xb).dtype == torch.bfloat16
+    assert torch.allclose(new(xb).float(), ref(xb.float()), atol=3e-2)
+
+
+def test_swap_group_norm_in_a_unet_keeps_outputs_and_rejects_unknown_kind():
+    torch.manual_seed(0)
+    model = _unet().eval()
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([3, 900])
+    with torch.no_grad():
+        ref = model(x, t)
+        fast = perf.prepare_for_inference(model, dtype="fp32", compile=False, group_norm="channel-stats")
+        assert sum(isinstance(m, perf.ChannelStatGroupNorm) for m in fast.modules()) > 5
+        assert not any(isinstance(m, perf.ChannelStatGroupNorm) for m in model.modules())  # caller's model untouched
+        assert torch.allclose(fast(x, t), ref, atol=1e-4)
+    with pytest.raises(ValueError, match="'welford'.*allowed"):
+        perf.swap_group_norm(model, "welford")
+
+
+def test_prepare_for_inference_rejects_mode_with_options():
+    with pytest.raises(ValueError, match="compile_mode.*options"):
+        perf.prepare_for_inference(nn.Linear(2, 2), compile_mode="reduce-overhead", options={"freezing": True})
+
+
+def test_fast_paths_choose_channel_stat_group_norm_only_when_compiled():
+    from ddim.diffusion import alphas_cumprod, beta_schedule
+
+    def kinds(m):
+        return {type(x) for x in m.modules() if isinstance(x, nn.GroupNorm)}
+
+    model = _unet()
+    assert kinds(perf.prepare_for_inference(model, backend="eager")) == {perf.ChannelStatGroupNorm}
+    assert kinds(perf.prepare_for_inference(model, compile=False)) == {nn.GroupNorm}
+    assert kinds(perf.prepare_for_inference(model, backend="eager", group_norm="torch")) == {nn.GroupNorm}
+    ac = alphas_cumprod(beta_schedule("linear"))
+    assert kinds(perf.DiffusionTrainStep(_unet(), ac, fast=True, backend="eager").model) == {perf.ChannelStatGroupNorm}
+    assert kinds(perf.DiffusionTrainStep(_unet(), ac, fast=False).model) == {nn.GroupNorm}
+    step = perf.DiffusionTrainStep(_unet(), ac, fast=True, backend="eager", group_norm="torch")
+    assert kinds(step.model) == kinds(step.ema) == {nn.GroupNorm}
+
+
+@pytest.mark.parametrize("what,variant", [("sampling", "fast-gn"), ("training", "fast")])
+def test_kernel_profile_tiny_cpu(tmp_path, what, variant):
+    """bench/kernels.py: per-kind times add up to the busy time, convolutions show up as such."""
+    rec, stdout = _run_bench("kernels", tmp_path, "--what", what, "--variant", variant, "--iters", "1")
+    assert rec["what"] == what and rec["variant"] == variant and rec["batch"] == 4
+    assert sum(rec["by_kind_ms"].values()) == pytest.approx(rec["busy_ms"])
+    assert sum(k["ms"] for k in rec["kernels"]) == pytest.approx(rec["busy_ms"])
+    assert rec["by_kind_ms"].get("convolution", 0) > 0
+    assert "ms / iteration" in stdout
+
+
+def test_kernel_kinds_of_gpu_kernel_names():
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        from kernels import kind_of
+    finally:
+        sys.path.pop(0)
+    assert kind_of("sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc") == "convolution"
+    assert kind_of("sm80_xmma_gemm_f32f32_f32f32_f32_tn_n_tilesize128x128x8_ffma") == "matmul"
+    assert kind_of("triton_red_fused__to_copy_add_convolution_silu_var_mean_12").startswith("triton: group norm")
+    assert kind_of("triton_poi_fused__to_copy_26") == "triton: other fused element-wise"
+    assert kind_of("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16") == "attention"
+    assert kind_of("Memset (Device)") == "copy / layout"
+
+
+def test_kernel_profile_rejects_unknown_variant():
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "kernels.py"), "--what", "training", "--variant",
+                           "fast-gn-graphs", "--tiny", "--device", "cpu"], capture_output=True, text=True)
+    assert proc.returncode == 2 and "'fast-gn-graphs'" in proc.stderr and "fast-cudagraphs" in proc.stderr

@@ -54,6 +54,52 @@ class CastEpsModel(nn.Module):
         return out.float().contiguous()
 
 
+class ChannelStatGroupNorm(nn.GroupNorm):
+    """GroupNorm whose statistics are gathered per channel, then pooled per group.
+
+    Same parameters, state-dict keys and result as ``nn.GroupNorm`` (to float rounding).  Why: on a
+    channels_last tensor a group's channels are a few adjacent values of every pixel, so a compiled
+    per-group reduction reads memory with a stride; per-channel mean/variance over the pixels is a
+    coalesced column reduction.  Groups are then pooled exactly, without cancellation:
+    var_g = mean_c(var_c) + mean_c((mean_c - mean_g)^2).  Statistics are in float32.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4:
+            return super().forward(x)
+        b, c = x.shape[:2]
+        g = self.num_groups
+        var_c, mean_c = torch.var_mean(x.float(), dim=(2, 3), correction=0)
+        var_c, mean_c = var_c.view(b, g, c // g), mean_c.view(b, g, c // g)
+        mean_g = mean_c.mean(-1, keepdim=True)
+        var_g = var_c.mean(-1, keepdim=True) + (mean_c - mean_g).square().mean(-1, keepdim=True)
+        scale = torch.rsqrt(var_g + self.eps).expand(b, g, c // g)
+        if self.affine:
+            scale = scale * self.weight.float().view(1, g, c // g)
+        # (x - mean) first: x * scale - mean * scale would cancel when |mean| >> std
+        y = (x.float() - mean_g.expand(b, g, c // g).reshape(b, c, 1, 1)) * scale.reshape(b, c, 1, 1)
+        if self.affine:
+            y = y + self.bias.float().view(1, c, 1, 1)
+        return y.to(x.dtype)
+
+
+GROUP_NORMS = ("torch", "channel-stats")
+
+
+def swap_group_norm(model: nn.Module, kind: str = "channel-stats") -> nn.Module:
+    """Make every ``nn.GroupNorm`` of ``model`` (in place) compute its statistics the ``kind`` way.
+
+    The modules keep their parameters (same objects, same state-dict keys); only the class changes.
+    """
+    if kind not in GROUP_NORMS:
+        raise ValueError(f"group_norm {kind!r} is not supported; allowed: {list(GROUP_NORMS)}")
+    cls = ChannelStatGroupNorm if kind == "channel-stats" else nn.GroupNorm
+    for m in model.modules():
+        if isinstance(m, nn.GroupNorm):
+            m.__class__ = cls
+    return model
+
+
 def prepare_for_inference(
     model: nn.Module,
     *,
@@ -63,23 +109,32 @@ def prepare_for_inference(
     compile: bool = True,
     compile_mode: str | None = None,
     backend: str = "inductor",
+    options: dict | None = None,
+    group_norm: str | None = None,
 ) -> nn.Module:
     """A fast eval-mode copy of an ε-model with the same ``(x, t) -> ε`` signature.
 
     dtype: "fp32", "bf16" or "fp16".  autocast=True keeps fp32 weights and lets autocast choose the
     per-op precision (GroupNorm, softmax stay fp32); autocast=False casts the weights themselves
     ("pure" low precision: fewer casts, a little more error).  The caller's model is left untouched
-    (the copy is deep), so fp32 and fast paths can be compared on the same weights.
+    (the copy is deep), so fp32 and fast paths can be compared on the same weights.  ``options`` go to
+    ``torch.compile`` (Inductor settings such as ``{"freezing": True}``; not together with ``compile_mode``).
+    group_norm: "torch" or "channel-stats" (``ChannelStatGroupNorm``; default when compiled: compiled,
+    it is ~10% faster for sampling on an H100; eager, torch's kernel is faster).
     """
+    if options and compile_mode:
+        raise ValueError(f"give compile_mode ({compile_mode!r}) or options ({options}), not both: torch.compile "
+                         f"takes one of them")
     torch_dtype = _dtype(dtype)
-    fast = copy.deepcopy(model).eval().requires_grad_(False)
+    group_norm = group_norm or ("channel-stats" if compile else "torch")
+    fast = swap_group_norm(copy.deepcopy(model).eval().requires_grad_(False), group_norm)
     if not autocast and torch_dtype != torch.float32:
         fast = fast.to(torch_dtype)
     if channels_last:
         fast = fast.to(memory_format=torch.channels_last)
     wrapped: nn.Module = CastEpsModel(fast, torch_dtype, autocast=autocast, channels_last=channels_last)
     if compile:
-        wrapped = torch.compile(wrapped, mode=compile_mode, backend=backend, dynamic=False)
+        wrapped = torch.compile(wrapped, mode=compile_mode, backend=backend, dynamic=False, options=options)
     return wrapped
 
 
@@ -112,7 +167,8 @@ class DiffusionTrainStep:
 
     fast=False is the plain fp32 eager path (foreach Adam, one EMA op per parameter, as the official
     code); fast=True uses ``dtype`` autocast, channels_last, a compiled network, fused Adam and a
-    foreach EMA lerp.
+    foreach EMA lerp.  A compiled step swaps the network's GroupNorms (in place, same parameters) for
+    ``ChannelStatGroupNorm`` unless ``group_norm="torch"``: 33 -> 45 it/s on an H100 (docs/results/bench).
     """
 
     def __init__(
@@ -128,6 +184,7 @@ class DiffusionTrainStep:
         compile_mode: str | None = None,
         backend: str = "inductor",
         compile: bool | None = None,
+        group_norm: str | None = None,
     ):
         if not 0.0 <= ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
@@ -141,6 +198,8 @@ class DiffusionTrainStep:
         self.model = model.train()
         if fast:
             self.model = self.model.to(memory_format=torch.channels_last)
+        do_compile = fast if compile is None else compile
+        swap_group_norm(self.model, group_norm or ("channel-stats" if do_compile else "torch"))
         self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.ema_params = [p for p, q in zip(self.ema.parameters(), self.model.parameters()) if q.requires_grad]
@@ -150,7 +209,6 @@ class DiffusionTrainStep:
         use_fused = fast and device.type in ("cuda", "cpu")
         self.optimizer = torch.optim.Adam(self.params, lr=lr, betas=(0.9, 0.999), eps=1e-8,
                                           fused=True if use_fused else None)
-        do_compile = fast if compile is None else compile
         self.cudagraphs = do_compile and compile_mode is not None and "reduce-overhead" in compile_mode
         self.forward = (torch.compile(self._loss, mode=compile_mode, backend=backend, dynamic=False)
                         if do_compile else self._loss)

@@ -80,10 +80,12 @@ class AttnBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, hgt, wid = x.shape
         h = self.norm(x)
-        # (B, C, H, W) -> (B, HW, C); a view when x is channels_last.
-        q, k, v = (m(h).flatten(2).transpose(1, 2) for m in (self.q, self.k, self.v))
+        # (B, C, H, W) -> (B, 1, HW, C): one head; a view when x is channels_last.  The head axis matters:
+        # SDPA's flash/memory-efficient kernels take 4-d inputs only, 3-d ones fall back to the math path
+        # (fp32 matrix products under autocast: a fifth of a bf16 forward's time on an H100).
+        q, k, v = (m(h).flatten(2).transpose(1, 2).unsqueeze(1) for m in (self.q, self.k, self.v))
         out = F.scaled_dot_product_attention(q, k, v, scale=int(c) ** (-0.5))
-        out = out.transpose(1, 2).reshape(b, c, hgt, wid)
+        out = out.squeeze(1).transpose(1, 2).reshape(b, c, hgt, wid)
         return x + self.proj_out(out)
 
 
