@@ -30,7 +30,8 @@ def run(cfg: DictConfig) -> dict:
     data_cfg = OmegaConf.to_container(cfg.dataset, resolve=True)
     dm = DiffusionDataModule(**data_cfg, seed=cfg.seed)
     module = DiffusionModule(model=cfg.model, diffusion=cfg.diffusion, optim=cfg.optim,
-                             data={k: data_cfg.get(k) for k in ("name", "image_size", "channels", "category")})
+                             data={k: data_cfg.get(k) for k in ("name", "image_size", "channels", "category")},
+                             fast=cfg.get("fast"))
 
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     if not cfg.trainer.get("enable_progress_bar", True):

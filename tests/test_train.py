@@ -174,3 +174,40 @@ def test_lit_update_ema_is_the_official_rule():
     m.update_ema()
     for e, old, p in zip(m.ema_model.parameters(), before, m.model.parameters()):
         torch.testing.assert_close(e, 0.9 * old + 0.1 * p.detach())
+
+
+def test_fast_compiled_training_same_loss_and_checkpoint_keys(tmp_path):
+    """fast.compile=true (eager backend on CPU): channels_last, per-channel GroupNorm statistics and a compiled
+    view of the U-Net give the plain module's loss, train, and save the same checkpoint keys."""
+    from ddim.lit import DiffusionModule
+    from ddim.perf import ChannelStatGroupNorm
+
+    plain_res = _run(_cfg(tmp_path / "plain", "trainer.fast_dev_run=2", "dataset.batch_size=8", "dataset.image_size=8"))
+    fast_res = _run(_cfg(tmp_path / "fast", "trainer.fast_dev_run=2", "dataset.batch_size=8", "dataset.image_size=8",
+                         "fast.compile=true", "fast.backend=eager"))
+    plain, fast = plain_res["module"], fast_res["module"]
+    assert fast_res["trainer"].global_step == 2 and fast.hparams.fast["group_norm"] == "channel-stats"
+    assert any(isinstance(m, ChannelStatGroupNorm) for m in fast.model.modules())
+    assert not any(isinstance(m, ChannelStatGroupNorm) for m in fast.ema_model.modules())
+    assert "_compiled_model" in fast.__dict__ and fast.state_dict().keys() == plain.state_dict().keys()
+    # same weights, same batch, same t and noise: the same loss
+    fast.load_state_dict(plain.state_dict())
+    x0 = torch.rand(8, 1, 8, 8) * 2 - 1
+    losses = []
+    for m in (plain, fast):
+        m.train()
+        m.log = lambda *a, **k: None  # outside a Trainer loop
+        torch.manual_seed(3)
+        losses.append(m.training_step(x0, 0).item())
+    assert losses[0] == pytest.approx(losses[1], rel=1e-4)
+
+
+def test_fast_settings_reject_unknown_keys():
+    from ddim.lit import DiffusionModule
+
+    with pytest.raises(ValueError, match=r"unknown fast setting\(s\) \['turbo'\]; allowed"):
+        DiffusionModule(model=dict(ch=32, ch_mult=[1], attn_resolutions=[], resolution=8), diffusion={},
+                        fast={"turbo": True})
+    with pytest.raises(ValueError, match="'layer'.*allowed"):
+        DiffusionModule(model=dict(ch=32, ch_mult=[1], attn_resolutions=[], resolution=8), diffusion={},
+                        fast={"group_norm": "layer"})

@@ -8,7 +8,8 @@ gets sampled and is saved in every checkpoint.
 
 Checkpoint format (a Lightning ``.ckpt``): ``state_dict`` holds ``model.*`` (raw weights) and
 ``ema_model.*`` (EMA weights, same keys after the prefix); ``hyper_parameters`` holds plain dicts
-``model`` (UNet kwargs), ``diffusion`` (beta schedule), ``optim`` and ``data`` (name, image_size, channels).
+``model`` (UNet kwargs), ``diffusion`` (beta schedule), ``optim``, ``data`` (name, image_size, channels) and
+``fast`` (speed settings: torch.compile, channels_last, GroupNorm kernel; they change no parameter).
 """
 from __future__ import annotations
 
@@ -72,15 +73,45 @@ def eps_loss(eps_model: nn.Module, x0: torch.Tensor, t: torch.Tensor, alphas_cum
     return (e - eps_model(x_t, t)).square().flatten(1).sum(1).mean()
 
 
+FAST_DEFAULTS = {"compile": False, "backend": "inductor", "mode": None, "channels_last": None, "group_norm": None}
+
+
+def _fast_settings(fast: dict) -> dict:
+    """Fill in the speed settings: channels_last and per-channel GroupNorm statistics follow ``compile``
+    (they pay off compiled, on a GPU: docs/results/bench); none of them changes parameters or checkpoints."""
+    unknown = sorted(set(fast) - set(FAST_DEFAULTS))
+    if unknown:
+        raise ValueError(f"unknown fast setting(s) {unknown}; allowed: {sorted(FAST_DEFAULTS)}")
+    out = {**FAST_DEFAULTS, **fast}
+    out["compile"] = bool(out["compile"])
+    if out["channels_last"] is None:
+        out["channels_last"] = out["compile"]
+    if out["group_norm"] is None:
+        out["group_norm"] = "channel-stats" if out["compile"] else "torch"
+    from ddim.perf import GROUP_NORMS
+
+    if out["group_norm"] not in GROUP_NORMS:
+        raise ValueError(f"fast.group_norm {out['group_norm']!r} is not supported; allowed: {list(GROUP_NORMS)}")
+    return out
+
+
 class DiffusionModule(L.LightningModule):
     """Trains ``model`` (UNet kwargs) under ``diffusion`` (beta schedule) with ``optim`` (Adam + clip + EMA)."""
 
-    def __init__(self, model: dict, diffusion: dict, optim: dict | None = None, data: dict | None = None):
+    def __init__(self, model: dict, diffusion: dict, optim: dict | None = None, data: dict | None = None,
+                 fast: dict | None = None):
         super().__init__()
         model, diffusion, optim, data = _plain(model), _plain(diffusion), _plain(optim or {}), _plain(data or {})
-        self.save_hyperparameters({"model": model, "diffusion": diffusion, "optim": optim, "data": data})
+        fast = _fast_settings(_plain(fast or {}))
+        self.save_hyperparameters({"model": model, "diffusion": diffusion, "optim": optim, "data": data, "fast": fast})
         self.model = build_eps_model(model)
+        if fast["channels_last"]:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        from ddim.perf import swap_group_norm  # same parameters and state-dict keys, only the class changes
+
+        swap_group_norm(self.model, fast["group_norm"])
         self.ema_model = copy.deepcopy(self.model).eval().requires_grad_(False)
+        swap_group_norm(self.ema_model, "torch")  # the EMA only samples previews, eagerly: torch's kernel
         self.register_buffer("alphas_cumprod", build_alphas_cumprod(diffusion), persistent=False)
         self.num_timesteps = int(self.alphas_cumprod.numel())
         self.ema_decay = float(optim.get("ema_decay", 0.9999))
@@ -92,10 +123,26 @@ class DiffusionModule(L.LightningModule):
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return self.model(x, t)
 
+    def _train_eps(self) -> nn.Module:
+        """The network the training step calls: ``self.model`` or, with fast.compile, a compiled view of it
+        (kept out of the module tree, so checkpoints and the EMA see only ``model.*``)."""
+        fast = self.hparams.fast
+        if not fast["compile"]:
+            return self.model
+        if self.__dict__.get("_compiled_model") is None:
+            self.__dict__["_compiled_model"] = torch.compile(self.model, backend=fast["backend"], mode=fast["mode"],
+                                                             dynamic=False)
+        return self.__dict__["_compiled_model"]
+
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x0 = batch[0] if isinstance(batch, (list, tuple)) else batch
+        fast = self.hparams.fast
+        if fast["channels_last"]:
+            x0 = x0.contiguous(memory_format=torch.channels_last)  # x_t and ε inherit the layout
+        if fast["compile"] and fast["mode"] and "reduce-overhead" in fast["mode"]:
+            torch.compiler.cudagraph_mark_step_begin()
         t = antithetic_timesteps(x0.shape[0], self.num_timesteps, device=x0.device)
-        loss = eps_loss(self.model, x0, t, self.alphas_cumprod.float())
+        loss = eps_loss(self._train_eps(), x0, t, self.alphas_cumprod.float())
         self.log("train/loss", loss, prog_bar=True, on_step=True, batch_size=x0.shape[0])
         return loss
 
