@@ -120,16 +120,17 @@ def main(argv=None) -> dict:
     flags = perf.backend_flags()
     model, ac, model_info = build(args, device)
     res = model_info.get("unet", {}).get("resolution") or getattr(model, "resolution", 32)
+    channels = getattr(model, "in_channels", 3)  # a --ckpt model may be grey-scale (digits)
     n_params = sum(p.numel() for p in model.parameters())
     ts = timesteps(len(ac), args.steps, "linear")
     nfe = len(ts)
 
     with torch.no_grad():
-        x1 = torch.randn(1, 3, res, res, device=device)
+        x1 = torch.randn(1, channels, res, res, device=device)
         t1 = torch.zeros(1, dtype=torch.long, device=device)
         flops_fwd = perf.count_flops(lambda: model(x1, t1))
     gen = torch.Generator(device="cpu").manual_seed(args.seed)
-    x_T = torch.randn(args.batch, 3, res, res, generator=gen).to(device)
+    x_T = torch.randn(args.batch, channels, res, res, generator=gen).to(device)
     peak = perf.matmul_tflops(device)
 
     rows, ref = [], None

@@ -110,6 +110,14 @@ def test_load_for_sampling_and_bad_checkpoints(tmp_path):
                   "model.ch=64", "trainer.max_steps=4", f"ckpt_path={last}"))
     with pytest.raises(FileNotFoundError, match="nope.ckpt"):
         load_for_sampling(tmp_path / "nope.ckpt")
+    # weights of another U-Net version (renamed keys): a short account, not torch's list of every key
+    ck = torch.load(last, map_location="cpu", weights_only=False)
+    ck["state_dict"] = {k.replace("ema_model.conv_in.", "ema_model.cin."): v for k, v in ck["state_dict"].items()}
+    renamed = tmp_path / "renamed.ckpt"
+    torch.save(ck, renamed)
+    with pytest.raises(ValueError, match=r"renamed\.ckpt do not fit .*missing keys: conv_in\.weight, conv_in\.bias; "
+                                         r"unexpected keys: cin\.weight, cin\.bias$"):
+        load_for_sampling(renamed)
 
 
 def test_batch_size_larger_than_data_fails(tmp_path):

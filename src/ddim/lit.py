@@ -251,10 +251,13 @@ def load_for_sampling(ckpt_path: str | Path, use_ema: bool = True, map_location:
     if not sd:
         raise ValueError(f"{ckpt_path} holds no '{prefix}*' weights")
     model = build_eps_model(cfg["model"])
-    try:
-        model.load_state_dict(sd)
-    except RuntimeError as e:
-        raise ValueError(f"weights in {ckpt_path} do not fit the model config {cfg['model']}: {e}") from e
+    from ddim.models.official import state_dict_mismatch
+
+    mismatch = state_dict_mismatch(model.state_dict(), sd)
+    if mismatch:
+        raise ValueError(f"weights in {ckpt_path} do not fit the model config {cfg['model']} (written by another "
+                         f"version of the U-Net?): {mismatch}")
+    model.load_state_dict(sd)
     model = model.to(map_location if map_location is not None else "cpu").eval().requires_grad_(False)
     cfg["global_step"] = ckpt.get("global_step")
     cfg["use_ema"] = use_ema

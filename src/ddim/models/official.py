@@ -168,6 +168,23 @@ def _fmt(keys: list[str], n: int = 8) -> str:
     return ", ".join(keys[:n]) + (f", ... ({len(keys)} in all)" if len(keys) > n else "")
 
 
+def state_dict_mismatch(expected: Mapping[str, torch.Tensor], given: Mapping[str, torch.Tensor]) -> str:
+    """A short account of how ``given`` differs from ``expected`` in keys and shapes ('' if it fits):
+    a few names of each kind and the counts, not torch's list of every key."""
+    missing = [k for k in expected if k not in given]
+    unexpected = [k for k in given if k not in expected]
+    shapes = [f"{k}: checkpoint {tuple(given[k].shape)} vs model {tuple(v.shape)}"
+              for k, v in expected.items() if k in given and given[k].shape != v.shape]
+    parts = []
+    if missing:
+        parts.append(f"missing keys: {_fmt(missing)}")
+    if unexpected:
+        parts.append(f"unexpected keys: {_fmt(unexpected)}")
+    if shapes:
+        parts.append(f"shape mismatch: {_fmt(shapes, 4)}")
+    return "; ".join(parts)
+
+
 def load_official_unet(state_dict_or_path: Mapping | list | tuple | str | Path, config: Mapping | str, *,
                        use_ema: bool = False, map_location: Any = "cpu") -> UNet:
     """A ``UNet`` holding official DDPM/DDIM weights (strict: every key and shape must match).
@@ -186,21 +203,10 @@ def load_official_unet(state_dict_or_path: Mapping | list | tuple | str | Path, 
     kwargs = unet_kwargs_from_config(config)
     with torch.device("meta"):
         model = UNet(**kwargs)
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in sd]
-    unexpected = [k for k in sd if k not in expected]
-    shapes = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(v.shape)}"
-              for k, v in expected.items() if k in sd and sd[k].shape != v.shape]
-    if missing or unexpected or shapes:
-        parts = []
-        if missing:
-            parts.append(f"missing keys: {_fmt(missing)}")
-        if unexpected:
-            parts.append(f"unexpected keys: {_fmt(unexpected)}")
-        if shapes:
-            parts.append(f"shape mismatch: {_fmt(shapes, 4)}")
+    mismatch = state_dict_mismatch(model.state_dict(), sd)
+    if mismatch:
         raise ValueError(f"{source} does not match the U-Net config {kwargs} (wrong architecture or "
-                         f"config?): " + "; ".join(parts))
+                         f"config?): {mismatch}")
     model = model.to_empty(device="cpu")
     model.load_state_dict(sd, strict=True)
     # to_empty leaves non-persistent buffers uninitialised: recompute them.
