@@ -86,12 +86,9 @@ def _fast_settings(fast: dict) -> dict:
     out["compile"] = bool(out["compile"])
     if out["channels_last"] is None:
         out["channels_last"] = out["compile"]
-    if out["group_norm"] is None:
-        out["group_norm"] = "channel-stats" if out["compile"] else "torch"
-    from ddim.perf import GROUP_NORMS
+    from ddim.perf import default_group_norm
 
-    if out["group_norm"] not in GROUP_NORMS:
-        raise ValueError(f"fast.group_norm {out['group_norm']!r} is not supported; allowed: {list(GROUP_NORMS)}")
+    out["group_norm"] = default_group_norm(out["group_norm"], out["compile"])  # checked by swap_group_norm
     return out
 
 

@@ -69,7 +69,8 @@ class ChannelStatGroupNorm(nn.GroupNorm):
             return super().forward(x)
         b, c = x.shape[:2]
         g = self.num_groups
-        var_c, mean_c = torch.var_mean(x.float(), dim=(2, 3), correction=0)
+        xf = x.float()
+        var_c, mean_c = torch.var_mean(xf, dim=(2, 3), correction=0)
         var_c, mean_c = var_c.view(b, g, c // g), mean_c.view(b, g, c // g)
         mean_g = mean_c.mean(-1, keepdim=True)
         var_g = var_c.mean(-1, keepdim=True) + (mean_c - mean_g).square().mean(-1, keepdim=True)
@@ -77,13 +78,19 @@ class ChannelStatGroupNorm(nn.GroupNorm):
         if self.affine:
             scale = scale * self.weight.float().view(1, g, c // g)
         # (x - mean) first: x * scale - mean * scale would cancel when |mean| >> std
-        y = (x.float() - mean_g.expand(b, g, c // g).reshape(b, c, 1, 1)) * scale.reshape(b, c, 1, 1)
+        y = (xf - mean_g.expand(b, g, c // g).reshape(b, c, 1, 1)) * scale.reshape(b, c, 1, 1)
         if self.affine:
             y = y + self.bias.float().view(1, c, 1, 1)
         return y.to(x.dtype)
 
 
 GROUP_NORMS = ("torch", "channel-stats")
+
+
+def default_group_norm(kind: str | None, compiled: bool) -> str:
+    """``kind`` if given, else per-channel statistics for compiled networks (faster on a GPU:
+    docs/results/bench) and torch's kernel for eager ones (faster there)."""
+    return kind or ("channel-stats" if compiled else "torch")
 
 
 def swap_group_norm(model: nn.Module, kind: str = "channel-stats") -> nn.Module:
@@ -126,8 +133,7 @@ def prepare_for_inference(
         raise ValueError(f"give compile_mode ({compile_mode!r}) or options ({options}), not both: torch.compile "
                          f"takes one of them")
     torch_dtype = _dtype(dtype)
-    group_norm = group_norm or ("channel-stats" if compile else "torch")
-    fast = swap_group_norm(copy.deepcopy(model).eval().requires_grad_(False), group_norm)
+    fast = swap_group_norm(copy.deepcopy(model).eval().requires_grad_(False), default_group_norm(group_norm, compile))
     if not autocast and torch_dtype != torch.float32:
         fast = fast.to(torch_dtype)
     if channels_last:
@@ -199,7 +205,7 @@ class DiffusionTrainStep:
         if fast:
             self.model = self.model.to(memory_format=torch.channels_last)
         do_compile = fast if compile is None else compile
-        swap_group_norm(self.model, group_norm or ("channel-stats" if do_compile else "torch"))
+        swap_group_norm(self.model, default_group_norm(group_norm, do_compile))
         self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.ema_params = [p for p, q in zip(self.ema.parameters(), self.model.parameters()) if q.requires_grad]
