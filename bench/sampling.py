@@ -24,10 +24,9 @@ import torch
 from ddim import perf
 from ddim.diffusion import alphas_cumprod as make_alphas_cumprod
 from ddim.diffusion import beta_schedule, sample, timesteps
-from ddim.models import UNet
+from ddim.models import UNet, unet_kwargs_from_config
 
-CIFAR10 = dict(ch=128, out_ch=3, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(16,),
-               dropout=0.1, in_channels=3, resolution=32, resamp_with_conv=True)
+CIFAR10 = unet_kwargs_from_config("cifar10")  # the official DDIM/DDPM CIFAR-10 U-Net
 TINY = dict(ch=32, out_ch=3, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,),
             dropout=0.0, in_channels=3, resolution=16, resamp_with_conv=True)
 

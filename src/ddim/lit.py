@@ -24,6 +24,8 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import get_ema_multi_avg_fn
 
+from ddim.perf import default_group_norm, swap_group_norm
+
 
 def _plain(d: Any) -> Any:
     """OmegaConf / tuples -> plain dicts and lists, so checkpoints load with ``weights_only=True``."""
@@ -86,8 +88,6 @@ def _fast_settings(fast: dict) -> dict:
     out["compile"] = bool(out["compile"])
     if out["channels_last"] is None:
         out["channels_last"] = out["compile"]
-    from ddim.perf import default_group_norm
-
     out["group_norm"] = default_group_norm(out["group_norm"], out["compile"])  # checked by swap_group_norm
     return out
 
@@ -104,9 +104,7 @@ class DiffusionModule(L.LightningModule):
         self.model = build_eps_model(model)
         if fast["channels_last"]:
             self.model = self.model.to(memory_format=torch.channels_last)
-        from ddim.perf import swap_group_norm  # same parameters and state-dict keys, only the class changes
-
-        swap_group_norm(self.model, fast["group_norm"])
+        swap_group_norm(self.model, fast["group_norm"])  # same parameters and state-dict keys, only the class changes
         self.ema_model = copy.deepcopy(self.model).eval().requires_grad_(False)
         swap_group_norm(self.ema_model, "torch")  # the EMA only samples previews, eagerly: torch's kernel
         self.register_buffer("alphas_cumprod", build_alphas_cumprod(diffusion), persistent=False)
