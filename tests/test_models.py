@@ -279,3 +279,18 @@ def test_attention_gives_sdpa_four_dimensional_inputs(monkeypatch):
     w = torch.softmax(torch.einsum("bci,bcj->bij", q, k) * 64 ** -0.5, dim=2)
     ref = x + block.proj_out(torch.einsum("bcj,bij->bci", v, w).reshape(x.shape))
     assert torch.allclose(out, ref, atol=1e-5)
+
+    # On channels_last input q, k, v are views of one projection (no re-layout pass before the attention
+    # kernel), and the result stays channels_last.
+    captured = []
+
+    def keep(q, k, v, **kw):
+        captured.append((q, k, v))
+        return real(q, k, v, **kw)
+
+    monkeypatch.setattr(unet_mod.F, "scaled_dot_product_attention", keep)
+    out_cl = block(x.contiguous(memory_format=torch.channels_last))
+    q, k, v = captured[-1]
+    assert q.untyped_storage().data_ptr() == k.untyped_storage().data_ptr() == v.untyped_storage().data_ptr()
+    assert out_cl.is_contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(out_cl, ref, atol=1e-5)

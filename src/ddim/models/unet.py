@@ -79,14 +79,19 @@ class AttnBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, hgt, wid = x.shape
-        h = self.norm(x)
-        # (B, C, H, W) -> (B, 1, HW, C): one head; a view when x is channels_last.  The head axis matters:
-        # SDPA's flash/memory-efficient kernels take 4-d inputs only, 3-d ones fall back to the math path
-        # (fp32 matrix products under autocast: a fifth of a bf16 forward's time on an H100).
-        q, k, v = (m(h).flatten(2).transpose(1, 2).unsqueeze(1) for m in (self.q, self.k, self.v))
-        out = F.scaled_dot_product_attention(q, k, v, scale=int(c) ** (-0.5))
-        out = out.squeeze(1).transpose(1, 2).reshape(b, c, hgt, wid)
-        return x + self.proj_out(out)
+        # Pixels as tokens, (B, HW, C): a view when x is channels_last.  The four 1x1 convs run as matrix
+        # products on the tokens (the same arithmetic), q/k/v as one product with the bias in its epilogue,
+        # so q, k, v come out as (B, 1, HW, C) views that SDPA takes as they are: as convs, the bias add
+        # was a separate pass that also re-laid each of q, k, v out for the attention kernel.  The head axis
+        # matters too: SDPA's flash/cuDNN kernels take 4-d inputs only; 3-d ones fall back to the math path
+        # (fp32 matrix products under autocast).
+        tokens = self.norm(x).permute(0, 2, 3, 1).reshape(b, hgt * wid, c)
+        w_qkv = torch.cat([self.q.weight, self.k.weight, self.v.weight]).flatten(1)
+        b_qkv = torch.cat([self.q.bias, self.k.bias, self.v.bias])
+        q, k, v = F.linear(tokens, w_qkv, b_qkv).unsqueeze(1).chunk(3, dim=-1)
+        out = F.scaled_dot_product_attention(q, k, v, scale=int(c) ** (-0.5)).squeeze(1)
+        out = F.linear(out, self.proj_out.weight.flatten(1), self.proj_out.bias)
+        return x + out.reshape(b, hgt, wid, c).permute(0, 3, 1, 2)
 
 
 class Downsample(nn.Module):
