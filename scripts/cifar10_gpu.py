@@ -13,6 +13,10 @@ Stages (each can run alone, so a run can span several commands of one machine):
 
     python scripts/cifar10_gpu.py train --minutes 7 --out /tmp/run
     python scripts/cifar10_gpu.py eval --out /tmp/run --weights pt_inception.pth
+    python scripts/cifar10_gpu.py eval --out /tmp/run --weights pt_inception.pth --resume   # after a cut
+
+Every finished cell is written to OUT/results.json at once; ``--resume`` computes only the missing ones, so
+an eval longer than one command's time limit runs as several commands.
 
 The data is the JPEG (q75) CIFAR-10 copy in ../shared/data, so FIDs are comparable with each other, not
 with published CIFAR-10 FIDs. See scripts/cifar10_gpu.sh for the command that made docs/results/cifar10.
@@ -168,16 +172,21 @@ def evaluate(args) -> None:
     etas = args.etas
     steps = [int(s) for s in args.steps.split(",")]
     record = dict(command=" ".join(sys.argv), samples=args.samples, reference_images=int(ref.shape[0]), train_steps=ck["steps"],
-                  train_seconds=ck["train_seconds"], machine=perf.device_info(device), table1=[], table2=[])
+                  train_seconds=ck["train_seconds"], seed=args.seed, trajectory=args.trajectory, fast=args.fast,
+                  machine=perf.device_info(device), table1=[], table2=[])
+    spent_before = resume(record, out / "results.json") if args.resume else 0.0
 
-    def save() -> None:  # after every cell: a run cut short keeps what it finished
+    def save() -> None:  # after every cell: a run cut short keeps what it finished (and --resume goes on)
+        record["eval_seconds"] = spent_before + time.time() - t_eval
         json.dump(record, open(out / "results.json", "w"), indent=1)
         write_markdown(record, etas, steps, out / "tables.md")
 
     # Table 1
-    grids = {}
+    grid_cells = {("0.0", max(steps)), ("1.0", max(steps)), ("0.0", min(steps))}
     for eta in etas:
         for S in steps:
+            if any(c["eta"] == str(eta) and c["S"] == S for c in record["table1"]):
+                continue  # done by the run this one resumes
             t0 = time.time()
             imgs = generate(eps, x_T, ac, S, eta, args.batch, args.seed + 1, args.trajectory)
             gen_s = time.time() - t0
@@ -186,18 +195,17 @@ def evaluate(args) -> None:
             cell = dict(eta=str(eta), S=S, fid=fid, sample_seconds=gen_s, fid_seconds=time.time() - t0)
             record["table1"].append(cell)
             log(f"eta={eta} S={S}: FID {fid} (sampling {gen_s:.1f}s)")
+            if (str(eta), S) in grid_cells:
+                save_image(imgs[:64].float() / 255, out / f"samples_eta{eta}_S{S}.png", nrow=8)
             save()
-            if S == max(steps) or S == min(steps):
-                grids[(str(eta), S)] = imgs[:64]
-    for (eta, S), g in grids.items():
-        if (eta, S) in (("0.0", max(steps)), ("1.0", max(steps)), ("0.0", min(steps))):
-            save_image(g.float() / 255, out / f"samples_eta{eta}_S{S}.png", nrow=8)
 
     # FID against network evaluations (beyond the paper): DDIM (eta = 0) and the ODE solvers, same x_T
     if args.nfe:
-        record["fid_vs_nfe"] = []
+        record.setdefault("fid_vs_nfe", [])
         for kind in ("ddim",) + SOLVERS:
             for budget in [int(b) for b in args.nfe.split(",")]:
+                if any(c["kind"] == kind and c["budget"] == budget for c in record["fid_vs_nfe"]):
+                    continue
                 try:
                     S, spent = steps_for_nfe_on(kind, budget, len(ac), args.trajectory)
                 except ValueError as e:  # budget below the method's minimum: leave the cell empty
@@ -212,7 +220,7 @@ def evaluate(args) -> None:
                 save()
 
     # numerics: bf16 fast path vs fp32 eager from the same noise, eta = 0, S = 50
-    if args.fast and args.fp32_check:
+    if args.fast and args.fp32_check and "numerics" not in record:
         S = 50
         t0 = time.time()
         fp32 = generate(model, x_T, ac, S, 0.0, args.batch, args.seed + 1, args.trajectory)
@@ -230,6 +238,8 @@ def evaluate(args) -> None:
     # Table 2: x_0 -> x_T (eta = 0) -> x_0 on test images
     x_test = to_model(load_split(args.data, "test", args.recon)).to(device)
     for S in [int(s) for s in args.recon_steps.split(",")]:
+        if any(c["S"] == S for c in record["table2"]):
+            continue
         ts = timesteps(len(ac), S, args.trajectory)
         t0 = time.time()
         errs = []
@@ -276,9 +286,29 @@ def evaluate(args) -> None:
             ax.legend()
             fig.tight_layout()
             fig.savefig(out / "fid_vs_nfe.png", dpi=120)
-    record["eval_seconds"] = time.time() - t_eval
     save()
     print((out / "tables.md").read_text())
+
+
+def resume(record: dict, path: Path) -> float:
+    """Take the finished cells of an earlier (possibly cut-short) eval of the same run into ``record``, so
+    that only the missing ones are computed; returns the seconds that eval had spent."""
+    if not path.is_file():
+        return 0.0
+    old = json.loads(path.read_text())
+    differ = [f"{k}: {old.get(k)!r} there, {record[k]!r} here" for k in ("samples", "train_steps", "reference_images",
+                                                                          "seed", "trajectory", "fast")
+              if old.get(k) != record[k]]
+    if differ:
+        raise SystemExit(f"--resume: {path} comes from other settings ({'; '.join(differ)}); run without --resume "
+                         f"into another --out, or move that file away (it is left as it is)")
+    for key in ("table1", "table2", "fid_vs_nfe", "numerics"):
+        if key in old:
+            record[key] = old[key]
+    record["commands"] = old.get("commands", [old["command"]]) + [record["command"]]
+    done = len(record["table1"]) + len(record["table2"]) + len(record.get("fid_vs_nfe", []))
+    log(f"resuming {path}: {done} cells done{', numerics done' if 'numerics' in record else ''}")
+    return float(old.get("eval_seconds", 0.0))
 
 
 NAMES = {"ddim": "DDIM (η = 0)", "plms": "PLMS", "dpmpp_2m": "DPM-Solver++(2M)", "heun": "Heun"}
@@ -352,6 +382,8 @@ def parse(argv=None):
     p.add_argument("--cache", default=None, help="FID cache dir (reference statistics)")
     p.add_argument("--ref-key", default="cifar10_jpeg_q75_train")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true",
+                   help="keep the finished cells of OUT/results.json (same run and settings) and compute the rest")
     a = p.parse_args(argv)
     if a.batch is None:
         a.batch = 1000 if a.stage == "eval" else 128

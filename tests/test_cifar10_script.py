@@ -92,6 +92,39 @@ def test_eval_reports_with_fid_plots_and_tables(tmp_path: Path, monkeypatch) -> 
         assert Image.open(out / name).size[0] > 100
 
 
+@pytest.mark.slow
+def test_eval_resume_computes_only_the_missing_cells(tmp_path: Path, monkeypatch) -> None:
+    import importlib.util
+
+    pack, out = tmp_path / "pack.npz", tmp_path / "run"
+    make_pack(pack)
+    spec = importlib.util.spec_from_file_location("cifar10_gpu", ROOT / "scripts" / "cifar10_gpu.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    common = ["--no-fast", "--device", "cpu", "--data", str(pack), "--out", str(out)]
+    mod.main(["train", "--tiny", *common, "--batch", "8", "--max-steps", "2", "--log-every", "1"])
+    calls = []
+    monkeypatch.setattr(mod, "fid_of", lambda imgs, ref, args: calls.append(imgs.shape) or 10.0 + len(calls))
+    cells = ["--samples", "4", "--batch", "4", "--etas", "0", "--recon", "2"]
+    mod.main(["eval", *common, *cells, "--steps", "2", "--recon-steps", "2"])  # a run cut after one cell each
+    first = json.loads((out / "results.json").read_text())
+    assert len(calls) == 1
+
+    mod.main(["eval", *common, *cells, "--steps", "2,4", "--recon-steps", "2,3", "--resume"])
+    res = json.loads((out / "results.json").read_text())
+    assert len(calls) == 2  # only S = 4 was sampled and scored
+    assert res["table1"][0] == first["table1"][0] and [c["S"] for c in res["table1"]] == [2, 4]
+    assert res["table2"][0] == first["table2"][0] and [c["S"] for c in res["table2"]] == [2, 3]
+    assert len(res["commands"]) == 2 and res["eval_seconds"] > first["eval_seconds"]
+    assert "| η = 0 (DDIM) | 11.00 | 12.00 |" in (out / "tables.md").read_text()
+
+    # other settings: a clear error naming them, and the finished results stay as they were
+    before = (out / "results.json").read_bytes()
+    with pytest.raises(SystemExit, match=r"samples: 4 there, 6 here"):
+        mod.main(["eval", *common, *cells[2:], "--samples", "6", "--steps", "2", "--resume"])
+    assert (out / "results.json").read_bytes() == before and len(calls) == 2
+
+
 @pytest.mark.parametrize("args, match", [(("--etas", "0,-1"), "--etas"), (("--nfe", "5,x"), "--nfe"),
                                          (("--steps", "10,0"), "--steps")])
 def test_bad_arguments_fail_before_any_work(tmp_path: Path, args, match) -> None:
