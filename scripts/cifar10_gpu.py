@@ -11,6 +11,8 @@ Stages (each can run alone, so a run can span several commands of one machine):
             decoded back, per-dimension MSE in [0, 1] units; and a numerics check: eta = 0, S = 50
             sampled in fp32 eager from the same noise as the bf16 fast path (pixel differences, FID).
 
+  report -- tables.md and the plots again from OUT/results.json (no model, no GPU).
+
     python scripts/cifar10_gpu.py train --minutes 7 --out /tmp/run
     python scripts/cifar10_gpu.py eval --out /tmp/run --weights pt_inception.pth
     python scripts/cifar10_gpu.py eval --out /tmp/run --weights pt_inception.pth --resume   # after a cut
@@ -150,10 +152,6 @@ def generate(eps, x_T: torch.Tensor, ac, S: int, eta, batch: int, seed: int, tra
 
 
 def evaluate(args) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from torchvision.utils import save_image
 
     t_eval = time.time()
@@ -254,38 +252,8 @@ def evaluate(args) -> None:
         log(f"reconstruction S={S}: per-dim MSE {mse:.5f}")
         save()
 
-    # outputs
     if not args.no_fid:
-        fig, ax = plt.subplots(figsize=(5, 3.5))
-        for eta in etas:
-            pts = [(c["S"], c["fid"]) for c in record["table1"] if c["eta"] == str(eta)]
-            label = {"hat": "σ̂", "0.0": "η = 0 (DDIM)", "1.0": "η = 1"}.get(str(eta), f"η = {eta}")
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=label)
-        ax.set_xscale("log")
-        ax.set_xticks(steps, [str(s) for s in steps])
-        ax.set_xlabel("S (sampling steps)")
-        ax.set_ylabel(f"FID ({args.samples:,} samples vs train)")
-        ax.set_title(f"CIFAR-10 (JPEG q75), {ck['steps']} training steps")
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(out / "fid_vs_S.png", dpi=120)
-        if record.get("fid_vs_nfe"):
-            fig, ax = plt.subplots(figsize=(5, 3.5))
-            for kind in ("ddim",) + SOLVERS:
-                pts = [(c["nfe"], c["fid"]) for c in record["fid_vs_nfe"] if c["kind"] == kind]
-                if pts:
-                    ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=NAMES.get(kind, kind))
-            ax.set_xscale("log")
-            ax.set_yscale("log")
-            ax.set_xlabel("NFE (network evaluations per image)")
-            ax.set_ylabel(f"FID ({args.samples:,} samples vs train)")
-            nfes = sorted({c["nfe"] for c in record["fid_vs_nfe"]})
-            ax.set_xticks(nfes, [str(n) for n in nfes])
-            ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
-            ax.set_title(f"CIFAR-10 (JPEG q75), {ck['steps']} steps, {args.trajectory} τ")
-            ax.legend()
-            fig.tight_layout()
-            fig.savefig(out / "fid_vs_nfe.png", dpi=120)
+        write_plots(record, out)
     save()
     print((out / "tables.md").read_text())
 
@@ -312,6 +280,66 @@ def resume(record: dict, path: Path) -> float:
 
 
 NAMES = {"ddim": "DDIM (η = 0)", "plms": "PLMS", "dpmpp_2m": "DPM-Solver++(2M)", "heun": "Heun"}
+
+
+def write_plots(record: dict, out: Path) -> None:
+    """fid_vs_S.png from Table 1 and, if measured, fid_vs_nfe.png (x ticks at the NFE budgets)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = sorted({c["S"] for c in record["table1"]})
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for eta in dict.fromkeys(c["eta"] for c in record["table1"]):
+        pts = [(c["S"], c["fid"]) for c in record["table1"] if c["eta"] == eta and c["fid"] is not None]
+        label = {"hat": "σ̂", "0.0": "η = 0 (DDIM)", "1.0": "η = 1"}.get(eta, f"η = {eta}")
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=label)
+    ax.set_xscale("log")
+    ax.set_xticks(steps, [str(s) for s in steps])
+    ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+    ax.set_xlabel("S (sampling steps)")
+    ax.set_ylabel(f"FID ({record['samples']:,} samples vs train)")
+    ax.set_title(f"CIFAR-10 (JPEG q75), {record['train_steps']} training steps")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "fid_vs_S.png", dpi=120)
+    plt.close(fig)
+    cells = [c for c in record.get("fid_vs_nfe", []) if c["fid"] is not None]
+    if not cells:
+        return
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for kind in NAMES:
+        pts = [(c["nfe"], c["fid"]) for c in cells if c["kind"] == kind]
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=NAMES[kind])
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    budgets = sorted({c["budget"] for c in cells})  # Heun spends odd NFEs just under a budget: tick budgets only
+    ax.set_xticks(budgets, [str(b) for b in budgets])
+    ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+    ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    fids = [c["fid"] for c in cells]
+    ax.set_yticks([t for t in (10, 20, 30, 50, 100, 200, 300, 500) if min(fids) / 1.5 <= t <= max(fids) * 1.5])
+    ax.set_xlabel("NFE (network evaluations per image; a point at its NFE spent)")
+    ax.set_ylabel(f"FID ({record['samples']:,} samples vs train)")
+    ax.set_title(f"CIFAR-10 (JPEG q75), {record['train_steps']} steps, {record.get('trajectory', 'quadratic')} τ")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "fid_vs_nfe.png", dpi=120)
+    plt.close(fig)
+
+
+def report(args) -> None:
+    """Tables and plots again from OUT/results.json (no model, no GPU)."""
+    out = Path(args.out)
+    record = json.loads((out / "results.json").read_text())
+    etas = list(dict.fromkeys(c["eta"] for c in record["table1"]))
+    write_markdown(record, etas, sorted({c["S"] for c in record["table1"]}), out / "tables.md")
+    if any(c["fid"] is not None for c in record["table1"]):
+        write_plots(record, out)
+    print((out / "tables.md").read_text())
 
 
 def write_markdown(record: dict, etas, steps, path: Path) -> None:
@@ -351,7 +379,7 @@ def write_markdown(record: dict, etas, steps, path: Path) -> None:
 
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("stage", choices=["train", "eval", "all"])
+    p.add_argument("stage", choices=["train", "eval", "all", "report"])
     p.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10_jpeg_q75.npz"))
     p.add_argument("--out", required=True)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -407,6 +435,8 @@ def main(argv=None) -> None:
             args.batch = 1000
     if args.stage in ("eval", "all"):
         evaluate(args)
+    if args.stage == "report":
+        report(args)
 
 
 if __name__ == "__main__":

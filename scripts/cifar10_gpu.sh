@@ -7,13 +7,13 @@
 #   scripts/cifar10_gpu.sh OUT_DIR [DATA_NPZ] [INCEPTION_WEIGHTS]
 #
 # INCEPTION_WEIGHTS: torch-fidelity-format FID Inception weights (see ddim.eval.fid.resolve_inception_weights;
-# without it that function's own search is used). MINUTES (default 7) sets the training budget.
+# without it that function's own search is used). MINUTES (default 7.6, the recorded run) sets the training budget.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:?usage: scripts/cifar10_gpu.sh OUT_DIR [DATA_NPZ] [INCEPTION_WEIGHTS]}
 DATA=${2:-../shared/data/cifar10_jpeg_q75.npz}
 WEIGHTS=${3:-}
 export PYTHONUNBUFFERED=1
-python3 scripts/cifar10_gpu.py train --out "$OUT" --data "$DATA" --minutes "${MINUTES:-7}"
+python3 scripts/cifar10_gpu.py train --out "$OUT" --data "$DATA" --minutes "${MINUTES:-7.6}"
 python3 scripts/cifar10_gpu.py eval --out "$OUT" --data "$DATA" --fp32-check --nfe 5,10,20,50 ${WEIGHTS:+--weights "$WEIGHTS"} \
     --cache "$OUT/fid_cache"

@@ -90,6 +90,12 @@ def test_eval_reports_with_fid_plots_and_tables(tmp_path: Path, monkeypatch) -> 
     assert "| η = 0 (DDIM) | 11.00 | 12.00 |" in tables and "| DPM-Solver++(2M) |" in tables
     for name in ("fid_vs_S.png", "fid_vs_nfe.png"):
         assert Image.open(out / name).size[0] > 100
+    # `report` re-draws both from results.json alone
+    for name in ("fid_vs_S.png", "fid_vs_nfe.png", "tables.md"):
+        (out / name).unlink()
+    mod.main(["report", "--out", str(out)])
+    assert (out / "tables.md").read_text() == tables
+    assert all(Image.open(out / name).size[0] > 100 for name in ("fid_vs_S.png", "fid_vs_nfe.png"))
 
 
 @pytest.mark.slow
