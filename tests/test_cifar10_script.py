@@ -66,10 +66,10 @@ def test_train_then_eval_writes_tables_plot_and_grids(tmp_path: Path) -> None:
         assert Image.open(out / name).size[0] > 32
 
 
-@pytest.mark.slow
-def test_eval_reports_with_fid_plots_and_tables(tmp_path: Path, monkeypatch) -> None:
-    """The FID-dependent outputs (fid_vs_S.png, fid_vs_nfe.png, the tables' numbers) with the FID itself
-    replaced by a stand-in (the real one needs the Inception weights; ddim.eval.fid is tested elsewhere)."""
+def tiny_run_with_fid_stand_in(tmp_path: Path, monkeypatch):
+    """The script as a module, a tiny CPU model trained 2 steps into tmp_path/run, and its FID replaced by a
+    stand-in that returns 11, 12, ... and records the shapes it was given (the real FID needs the
+    Inception weights; ddim.eval.fid is tested elsewhere)."""
     import importlib.util
 
     pack, out = tmp_path / "pack.npz", tmp_path / "run"
@@ -81,6 +81,13 @@ def test_eval_reports_with_fid_plots_and_tables(tmp_path: Path, monkeypatch) -> 
     mod.main(["train", "--tiny", *common, "--batch", "8", "--max-steps", "2", "--log-every", "1"])
     calls = []
     monkeypatch.setattr(mod, "fid_of", lambda imgs, ref, args: calls.append(imgs.shape) or 10.0 + len(calls))
+    return mod, out, common, calls
+
+
+@pytest.mark.slow
+def test_eval_reports_with_fid_plots_and_tables(tmp_path: Path, monkeypatch) -> None:
+    """The FID-dependent outputs (fid_vs_S.png, fid_vs_nfe.png, the tables' numbers), FID stood in for."""
+    mod, out, common, calls = tiny_run_with_fid_stand_in(tmp_path, monkeypatch)
     mod.main(["eval", *common, "--samples", "6", "--batch", "3", "--etas", "0,1", "--steps", "2,4", "--recon", "3",
               "--recon-steps", "2", "--nfe", "5"])
     res = json.loads((out / "results.json").read_text())
@@ -100,17 +107,7 @@ def test_eval_reports_with_fid_plots_and_tables(tmp_path: Path, monkeypatch) -> 
 
 @pytest.mark.slow
 def test_eval_resume_computes_only_the_missing_cells(tmp_path: Path, monkeypatch) -> None:
-    import importlib.util
-
-    pack, out = tmp_path / "pack.npz", tmp_path / "run"
-    make_pack(pack)
-    spec = importlib.util.spec_from_file_location("cifar10_gpu", ROOT / "scripts" / "cifar10_gpu.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    common = ["--no-fast", "--device", "cpu", "--data", str(pack), "--out", str(out)]
-    mod.main(["train", "--tiny", *common, "--batch", "8", "--max-steps", "2", "--log-every", "1"])
-    calls = []
-    monkeypatch.setattr(mod, "fid_of", lambda imgs, ref, args: calls.append(imgs.shape) or 10.0 + len(calls))
+    mod, out, common, calls = tiny_run_with_fid_stand_in(tmp_path, monkeypatch)
     cells = ["--samples", "4", "--batch", "4", "--etas", "0", "--recon", "2"]
     mod.main(["eval", *common, *cells, "--steps", "2", "--recon-steps", "2"])  # a run cut after one cell each
     first = json.loads((out / "results.json").read_text())
