@@ -65,6 +65,12 @@ VARIANTS: dict[str, dict | None] = {
     "pure-gn-tuned": dict(dtype="bf16", autocast=False, channels_last=True, compile=True, group_norm="channel-stats",
                           options={"triton.cudagraphs": True, "max_autotune_pointwise": True,
                                    "coordinate_descent_tuning": True}),
+    # the upsampling convolutions on the low-resolution input (ddim.perf.PhaseUpsample: 16/36 of their
+    # FLOPs, no upsampled tensor); TFLOP/s columns count the official network's FLOPs
+    "fast-gn-phase": dict(dtype="bf16", channels_last=True, compile=True, group_norm="channel-stats",
+                          upsample="phases"),
+    "pure-gn-graphs-phase": dict(dtype="bf16", autocast=False, channels_last=True, compile=True,
+                                 group_norm="channel-stats", compile_mode="reduce-overhead", upsample="phases"),
     # and full max-autotune (Triton convolution templates against cuDNN, CUDA graphs): still compiling
     # after 2.5 min on an H100, never measured
     "pure-gn-max": dict(dtype="bf16", autocast=False, channels_last=True, compile=True, group_norm="channel-stats",

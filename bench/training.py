@@ -38,6 +38,10 @@ VARIANTS: dict[str, dict] = {
     "fast-cudagraphs": dict(fast=True, dtype="bf16", compile_mode="reduce-overhead", group_norm="torch"),
     "fast-cudagraphs-gn": dict(fast=True, dtype="bf16", compile_mode="reduce-overhead", group_norm="channel-stats"),
     "fast-gn": dict(fast=True, dtype="bf16", group_norm="channel-stats"),
+    # + the upsampling convolutions on the low-resolution input (ddim.perf.PhaseUpsample); TFLOP/s columns
+    # count the official network's FLOPs
+    "fast-cudagraphs-gn-phase": dict(fast=True, dtype="bf16", compile_mode="reduce-overhead",
+                                     group_norm="channel-stats", upsample="phases"),
     "fast-max": dict(fast=True, dtype="bf16", compile_mode="max-autotune-no-cudagraphs", group_norm="torch"),
     "bf16-eager": dict(fast=True, dtype="bf16", compile=False),
 }

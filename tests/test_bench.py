@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ddim import perf
@@ -113,8 +114,8 @@ def _run_bench(script, tmp_path, *args):
 
 
 def test_sampling_benchmark_tiny_cpu(tmp_path):
-    rec, stdout = _run_bench("sampling", tmp_path, "--variants", "fp32,fast", "--repeats", "1")
-    assert [r["variant"] for r in rec["rows"]] == ["fp32", "fast"]
+    rec, stdout = _run_bench("sampling", tmp_path, "--variants", "fp32,fast,fast-gn-phase", "--repeats", "1")
+    assert [r["variant"] for r in rec["rows"]] == ["fp32", "fast", "fast-gn-phase"]
     from ddim.diffusion import timesteps
 
     assert rec["nfe"] == len(timesteps(1000, 3, "linear")) and rec["batch"] == 4
@@ -125,12 +126,13 @@ def test_sampling_benchmark_tiny_cpu(tmp_path):
         assert r["tflops"] == pytest.approx(rec["gflop_per_forward"] * 4 * rec["nfe"] / r["seconds_median"] / 1e3)
     fast = rec["rows"][1]
     assert 0 < fast["diff_mean"] <= fast["diff_max"] <= 2.0
+    assert all(r["within_tol"] for r in rec["rows"][1:])  # the phase upsampling too, against fp32
     assert "images/s" in stdout and "fast" in stdout
 
 
 def test_training_benchmark_tiny_cpu(tmp_path):
-    rec, stdout = _run_bench("training", tmp_path, "--variants", "fp32,fast", "--windows", "1")
-    assert [r["variant"] for r in rec["rows"]] == ["fp32", "fast"]
+    rec, stdout = _run_bench("training", tmp_path, "--variants", "fp32,fast,fast-cudagraphs-gn-phase", "--windows", "1")
+    assert [r["variant"] for r in rec["rows"]] == ["fp32", "fast", "fast-cudagraphs-gn-phase"]
     for r in rec["rows"]:
         assert r["it_per_s"] > 0 and r["loss_finite"]
         assert r["sync_free"] is None  # only checked on CUDA
@@ -227,6 +229,44 @@ def test_swap_group_norm_in_a_unet_keeps_outputs_and_rejects_unknown_kind():
         assert torch.allclose(fast(x, t), ref, atol=1e-4)
     with pytest.raises(ValueError, match="'welford'.*allowed"):
         perf.swap_group_norm(model, "welford")
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 4, 6), (1, 3, 1, 1), (3, 8, 5, 3)])
+def test_upsample_conv_by_phases_equals_nearest_then_conv(shape):
+    """The four-phase 2x2 convolution on the low-resolution input is conv3x3(nearest 2x upsample): in
+    float64 to rounding, with and without bias, odd sizes and 1x1 inputs (all border), gradients too."""
+    torch.manual_seed(0)
+    b, c, h, w = shape
+    x = torch.randn(b, c, h, w, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(7, c, 3, 3, dtype=torch.float64, requires_grad=True)
+    for bias in (torch.randn(7, dtype=torch.float64), None):
+        ref = F.conv2d(F.interpolate(x, scale_factor=2.0, mode="nearest"), weight, bias, padding=1)
+        got = perf.upsample_conv3x3_by_phases(x, weight, bias)
+        assert got.shape == ref.shape and torch.allclose(got, ref, atol=1e-12, rtol=0)
+    g = torch.randn_like(ref)
+    grads_ref = torch.autograd.grad(ref, (x, weight), g)
+    grads_got = torch.autograd.grad(perf.upsample_conv3x3_by_phases(x, weight, None), (x, weight), g)
+    assert all(torch.allclose(a, r, atol=1e-10) for a, r in zip(grads_got, grads_ref))
+    cl = perf.upsample_conv3x3_by_phases(x.detach().contiguous(memory_format=torch.channels_last), weight, None)
+    assert cl.is_contiguous(memory_format=torch.channels_last)  # keeps the layout the next convolution wants
+
+
+def test_phase_upsample_in_a_unet_keeps_outputs_keys_and_rejects_unknown_kind():
+    from ddim.models.unet import Upsample
+
+    torch.manual_seed(0)
+    model = _unet().eval()
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([3, 900])
+    with torch.no_grad():
+        ref = model(x, t)
+        fast = perf.prepare_for_inference(model, dtype="fp32", compile=False, upsample="phases")
+        ups = [m for m in fast.modules() if isinstance(m, Upsample)]
+        assert ups and all(isinstance(m, perf.PhaseUpsample) for m in ups)
+        assert not any(isinstance(m, perf.PhaseUpsample) for m in model.modules())  # caller's model untouched
+        assert fast.model.state_dict().keys() == model.state_dict().keys()
+        assert torch.allclose(fast(x, t), ref, atol=1e-4)
+    with pytest.raises(ValueError, match="'bilinear'.*allowed"):
+        perf.swap_upsample(model, "bilinear")
 
 
 def test_prepare_for_inference_rejects_mode_with_options():
