@@ -120,11 +120,12 @@ def upsample_conv3x3_by_phases(x: torch.Tensor, weight: torch.Tensor, bias: torc
     """
     b, _, h, w = x.shape
     o = weight.shape[0]
-    rows = [torch.stack([weight[:, :, 0], weight[:, :, 1] + weight[:, :, 2]], dim=2),   # i = 0: rows p-1, p
-            torch.stack([weight[:, :, 0] + weight[:, :, 1], weight[:, :, 2]], dim=2)]   # i = 1: rows p, p+1
+    k = weight.to(torch.promote_types(weight.dtype, torch.float32))  # tap sums in >= fp32 even for bf16 weights
+    rows = [torch.stack([k[:, :, 0], k[:, :, 1] + k[:, :, 2]], dim=2),   # i = 0: source rows p-1, p
+            torch.stack([k[:, :, 0] + k[:, :, 1], k[:, :, 2]], dim=2)]   # i = 1: source rows p, p+1
     kernel = torch.cat([torch.stack([r[..., 0], r[..., 1] + r[..., 2]], dim=-1) if j == 0 else
                         torch.stack([r[..., 0] + r[..., 1], r[..., 2]], dim=-1)
-                        for r in rows for j in (0, 1)])                                  # (4O, I, 2, 2), phase-major
+                        for r in rows for j in (0, 1)]).to(weight.dtype)  # (4O, I, 2, 2), phase-major
     y = torch.nn.functional.conv2d(x, kernel, None if bias is None else bias.repeat(4), padding=1)
     y = y.unflatten(1, (2, 2, o))                                                        # (B, i, j, O, H+1, W+1)
     out = torch.stack([torch.stack([y[:, i, j, :, i:i + h, j:j + w] for j in (0, 1)], dim=-1) for i in (0, 1)],
