@@ -217,18 +217,25 @@ def test_channel_stat_group_norm_equals_group_norm(affine):
     assert torch.allclose(new(xb).float(), ref(xb.float()), atol=3e-2)
 
 
-def test_swap_group_norm_in_a_unet_keeps_outputs_and_rejects_unknown_kind():
+@pytest.mark.parametrize("kw, cls, swap, bad", [
+    (dict(group_norm="channel-stats"), "ChannelStatGroupNorm", "swap_group_norm", "welford"),
+    (dict(upsample="phases"), "PhaseUpsample", "swap_upsample", "bilinear")])
+def test_module_swaps_in_a_unet_keep_outputs_and_keys_and_reject_unknown_kind(kw, cls, swap, bad):
+    """prepare_for_inference's swaps change module classes only: same outputs, same state-dict keys, and the
+    caller's model is left as it was."""
+    cls = getattr(perf, cls)
     torch.manual_seed(0)
     model = _unet().eval()
     x, t = torch.randn(2, 3, 16, 16), torch.tensor([3, 900])
     with torch.no_grad():
         ref = model(x, t)
-        fast = perf.prepare_for_inference(model, dtype="fp32", compile=False, group_norm="channel-stats")
-        assert sum(isinstance(m, perf.ChannelStatGroupNorm) for m in fast.modules()) > 5
-        assert not any(isinstance(m, perf.ChannelStatGroupNorm) for m in model.modules())  # caller's model untouched
+        fast = perf.prepare_for_inference(model, dtype="fp32", compile=False, **kw)
+        assert any(isinstance(m, cls) for m in fast.modules())
+        assert not any(isinstance(m, cls) for m in model.modules())  # caller's model untouched
+        assert fast.model.state_dict().keys() == model.state_dict().keys()
         assert torch.allclose(fast(x, t), ref, atol=1e-4)
-    with pytest.raises(ValueError, match="'welford'.*allowed"):
-        perf.swap_group_norm(model, "welford")
+    with pytest.raises(ValueError, match=f"'{bad}'.*allowed"):
+        getattr(perf, swap)(model, bad)
 
 
 @pytest.mark.parametrize("shape", [(2, 5, 4, 6), (1, 3, 1, 1), (3, 8, 5, 3)])
@@ -249,24 +256,6 @@ def test_upsample_conv_by_phases_equals_nearest_then_conv(shape):
     assert all(torch.allclose(a, r, atol=1e-10) for a, r in zip(grads_got, grads_ref))
     cl = perf.upsample_conv3x3_by_phases(x.detach().contiguous(memory_format=torch.channels_last), weight, None)
     assert cl.is_contiguous(memory_format=torch.channels_last)  # keeps the layout the next convolution wants
-
-
-def test_phase_upsample_in_a_unet_keeps_outputs_keys_and_rejects_unknown_kind():
-    from ddim.models.unet import Upsample
-
-    torch.manual_seed(0)
-    model = _unet().eval()
-    x, t = torch.randn(2, 3, 16, 16), torch.tensor([3, 900])
-    with torch.no_grad():
-        ref = model(x, t)
-        fast = perf.prepare_for_inference(model, dtype="fp32", compile=False, upsample="phases")
-        ups = [m for m in fast.modules() if isinstance(m, Upsample)]
-        assert ups and all(isinstance(m, perf.PhaseUpsample) for m in ups)
-        assert not any(isinstance(m, perf.PhaseUpsample) for m in model.modules())  # caller's model untouched
-        assert fast.model.state_dict().keys() == model.state_dict().keys()
-        assert torch.allclose(fast(x, t), ref, atol=1e-4)
-    with pytest.raises(ValueError, match="'bilinear'.*allowed"):
-        perf.swap_upsample(model, "bilinear")
 
 
 def test_prepare_for_inference_rejects_mode_with_options():
