@@ -9,7 +9,8 @@ gets sampled and is saved in every checkpoint.
 Checkpoint format (a Lightning ``.ckpt``): ``state_dict`` holds ``model.*`` (raw weights) and
 ``ema_model.*`` (EMA weights, same keys after the prefix); ``hyper_parameters`` holds plain dicts
 ``model`` (UNet kwargs), ``diffusion`` (beta schedule), ``optim``, ``data`` (name, image_size, channels) and
-``fast`` (speed settings: torch.compile, channels_last, GroupNorm kernel; they change no parameter).
+``fast`` (speed settings: torch.compile, channels_last, GroupNorm kernel, upsampling order; they change no
+parameter).
 """
 from __future__ import annotations
 
