@@ -225,3 +225,24 @@ def test_fast_settings_reject_unknown_keys():
     with pytest.raises(ValueError, match="'bilinear'.*allowed"):
         DiffusionModule(model=dict(ch=32, ch_mult=[1], attn_resolutions=[], resolution=8), diffusion={},
                         fast={"upsample": "bilinear"})
+
+
+def test_step_rate_logs_training_speed(tmp_path):
+    """train/steps_per_s and train/images_per_s reach the logger once per window, with real positive values."""
+    import csv
+
+    res = _run(_cfg(tmp_path, "trainer.max_steps=4", "dataset.batch_size=8", "dataset.image_size=8",
+                    "callbacks.step_rate.every_n_steps=2", "callbacks.sample_grid.every_n_steps=0",
+                    "logger=csv", "trainer.log_every_n_steps=1"))
+    rate = next(cb for cb in res["trainer"].callbacks if type(cb).__name__ == "StepRate")
+    assert rate.last["train/images_per_s"] == pytest.approx(8 * rate.last["train/steps_per_s"])
+    rows = [r for f in tmp_path.rglob("metrics.csv") for r in csv.DictReader(open(f)) if r.get("train/steps_per_s")]
+    assert len(rows) == 2 and all(float(r["train/steps_per_s"]) > 0 for r in rows)
+    assert [int(r["step"]) for r in rows] == [2, 4]  # after the 2nd and 4th optimizer steps
+
+
+def test_step_rate_rejects_bad_window():
+    from ddim.callbacks import StepRate
+
+    with pytest.raises(ValueError, match="every_n_steps must be >= 1, got 0"):
+        StepRate(every_n_steps=0)

@@ -1,8 +1,11 @@
-"""Training callbacks: DDIM sample grids from fixed noise, so runs can be compared by eye as they train."""
+"""Training callbacks: DDIM sample grids from fixed noise, so runs can be compared by eye as they train, and
+the training speed in steps and images per second."""
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
+
+import time
 
 import lightning as L
 import torch
@@ -85,6 +88,46 @@ class SampleGrid(L.Callback):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.write(trainer, pl_module)
+
+
+class StepRate(L.Callback):
+    """Logs ``train/steps_per_s`` and ``train/images_per_s`` over each window of ``every_n_steps`` optimizer
+    steps (wall time, so data loading and logging count).  One device sync per window, none per step: unlike
+    Lightning's ``ThroughputMonitor`` (a sync every step) it does not slow a sync-free step down.  The first
+    window after the start (or a resume) includes compilation; later ones are the steady state."""
+
+    def __init__(self, every_n_steps: int = 100):
+        super().__init__()
+        if every_n_steps < 1:
+            raise ValueError(f"every_n_steps must be >= 1, got {every_n_steps}")
+        self.every_n_steps = int(every_n_steps)
+        self._t0: float | None = None
+        self._step0 = 0
+        self._images = 0
+
+    def _sync(self, pl_module: L.LightningModule) -> None:
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize(pl_module.device)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._sync(pl_module)
+        self._t0, self._step0, self._images = time.perf_counter(), trainer.global_step, 0
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        x = batch[0] if isinstance(batch, (list, tuple)) else batch
+        self._images += int(x.shape[0]) * trainer.world_size
+        steps = trainer.global_step - self._step0
+        if self._t0 is None or steps < self.every_n_steps:
+            return
+        self._sync(pl_module)
+        now = time.perf_counter()
+        dt = now - self._t0
+        self.last = {"train/steps_per_s": steps / dt, "train/images_per_s": self._images / dt}
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:  # straight to the loggers: once per window, at this step
+                logger.log_metrics(self.last, step=trainer.global_step)
+        self._t0, self._step0, self._images = now, trainer.global_step, 0
 
 
 def _log_image(logger: Any, grid: torch.Tensor, step: int) -> None:
