@@ -176,7 +176,9 @@ def main(argv=None) -> dict:
 def run_variant(name, kw, model, x_T, ac, ts, args, device, flops_fwd, nfe, peak, flags) -> dict:
     torch.backends.cudnn.allow_tf32 = flags["cudnn.allow_tf32"] and name != "fp32-strict"
     torch.backends.cuda.matmul.allow_tf32 = flags["cuda.matmul.allow_tf32"] and name != "fp32-strict"
-    eps = model if kw is None else perf.prepare_for_inference(model, backend=args.backend, **kw)
+    # variants run the official upsampling order unless they name "phases" (the library's compiled default)
+    eps = model if kw is None else perf.prepare_for_inference(model, backend=args.backend,
+                                                             **{"upsample": "nearest", **kw})
 
     def run(S=None):
         seq = ts if S is None else timesteps(len(ac), S, "linear")

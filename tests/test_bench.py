@@ -238,6 +238,15 @@ def test_module_swaps_in_a_unet_keep_outputs_and_keys_and_reject_unknown_kind(kw
         getattr(perf, swap)(model, bad)
 
 
+def test_compiled_inference_defaults_to_phase_upsampling_eager_to_official_order():
+    model = _unet().eval()
+    eager = perf.prepare_for_inference(model, dtype="fp32", compile=False)
+    compiled = perf.prepare_for_inference(model, dtype="fp32", compile=True, backend="eager")
+    official = perf.prepare_for_inference(model, dtype="fp32", compile=True, backend="eager", upsample="nearest")
+    kinds = [{type(m).__name__ for m in w.modules()} for w in (eager, compiled, official)]
+    assert "PhaseUpsample" not in kinds[0] and "PhaseUpsample" in kinds[1] and "PhaseUpsample" not in kinds[2]
+
+
 @pytest.mark.parametrize("shape", [(2, 5, 4, 6), (1, 3, 1, 1), (3, 8, 5, 3)])
 def test_upsample_conv_by_phases_equals_nearest_then_conv(shape):
     """The four-phase 2x2 convolution on the low-resolution input is conv3x3(nearest 2x upsample): in

@@ -186,16 +186,18 @@ def test_lit_update_ema_is_the_official_rule():
 
 def test_fast_compiled_training_same_loss_and_checkpoint_keys(tmp_path):
     """fast.compile=true (eager backend on CPU): channels_last, per-channel GroupNorm statistics, the phase
-    upsampling and a compiled view of the U-Net give the plain module's loss, train, and save the same
+    upsampling (defaults when compiled) and a compiled view of the U-Net give the plain module's loss, train, and save the same
     checkpoint keys."""
     from ddim.lit import DiffusionModule
     from ddim.perf import ChannelStatGroupNorm, PhaseUpsample
 
     plain_res = _run(_cfg(tmp_path / "plain", "trainer.fast_dev_run=2", "dataset.batch_size=8", "dataset.image_size=8"))
     fast_res = _run(_cfg(tmp_path / "fast", "trainer.fast_dev_run=2", "dataset.batch_size=8", "dataset.image_size=8",
-                         "fast.compile=true", "fast.backend=eager", "+fast.upsample=phases"))
+                         "fast.compile=true", "fast.backend=eager"))
     plain, fast = plain_res["module"], fast_res["module"]
     assert fast_res["trainer"].global_step == 2 and fast.hparams.fast["group_norm"] == "channel-stats"
+    assert fast.hparams.fast["upsample"] == "phases" and plain.hparams.fast["upsample"] == "nearest"  # follow compile
+    assert not any(isinstance(m, PhaseUpsample) for m in plain.model.modules())
     assert any(isinstance(m, ChannelStatGroupNorm) for m in fast.model.modules())
     assert not any(isinstance(m, ChannelStatGroupNorm) for m in fast.ema_model.modules())
     assert any(isinstance(m, PhaseUpsample) for m in fast.model.modules())

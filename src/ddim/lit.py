@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import get_ema_multi_avg_fn
 
-from ddim.perf import default_group_norm, swap_group_norm, swap_upsample
+from ddim.perf import default_group_norm, default_upsample, swap_group_norm, swap_upsample
 
 
 def _plain(d: Any) -> Any:
@@ -77,12 +77,12 @@ def eps_loss(eps_model: nn.Module, x0: torch.Tensor, t: torch.Tensor, alphas_cum
 
 
 FAST_DEFAULTS = {"compile": False, "backend": "inductor", "mode": None, "channels_last": None, "group_norm": None,
-                 "upsample": "nearest"}
+                 "upsample": None}
 
 
 def _fast_settings(fast: dict) -> dict:
-    """Fill in the speed settings: channels_last and per-channel GroupNorm statistics follow ``compile``
-    (they pay off compiled, on a GPU: docs/results/bench); none of them changes parameters or checkpoints."""
+    """Fill in the speed settings: channels_last, per-channel GroupNorm statistics and phase upsampling follow
+    ``compile`` (they pay off compiled, on a GPU: docs/results/bench); none changes parameters or checkpoints."""
     unknown = sorted(set(fast) - set(FAST_DEFAULTS))
     if unknown:
         raise ValueError(f"unknown fast setting(s) {unknown}; allowed: {sorted(FAST_DEFAULTS)}")
@@ -91,6 +91,7 @@ def _fast_settings(fast: dict) -> dict:
     if out["channels_last"] is None:
         out["channels_last"] = out["compile"]
     out["group_norm"] = default_group_norm(out["group_norm"], out["compile"])  # checked by swap_group_norm
+    out["upsample"] = default_upsample(out["upsample"], out["compile"])  # checked by swap_upsample
     return out
 
 

@@ -149,6 +149,12 @@ class PhaseUpsample(Upsample):
 UPSAMPLES = ("nearest", "phases")
 
 
+def default_upsample(kind: str | None, compiled: bool) -> str:
+    """``kind`` if given, else "phases" for compiled networks (faster on an H100: sampling +1 %, training
+    +3 %, docs/results/bench) and the official order for eager ones."""
+    return kind or ("phases" if compiled else "nearest")
+
+
 def swap_upsample(model: nn.Module, kind: str = "phases") -> nn.Module:
     """Make every ``Upsample`` of ``model`` (in place) upsample-then-convolve the ``kind`` way:
     "nearest" (the official order) or "phases" (``PhaseUpsample``)."""
@@ -171,7 +177,7 @@ def prepare_for_inference(
     backend: str = "inductor",
     options: dict | None = None,
     group_norm: str | None = None,
-    upsample: str = "nearest",
+    upsample: str | None = None,
 ) -> nn.Module:
     """A fast eval-mode copy of an ε-model with the same ``(x, t) -> ε`` signature.
 
@@ -183,14 +189,14 @@ def prepare_for_inference(
     group_norm: "torch" or "channel-stats" (``ChannelStatGroupNorm``; default when compiled: compiled,
     it is ~10% faster for sampling on an H100; eager, torch's kernel is faster).
     upsample: "nearest" (official order) or "phases" (``PhaseUpsample``: the upsampling convolutions on the
-    low-resolution input, 16/36 of their FLOPs; not yet timed on a GPU, so not the default).
+    low-resolution input, 16/36 of their FLOPs; default when compiled: +1 % sampling on an H100).
     """
     if options and compile_mode:
         raise ValueError(f"give compile_mode ({compile_mode!r}) or options ({options}), not both: torch.compile "
                          f"takes one of them")
     torch_dtype = _dtype(dtype)
     fast = swap_group_norm(copy.deepcopy(model).eval().requires_grad_(False), default_group_norm(group_norm, compile))
-    swap_upsample(fast, upsample)
+    swap_upsample(fast, default_upsample(upsample, compile))
     if not autocast and torch_dtype != torch.float32:
         fast = fast.to(torch_dtype)
     if channels_last:
@@ -248,7 +254,7 @@ class DiffusionTrainStep:
         backend: str = "inductor",
         compile: bool | None = None,
         group_norm: str | None = None,
-        upsample: str = "nearest",
+        upsample: str | None = None,
     ):
         if not 0.0 <= ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
@@ -264,7 +270,7 @@ class DiffusionTrainStep:
             self.model = self.model.to(memory_format=torch.channels_last)
         do_compile = fast if compile is None else compile
         swap_group_norm(self.model, default_group_norm(group_norm, do_compile))
-        swap_upsample(self.model, upsample)
+        swap_upsample(self.model, default_upsample(upsample, do_compile))
         self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.ema_params = [p for p, q in zip(self.ema.parameters(), self.model.parameters()) if q.requires_grad]
