@@ -71,6 +71,13 @@ VARIANTS: dict[str, dict | None] = {
                           upsample="phases"),
     "pure-gn-graphs-phase": dict(dtype="bf16", autocast=False, channels_last=True, compile=True,
                                  group_norm="channel-stats", compile_mode="reduce-overhead", upsample="phases"),
+    # GroupNorm+SiLU inside Triton 3x3 convolutions (ddim.fused): no separate normalise pass, but the prologue's
+    # 9-fold activation recompute costs more than it saves (342 vs 571 images/s on an H100): kept for kernel work
+    "pure-gn-graphs-fused": dict(dtype="bf16", autocast=False, channels_last=True, compile=True,
+                                 group_norm="channel-stats", compile_mode="reduce-overhead", fused=True),
+    "pure-gn-graphs-fused-phase": dict(dtype="bf16", autocast=False, channels_last=True, compile=True,
+                                       group_norm="channel-stats", compile_mode="reduce-overhead", fused=True,
+                                       upsample="phases"),
     # and full max-autotune (Triton convolution templates against cuDNN, CUDA graphs): still compiling
     # after 2.5 min on an H100, never measured
     "pure-gn-max": dict(dtype="bf16", autocast=False, channels_last=True, compile=True, group_norm="channel-stats",

@@ -178,6 +178,7 @@ def prepare_for_inference(
     options: dict | None = None,
     group_norm: str | None = None,
     upsample: str | None = None,
+    fused: bool = False,
 ) -> nn.Module:
     """A fast eval-mode copy of an ε-model with the same ``(x, t) -> ε`` signature.
 
@@ -190,6 +191,8 @@ def prepare_for_inference(
     it is ~10% faster for sampling on an H100; eager, torch's kernel is faster).
     upsample: "nearest" (official order) or "phases" (``PhaseUpsample``: the upsampling convolutions on the
     low-resolution input, 16/36 of their FLOPs; default when compiled: +1 % sampling on an H100).
+    fused: ResnetBlocks as ``ddim.fused.FusedResnetBlock`` (GroupNorm+SiLU in Triton convolutions' prologue);
+    needs autocast=False.  Measured SLOWER on an H100 (342 vs 571 images/s): kept for kernel work only.
     """
     if options and compile_mode:
         raise ValueError(f"give compile_mode ({compile_mode!r}) or options ({options}), not both: torch.compile "
@@ -201,6 +204,12 @@ def prepare_for_inference(
         fast = fast.to(torch_dtype)
     if channels_last:
         fast = fast.to(memory_format=torch.channels_last)
+    if fused:
+        if autocast and torch_dtype != torch.float32:
+            raise ValueError("fused=True runs the convolutions in the weights' dtype: give autocast=False "
+                             f"(weights cast to {dtype}), not autocast")
+        from ddim.fused import swap_resnet_blocks
+        swap_resnet_blocks(fast)
     wrapped: nn.Module = CastEpsModel(fast, torch_dtype, autocast=autocast, channels_last=channels_last)
     if compile:
         wrapped = torch.compile(wrapped, mode=compile_mode, backend=backend, dynamic=False, options=options)

@@ -1,0 +1,373 @@
+"""GroupNorm + SiLU fused into the 3x3 convolutions of the ResnetBlocks (inference, Triton).
+
+Why: at batch 512 on an H100 the compiled bf16 U-Net spends ~47 % of its time in cuDNN convolutions
+(near the matrix units' peak) and ~36 % in GroupNorm passes that stream whole activations through
+memory: one pass for the statistics, one that writes ``silu(norm(h))`` for the convolution to read
+back (docs/results/bench).  cuDNN cannot take per-sample normalisation into a convolution, so this
+module has one implicit-GEMM convolution kernel (NHWC, 3x3, padding 1) that
+
+* prologue: applies ``silu(x * scale[n, c] + shift[n, c])`` to the input tile it loads (GroupNorm with
+  its affine folded into a per-sample, per-channel scale and shift; the zero padding is applied after
+  the activation, as the unfused network pads the activation);
+* epilogue: adds the bias (per channel, or per sample and channel: the time embedding folds in), an
+  optional residual, stores, and returns the GroupNorm statistics of what it stored (tile means and
+  sums of squared deviations, pooled exactly as in Chan et al.'s parallel variance), so the next
+  GroupNorm needs no pass of its own.
+
+``FusedResnetBlock`` uses it for both convolutions of a block: of the block's four GroupNorm passes
+only the statistics of its input remain.  Everything else (stride-2, 1x1, the upsampling and output
+convolutions, attention) stays with cuDNN/Inductor.  The kernels are Triton; Triton's interpreter
+(``TRITON_INTERPRET=1``) runs them on the CPU for the tests.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ddim.models.unet import ResnetBlock
+
+try:  # the CUDA builds of torch ship Triton; CPU-only installs may not
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised only without Triton
+    triton = None
+
+__all__ = ["available", "conv3x3_fused", "group_norm_scale_shift", "FusedResnetBlock", "swap_resnet_blocks"]
+
+
+def available() -> bool:
+    """Triton is importable (GPU runs need CUDA; the interpreter runs on the CPU)."""
+    return triton is not None
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+if triton is not None:
+
+    @triton.jit
+    def _tanh_approx(x):
+        # One MUFU op (sm_75+) instead of exp + reciprocal: the prologue recomputes the activation for each
+        # of the 9 taps, so the special-function unit, not the matrix unit, would otherwise set the pace.
+        return tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=r,r", [x], dtype=tl.float32,
+                                         is_pure=True, pack=1)
+
+    @triton.jit
+    def _conv3x3_kernel(
+        X, W, BIAS, SCALE, SHIFT, RES, Y, PART,
+        M, H, WD, CIN, COUT,
+        sxn, sxh, sxw, sxc,
+        syn, syh, syw, syc,
+        srn, srh, srw, src,
+        PROLOGUE: tl.constexpr, PER_SAMPLE_BIAS: tl.constexpr, RESIDUAL: tl.constexpr,
+        STATS: tl.constexpr, GROUP_C: tl.constexpr, SAMPLE_TILES: tl.constexpr, FAST_SILU: tl.constexpr,
+        EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        # Output tiles: rows are pixels (n, oh, ow) flattened, columns output channels.  Axis 0 runs over
+        # the channel tiles so the tiles that share an input tile run together (it is read once from HBM).
+        pid_n = tl.program_id(0)
+        pid_m = tl.program_id(1)
+        hw_size = H * WD
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        n = offs_m // hw_size
+        hw = offs_m % hw_size
+        oh = hw // WD
+        ow = hw % WD
+        m_ok = offs_m < M
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < COUT
+        offs_k = tl.arange(0, BLOCK_K)
+        k_tiles = tl.cdiv(CIN, BLOCK_K)
+        n0 = (pid_m * BLOCK_M) // hw_size  # the tile's sample when SAMPLE_TILES (tiles never straddle samples)
+
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        # One flat loop over (tap, channel block), K = 9 * CIN, so Triton pipelines the loads across taps.
+        for it in range(0, 9 * k_tiles):
+            tap = it // k_tiles
+            ck = (it % k_tiles) * BLOCK_K + offs_k
+            ih = oh + (tap // 3 - 1)
+            iw = ow + (tap % 3 - 1)
+            inside = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < WD)
+            a_ptrs = X + (n * sxn + ih * sxh + iw * sxw)[:, None] + (ck * sxc)[None, :]
+            w_ptrs = W + (tap * CIN + ck)[:, None] * COUT + offs_n[None, :]
+            if EVEN_K:
+                a = tl.load(a_ptrs, mask=inside[:, None], other=0.0)
+                w = tl.load(w_ptrs, mask=n_ok[None, :], other=0.0)
+            else:
+                k_ok = ck < CIN
+                a = tl.load(a_ptrs, mask=inside[:, None] & k_ok[None, :], other=0.0)
+                w = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            if PROLOGUE:
+                if SAMPLE_TILES:
+                    s = tl.load(SCALE + n0 * CIN + ck, mask=ck < CIN, other=0.0)[None, :]
+                    b = tl.load(SHIFT + n0 * CIN + ck, mask=ck < CIN, other=0.0)[None, :]
+                else:
+                    nk = n[:, None] * CIN + ck[None, :]
+                    sk_ok = m_ok[:, None] & (ck < CIN)[None, :]
+                    s = tl.load(SCALE + nk, mask=sk_ok, other=0.0)
+                    b = tl.load(SHIFT + nk, mask=sk_ok, other=0.0)
+                v = a.to(tl.float32) * s + b
+                if FAST_SILU:
+                    v = v * (0.5 * _tanh_approx(0.5 * v) + 0.5)  # sigmoid(v) = (1 + tanh(v / 2)) / 2
+                else:
+                    v = v * tl.sigmoid(v)
+                a = tl.where(inside[:, None], v, 0.0).to(X.dtype.element_ty)  # zero padding after the activation
+            acc = tl.dot(a, w, acc)
+
+        mask = m_ok[:, None] & n_ok[None, :]
+        if PER_SAMPLE_BIAS:
+            acc += tl.load(BIAS + n[:, None] * COUT + offs_n[None, :], mask=mask, other=0.0)
+        else:
+            acc += tl.load(BIAS + offs_n, mask=n_ok, other=0.0)[None, :]
+        if RESIDUAL:
+            r_ptrs = RES + (n * srn + oh * srh + ow * srw)[:, None] + (offs_n * src)[None, :]
+            acc += tl.load(r_ptrs, mask=mask, other=0.0).to(tl.float32)
+        out = acc.to(Y.dtype.element_ty)
+        tl.store(Y + (n * syn + oh * syh + ow * syw)[:, None] + (offs_n * syc)[None, :], out, mask=mask)
+        if STATS:
+            # The host guarantees full tiles inside one sample and whole groups per tile.  Statistics of the
+            # stored (rounded) values, as GroupNorm would see them: tile mean and sum of squared deviations.
+            GROUPS_T: tl.constexpr = BLOCK_N // GROUP_C
+            v3 = tl.reshape(out.to(tl.float32), (BLOCK_M, GROUPS_T, GROUP_C))
+            mean = tl.sum(tl.sum(v3, axis=2), axis=0) / (BLOCK_M * GROUP_C)
+            d = v3 - mean[None, :, None]
+            m2 = tl.sum(tl.sum(d * d, axis=2), axis=0)
+            g = pid_n * GROUPS_T + tl.arange(0, GROUPS_T)
+            base = PART + (pid_m * (COUT // GROUP_C) + g) * 2
+            tl.store(base, mean)
+            tl.store(base + 1, m2)
+
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages): tried per shape on the first call (see _tune).
+CONFIGS: tuple[tuple[int, int, int, int, int], ...] = (
+    (128, 128, 64, 4, 3), (128, 128, 64, 8, 4), (128, 256, 64, 8, 3), (64, 128, 64, 4, 4), (256, 128, 64, 8, 3),
+)
+_TUNED: dict[tuple, tuple[int, int, int, int, int]] = {}
+
+
+def _candidates(configs, *, hw: int, m: int, cin: int, cout: int, stats_c: int | None) -> list[tuple]:
+    """``configs`` with the blocks clamped to the problem (small maps, few channels), deduplicated; with
+    fused statistics only those whose tiles hold whole groups of one sample."""
+    out = []
+    for bm, bn, bk, warps, stages in configs:
+        bm = max(16, min(bm, triton.next_power_of_2(m)))
+        bn = max(16, min(bn, triton.next_power_of_2(cout)))
+        bk = max(16, min(bk, triton.next_power_of_2(cin)))
+        if stats_c is not None:
+            bm = min(bm, hw & -hw)  # the largest power of two dividing H * W
+            if bm < 16 or hw % bm or cout % bn or bn % stats_c:
+                continue
+        if (bm, bn, bk, warps, stages) not in out:
+            out.append((bm, bn, bk, warps, stages))
+    return out
+
+
+def _launch(cfg, x, w_kc, bias, scale, shift, residual, y, part, stats_c, fast_silu) -> None:
+    bm, bn, bk, warps, stages = cfg
+    nb, cin, h, wd = x.shape
+    cout = y.shape[1]
+    m = nb * h * wd
+    res = residual if residual is not None else y
+    dummy = bias
+    grid = (triton.cdiv(cout, bn), triton.cdiv(m, bm))
+    _conv3x3_kernel[grid](
+        x, w_kc, bias, scale if scale is not None else dummy, shift if shift is not None else dummy, res, y,
+        part if part is not None else dummy,
+        m, h, wd, cin, cout,
+        x.stride(0), x.stride(2), x.stride(3), x.stride(1),
+        y.stride(0), y.stride(2), y.stride(3), y.stride(1),
+        res.stride(0), res.stride(2), res.stride(3), res.stride(1),
+        PROLOGUE=scale is not None, PER_SAMPLE_BIAS=bias.dim() == 2, RESIDUAL=residual is not None,
+        STATS=part is not None, GROUP_C=stats_c or 1, SAMPLE_TILES=(h * wd) % bm == 0,
+        FAST_SILU=fast_silu and not _interpreting(), EVEN_K=cin % bk == 0,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages,
+    )
+
+
+def _tune(key: tuple, candidates: list[tuple], run) -> tuple:
+    """The fastest config for ``key``, timed once per process (the first call; never while a CUDA graph
+    is being captured, where the first valid config is used without timing)."""
+    if key in _TUNED:
+        return _TUNED[key]
+    if len(candidates) == 1 or _interpreting() or not torch.cuda.is_available() \
+            or torch.cuda.is_current_stream_capturing():
+        return candidates[0]
+    from triton.testing import do_bench
+    times = {}
+    for cfg in candidates:
+        try:
+            times[cfg] = do_bench(lambda: run(cfg), warmup=5, rep=20)
+        except Exception:  # noqa: BLE001 - a config the compiler or the chip rejects (e.g. shared memory)
+            continue
+    if not times:
+        raise RuntimeError(f"no Triton config ran for conv3x3 {key}")
+    _TUNED[key] = min(times, key=times.get)
+    return _TUNED[key]
+
+
+def conv3x3_fused(
+    x: torch.Tensor,
+    w_kc: torch.Tensor,
+    bias: torch.Tensor,
+    *,
+    scale: torch.Tensor | None = None,
+    shift: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
+    stats_groups: int | None = None,
+    fast_silu: bool = True,
+    config: tuple | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``conv3x3(silu(x * scale + shift)) + bias (+ residual)`` with padding 1, output channels_last.
+
+    x: (N, C, H, W), any strides (channels_last reads coalesced).  w_kc: the weight as (9 * C, O),
+    row ``(kh * 3 + kw) * C + c`` (``weight_for_kernel``), x's dtype.  bias: (O,) or (N, O), float32.
+    scale/shift: (N, C) float32 or both None (no prologue).  residual: (N, O, H, W) or None.
+    stats_groups: also return the output's GroupNorm statistics, (N, stats_groups, 2) [mean, var] in
+    float32, else None.  fast_silu: sigmoid through one ``tanh.approx`` (GPU; error ~5e-4 of the
+    activation, below bf16's rounding) instead of exp + division.  config: force one
+    (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) instead of timing ``CONFIGS`` on the first call.
+    A ``torch.library`` custom op, so ``torch.compile`` and CUDA graphs take it as one opaque kernel.
+    """
+    if (scale is None) != (shift is None):
+        raise ValueError("give both scale and shift (the GroupNorm prologue) or neither")
+    y, stats = torch.ops.ddim.conv3x3_fused(x, w_kc, bias, scale, shift, residual, stats_groups or 0, fast_silu,
+                                            list(config) if config else None)
+    return y, (stats if stats_groups else None)
+
+
+def _conv3x3_impl(x, w_kc, bias, scale, shift, residual, stats_groups, fast_silu, config):
+    stats_groups = stats_groups or None
+    nb, cin, h, wd = x.shape
+    cout = w_kc.shape[1]
+    if w_kc.shape[0] != 9 * cin:
+        raise ValueError(f"w_kc must be (9 * C, O) = (9 * {cin}, O), got {tuple(w_kc.shape)}")
+    stats_c = None
+    if stats_groups is not None:
+        if cout % stats_groups:
+            raise ValueError(f"stats_groups={stats_groups} must divide the {cout} output channels")
+        stats_c = cout // stats_groups
+        if stats_c & (stats_c - 1):
+            raise ValueError(f"channels per group must be a power of two for the fused statistics, got {stats_c}")
+    y = torch.empty((nb, cout, h, wd), device=x.device, dtype=x.dtype, memory_format=torch.channels_last)
+    m = nb * h * wd
+    configs = (config,) if config else CONFIGS
+    cands = _candidates(configs, hw=h * wd, m=m, cin=cin, cout=cout, stats_c=stats_c)
+    if not cands:  # no tile holds whole groups of one sample (e.g. odd maps): statistics in a separate pass
+        y, _ = _conv3x3_impl(x, w_kc, bias, scale, shift, residual, 0, fast_silu, config)
+        return y, group_stats(y, stats_groups)
+
+    def part_for(cfg):
+        return None if stats_c is None else torch.empty((m // cfg[0], stats_groups, 2), device=x.device,
+                                                        dtype=torch.float32)
+
+    key = (x.device.type, tuple(x.shape), cout, x.dtype, scale is not None, bias.dim(), residual is not None,
+           stats_c, fast_silu)
+    cfg = _tune(key, cands, lambda c: _launch(c, x, w_kc, bias, scale, shift, residual, y, part_for(c),
+                                              stats_c, fast_silu))
+    part = part_for(cfg)
+    _launch(cfg, x, w_kc, bias, scale, shift, residual, y, part, stats_c, fast_silu)
+    if part is None:
+        return y, x.new_empty((nb, 0, 2), dtype=torch.float32)
+    tiles = (h * wd) // cfg[0]
+    return y, _pool_stats(part.view(nb, tiles, stats_groups, 2), cfg[0] * stats_c)
+
+
+if triton is not None:
+    @torch.library.custom_op("ddim::conv3x3_fused", mutates_args=())
+    def _conv3x3_op(x: torch.Tensor, w_kc: torch.Tensor, bias: torch.Tensor, scale: torch.Tensor | None,
+                    shift: torch.Tensor | None, residual: torch.Tensor | None, stats_groups: int, fast_silu: bool,
+                    config: list[int] | None) -> tuple[torch.Tensor, torch.Tensor]:
+        return _conv3x3_impl(x, w_kc, bias, scale, shift, residual, stats_groups, fast_silu,
+                             tuple(config) if config else None)
+
+    @_conv3x3_op.register_fake
+    def _(x, w_kc, bias, scale, shift, residual, stats_groups, fast_silu, config):
+        nb, _, h, wd = x.shape
+        y = torch.empty((nb, w_kc.shape[1], h, wd), device=x.device, dtype=x.dtype,
+                        memory_format=torch.channels_last)
+        return y, x.new_empty((nb, stats_groups, 2), dtype=torch.float32)
+
+
+def _pool_stats(part: torch.Tensor, count: int) -> torch.Tensor:
+    """(N, T, G, 2) per-tile [mean, M2] over ``count`` values each -> (N, G, 2) [mean, var] (exact pooling)."""
+    mean_t, m2_t = part[..., 0], part[..., 1]
+    mean = mean_t.mean(1)
+    m2 = m2_t.sum(1) + count * (mean_t - mean[:, None]).square().sum(1)
+    return torch.stack([mean, m2 / (count * part.shape[1])], dim=-1)
+
+
+def weight_for_kernel(weight: torch.Tensor) -> torch.Tensor:
+    """(O, C, 3, 3) -> (9 * C, O): the K-major layout the kernel streams."""
+    o, c = weight.shape[:2]
+    return weight.permute(2, 3, 1, 0).reshape(9 * c, o).contiguous()
+
+
+def group_norm_scale_shift(mean_var: torch.Tensor, norm: nn.GroupNorm) -> tuple[torch.Tensor, torch.Tensor]:
+    """GroupNorm with its affine as a per-(sample, channel) ``x * scale + shift``, from (N, G, 2) [mean, var]."""
+    nb, g = mean_var.shape[:2]
+    c = norm.num_channels
+    rstd = torch.rsqrt(mean_var[..., 1] + norm.eps)
+    scale = rstd[:, :, None].expand(nb, g, c // g).reshape(nb, c)
+    shift = (-mean_var[..., 0] * rstd)[:, :, None].expand(nb, g, c // g).reshape(nb, c)
+    if norm.affine:
+        w = norm.weight.float()
+        scale, shift = scale * w, shift * w + norm.bias.float()
+    return scale.contiguous(), shift.contiguous()
+
+
+def group_stats(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """(N, G, 2) [mean, var] of x's GroupNorm groups in float32, from per-channel statistics pooled exactly
+    (coalesced on channels_last; the same method as ``ddim.perf.ChannelStatGroupNorm``)."""
+    nb, c = x.shape[:2]
+    var_c, mean_c = torch.var_mean(x.float(), dim=(2, 3), correction=0)
+    var_c, mean_c = var_c.view(nb, groups, c // groups), mean_c.view(nb, groups, c // groups)
+    mean = mean_c.mean(-1)
+    var = var_c.mean(-1) + (mean_c - mean[..., None]).square().mean(-1)
+    return torch.stack([mean, var], dim=-1)
+
+
+class FusedResnetBlock(ResnetBlock):
+    """``ResnetBlock`` (inference only) with both convolutions from ``conv3x3_fused``: norm1+SiLU in conv1's
+    prologue, the time embedding in its bias, norm2's statistics from its epilogue, norm2+SiLU in conv2's
+    prologue and the shortcut in conv2's epilogue.  Same parameters and state-dict keys."""
+
+    fast_silu: bool = True
+
+    def forward(self, x: torch.Tensor, temb_act: torch.Tensor) -> torch.Tensor:
+        if self.training or (torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())):
+            raise RuntimeError("FusedResnetBlock is for inference (eval mode, no gradients): its kernels have no "
+                               "backward and no dropout")
+        scale1, shift1 = group_norm_scale_shift(group_stats(x, self.norm1.num_groups), self.norm1)
+        bias1 = (self.conv1.bias.float() + self.temb_proj(temb_act).float()).contiguous()   # (N, O)
+        h, stats2 = conv3x3_fused(x, self.conv1_kc, bias1, scale=scale1, shift=shift1, stats_groups=self.norm2.num_groups,
+                                  fast_silu=self.fast_silu)
+        scale2, shift2 = group_norm_scale_shift(stats2, self.norm2)
+        skip = x if self.nin_shortcut is None else self.nin_shortcut(x)
+        out, _ = conv3x3_fused(h, self.conv2_kc, self.conv2.bias.float().contiguous(), scale=scale2, shift=shift2,
+                               residual=skip, fast_silu=self.fast_silu)
+        return out
+
+
+def swap_resnet_blocks(model: nn.Module, fused: bool = True) -> nn.Module:
+    """Make every ``ResnetBlock`` of ``model`` (in place) a ``FusedResnetBlock`` (or back).
+
+    The kernel-layout weights are non-persistent buffers made now (state dicts are unchanged): swap after
+    loading weights and casting, on an inference copy (``prepare_for_inference`` makes one).
+    """
+    if fused and not available():
+        raise RuntimeError("fused ResnetBlocks need Triton (shipped with the CUDA builds of torch)")
+    for m in model.modules():
+        if isinstance(m, ResnetBlock):
+            if fused:
+                m.__class__ = FusedResnetBlock
+                m.register_buffer("conv1_kc", weight_for_kernel(m.conv1.weight.detach()), persistent=False)
+                m.register_buffer("conv2_kc", weight_for_kernel(m.conv2.weight.detach()), persistent=False)
+            else:
+                m.__class__ = ResnetBlock
+                for name in ("conv1_kc", "conv2_kc"):
+                    m._buffers.pop(name, None)
+    return model
