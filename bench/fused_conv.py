@@ -84,6 +84,9 @@ def main(argv=None) -> dict:
     batch = args.batch or (2 if args.tiny else 512)
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     torch.backends.cudnn.benchmark = True
+    # one compiled reference per layer shape: above Dynamo's default limit of 8 recompilations it would
+    # silently run eagerly (the first H100 record's cudnn+gn column is eager from its 9th row on)
+    torch._dynamo.config.recompile_limit = 64
     rows = []
     for cin, cout, h, role in conv_shapes(model)[:args.max_layers]:
         x = torch.randn(batch, cin, h, h, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
