@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ddim.models.unet import ResnetBlock
+from ddim.perf import group_stats_by_channel
 
 try:  # the CUDA builds of torch ship Triton; CPU-only installs may not
     import triton
@@ -325,14 +326,9 @@ def group_norm_scale_shift(mean_var: torch.Tensor, norm: nn.GroupNorm) -> tuple[
 
 
 def group_stats(x: torch.Tensor, groups: int) -> torch.Tensor:
-    """(N, G, 2) [mean, var] of x's GroupNorm groups in float32, from per-channel statistics pooled exactly
-    (coalesced on channels_last; the same method as ``ddim.perf.ChannelStatGroupNorm``)."""
-    nb, c = x.shape[:2]
-    var_c, mean_c = torch.var_mean(x.float(), dim=(2, 3), correction=0)
-    var_c, mean_c = var_c.view(nb, groups, c // groups), mean_c.view(nb, groups, c // groups)
-    mean = mean_c.mean(-1)
-    var = var_c.mean(-1) + (mean_c - mean[..., None]).square().mean(-1)
-    return torch.stack([mean, var], dim=-1)
+    """(N, G, 2) [mean, var] of x's GroupNorm groups in float32 (``ddim.perf.group_stats_by_channel``:
+    per-channel statistics pooled exactly, coalesced on channels_last)."""
+    return torch.stack(group_stats_by_channel(x, groups), dim=-1)
 
 
 class FusedResnetBlock(ResnetBlock):

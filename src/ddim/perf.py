@@ -56,6 +56,16 @@ class CastEpsModel(nn.Module):
         return out.float().contiguous()
 
 
+def group_stats_by_channel(x: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-group (mean, variance), each (N, groups), of a 4-d ``x`` in float32, from per-channel statistics
+    pooled exactly: var_g = mean_c(var_c) + mean_c((mean_c - mean_g)^2), no cancellation."""
+    b, c = x.shape[:2]
+    var_c, mean_c = torch.var_mean(x.float(), dim=(2, 3), correction=0)
+    var_c, mean_c = var_c.view(b, groups, c // groups), mean_c.view(b, groups, c // groups)
+    mean_g = mean_c.mean(-1)
+    return mean_g, var_c.mean(-1) + (mean_c - mean_g[..., None]).square().mean(-1)
+
+
 class ChannelStatGroupNorm(nn.GroupNorm):
     """GroupNorm whose statistics are gathered per channel, then pooled per group.
 
@@ -72,10 +82,8 @@ class ChannelStatGroupNorm(nn.GroupNorm):
         b, c = x.shape[:2]
         g = self.num_groups
         xf = x.float()
-        var_c, mean_c = torch.var_mean(xf, dim=(2, 3), correction=0)
-        var_c, mean_c = var_c.view(b, g, c // g), mean_c.view(b, g, c // g)
-        mean_g = mean_c.mean(-1, keepdim=True)
-        var_g = var_c.mean(-1, keepdim=True) + (mean_c - mean_g).square().mean(-1, keepdim=True)
+        mean_g, var_g = group_stats_by_channel(xf, g)
+        mean_g, var_g = mean_g[..., None], var_g[..., None]
         scale = torch.rsqrt(var_g + self.eps).expand(b, g, c // g)
         if self.affine:
             scale = scale * self.weight.float().view(1, g, c // g)
