@@ -12,6 +12,9 @@ SHARED = REPO.parent / "shared"
 PARITY_FIXTURE = SHARED / "fixtures" / "official_ddim_parity.npz"
 
 os.environ.setdefault("WANDB_MODE", "offline")
+# Triton kernels (ddim.fused) run on CPU tensors through Triton's interpreter.  Set before anything imports
+# Triton: its own library functions (tl.cdiv ...) are compiled or interpreted as decided at import time.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")
