@@ -27,35 +27,17 @@ import torch.nn.functional as F
 
 from ddim import fused, perf
 from ddim.models import UNet, unet_kwargs_from_config
-from ddim.models.unet import ResnetBlock
 
 
 def conv_shapes(model: UNet) -> list[tuple[int, int, int, str]]:
     """Distinct (C_in, C_out, H, role) of the ResnetBlocks' 3x3 convolutions, in network order."""
-    shapes, res = [], model.resolution
-    seen = set()
-    # resolution per block: walk the network's order of levels
-    for level, down in enumerate(model.down):
-        for b in down.block:
-            for s in ((b.in_channels, b.out_channels, res >> level, "conv1"),
-                      (b.out_channels, b.out_channels, res >> level, "conv2")):
-                if s not in seen:
-                    seen.add(s)
-                    shapes.append(s)
-    last = res >> (len(model.down) - 1)
-    for b in (model.mid.block_1, model.mid.block_2):
-        for s in ((b.in_channels, b.out_channels, last, "conv1"), (b.out_channels, b.out_channels, last, "conv2")):
-            if s not in seen:
-                seen.add(s)
-                shapes.append(s)
-    for level in reversed(range(len(model.up))):
-        for b in model.up[level].block:
-            for s in ((b.in_channels, b.out_channels, res >> level, "conv1"),
-                      (b.out_channels, b.out_channels, res >> level, "conv2")):
-                if s not in seen:
-                    seen.add(s)
-                    shapes.append(s)
-    return shapes
+    res, last = model.resolution, len(model.down) - 1
+    blocks = [(b, res >> level) for level, down in enumerate(model.down) for b in down.block]
+    blocks += [(b, res >> last) for b in (model.mid.block_1, model.mid.block_2)]
+    blocks += [(b, res >> level) for level in reversed(range(len(model.up))) for b in model.up[level].block]
+    shapes = [s for b, h in blocks for s in ((b.in_channels, b.out_channels, h, "conv1"),
+                                             (b.out_channels, b.out_channels, h, "conv2"))]
+    return list(dict.fromkeys(shapes))
 
 
 def time_ms(fn, device, repeats: int) -> float:
