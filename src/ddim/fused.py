@@ -29,11 +29,10 @@ from __future__ import annotations
 import os
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ddim.models.unet import ResnetBlock
-from ddim.perf import group_stats_by_channel
+from ddim.perf import group_stats_by_channel, pool_mean_var
 
 try:  # the CUDA builds of torch ship Triton; CPU-only installs may not
     import triton
@@ -258,13 +257,13 @@ def _conv3x3_impl(x, w_kc, bias, scale, shift, residual, stats_groups, fast_silu
         stats_c = cout // stats_groups
         if stats_c & (stats_c - 1):
             raise ValueError(f"channels per group must be a power of two for the fused statistics, got {stats_c}")
-    y = torch.empty((nb, cout, h, wd), device=x.device, dtype=x.dtype, memory_format=torch.channels_last)
     m = nb * h * wd
     configs = (config,) if config else CONFIGS
     cands = _candidates(configs, hw=h * wd, m=m, cin=cin, cout=cout, stats_c=stats_c)
     if not cands:  # no tile holds whole groups of one sample (e.g. odd maps): statistics in a separate pass
         y, _ = _conv3x3_impl(x, w_kc, bias, scale, shift, residual, 0, fast_silu, config)
         return y, group_stats(y, stats_groups)
+    y = torch.empty((nb, cout, h, wd), device=x.device, dtype=x.dtype, memory_format=torch.channels_last)
 
     def part_for(cfg):
         return None if stats_c is None else torch.empty((m // cfg[0], stats_groups, 2), device=x.device,
@@ -300,10 +299,7 @@ if triton is not None:
 
 def _pool_stats(part: torch.Tensor, count: int) -> torch.Tensor:
     """(N, T, G, 2) per-tile [mean, M2] over ``count`` values each -> (N, G, 2) [mean, var] (exact pooling)."""
-    mean_t, m2_t = part[..., 0], part[..., 1]
-    mean = mean_t.mean(1)
-    m2 = m2_t.sum(1) + count * (mean_t - mean[:, None]).square().sum(1)
-    return torch.stack([mean, m2 / (count * part.shape[1])], dim=-1)
+    return torch.stack(pool_mean_var(part[..., 0], part[..., 1] / count, dim=1), dim=-1)
 
 
 def weight_for_kernel(weight: torch.Tensor) -> torch.Tensor:

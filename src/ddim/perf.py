@@ -56,14 +56,19 @@ class CastEpsModel(nn.Module):
         return out.float().contiguous()
 
 
+def pool_mean_var(mean: torch.Tensor, var: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, variance) of the union of equal-sized parts, from each part's mean and (biased) variance along
+    ``dim``, exactly: var = mean(var_i) + mean((mean_i - mean)^2), no E[x^2] - E[x]^2 cancellation."""
+    pooled = mean.mean(dim, keepdim=True)
+    return pooled.squeeze(dim), (var.mean(dim) + (mean - pooled).square().mean(dim))
+
+
 def group_stats_by_channel(x: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-group (mean, variance), each (N, groups), of a 4-d ``x`` in float32, from per-channel statistics
-    pooled exactly: var_g = mean_c(var_c) + mean_c((mean_c - mean_g)^2), no cancellation."""
+    pooled exactly (``pool_mean_var``): a coalesced reduction on channels_last."""
     b, c = x.shape[:2]
     var_c, mean_c = torch.var_mean(x.float(), dim=(2, 3), correction=0)
-    var_c, mean_c = var_c.view(b, groups, c // groups), mean_c.view(b, groups, c // groups)
-    mean_g = mean_c.mean(-1)
-    return mean_g, var_c.mean(-1) + (mean_c - mean_g[..., None]).square().mean(-1)
+    return pool_mean_var(mean_c.view(b, groups, c // groups), var_c.view(b, groups, c // groups), dim=-1)
 
 
 class ChannelStatGroupNorm(nn.GroupNorm):
