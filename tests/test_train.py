@@ -203,6 +203,10 @@ def test_fast_compiled_training_same_loss_and_checkpoint_keys(tmp_path):
     assert any(isinstance(m, PhaseUpsample) for m in fast.model.modules())
     assert not any(isinstance(m, PhaseUpsample) for m in fast.ema_model.modules())
     assert "_compiled_model" in fast.__dict__ and fast.state_dict().keys() == plain.state_dict().keys()
+    # clipping and the EMA used the tensors listed at train start: the live parameters of model and EMA
+    lists = fast.__dict__["_step_tensor_lists"]
+    assert [id(p) for p in lists["params"]] == [id(p) for p in fast.model.parameters()]
+    assert [id(p) for p in lists["ema"]] == [id(p) for p in fast.ema_model.parameters()]
     # same weights, same batch, same t and noise: the same loss
     fast.load_state_dict(plain.state_dict())
     x0 = torch.rand(8, 1, 8, 8) * 2 - 1

@@ -149,7 +149,7 @@ class DiffusionModule(L.LightningModule):
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         """Clip the global grad norm to optim.grad_clip (official 1.0) and log the pre-clip norm."""
         clip = self.hparams.optim.get("grad_clip", 1.0)
-        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), float(clip) if clip else math.inf)
+        norm = torch.nn.utils.clip_grad_norm_(self._step_tensors()["params"], float(clip) if clip else math.inf)
         self.log("train/grad_norm", norm, on_step=True)
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
@@ -164,13 +164,26 @@ class DiffusionModule(L.LightningModule):
         if self.ema_warmup:
             n = self.global_step  # optimizer steps taken before this one
             d = min(d, (1 + n) / (10 + n))
-        ema = [p for p in self.ema_model.parameters()]
-        cur = [p.detach() for p in self.model.parameters()]
+        t = self._step_tensors()
         # torch's own EMA rule (one fused _foreach_lerp_), as ddim.models.EMA; built per step because the
         # warm-up changes d. Keeping ema_model a plain module keeps checkpoint keys ("ema_model.*") stable.
-        get_ema_multi_avg_fn(d)(ema, cur, None)
-        for b_ema, b in zip(self.ema_model.buffers(), self.model.buffers()):
+        get_ema_multi_avg_fn(d)(t["ema"], t["params"], None)
+        for b_ema, b in zip(t["ema_buffers"], t["buffers"]):
             b_ema.copy_(b)
+
+    def on_train_start(self) -> None:
+        # listed once per fit, after the move to the device and any checkpoint restore (both keep the tensors)
+        self.__dict__["_step_tensor_lists"] = self._collect_step_tensors()
+
+    def _collect_step_tensors(self) -> dict[str, list[torch.Tensor]]:
+        return {"params": list(self.model.parameters()), "ema": list(self.ema_model.parameters()),
+                "buffers": list(self.model.buffers()), "ema_buffers": list(self.ema_model.buffers())}
+
+    def _step_tensors(self) -> dict[str, list[torch.Tensor]]:
+        """The tensors clipping and the EMA touch every step.  Walking the 250-module tree for them three times
+        a step is host time that the GPU waits for once the step is CUDA graphs (docs/results/bench)."""
+        lists = self.__dict__.get("_step_tensor_lists")
+        return lists if lists is not None else self._collect_step_tensors()
 
     def configure_optimizers(self):
         o = self.hparams.optim
