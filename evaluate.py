@@ -17,9 +17,15 @@ ROOT = Path(__file__).resolve().parent
 
 
 def _add_sweeps_to_search_path(argv: list[str]) -> None:
-    """Make ``+sweeps=<preset>`` work from any working directory (the presets live in <repo>/sweeps)."""
-    if not any(a.startswith("hydra.searchpath") for a in argv):
-        argv.append(f"hydra.searchpath=[file://{ROOT}]")
+    """Make ``+sweeps=<preset>`` work from any working directory (the presets live in <repo>/sweeps).
+
+    The override goes next to the user's own overrides (before the first of them, or first of all when there
+    are none): Hydra's parser wants the overrides in one run, so an override appended after a trailing
+    ``-m`` / ``--cfg job`` / ``--info`` would be rejected."""
+    if any(a.startswith("hydra.searchpath") for a in argv):
+        return
+    first = next((i for i, a in enumerate(argv[1:], 1) if "=" in a and not a.startswith("-")), 1)
+    argv.insert(first, f"hydra.searchpath=[file://{ROOT}]")
 
 
 @hydra.main(version_base="1.3", config_path=str(ROOT / "conf"), config_name="evaluate")

@@ -7,10 +7,13 @@
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
 
 
 def run(cfg: DictConfig) -> dict:
@@ -33,7 +36,12 @@ def run(cfg: DictConfig) -> dict:
                              data={k: data_cfg.get(k) for k in ("name", "image_size", "channels", "category")},
                              fast=cfg.get("fast"))
 
-    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    cb_cfg = cfg.get("callbacks") or {}
+    partial = [name for name, c in cb_cfg.items() if c is not None and "_target_" not in c]
+    if partial:  # e.g. an experiment's settings for callbacks that callbacks=none removed
+        log.warning(f"callbacks without _target_ ignored (settings for callbacks that are not in the chosen "
+                    f"callbacks group): {', '.join(partial)}")
+    callbacks = [instantiate(c) for c in cb_cfg.values() if c is not None and "_target_" in c]
     if not cfg.trainer.get("enable_progress_bar", True):
         from lightning.pytorch.callbacks import ProgressBar
 

@@ -79,3 +79,18 @@ def test_slurm_launcher_config_exists():
 
     text = (CONF / "hydra" / "launcher" / "slurm.yaml").read_text()
     assert "submitit_slurm" in text
+
+
+@pytest.mark.parametrize("config, overrides, name", [
+    ("evaluate", ["task=fid", "sampler.eta=hat", "sampler.steps=20"], "evaluate-fid-ddim-etahat-S20"),
+    ("train", ["dataset=cifar10"], "train-cifar10"),
+])
+def test_wandb_run_names(config, overrides, name):
+    """W&B names say what ran: evaluate.py runs by task and sampler (they were all 'evaluate-None'), training
+    runs by data set."""
+    from hydra.core.hydra_config import HydraConfig
+
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
+        cfg = compose(config_name=config, overrides=["logger=wandb", *overrides], return_hydra_config=True)
+        HydraConfig.instance().set_config(cfg)
+        assert OmegaConf.select(cfg, "logger.wandb.name") == name

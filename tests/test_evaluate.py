@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -265,7 +266,6 @@ def test_solver_kind_dispatches_to_solvers(monkeypatch, tmp_path, tiny_ckpt):
                     "run with DDIM_DDP_TEST=1")
 def test_two_process_ddp_gives_the_same_images(monkeypatch, tmp_path, tiny_ckpt):
     """Trainer.predict over 2 CPU processes (DDP, gloo): shards merged by index equal the 1-process samples."""
-    import subprocess
 
     common = [f"ckpt_path={tiny_ckpt}", "task=samples", "samples.num_samples=5", "samples.save_npz=true",
               "sampler.steps=3", "sampler.eta=1.0", "sampler.batch_size=2"]
@@ -279,3 +279,71 @@ def test_two_process_ddp_gives_the_same_images(monkeypatch, tmp_path, tiny_ckpt)
     two = np.load(tmp_path / "two" / "samples.npz")["arr_0"]
     np.testing.assert_array_equal(one, two)
     assert not list((tmp_path / "two" / "shards").glob("*.pt"))  # merged shards are cleaned up
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (("task=samples", "samples.num_samples=0"), r"samples.num_samples must be a positive integer, got 0"),
+    (("task=samples", "sampler.batch_size=0"), r"sampler.batch_size must be a positive integer, got 0"),
+    (("task=samples", "sampler.fast=maybe"), r"sampler.fast must be true or false, got 'maybe'"),
+    (("task=reconstruction", "reconstruction.num_images=-2"),
+     r"reconstruction.num_images must be a positive integer or null, got -2"),
+    (("task=reconstruction", "sampler.kind=plms"), r"task=reconstruction encodes .*sampler.kind=plms is not used"),
+    (("task=interpolation", "interpolation.num_pairs=0"), r"interpolation.num_pairs must be a positive integer, got 0"),
+    (("task=consistency", "consistency.steps=[]"), r"consistency.steps must be a non-empty list"),
+    (("task=consistency", "consistency.steps=[5,0]"),
+     r"consistency.steps entry \(in \[5, 0\]\) must be a positive integer, got 0"),
+])
+def test_bad_task_settings_fail_before_loading(monkeypatch, tmp_path, tiny_ckpt, overrides, match):
+    from ddim.eval import runner
+
+    monkeypatch.setattr(runner, "_load_model", lambda *a, **k: pytest.fail("model loaded despite bad input"))
+    with pytest.raises(ValueError, match=match):
+        run_evaluate(monkeypatch, tmp_path, f"ckpt_path={tiny_ckpt}", "sampler.steps=3", *overrides)
+    assert not (tmp_path / "records").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_cuda_device_without_cuda_is_named(monkeypatch, tmp_path, tiny_ckpt):
+    with pytest.raises(ValueError, match=r"device=cuda but CUDA is not available.*allowed here: auto, cpu"):
+        mod = _evaluate_module()
+        argv = ["evaluate.py", f"paths.log_dir={tmp_path}", f"ckpt_path={tiny_ckpt}", "task=samples", "device=cuda"]
+        monkeypatch.setattr(sys, "argv", argv)
+        monkeypatch.setenv("HYDRA_FULL_ERROR", "1")
+        mod.main()
+
+
+def test_rewritten_checkpoint_is_not_answered_from_the_old_record(monkeypatch, tmp_path, tiny_ckpt, capsys):
+    """The record key holds the checkpoint file's size and mtime: last.ckpt rewritten in place is a new model."""
+    import os
+    import shutil
+
+    ckpt = tmp_path / "last.ckpt"
+    shutil.copy(tiny_ckpt, ckpt)
+    args = (f"ckpt_path={ckpt}", "task=samples", "samples.num_samples=2", "sampler.steps=2")
+    run_evaluate(monkeypatch, tmp_path, *args)
+    run_evaluate(monkeypatch, tmp_path, *args)
+    assert "skipped: already done" in capsys.readouterr().out  # unchanged file: the record answers
+    state = torch.load(ckpt, weights_only=False)
+    state["state_dict"] = {k: v + 0.1 if v.is_floating_point() else v for k, v in state["state_dict"].items()}
+    torch.save(state, ckpt)
+    st = ckpt.stat()
+    os.utime(ckpt, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # a later write, even on coarse-mtime file systems
+    run_evaluate(monkeypatch, tmp_path, *args)
+    assert "skipped" not in capsys.readouterr().out
+    recs = records(tmp_path)
+    assert len(recs) == 2 and len({r["key"]["model"]["mtime_ns"] for r in recs}) == 2
+
+
+def test_hydra_flags_after_the_overrides(tmp_path):
+    """The sweeps search path joins the user's overrides, so a trailing -m / --cfg job / --info still parses."""
+    mod = _evaluate_module()
+    for argv, at in ((["evaluate.py", "-m", "+sweeps=table1_cifar10", "a=1"], 2),
+                     (["evaluate.py", "task=samples", "--cfg", "job"], 1),
+                     (["evaluate.py", "--info"], 1),
+                     (["evaluate.py", "--config-name", "evaluate", "task=fid", "-m"], 3)):
+        mod._add_sweeps_to_search_path(argv)
+        assert argv[at].startswith("hydra.searchpath=[file://") and sum("hydra.searchpath" in a for a in argv) == 1
+    proc = subprocess.run([sys.executable, str(REPO / "evaluate.py"), f"paths.log_dir={tmp_path}", "task=samples",
+                           "sampler.steps=7", "--cfg", "job"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "task: samples" in proc.stdout and "steps: 7" in proc.stdout

@@ -252,3 +252,29 @@ def test_step_rate_rejects_bad_window():
 
     with pytest.raises(ValueError, match="every_n_steps must be >= 1, got 0"):
         StepRate(every_n_steps=0)
+
+
+def test_experiment_settings_for_removed_callbacks_are_ignored(tmp_path, caplog):
+    """experiment=cifar10 sets callbacks.model_checkpoint/sample_grid steps; with callbacks=none those entries have
+    no _target_ and must be skipped (with a warning naming them), not handed to the Trainer as callbacks."""
+    tiny = [o for o in TINY if not o.startswith("callbacks.")]
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
+        cfg = compose(config_name="train", overrides=[
+            f"paths.output_dir={tmp_path}", "experiment=cifar10", "dataset=digits", "model=digits", "optim=digits",
+            "callbacks=none", *tiny, "trainer.fast_dev_run=1", "dataset.batch_size=4", "dataset.image_size=8"])
+    assert "_target_" not in cfg.callbacks.model_checkpoint  # the situation this guards
+    with caplog.at_level("WARNING"):
+        res = _run(cfg)
+    assert res["trainer"].global_step == 1
+    assert "model_checkpoint" in caplog.text and "sample_grid" in caplog.text
+    assert not any(type(c).__name__ == "SampleGrid" for c in res["trainer"].callbacks)  # (Lightning adds its own
+    # default ModelCheckpoint when none is configured)
+
+
+@pytest.mark.parametrize("key", ["compile", "channels_last"])
+def test_fast_switches_must_be_booleans(key):
+    from ddim.lit import DiffusionModule
+
+    with pytest.raises(ValueError, match=rf"fast.{key} must be true or false, got 'maybe'"):
+        DiffusionModule(model={"ch": 32, "ch_mult": [1], "num_res_blocks": 1, "attn_resolutions": [], "resolution": 8,
+                               "in_channels": 1, "out_ch": 1}, diffusion={}, fast={key: "maybe"})

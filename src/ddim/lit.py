@@ -76,6 +76,13 @@ def eps_loss(eps_model: nn.Module, x0: torch.Tensor, t: torch.Tensor, alphas_cum
     return (e - eps_model(x_t, t)).square().flatten(1).sum(1).mean()
 
 
+def as_bool(value: Any, name: str) -> bool:
+    """A config switch: true/false (Hydra's parse) only, so ``fast.compile=maybe`` is an error, not True."""
+    if isinstance(value, bool):
+        return value
+    raise ValueError(f"{name} must be true or false, got {value!r}")
+
+
 FAST_DEFAULTS = {"compile": False, "backend": "inductor", "mode": None, "channels_last": None, "group_norm": None,
                  "upsample": None}
 
@@ -87,9 +94,9 @@ def _fast_settings(fast: dict) -> dict:
     if unknown:
         raise ValueError(f"unknown fast setting(s) {unknown}; allowed: {sorted(FAST_DEFAULTS)}")
     out = {**FAST_DEFAULTS, **fast}
-    out["compile"] = bool(out["compile"])
-    if out["channels_last"] is None:
-        out["channels_last"] = out["compile"]
+    out["compile"] = as_bool(out["compile"], "fast.compile")
+    out["channels_last"] = out["compile"] if out["channels_last"] is None else as_bool(out["channels_last"],
+                                                                                        "fast.channels_last")
     out["group_norm"] = default_group_norm(out["group_norm"], out["compile"])  # checked by swap_group_norm
     out["upsample"] = default_upsample(out["upsample"], out["compile"])  # checked by swap_upsample
     return out

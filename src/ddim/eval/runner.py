@@ -67,10 +67,54 @@ def _load_model(cfg: DictConfig, device: str):
     return load_for_sampling(path, use_ema=cfg.use_ema, map_location=device)
 
 
+def _file_id(path: str) -> dict:
+    """Path plus size and modification time: a checkpoint rewritten in place (last.ckpt during training, a copy
+    over an old file) is a new model, and must not be answered with the old file's record."""
+    p = Path(path).resolve()
+    st = p.stat()
+    return {"path": str(p), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
 def _model_id(cfg: DictConfig) -> dict:
     if cfg.get("official"):
-        return {"official": cfg.official, "path": str(Path(cfg.official_path).resolve()), "use_ema": bool(cfg.use_ema)}
-    return {"ckpt": str(Path(cfg.ckpt_path).resolve()), "use_ema": bool(cfg.use_ema)}
+        return {"official": cfg.official, **_file_id(cfg.official_path), "use_ema": bool(cfg.use_ema)}
+    f = _file_id(cfg.ckpt_path)
+    return {"ckpt": f.pop("path"), **f, "use_ema": bool(cfg.use_ema)}
+
+
+def _positive(value: Any, name: str, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer{' or null' if allow_none else ''}, got {value!r}")
+
+
+def _check_task_settings(cfg: DictConfig, task: str) -> None:
+    """The task's own settings, checked before anything is loaded (so a bad sweep entry fails at once)."""
+    from ddim.lit import as_bool  # (lazy: Lightning loads with the model, not with this module)
+
+    as_bool(cfg.sampler.get("fast", False), "sampler.fast")
+    _positive(cfg.sampler.batch_size, "sampler.batch_size")
+    if task == "samples":
+        _positive(cfg.samples.num_samples, "samples.num_samples")
+    elif task == "reconstruction":
+        _positive(cfg.reconstruction.num_images, "reconstruction.num_images", allow_none=True)
+        if cfg.sampler.kind != "ddim":
+            raise ValueError(f"task=reconstruction encodes and decodes with DDIM's η = 0 ODE (the paper's Table 2); "
+                             f"sampler.kind={cfg.sampler.kind} is not used there: leave sampler.kind=ddim")
+    elif task == "interpolation":
+        _positive(cfg.interpolation.num_pairs, "interpolation.num_pairs")
+        _positive(cfg.interpolation.num_alphas, "interpolation.num_alphas")
+    elif task == "consistency":
+        steps = list(cfg.consistency.steps or [])
+        if not steps:
+            raise ValueError("consistency.steps must be a non-empty list of S values, got []")
+        for S in steps:
+            _positive(S, f"consistency.steps entry (in {steps})")
+        _positive(cfg.consistency.num_samples, "consistency.num_samples")
+    dev = cfg.get("device")
+    if dev not in (None, "auto") and str(dev).startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device={dev} but CUDA is not available on this machine; allowed here: auto, cpu")
 
 
 def _task_params(cfg: DictConfig, task: str) -> dict:
@@ -96,6 +140,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if task not in T.EVAL_TASKS:
         raise ValueError(f"unknown task {task!r}; allowed: {', '.join(T.EVAL_TASKS)}")
     T_eta = T.parse_eta(cfg.sampler.eta)  # cheap checks before touching any file
+    _check_task_settings(cfg, task)
+    if task in ("reconstruction", "interpolation", "consistency") and T_eta != 0.0:
+        print(f"note: task={task} decodes with η = 0 (deterministic DDIM); sampler.eta={cfg.sampler.eta} is not used")
     if task == "fid":
         if int(cfg.fid.num_samples) < 2:
             raise ValueError(f"fid.num_samples must be >= 2, got {cfg.fid.num_samples}")
@@ -119,7 +166,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
            "sampler": {"kind": cfg.sampler.kind, "eta": eta, "steps": steps, "trajectory": trajectory}}
     if task in ("reconstruction", "interpolation", "consistency"):
         key["sampler"]["eta"] = 0.0  # these decode with the deterministic DDIM (η = 0) whatever η says
-    fast = bool(cfg.sampler.get("fast", False))
+    fast = cfg.sampler.get("fast", False)  # a bool: checked in _check_task_settings
     if fast:  # bf16 changes the images a little, so it is part of the key (absent = fp32, as older records)
         key["sampler"]["fast"] = True
     path = rec.record_path(cfg.records_dir, key)
