@@ -56,7 +56,12 @@ def run(cfg: DictConfig) -> dict:
     if ckpt_path is not None:
         from ddim.lit import _torch_load, _check_architecture
 
-        _check_architecture(_torch_load(ckpt_path, "cpu"), module.hparams.model)  # clear message before fit
+        ckpt = _torch_load(ckpt_path, "cpu")
+        _check_architecture(ckpt, module.hparams.model)  # clear message before fit
+        step, max_steps = int(ckpt.get("global_step", 0)), cfg.trainer.get("max_steps")
+        if max_steps is not None and max_steps != -1 and step >= max_steps:
+            raise ValueError(f"ckpt_path={ckpt_path} is already at step {step}; trainer.max_steps={max_steps} leaves "
+                             f"nothing to train (allowed: trainer.max_steps > {step})")
     trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
 
     out = Path(cfg.paths.output_dir)

@@ -203,6 +203,8 @@ def test_interpolation_and_consistency_grids(monkeypatch, tmp_path, tiny_ckpt):
     assert sorted(recs) == ["consistency", "interpolation"]
     # one decode per S; linear trajectories of T = 1000: range(0, 1000, 500 | 200 | 100) -> 2 + 5 + 10
     assert recs["consistency"]["nfe"] == 17 and recs["interpolation"]["nfe"] == 4  # range(0, 1000, 333)
+    assert recs["consistency"]["key"]["sampler"]["steps"] == [2, 5, 10]  # named by its own S values
+    assert "_S2-5-10_" in Path(recs["consistency"]["_path"]).name
 
 
 @pytest.mark.parametrize("override, error, match", [
@@ -232,6 +234,24 @@ def test_no_model_given(monkeypatch, tmp_path):
     with pytest.raises(ValueError, match="no model given: pass ckpt_path="):
         run_evaluate(monkeypatch, tmp_path, "task=samples")
 
+
+
+def test_two_models_given(monkeypatch, tmp_path, tiny_ckpt):
+    with pytest.raises(ValueError, match=r"two models given: ckpt_path=.* and official=cifar10; pass one"):
+        run_evaluate(monkeypatch, tmp_path, f"ckpt_path={tiny_ckpt}", "official=cifar10",
+                     "official_path=/nonexistent/cifar10.ckpt", "task=samples")
+
+
+def test_records_are_readable_by_the_team(monkeypatch, tmp_path):
+    """Records follow the umask like every other output (mkstemp alone makes them owner-only)."""
+    from ddim.eval.records import write_record
+
+    old = os.umask(0o022)
+    try:
+        path = write_record(tmp_path / "r" / "x.json", {"metric": {}})
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o644
 
 
 def test_official_checkpoint_missing(monkeypatch, tmp_path):

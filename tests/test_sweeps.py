@@ -66,6 +66,22 @@ def test_aggregate_puts_paper_numbers_beside_ours(tmp_path):
     assert "| ours | 0.02 |" in t2 and "| paper | 0.014 | 0.0065 |" in t2
 
 
+def test_aggregate_takes_the_newest_result_of_a_rewritten_checkpoint(tmp_path):
+    """last.ckpt evaluated, rewritten, evaluated again: two records (the key holds the file's mtime) with the
+    same label and cell; the table shows the later one, whatever order the files are read in."""
+    from ddim.eval import aggregate
+    from ddim.eval.records import record_path, write_record
+
+    for mtime, fid, finished in ((2, 30.0, "2026-11-23T10:00:00+0000"), (1, 40.0, "2026-11-22T10:00:00+0000"),
+                                 (3, 20.0, "2026-11-24T10:00:00+0000")):
+        key = {"task": "fid", "dataset": "cifar10-32", "model": {"ckpt": "/runs/last.ckpt", "mtime_ns": mtime},
+               "seed": 0, "params": {}, "sampler": {"kind": "ddim", "eta": 0.0, "steps": 10, "trajectory": "quadratic"}}
+        write_record(record_path(tmp_path, key), {"task": "fid", "key": key, "metric": {"fid": fid}, "num_samples": 10,
+                                                  "finished_at": finished})
+    t1 = Path(aggregate.aggregate(tmp_path, tmp_path / "out")["table1_md"]).read_text()
+    assert "20.00 (13.36)" in t1 and "30.00" not in t1 and "40.00" not in t1
+
+
 def _compose(*overrides):
     from hydra import compose, initialize_config_dir
 

@@ -278,3 +278,12 @@ def test_fast_switches_must_be_booleans(key):
     with pytest.raises(ValueError, match=rf"fast.{key} must be true or false, got 'maybe'"):
         DiffusionModule(model={"ch": 32, "ch_mult": [1], "num_res_blocks": 1, "attn_resolutions": [], "resolution": 8,
                                "in_channels": 1, "out_ch": 1}, diffusion={}, fast={key: "maybe"})
+
+
+def test_resume_with_nothing_left_to_train_is_an_error(tmp_path):
+    """A checkpoint at step 3 with trainer.max_steps=3 would 'finish' at once, silently: say so instead."""
+    res = _run(_cfg(tmp_path / "a", *RESUME, "trainer.max_steps=3"))
+    with pytest.raises(ValueError, match=r"is already at step 3; trainer.max_steps=3 leaves nothing to train "
+                                         r"\(allowed: trainer.max_steps > 3\)"):
+        _run(_cfg(tmp_path / "b", *RESUME, "trainer.max_steps=3", f"ckpt_path={res['last_ckpt']}"))
+    assert not (tmp_path / "b" / "checkpoints").exists()

@@ -115,7 +115,8 @@ def _celeba_files(root: Path, split: str) -> list[Path]:
     base = root / "celeba" if (root / "celeba").is_dir() else root
     img_dir = base / "img_align_celeba"
     if not img_dir.is_dir():
-        raise FileNotFoundError(f"CelebA images not found: {img_dir} does not exist. {CELEBA_HELP}")
+        raise FileNotFoundError(f"CelebA images not found: neither {root / 'celeba' / 'img_align_celeba'} nor "
+                                f"{root / 'img_align_celeba'} exists (dataset.root={root}). {CELEBA_HELP}")
     splits = {"train": 0, "valid": 1, "val": 1, "test": 2}
     if split == "all":
         return sorted(p for p in img_dir.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)

@@ -87,7 +87,12 @@ def collect(records_dir: str | Path) -> list[dict]:
         rows.append({"task": task, "dataset": k["dataset"], "model": _model_label(k), "kind": s.get("kind", "ddim"),
                      "eta": _eta_key(s["eta"]), "steps": int(s["steps"]), "trajectory": s.get("trajectory"),
                      "value": float(value), "paper": paper, "num_samples": r.get("num_samples"),
-                     "wall_time_s": r.get("wall_time_s"), "gpu": r.get("device", {}).get("gpu", "cpu")})
+                     "wall_time_s": r.get("wall_time_s"), "gpu": r.get("device", {}).get("gpu", "cpu"),
+                     "_finished": r.get("finished_at") or ""})
+    # oldest first, so that where a checkpoint was rewritten and evaluated again the newest result fills the cell
+    rows.sort(key=lambda row: row["_finished"])
+    for row in rows:
+        del row["_finished"]
     return rows
 
 

@@ -43,12 +43,19 @@ def load_record(path: str | Path) -> dict[str, Any] | None:
     return rec if isinstance(rec, dict) and "metric" in rec else None
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def write_record(path: str | Path, record: dict[str, Any]) -> Path:
     """Write ``record`` as JSON to ``path`` atomically (temp file in the same folder, then os.replace)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it owner-only; a team shares its sweep results
         with os.fdopen(fd, "w") as f:
             json.dump(record, f, indent=2, sort_keys=True, default=str)
             f.flush()

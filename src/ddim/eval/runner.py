@@ -50,6 +50,8 @@ def _load_model(cfg: DictConfig, device: str):
     from ddim.lit import load_for_sampling
 
     if cfg.get("official"):
+        if cfg.get("ckpt_path"):
+            raise ValueError(f"two models given: ckpt_path={cfg.ckpt_path} and official={cfg.official}; pass one")
         path = cfg.get("official_path")
         if not path:
             raise ValueError(f"official={cfg.official} needs official_path=<the released .ckpt/.pth file>")
@@ -166,6 +168,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
            "sampler": {"kind": cfg.sampler.kind, "eta": eta, "steps": steps, "trajectory": trajectory}}
     if task in ("reconstruction", "interpolation", "consistency"):
         key["sampler"]["eta"] = 0.0  # these decode with the deterministic DDIM (η = 0) whatever η says
+    if task == "consistency":  # its S values are consistency.steps; sampler.steps is not used
+        key["sampler"]["steps"] = [int(S) for S in cfg.consistency.steps]
     fast = cfg.sampler.get("fast", False)  # a bool: checked in _check_task_settings
     if fast:  # bf16 changes the images a little, so it is part of the key (absent = fp32, as older records)
         key["sampler"]["fast"] = True
