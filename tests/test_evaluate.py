@@ -217,6 +217,7 @@ def test_interpolation_and_consistency_grids(monkeypatch, tmp_path, tiny_ckpt):
     ("task=nope", ValueError, r"unknown task 'nope'; allowed: fid, reconstruction"),
     ("ckpt_path=/nonexistent/model.ckpt", FileNotFoundError, r"checkpoint not found: ckpt_path=/nonexistent"),
     ("fid.weights_path=/nonexistent/pt_inception.pth", FileNotFoundError, r"Inception weights not found"),
+    ("dataset=cifar10", ValueError, r"dataset=cifar10 has 3-channel 32x32 images but the model takes 1-channel 8x8"),
 ])
 def test_bad_input_fails_before_sampling(monkeypatch, tmp_path, tiny_ckpt, override, error, match):
     from ddim.eval import tasks
@@ -240,6 +241,13 @@ def test_two_models_given(monkeypatch, tmp_path, tiny_ckpt):
     with pytest.raises(ValueError, match=r"two models given: ckpt_path=.* and official=cifar10; pass one"):
         run_evaluate(monkeypatch, tmp_path, f"ckpt_path={tiny_ckpt}", "official=cifar10",
                      "official_path=/nonexistent/cifar10.ckpt", "task=samples")
+
+
+def test_a_file_that_is_no_checkpoint(monkeypatch, tmp_path):
+    bad = tmp_path / "notes.ckpt"
+    bad.write_text("garbage\n")
+    with pytest.raises(ValueError, match=r"cannot read checkpoint .*notes.ckpt: not a valid torch checkpoint"):
+        run_evaluate(monkeypatch, tmp_path, f"ckpt_path={bad}", "task=samples")
 
 
 def test_records_are_readable_by_the_team(monkeypatch, tmp_path):

@@ -287,3 +287,11 @@ def test_resume_with_nothing_left_to_train_is_an_error(tmp_path):
                                          r"\(allowed: trainer.max_steps > 3\)"):
         _run(_cfg(tmp_path / "b", *RESUME, "trainer.max_steps=3", f"ckpt_path={res['last_ckpt']}"))
     assert not (tmp_path / "b" / "checkpoints").exists()
+
+
+def test_optim_numbers_are_checked_by_name():
+    from ddim.lit import DiffusionModule
+
+    with pytest.raises(ValueError, match=r"optim.lr must be a number, got 'abc'"):
+        DiffusionModule(model={"ch": 32, "ch_mult": [1], "num_res_blocks": 1, "attn_resolutions": [], "resolution": 8,
+                               "in_channels": 1, "out_ch": 1}, diffusion={}, optim={"lr": "abc"})

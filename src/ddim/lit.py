@@ -121,6 +121,10 @@ class DiffusionModule(L.LightningModule):
         swap_upsample(self.ema_model, "nearest")
         self.register_buffer("alphas_cumprod", build_alphas_cumprod(diffusion), persistent=False)
         self.num_timesteps = int(self.alphas_cumprod.numel())
+        for k in ("lr", "beta1", "eps", "weight_decay", "ema_decay", "grad_clip", "warmup_steps"):
+            v = optim.get(k)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+                raise ValueError(f"optim.{k} must be a number, got {v!r}")
         self.ema_decay = float(optim.get("ema_decay", 0.9999))
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"optim.ema_decay must be in [0, 1), got {self.ema_decay}")
@@ -238,7 +242,8 @@ def _torch_load(path: str | Path, map_location: Any) -> dict:
             try:
                 return torch.load(path, map_location=map_location, weights_only=False)
             except Exception as e2:  # noqa: BLE001
-                raise ValueError(f"cannot read checkpoint {path}: {e2}") from e2
+                raise ValueError(f"cannot read checkpoint {path}: not a valid torch checkpoint (corrupt, truncated or "
+                                 f"another kind of file?): {type(e2).__name__}: {e2}") from e2
         raise ValueError(f"cannot read checkpoint {path}: not a valid torch checkpoint (corrupt or truncated?): {e}") from e
     except (RuntimeError, EOFError, OSError) as e:
         raise ValueError(f"cannot read checkpoint {path}: not a valid torch checkpoint (corrupt or truncated?): {e}") from e

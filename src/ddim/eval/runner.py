@@ -155,6 +155,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     eps_model, alphas_cumprod, model_cfg = _load_model(cfg, device)
     n_T = int(alphas_cumprod.numel())
     data = _dataset_cfg(cfg, model_cfg)
+    m = model_cfg.get("model") or {}
+    want = (m.get("in_channels"), m.get("resolution"))
+    have = (int(data.get("channels", 3)), int(data["image_size"]))
+    if None not in want and tuple(int(v) for v in want) != have:
+        raise ValueError(f"dataset={data['name']} has {have[0]}-channel {have[1]}x{have[1]} images but the model takes "
+                         f"{want[0]}-channel {want[1]}x{want[1]} ones; drop dataset= to use the checkpoint's own data set")
     trajectory = cfg.sampler.get("trajectory") or T.default_trajectory(data["name"])
     eta, steps = T.check_sampler(kind=cfg.sampler.kind, eta=T_eta, steps=cfg.sampler.steps, trajectory=trajectory, T=n_T)
     if task == "consistency":
