@@ -250,6 +250,11 @@ def test_a_file_that_is_no_checkpoint(monkeypatch, tmp_path):
         run_evaluate(monkeypatch, tmp_path, f"ckpt_path={bad}", "task=samples")
 
 
+def test_train_checkpoint_given_as_official(monkeypatch, tmp_path, tiny_ckpt):
+    with pytest.raises(ValueError, match=r"tiny.ckpt is a checkpoint written by train.py.*pass it as ckpt_path="):
+        run_evaluate(monkeypatch, tmp_path, "official=cifar10", f"official_path={tiny_ckpt}", "task=samples")
+
+
 def test_records_are_readable_by_the_team(monkeypatch, tmp_path):
     """Records follow the umask like every other output (mkstemp alone makes them owner-only)."""
     from ddim.eval.records import write_record

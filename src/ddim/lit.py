@@ -305,7 +305,14 @@ def load_official_for_sampling(path: str | Path, config: str | dict | None, use_
     obj = _torch_load(path, map_location)
     if isinstance(obj, (list, tuple)):  # official training state: [model, optimizer, epoch, step, ema]
         obj = obj[4] if use_ema and len(obj) > 4 else obj[0]
-    model = load_official_unet(obj, config).to(map_location or "cpu").eval().requires_grad_(False)
+    if isinstance(obj, dict) and "state_dict" in obj and "hyper_parameters" in obj:
+        raise ValueError(f"{path} is a checkpoint written by train.py, not released official weights: pass it as "
+                         f"ckpt_path= (without official=)")
+    try:
+        model = load_official_unet(obj, config)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from e
+    model = model.to(map_location or "cpu").eval().requires_grad_(False)
     config = _plain(config)
     diffusion = config.get("diffusion", {"beta_schedule": "linear", "beta_start": 1e-4, "beta_end": 0.02,
                                          "num_diffusion_timesteps": 1000})
