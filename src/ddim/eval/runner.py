@@ -84,36 +84,29 @@ def _model_id(cfg: DictConfig) -> dict:
     return {"ckpt": f.pop("path"), **f, "use_ema": bool(cfg.use_ema)}
 
 
-def _positive(value: Any, name: str, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer{' or null' if allow_none else ''}, got {value!r}")
-
-
 def _check_task_settings(cfg: DictConfig, task: str) -> None:
     """The task's own settings, checked before anything is loaded (so a bad sweep entry fails at once)."""
     from ddim.lit import as_bool  # (lazy: Lightning loads with the model, not with this module)
 
     as_bool(cfg.sampler.get("fast", False), "sampler.fast")
-    _positive(cfg.sampler.batch_size, "sampler.batch_size")
+    T.check_positive_int(cfg.sampler.batch_size, "sampler.batch_size")
     if task == "samples":
-        _positive(cfg.samples.num_samples, "samples.num_samples")
+        T.check_positive_int(cfg.samples.num_samples, "samples.num_samples")
     elif task == "reconstruction":
-        _positive(cfg.reconstruction.num_images, "reconstruction.num_images", allow_none=True)
+        T.check_positive_int(cfg.reconstruction.num_images, "reconstruction.num_images", allow_none=True)
         if cfg.sampler.kind != "ddim":
             raise ValueError(f"task=reconstruction encodes and decodes with DDIM's η = 0 ODE (the paper's Table 2); "
                              f"sampler.kind={cfg.sampler.kind} is not used there: leave sampler.kind=ddim")
     elif task == "interpolation":
-        _positive(cfg.interpolation.num_pairs, "interpolation.num_pairs")
-        _positive(cfg.interpolation.num_alphas, "interpolation.num_alphas")
+        T.check_positive_int(cfg.interpolation.num_pairs, "interpolation.num_pairs")
+        T.check_positive_int(cfg.interpolation.num_alphas, "interpolation.num_alphas")
     elif task == "consistency":
         steps = list(cfg.consistency.steps or [])
         if not steps:
             raise ValueError("consistency.steps must be a non-empty list of S values, got []")
         for S in steps:
-            _positive(S, f"consistency.steps entry (in {steps})")
-        _positive(cfg.consistency.num_samples, "consistency.num_samples")
+            T.check_positive_int(S, f"consistency.steps entry (in {steps})")
+        T.check_positive_int(cfg.consistency.num_samples, "consistency.num_samples")
     dev = cfg.get("device")
     if dev not in (None, "auto") and str(dev).startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device={dev} but CUDA is not available on this machine; allowed here: auto, cpu")

@@ -42,6 +42,14 @@ def parse_eta(eta: Any) -> float | str:
     return float(eta)
 
 
+def check_positive_int(value: Any, name: str, allow_none: bool = False) -> None:
+    """Raise a ValueError naming the setting unless ``value`` is an integer >= 1 (or None when allowed)."""
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer{' or null' if allow_none else ''}, got {value!r}")
+
+
 def check_sampler(*, kind: str, eta: Any, steps: Any, trajectory: str, T: int) -> tuple[float | str, int]:
     """Validate the sampler settings against a model with T diffusion steps; returns (eta, steps)."""
     from ddim.diffusion.solvers import SOLVERS
@@ -50,8 +58,7 @@ def check_sampler(*, kind: str, eta: Any, steps: Any, trajectory: str, T: int) -
     if kind not in kinds:
         raise ValueError(f"sampler.kind must be one of {', '.join(kinds)}, got {kind!r}")
     eta = parse_eta(eta)
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"sampler.steps (S) must be a positive integer, got {steps!r}")
+    check_positive_int(steps, "sampler.steps (S)")
     if steps > T:
         raise ValueError(f"sampler.steps={steps} exceeds the model's T={T} diffusion steps (allowed: 1..{T})")
     if trajectory not in TRAJECTORIES:
