@@ -27,7 +27,9 @@ def run(cfg: DictConfig) -> dict:
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
 
     from ddim.data import DiffusionDataModule
-    from ddim.lit import DiffusionModule
+    from ddim.lit import DiffusionModule, log_lightning_once
+
+    log_lightning_once()
 
     L.seed_everything(cfg.seed, workers=True)
     data_cfg = OmegaConf.to_container(cfg.dataset, resolve=True)

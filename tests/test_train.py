@@ -137,6 +137,8 @@ def test_train_py_entry_point_prints_run_dir_and_grid(tmp_path):
     assert (tmp_path / "run" / "samples" / "last.png").is_file()
     assert (tmp_path / "run" / "csv" / "version_0" / "metrics.csv").is_file()  # loss, grad norm, lr
     assert (tmp_path / "run" / ".hydra" / "config.yaml").is_file()
+    both = out.stdout + out.stderr  # Lightning's messages once, in Hydra's format (not also as "INFO: ...")
+    assert both.count("Seed set to 0") == 1 and "INFO: Seed set to 0" not in both
 
 
 def test_sample_grid_clip_denoised_keeps_previews_in_range():

@@ -76,6 +76,19 @@ def eps_loss(eps_model: nn.Module, x0: torch.Tensor, t: torch.Tensor, alphas_cum
     return (e - eps_model(x_t, t)).square().flatten(1).sum(1).mean()
 
 
+def log_lightning_once() -> None:
+    """Lightning's package logger prints to a console handler of its own *and* propagates to the root logger;
+    under Hydra, which configures the root (console and the run's log file), every INFO line came out twice.
+    With a configured root, Lightning's own console handler is dropped and the root's format is kept."""
+    import logging
+
+    if logging.getLogger().handlers:
+        lg = logging.getLogger("lightning")
+        for h in list(lg.handlers):
+            if type(h) is logging.StreamHandler:
+                lg.removeHandler(h)
+
+
 def as_bool(value: Any, name: str) -> bool:
     """A config switch: true/false (Hydra's parse) only, so ``fast.compile=maybe`` is an error, not True."""
     if isinstance(value, bool):

@@ -131,6 +131,9 @@ def _device_info() -> dict:
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Run ``cfg.task``; returns the record (also written to the records folder unless not rank 0)."""
+    from ddim.lit import log_lightning_once
+
+    log_lightning_once()
     task = cfg.get("task")
     if task not in T.EVAL_TASKS:
         raise ValueError(f"unknown task {task!r}; allowed: {', '.join(T.EVAL_TASKS)}")
