@@ -83,6 +83,13 @@ VARIANTS: dict[str, dict | None] = {
     "pure-gn-max": dict(dtype="bf16", autocast=False, channels_last=True, compile=True, group_norm="channel-stats",
                         compile_mode="max-autotune"),
 }
+for _kw in VARIANTS.values():  # timed kernel choices, as measured before deterministic mode became the default
+    if _kw is not None and _kw.get("compile"):
+        _kw.setdefault("deterministic", False)
+# what evaluate.py sampler.fast=true runs: fast-gn-phase with kernels chosen without timing, so every process
+# (GPU) and every run gives the same images (ddim.perf.prepare_for_inference's deterministic)
+VARIANTS["fast-gn-phase-det"] = dict(dtype="bf16", channels_last=True, compile=True, group_norm="channel-stats",
+                                     upsample="phases", deterministic=True)
 LEVEL = 2.0 / 255.0  # one 8-bit level in [-1, 1] units
 
 

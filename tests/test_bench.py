@@ -269,7 +269,27 @@ def test_upsample_conv_by_phases_equals_nearest_then_conv(shape):
 
 def test_prepare_for_inference_rejects_mode_with_options():
     with pytest.raises(ValueError, match="compile_mode.*options"):
-        perf.prepare_for_inference(nn.Linear(2, 2), compile_mode="reduce-overhead", options={"freezing": True})
+        perf.prepare_for_inference(nn.Linear(2, 2), compile_mode="reduce-overhead", options={"freezing": True},
+                                   deterministic=False)
+
+
+def test_prepare_for_inference_compiles_deterministic_with_mode_spelled_out(monkeypatch):
+    """Timed kernel choices differ between processes (and so did the samples of two GPUs): the default
+    compiles in Inductor's deterministic mode; a mode comes along as its options (compile takes one or the other)."""
+    import torch._inductor as inductor
+
+    seen = []
+    monkeypatch.setattr(torch, "compile", lambda m, **kw: seen.append(kw) or m)
+    perf.prepare_for_inference(nn.Linear(2, 2), compile_mode="reduce-overhead", options={"freezing": True})
+    perf.prepare_for_inference(nn.Linear(2, 2))
+    perf.prepare_for_inference(nn.Linear(2, 2), deterministic=False)
+    perf.prepare_for_inference(nn.Linear(2, 2), backend="eager")  # no Inductor, no Inductor options
+    assert seen[0]["mode"] is None
+    assert seen[0]["options"] == {**inductor.list_mode_options("reduce-overhead"), "freezing": True, "deterministic": True}
+    assert seen[0]["options"]["triton.cudagraphs"] is True
+    assert seen[1]["mode"] is None and seen[1]["options"] == {"deterministic": True}
+    assert seen[2]["options"] is None
+    assert seen[3]["options"] is None and seen[3]["backend"] == "eager"
 
 
 def test_fast_paths_choose_channel_stat_group_norm_only_when_compiled():

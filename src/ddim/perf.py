@@ -12,6 +12,7 @@ the cheap ``"eager"`` backend), so the benchmarks can be smoke-tested without a 
 from __future__ import annotations
 
 import copy
+import warnings
 import time
 from contextlib import nullcontext
 from typing import Callable
@@ -192,6 +193,7 @@ def prepare_for_inference(
     group_norm: str | None = None,
     upsample: str | None = None,
     fused: bool = False,
+    deterministic: bool = True,
 ) -> nn.Module:
     """A fast eval-mode copy of an ε-model with the same ``(x, t) -> ε`` signature.
 
@@ -206,8 +208,13 @@ def prepare_for_inference(
     low-resolution input, 16/36 of their FLOPs; default when compiled: +1 % sampling on an H100).
     fused: ResnetBlocks as ``ddim.fused.FusedResnetBlock`` (GroupNorm+SiLU in Triton convolutions' prologue);
     needs autocast=False.  Measured SLOWER on an H100 (342 vs 571 images/s): kept for kernel work only.
+    deterministic: compile with Inductor's deterministic mode, which picks kernel configurations without
+    timing them.  Timed choices differ between processes, and so do the bf16 sums they make: without it two
+    processes (two GPUs of one evaluation, or two runs) gave different samples from the same x_T (random-init
+    CIFAR-10 U-Net, S = 20: all 512 images differ, up to 73/255).  Costs ~12 % of sampling speed
+    (H200: 1,291 vs 1,462 images/s, S = 20, batch 512; docs/results/bench).
     """
-    if options and compile_mode:
+    if options and compile_mode and not (compile and deterministic and backend == "inductor"):
         raise ValueError(f"give compile_mode ({compile_mode!r}) or options ({options}), not both: torch.compile "
                          f"takes one of them")
     torch_dtype = _dtype(dtype)
@@ -225,8 +232,26 @@ def prepare_for_inference(
         swap_resnet_blocks(fast)
     wrapped: nn.Module = CastEpsModel(fast, torch_dtype, autocast=autocast, channels_last=channels_last)
     if compile:
+        if deterministic and backend == "inductor":
+            compile_mode, options = None, deterministic_options(compile_mode, options)
         wrapped = torch.compile(wrapped, mode=compile_mode, backend=backend, dynamic=False, options=options)
     return wrapped
+
+
+def deterministic_options(mode: str | None = None, options: dict | None = None) -> dict:
+    """``torch.compile`` options for ``mode`` (and ``options``) plus Inductor's deterministic mode.
+
+    torch.compile takes a mode or options, not both, so the mode is spelled out as its options."""
+    import torch._inductor as inductor
+
+    out = dict(inductor.list_mode_options(mode)) if mode else {}
+    out.update(options or {})
+    if hasattr(inductor.config, "deterministic"):
+        out["deterministic"] = True
+    else:  # older torch: no such mode; the samples may then differ between processes
+        warnings.warn(f"torch {torch.__version__} has no torch._inductor.config.deterministic: compiled samples "
+                      "may differ between processes (GPUs); newer torch has it", stacklevel=3)
+    return out
 
 
 def set_fast_flags(cudnn_benchmark: bool = True, tf32: bool = True) -> dict:

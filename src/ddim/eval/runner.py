@@ -185,7 +185,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     if fast:
         # bf16 autocast + channels_last (+ torch.compile on CUDA): FID-neutral on the CIFAR-10 run of
-        # docs/results/cifar10 (22.36 vs 22.22 fp32), ~3.9x the fp32 throughput on an H100 (docs/results/bench)
+        # docs/results/cifar10 (22.36 vs 22.22 fp32), ~3.9x the fp32 throughput on an H100 (docs/results/bench).
+        # Compiled in Inductor's deterministic mode (prepare_for_inference's default): every process (GPU) and
+        # every run picks the same kernels, so the same x_T gives the same images
         from ddim import perf
 
         eps_model = perf.prepare_for_inference(eps_model, dtype="bf16", compile=str(device).startswith("cuda"))
