@@ -130,6 +130,19 @@ def test_sampling_benchmark_tiny_cpu(tmp_path):
     assert "images/s" in stdout and "fast" in stdout
 
 
+def test_batch_places_benchmark_tiny_cpu(tmp_path):
+    """bench/batch_places.py: a rerun of the same batches and evaluate's generate() (Trainer.predict over whole
+    batches) give exactly the images of the same batches sampled by hand, fp32 and fast."""
+    rec, stdout = _run_bench("batch_places", tmp_path)
+    comps = rec["comparisons"]
+    assert len(comps) == 8 and rec["samples"] == 24
+    for name, row in comps.items():
+        assert 0 <= row["images_differ"] <= 24 and 0 <= row["max_u8"] <= 255
+        if "rerun" in name or "generate()" in name:
+            assert row["images_differ"] == 0, name
+    assert "images differ" in stdout
+
+
 def test_training_benchmark_tiny_cpu(tmp_path):
     rec, stdout = _run_bench("training", tmp_path, "--variants", "fp32,fast,fast-cudagraphs-gn-phase", "--windows", "1")
     assert [r["variant"] for r in rec["rows"]] == ["fp32", "fast", "fast-cudagraphs-gn-phase"]

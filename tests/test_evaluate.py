@@ -294,6 +294,30 @@ def test_solver_kind_dispatches_to_solvers(monkeypatch, tmp_path, tiny_ckpt):
     assert rec["nfe"] == 2 * len(timesteps(1000, 3, kind="linear")) - 1  # Heun: 2 S - 1 on the real S
 
 
+@pytest.mark.parametrize("n, batch_size", [(10, 4), (8, 4), (3, 5), (1, 1)])
+def test_sample_batches_are_the_same_whatever_the_number_of_ranks(n, batch_size):
+    """generate's loader as Lightning shards it for predict on W ranks: every W computes the same batches, so a
+    sample keeps its batch (shape, companions, position) on 1, 2 or 3 GPUs; GPU kernels are chosen per shape
+    and bf16 sums depend on them, so anything else changed the images (1 vs 2 H200s)."""
+    from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSamplerWrapper
+    from lightning.pytorch.trainer.connectors.data_connector import _update_dataloader
+    from lightning.pytorch.trainer.states import RunningStage
+
+    from ddim.eval.tasks import sample_loader
+
+    want = [tuple(range(s, min(s + batch_size, n))) for s in range(0, n, batch_size)]
+    for world in (1, 2, 3):
+        loader = sample_loader(n, batch_size, world_size=world)
+        got = []
+        for rank in range(world):
+            sampler = UnrepeatedDistributedSamplerWrapper(loader.sampler, num_replicas=world, rank=rank, shuffle=False)
+            mine = [tuple(b.tolist()) for b in _update_dataloader(loader, sampler, mode=RunningStage.PREDICTING)]
+            assert mine, f"rank {rank} of {world} has no batch"  # (fewer batches than ranks: some repeat)
+            got += mine
+        assert set(got) == set(want), world
+        assert len(got) == max(len(want), world)
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not os.environ.get("DDIM_DDP_TEST"), reason="spawns 2 DDP processes (~30-80 s on 2 cores); "
                     "run with DDIM_DDP_TEST=1")

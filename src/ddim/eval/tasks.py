@@ -2,10 +2,12 @@
 (Figure 6), consistency across S (Figure 5) and plain sample grids.
 
 Determinism across device counts: sample ``i`` draws its x_T and all its per-step noise from its own
-``torch.Generator`` seeded by a hash of ``(seed, i)``, so the image for index ``i`` does not depend on the
-batch size, the number of GPUs or which rank produced it. FID sampling runs through Lightning's
-``Trainer.predict`` over an index data set (DDP on several GPUs); every rank writes a shard and rank 0
-merges them by index (duplicates from the distributed sampler's padding are dropped).
+``torch.Generator`` seeded by a hash of ``(seed, i)``, and is always computed in batch ``i // batch_size``
+(whole batches, not single indices, are spread over the ranks), so for a given ``batch_size`` the image for
+index ``i`` does not depend on the number of GPUs or which rank produced it, bit for bit, even where the
+kernels' sums depend on the batch (GPU kernels are chosen per shape; bf16).  FID sampling runs through
+Lightning's ``Trainer.predict`` over the batches (DDP on several GPUs); every rank writes a shard and rank 0
+merges them by index.
 """
 from __future__ import annotations
 
@@ -117,17 +119,42 @@ def make_timesteps(T: int, steps: int, trajectory: str) -> torch.Tensor:
     return timesteps(T, steps, kind=trajectory)
 
 
-class IndexDataset(Dataset):
-    """0..n-1: what Trainer.predict splits over ranks."""
+class IndexBatches(Dataset):
+    """Batch ``b`` holds samples ``b * batch_size`` .. ``(b + 1) * batch_size - 1``: the unit ``Trainer.predict``
+    spreads over ranks (batch ``b`` on rank ``b % W``).
 
-    def __init__(self, n: int):
-        self.n = int(n)
+    Sharding single indices instead (Lightning's default for a batched loader: rank ``r`` takes ``r, r + W, ...``)
+    puts a sample at another place in another batch on each GPU count, and GPU kernels do not compute every
+    place alike: on an H200, the same 1,024 x_T batched as one GPU and as two ranks' index shards gave 67
+    different images in fp32 (up to 2/255; the last 32 of each 512-batch) and 66 with sampler.fast (up to
+    21/255); a real 2-GPU run, 66 (up to 50/255; docs/results/bench, sixth round).  With fewer batches than ``min_batches`` (the world size) the list repeats from batch 0, so no rank
+    is left without work (Lightning's predict sampler requires one item per rank); the repeats are the same
+    batches, so they give the same images, and the merge by index keeps one."""
+
+    def __init__(self, n: int, batch_size: int, min_batches: int = 1):
+        self.n, self.batch_size = int(n), int(batch_size)
+        self.num_batches = -(-self.n // self.batch_size)
+        self.min_batches = int(min_batches)
 
     def __len__(self) -> int:
-        return self.n
+        return max(self.num_batches, self.min_batches)
 
-    def __getitem__(self, i: int) -> int:
-        return i
+    def __getitem__(self, b: int) -> torch.Tensor:
+        if not 0 <= b < len(self):
+            raise IndexError(f"batch {b} out of range: {len(self)} batches")
+        b %= self.num_batches
+        return torch.arange(b * self.batch_size, min((b + 1) * self.batch_size, self.n))
+
+
+def _only_item(items: list) -> Any:
+    return items[0]
+
+
+def sample_loader(n: int, batch_size: int, world_size: int = 1) -> torch.utils.data.DataLoader:
+    """The loader ``generate`` predicts over: one item per batch of indices (``IndexBatches``); loader batches of
+    one such item, so Lightning can track which went where."""
+    return torch.utils.data.DataLoader(IndexBatches(n, batch_size, min_batches=world_size), batch_size=1,
+                                       shuffle=False, collate_fn=_only_item)
 
 
 def _sampling_module(eps_model, alphas_cumprod, seq, shape, *, eta, kind, seed):
@@ -180,7 +207,7 @@ def generate(eps_model: nn.Module, alphas_cumprod: torch.Tensor, seq: torch.Tens
           "enable_model_summary": False, "enable_progress_bar": False}
     kw.update(trainer_kwargs or {})
     trainer = L.Trainer(callbacks=[ShardWriter()], **kw)
-    loader = torch.utils.data.DataLoader(IndexDataset(n), batch_size=int(batch_size), shuffle=False)
+    loader = sample_loader(n, batch_size, world_size=trainer.world_size)
     module = _sampling_module(eps_model, alphas_cumprod, seq, shape, eta=eta, kind=kind, seed=seed)
     trainer.predict(module, dataloaders=loader, return_predictions=False)
     trainer.strategy.barrier()
