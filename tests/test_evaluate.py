@@ -319,8 +319,6 @@ def test_sample_batches_are_the_same_whatever_the_number_of_ranks(n, batch_size)
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not os.environ.get("DDIM_DDP_TEST"), reason="spawns 2 DDP processes (~30-80 s on 2 cores); "
-                    "run with DDIM_DDP_TEST=1")
 def test_two_process_ddp_gives_the_same_images(monkeypatch, tmp_path, tiny_ckpt):
     """Trainer.predict over 2 CPU processes (DDP, gloo): shards merged by index equal the 1-process samples."""
 
