@@ -147,6 +147,26 @@ def test_fast_sampler_is_close_to_fp32_and_recorded_apart(monkeypatch, tmp_path,
     assert len(recs) == 2 and sorted(str(r["key"]["sampler"].get("fast")) for r in recs) == ["None", "True"]
 
 
+def test_fast_sampler_deterministic_switch_reaches_the_compiler_and_the_key(monkeypatch, tmp_path, tiny_ckpt):
+    """sampler.deterministic (default true) goes to prepare_for_inference; false (timed kernel choices, other
+    images) gets its own record key; only true/false are taken."""
+    from ddim import perf
+
+    seen = []
+    real = perf.prepare_for_inference
+    monkeypatch.setattr(perf, "prepare_for_inference", lambda m, **kw: seen.append(kw) or real(m, **kw))
+    for det in ("true", "false"):
+        run_evaluate(monkeypatch, tmp_path, f"ckpt_path={tiny_ckpt}", "task=samples", "samples.num_samples=2",
+                     "sampler.steps=2", "sampler.fast=true", f"sampler.deterministic={det}",
+                     f"output_dir={tmp_path / det}")
+    assert [kw["deterministic"] for kw in seen] == [True, False]
+    keys = sorted(str(r["key"]["sampler"].get("deterministic")) for r in records(tmp_path))
+    assert keys == ["False", "None"]
+    with pytest.raises(ValueError, match=r"sampler.deterministic must be true or false, got 'sometimes'"):
+        run_evaluate(monkeypatch, tmp_path, f"ckpt_path={tiny_ckpt}", "task=samples", "sampler.fast=true",
+                     "sampler.deterministic=sometimes")
+
+
 def test_index_noise_is_per_sample():
     from ddim.eval.tasks import latents_and_noise
 

@@ -89,6 +89,7 @@ def _check_task_settings(cfg: DictConfig, task: str) -> None:
     from ddim.lit import as_bool  # (lazy: Lightning loads with the model, not with this module)
 
     as_bool(cfg.sampler.get("fast", False), "sampler.fast")
+    as_bool(cfg.sampler.get("deterministic", True), "sampler.deterministic")
     T.check_positive_int(cfg.sampler.batch_size, "sampler.batch_size")
     if task == "samples":
         T.check_positive_int(cfg.samples.num_samples, "samples.num_samples")
@@ -173,8 +174,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if task == "consistency":  # its S values are consistency.steps; sampler.steps is not used
         key["sampler"]["steps"] = [int(S) for S in cfg.consistency.steps]
     fast = cfg.sampler.get("fast", False)  # a bool: checked in _check_task_settings
+    deterministic = cfg.sampler.get("deterministic", True)  # a bool: checked in _check_task_settings
     if fast:  # bf16 changes the images a little, so it is part of the key (absent = fp32, as older records)
         key["sampler"]["fast"] = True
+        if not deterministic:  # timed kernel choices: other images again (absent = deterministic)
+            key["sampler"]["deterministic"] = False
     path = rec.record_path(cfg.records_dir, key)
     if cfg.get("skip_done", True):
         done = rec.load_record(path)
@@ -190,7 +194,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         # every run picks the same kernels, so the same x_T gives the same images
         from ddim import perf
 
-        eps_model = perf.prepare_for_inference(eps_model, dtype="bf16", compile=str(device).startswith("cuda"))
+        eps_model = perf.prepare_for_inference(eps_model, dtype="bf16", compile=str(device).startswith("cuda"),
+                                               deterministic=deterministic)
 
     ref_ds = test_ds = None
     weights = None
