@@ -280,6 +280,19 @@ def test_upsample_conv_by_phases_equals_nearest_then_conv(shape):
     assert cl.is_contiguous(memory_format=torch.channels_last)  # keeps the layout the next convolution wants
 
 
+def test_channels_last_keeps_the_gradient_layout_contract():
+    """Every gradient arrives with its parameter's strides (DDP otherwise copies it into the bucket each step):
+    the attention projections, used as matrices, stay in the contiguous layout; the convolutions go
+    channels_last."""
+    torch.manual_seed(0)
+    model = perf.to_channels_last(_unet())
+    x = torch.randn(2, 3, 16, 16).contiguous(memory_format=torch.channels_last)
+    model(x, torch.randint(0, 1000, (2,))).square().mean().backward()
+    assert [n for n, p in model.named_parameters() if p.grad.stride() != p.stride()] == []
+    convs = [p for n, p in model.named_parameters() if p.dim() == 4 and p.shape[-1] == 3]
+    assert convs and all(p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous() for p in convs)
+
+
 def test_prepare_for_inference_rejects_mode_with_options():
     with pytest.raises(ValueError, match="compile_mode.*options"):
         perf.prepare_for_inference(nn.Linear(2, 2), compile_mode="reduce-overhead", options={"freezing": True},

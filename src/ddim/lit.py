@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import get_ema_multi_avg_fn
 
-from ddim.perf import default_group_norm, default_upsample, swap_group_norm, swap_upsample
+from ddim.perf import default_group_norm, default_upsample, swap_group_norm, swap_upsample, to_channels_last
 
 
 def _plain(d: Any) -> Any:
@@ -126,7 +126,7 @@ class DiffusionModule(L.LightningModule):
         self.save_hyperparameters({"model": model, "diffusion": diffusion, "optim": optim, "data": data, "fast": fast})
         self.model = build_eps_model(model)
         if fast["channels_last"]:
-            self.model = self.model.to(memory_format=torch.channels_last)
+            self.model = to_channels_last(self.model)
         swap_group_norm(self.model, fast["group_norm"])  # same parameters and state-dict keys, only the class changes
         swap_upsample(self.model, fast["upsample"])  # "phases": ddim.perf.PhaseUpsample, same result, fewer FLOPs
         self.ema_model = copy.deepcopy(self.model).eval().requires_grad_(False)

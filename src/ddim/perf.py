@@ -20,7 +20,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ddim.models.unet import Upsample
+from ddim.models.unet import AttnBlock, Upsample
 
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -180,6 +180,19 @@ def swap_upsample(model: nn.Module, kind: str = "phases") -> nn.Module:
     return model
 
 
+def to_channels_last(model: nn.Module) -> nn.Module:
+    """``model`` in the channels_last layout, but for the attention blocks' 1x1 q/k/v/proj_out weights, which the
+    forward uses as matrices: their gradients come back in the matrix layout, so channels_last strides on them
+    ((C, 1, C, C) for [C, C, 1, 1]) broke the gradient layout contract, and DDP copied those gradients into its
+    buckets every step ("Grad strides do not match bucket view strides", 2x H200)."""
+    model = model.to(memory_format=torch.channels_last)
+    for m in model.modules():
+        if isinstance(m, AttnBlock):
+            for conv in (m.q, m.k, m.v, m.proj_out):
+                conv.weight.data = conv.weight.data.clone(memory_format=torch.contiguous_format)
+    return model
+
+
 def prepare_for_inference(
     model: nn.Module,
     *,
@@ -223,7 +236,7 @@ def prepare_for_inference(
     if not autocast and torch_dtype != torch.float32:
         fast = fast.to(torch_dtype)
     if channels_last:
-        fast = fast.to(memory_format=torch.channels_last)
+        fast = to_channels_last(fast)
     if fused:
         if autocast and torch_dtype != torch.float32:
             raise ValueError("fused=True runs the convolutions in the weights' dtype: give autocast=False "
@@ -314,7 +327,7 @@ class DiffusionTrainStep:
         self.ema_decay = ema_decay
         self.model = model.train()
         if fast:
-            self.model = self.model.to(memory_format=torch.channels_last)
+            self.model = to_channels_last(self.model)
         do_compile = fast if compile is None else compile
         swap_group_norm(self.model, default_group_norm(group_norm, do_compile))
         swap_upsample(self.model, default_upsample(upsample, do_compile))
