@@ -224,8 +224,8 @@ def prepare_for_inference(
     deterministic: compile with Inductor's deterministic mode, which picks kernel configurations without
     timing them.  Timed choices differ between processes, and so do the bf16 sums they make: without it two
     processes (two GPUs of one evaluation, or two runs) gave different samples from the same x_T (random-init
-    CIFAR-10 U-Net, S = 20: all 512 images differ, up to 73/255).  Costs ~12 % of sampling speed
-    (H200: 1,291 vs 1,462 images/s, S = 20, batch 512; docs/results/bench).
+    CIFAR-10 U-Net, S = 20: all 512 images differ, up to 73/255).  Costs 11-12 % of sampling speed
+    (H200, batch 512: 526 vs 595 images/s at S = 50, 1,291 vs 1,462 at S = 20; docs/results/bench).
     """
     if options and compile_mode and not (compile and deterministic and backend == "inductor"):
         raise ValueError(f"give compile_mode ({compile_mode!r}) or options ({options}), not both: torch.compile "
