@@ -339,10 +339,11 @@ def test_sample_batches_are_the_same_whatever_the_number_of_ranks(n, batch_size)
 
 
 @pytest.mark.slow
-def test_two_process_ddp_gives_the_same_images(monkeypatch, tmp_path, tiny_ckpt):
+@pytest.mark.parametrize("num_samples", [5, 1])  # 3 batches of 2 on 2 ranks; 1 batch: rank 1 repeats it
+def test_two_process_ddp_gives_the_same_images(monkeypatch, tmp_path, tiny_ckpt, num_samples):
     """Trainer.predict over 2 CPU processes (DDP, gloo): shards merged by index equal the 1-process samples."""
 
-    common = [f"ckpt_path={tiny_ckpt}", "task=samples", "samples.num_samples=5", "samples.save_npz=true",
+    common = [f"ckpt_path={tiny_ckpt}", "task=samples", f"samples.num_samples={num_samples}", "samples.save_npz=true",
               "sampler.steps=3", "sampler.eta=1.0", "sampler.batch_size=2"]
     run_evaluate(monkeypatch, tmp_path, *common, f"output_dir={tmp_path / 'one'}")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "HYDRA_FULL_ERROR": "1"}
