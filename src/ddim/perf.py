@@ -12,8 +12,8 @@ the cheap ``"eager"`` backend), so the benchmarks can be smoke-tested without a 
 from __future__ import annotations
 
 import copy
-import warnings
 import time
+import warnings
 from contextlib import nullcontext
 from typing import Callable
 

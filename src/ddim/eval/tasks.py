@@ -127,9 +127,11 @@ class IndexBatches(Dataset):
     puts a sample at another place in another batch on each GPU count, and GPU kernels do not compute every
     place alike: on an H200, the same 1,024 x_T batched as one GPU and as two ranks' index shards gave 67
     different images in fp32 (up to 2/255; the last 32 of each 512-batch) and 66 with sampler.fast (up to
-    21/255); a real 2-GPU run, 66 (up to 50/255; docs/results/bench, sixth round).  With fewer batches than ``min_batches`` (the world size) the list repeats from batch 0, so no rank
-    is left without work (Lightning's predict sampler requires one item per rank); the repeats are the same
-    batches, so they give the same images, and the merge by index keeps one."""
+    21/255); a real 2-GPU run, 66 (up to 50/255; docs/results/bench, sixth round).
+
+    With fewer batches than ``min_batches`` (the world size) the list repeats from batch 0, so no rank is left
+    without work (Lightning's predict sampler requires one item per rank); the repeats are the same batches, so
+    they give the same images, and the merge by index keeps one."""
 
     def __init__(self, n: int, batch_size: int, min_batches: int = 1):
         self.n, self.batch_size = int(n), int(batch_size)
