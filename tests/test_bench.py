@@ -364,3 +364,85 @@ def test_kernel_profile_rejects_unknown_variant():
     proc = subprocess.run([sys.executable, str(REPO / "bench" / "kernels.py"), "--what", "training", "--variant",
                            "fast-gn-graphs", "--tiny", "--device", "cpu"], capture_output=True, text=True)
     assert proc.returncode == 2 and "'fast-gn-graphs'" in proc.stderr and "fast-cudagraphs" in proc.stderr
+
+
+def _loss_and_params(seed=0):
+    torch.manual_seed(seed)
+    model = perf.to_channels_last(_unet()).train()
+    x = torch.randn(4, 3, 16, 16).contiguous(memory_format=torch.channels_last)
+    t = torch.tensor([0, 10, 500, 999])
+    return model, (lambda x0: (model(x0, t) - x0).square().sum(dim=(1, 2, 3)).mean()), x
+
+
+@pytest.mark.parametrize("clip", [None, 1e-3])
+def test_gradient_graph_gives_the_plain_gradients_in_one_buffer(clip):
+    model, loss_fn, x = _loss_and_params()
+    ref_model = copy.deepcopy(model)
+    ref_loss = (ref_model(x, torch.tensor([0, 10, 500, 999])) - x).square().sum(dim=(1, 2, 3)).mean()
+    ref_loss.backward()
+    ref_norm = torch.nn.utils.clip_grad_norm_(ref_model.parameters(), clip if clip else float("inf"))
+    g = perf.GradientGraph(loss_fn, list(model.parameters()), grad_clip=clip)
+    for _ in range(2):  # the buffer is zeroed each call: gradients do not accumulate across steps
+        loss, norm = g(x)
+    torch.testing.assert_close(loss, ref_loss.detach())
+    torch.testing.assert_close(norm, ref_norm, rtol=1e-5, atol=0)
+    for p, q in zip(model.parameters(), ref_model.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7)
+        assert p.grad.stride() == p.stride() and p.grad.data_ptr() >= g.flat.data_ptr()
+    conv = model.conv_in.weight
+    assert conv.grad.is_contiguous(memory_format=torch.channels_last)
+    model.zero_grad(set_to_none=True)  # someone drops the views: they are bound again, not silently lost
+    g(x)
+    assert all(p.grad is not None for p in model.parameters())
+    with pytest.raises(ValueError, match="grad_clip must be positive or None, got 0"):
+        perf.GradientGraph(loss_fn, list(model.parameters()), grad_clip=0)
+    with pytest.raises(ValueError, match="fp32 gradients; got a torch.bfloat16 parameter"):
+        perf.GradientGraph(loss_fn, [nn.Parameter(torch.zeros(2, dtype=torch.bfloat16))])
+
+
+def _gradient_graph_rank(rank, world, init, out):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    model, loss_fn, _ = _loss_and_params(seed=0)  # same weights on both ranks
+    x = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(rank))  # different data
+    g = perf.GradientGraph(loss_fn, list(model.parameters()))
+    assert g.all_reduce
+    g(x)
+    torch.save(g.flat.clone(), f"{out}/flat{rank}.pt")
+    model.zero_grad(set_to_none=True)
+    g.all_reduce = False
+    g(x)
+    torch.save(g.flat.clone(), f"{out}/local{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_gradient_graph_all_reduces_the_mean_over_ranks(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_gradient_graph_rank, args=(2, f"file://{tmp_path}/store", str(tmp_path)), nprocs=2, join=True)
+    f0, f1 = (torch.load(tmp_path / f"flat{r}.pt") for r in range(2))
+    l0, l1 = (torch.load(tmp_path / f"local{r}.pt") for r in range(2))
+    assert not torch.allclose(l0, l1)
+    torch.testing.assert_close(f0, f1, rtol=0, atol=0)
+    torch.testing.assert_close(f0, (l0 + l1) / 2, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_gradient_graph_replays_give_each_inputs_gradients_on_a_gpu():
+    """A replay writes the gradients of the new input (not the captured one's) into the same buffer."""
+    torch.manual_seed(0)
+    model = perf.to_channels_last(_unet()).cuda().train()
+    t = torch.tensor([0, 10, 500, 999], device="cuda")
+    loss_fn = lambda x0: (model(x0, t) - x0).square().sum(dim=(1, 2, 3)).mean()  # noqa: E731 - no randomness
+    g = perf.GradientGraph(loss_fn, list(model.parameters()), grad_clip=1.0)
+    eager = perf.GradientGraph(loss_fn, list(model.parameters()), grad_clip=1.0, cuda_graph=False)
+    for seed in range(3):
+        x = torch.randn(4, 3, 16, 16, device="cuda", generator=torch.Generator("cuda").manual_seed(seed))
+        loss, norm = g(x)
+        got = g.flat.clone()
+        ref_loss, ref_norm = eager(x)  # binds the views to its own buffer
+        torch.testing.assert_close(loss, ref_loss)
+        torch.testing.assert_close(norm, ref_norm)
+        torch.testing.assert_close(got, eager.flat, rtol=1e-5, atol=1e-7)
+    assert len(g._graphs) == 1

@@ -310,3 +310,71 @@ def test_train_py_trainer_ddp_on_two_cpu_processes(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert ckpt["global_step"] == 3
+
+
+def test_step_graph_training_equals_the_automatic_path(tmp_path):
+    """fast.step_graph=true (manual optimisation around ddim.perf.GradientGraph; eager on a CPU) takes the same
+    steps as Lightning's automatic path: same loss, clipping, Adam, LR warm-up, EMA, step count, checkpoint."""
+    common = [*RESUME, "trainer.max_steps=4", "optim.grad_clip=0.05"]  # a small clip, so clipping acts
+    auto = _run(_cfg(tmp_path / "auto", *common))
+    graph = _run(_cfg(tmp_path / "graph", *common, "fast.step_graph=true"))
+    assert graph["trainer"].global_step == auto["trainer"].global_step == 4
+    assert not graph["module"].automatic_optimization and graph["module"].hparams.fast["step_graph"] is True
+    a, b = auto["module"].state_dict(), graph["module"].state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6, msg=k)
+    opt_a, opt_b = (r["trainer"].optimizers[0] for r in (auto, graph))
+    assert opt_b.param_groups[0]["lr"] == opt_a.param_groups[0]["lr"]  # warm-up stepped once per step
+    torch.testing.assert_close(opt_b.state_dict()["state"][0]["exp_avg"], opt_a.state_dict()["state"][0]["exp_avg"],
+                               rtol=1e-4, atol=1e-8)
+    ck_a, ck_b = (torch.load(tmp_path / r / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+                  for r in ("auto", "graph"))
+    assert ck_b["global_step"] == ck_a["global_step"] == 3  # written at the same steps (every 3)
+    assert ck_b["hyper_parameters"]["fast"]["step_graph"] is True
+    assert ck_b["state_dict"].keys() == ck_a["state_dict"].keys()
+    # and it resumes from the automatic run's checkpoint (same optimizer state, same keys)
+    res = _run(_cfg(tmp_path / "resumed", *common, "trainer.max_steps=6", "fast.step_graph=true",
+                    f"ckpt_path={tmp_path / 'auto' / 'checkpoints' / 'last.ckpt'}"))
+    assert res["trainer"].global_step == 6
+
+
+def test_step_graph_bad_settings_are_named(tmp_path):
+    from ddim.lit import DiffusionModule
+
+    m = {"ch": 32, "ch_mult": [1], "num_res_blocks": 1, "attn_resolutions": [], "resolution": 8, "in_channels": 1,
+         "out_ch": 1}
+    with pytest.raises(ValueError, match="fast.step_graph must be true or false, got 'yes'"):
+        DiffusionModule(model=m, diffusion={}, fast={"step_graph": "yes"})
+    with pytest.raises(ValueError, match="fast.step_graph=true captures.*fast.mode='reduce-overhead'"):
+        DiffusionModule(model=m, diffusion={}, fast={"step_graph": True, "compile": True, "mode": "reduce-overhead"})
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["trainer=ddp_step_graph"], "StepGraphDDPStrategy.*needs fast.step_graph=true"),
+    (["trainer=ddp", "fast.step_graph=true"], "DistributedDataParallel would all-reduce them again: use "
+                                              "trainer=ddp_step_graph"),
+])
+def test_step_graph_and_ddp_strategy_must_match(tmp_path, overrides, message):
+    """Without the graph's all-reduce (or with DDP's on top of it) the replicas would train wrongly: refused."""
+    env = {**os.environ, "WANDB_MODE": "offline", "DDIM_ROOT": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    args = [sys.executable, str(REPO / "train.py"), *TINY, *overrides, "trainer.accelerator=cpu", "trainer.devices=1",
+            "dataset.image_size=8", "dataset.split=test", "dataset.batch_size=16", "trainer.max_steps=2",
+            "trainer.enable_progress_bar=false", "hydra.run.dir=" + str(tmp_path / "run")]
+    out = subprocess.run(args, capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
+    assert out.returncode != 0
+    assert __import__("re").search(message, out.stderr), out.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_train_py_ddp_step_graph_on_two_cpu_processes(tmp_path):
+    """trainer=ddp_step_graph fast.step_graph=true: 2 processes (gloo), gradients all-reduced by the step itself."""
+    env = {**os.environ, "WANDB_MODE": "offline", "DDIM_ROOT": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    args = [sys.executable, str(REPO / "train.py"), *TINY, "trainer=ddp_step_graph", "fast.step_graph=true",
+            "trainer.accelerator=cpu", "trainer.devices=2", "dataset.image_size=8", "dataset.split=test",
+            "dataset.batch_size=16", "trainer.max_steps=3", "trainer.enable_progress_bar=false",
+            "hydra.run.dir=" + str(tmp_path / "run")]
+    out = subprocess.run(args, capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == 3

@@ -25,7 +25,10 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import get_ema_multi_avg_fn
 
-from ddim.perf import default_group_norm, default_upsample, swap_group_norm, swap_upsample, to_channels_last
+from lightning.pytorch.strategies import DDPStrategy
+
+from ddim.perf import (GradientGraph, default_group_norm, default_upsample, swap_group_norm, swap_upsample,
+                       to_channels_last)
 
 
 def _plain(d: Any) -> Any:
@@ -97,7 +100,7 @@ def as_bool(value: Any, name: str) -> bool:
 
 
 FAST_DEFAULTS = {"compile": False, "backend": "inductor", "mode": None, "channels_last": None, "group_norm": None,
-                 "upsample": None}
+                 "upsample": None, "step_graph": False}
 
 
 def _fast_settings(fast: dict) -> dict:
@@ -112,6 +115,10 @@ def _fast_settings(fast: dict) -> dict:
                                                                                         "fast.channels_last")
     out["group_norm"] = default_group_norm(out["group_norm"], out["compile"])  # checked by swap_group_norm
     out["upsample"] = default_upsample(out["upsample"], out["compile"])  # checked by swap_upsample
+    out["step_graph"] = as_bool(out["step_graph"], "fast.step_graph")
+    if out["step_graph"] and out["mode"] and ("reduce-overhead" in out["mode"] or out["mode"] == "max-autotune"):
+        raise ValueError(f"fast.step_graph=true captures the whole step in one CUDA graph, which cannot hold the CUDA "
+                         f"graphs of fast.mode={out['mode']!r}: use fast.mode=null (or max-autotune-no-cudagraphs)")
     return out
 
 
@@ -142,6 +149,9 @@ class DiffusionModule(L.LightningModule):
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"optim.ema_decay must be in [0, 1), got {self.ema_decay}")
         self.ema_warmup = bool(optim.get("ema_warmup", False))
+        # fast.step_graph: forward, backward, all-reduce and clipping are one CUDA graph, replayed inside
+        # optimizer.step's closure (ddim.perf.GradientGraph); Lightning then only steps Adam, the LR and the EMA
+        self.automatic_optimization = not fast["step_graph"]
 
     # ------------------------------------------------------------------ training
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -163,12 +173,46 @@ class DiffusionModule(L.LightningModule):
         fast = self.hparams.fast
         if fast["channels_last"]:
             x0 = x0.contiguous(memory_format=torch.channels_last)  # x_t and ε inherit the layout
+        if fast["step_graph"]:
+            return self._graphed_training_step(x0)
         if fast["compile"] and fast["mode"] and "reduce-overhead" in fast["mode"]:
             torch.compiler.cudagraph_mark_step_begin()
         t = antithetic_timesteps(x0.shape[0], self.num_timesteps, device=x0.device)
         loss = eps_loss(self._train_eps(), x0, t, self.alphas_cumprod.float())
         self.log("train/loss", loss, prog_bar=True, on_step=True, batch_size=x0.shape[0])
         return loss
+
+    def _gradient_graph(self) -> GradientGraph:
+        g = self.__dict__.get("_gradient_graph_obj")
+        if g is None:
+            eps, ac, T = self._train_eps(), self.alphas_cumprod.float(), self.num_timesteps
+
+            def loss_fn(x0: torch.Tensor) -> torch.Tensor:  # the automatic path's loss, drawn inside the graph
+                return eps_loss(eps, x0, antithetic_timesteps(x0.shape[0], T, device=x0.device), ac)
+
+            clip = self.hparams.optim.get("grad_clip", 1.0)
+            g = GradientGraph(loss_fn, self._step_tensors()["params"], grad_clip=float(clip) if clip else None)
+            self.__dict__["_gradient_graph_obj"] = g
+        return g
+
+    def _graphed_training_step(self, x0: torch.Tensor) -> torch.Tensor:
+        """The automatic path's step (loss, clip, Adam, LR warm-up, EMA) with the loss and gradients from one
+        CUDA-graph replay, run as the optimizer's closure so Lightning counts the step as usual."""
+        out: dict[str, torch.Tensor] = {}
+
+        def closure() -> torch.Tensor:
+            out["loss"], out["norm"] = self._gradient_graph()(x0)
+            return out["loss"]
+
+        n = self.global_step  # manual optimisation counts the step inside optimizer.step
+        self.optimizers().step(closure=closure)
+        sched = self.lr_schedulers()
+        if sched is not None:
+            sched.step()
+        self.update_ema(n)
+        self.log("train/loss", out["loss"], prog_bar=True, on_step=True, batch_size=x0.shape[0])
+        self.log("train/grad_norm", out["norm"], on_step=True)
+        return out["loss"]
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         """Clip the global grad norm to optim.grad_clip (official 1.0) and log the pre-clip norm."""
@@ -182,11 +226,14 @@ class DiffusionModule(L.LightningModule):
         self.update_ema()
 
     @torch.no_grad()
-    def update_ema(self) -> None:
-        """θ_ema <- d θ_ema + (1-d) θ; with ema_warmup, d = min(decay, (1+n)/(10+n)) so short runs are usable."""
+    def update_ema(self, n: int | None = None) -> None:
+        """θ_ema <- d θ_ema + (1-d) θ; with ema_warmup, d = min(decay, (1+n)/(10+n)) so short runs are usable.
+
+        n: optimizer steps taken before this one (default: global_step, which Lightning's automatic loop
+        advances only after the optimizer_step hook returns)."""
         d = self.ema_decay
         if self.ema_warmup:
-            n = self.global_step  # optimizer steps taken before this one
+            n = self.global_step if n is None else n
             d = min(d, (1 + n) / (10 + n))
         t = self._step_tensors()
         # torch's own EMA rule (one fused _foreach_lerp_), as ddim.models.EMA; built per step because the
@@ -198,6 +245,19 @@ class DiffusionModule(L.LightningModule):
     def on_train_start(self) -> None:
         # listed once per fit, after the move to the device and any checkpoint restore (both keep the tensors)
         self.__dict__["_step_tensor_lists"] = self._collect_step_tensors()
+        if self.hparams.fast["step_graph"]:
+            import warnings
+
+            from torch.nn.parallel import DistributedDataParallel
+
+            # Lightning warns that manual optimisation checkpoints hold the state after the optimizer step; so do
+            # the automatic path's (ModelCheckpoint runs after the step in both), so the warning says nothing here
+            warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
+
+            if isinstance(self.trainer.strategy.model, DistributedDataParallel):
+                raise ValueError("fast.step_graph=true all-reduces the gradients inside its CUDA graph, and "
+                                 "DistributedDataParallel would all-reduce them again: use trainer=ddp_step_graph "
+                                 f"(ddim.lit.StepGraphDDPStrategy), not {type(self.trainer.strategy).__name__}")
 
     def _collect_step_tensors(self) -> dict[str, list[torch.Tensor]]:
         return {"params": list(self.model.parameters()), "ema": list(self.ema_model.parameters()),
@@ -234,6 +294,20 @@ class DiffusionModule(L.LightningModule):
             torch.set_rng_state(rng["torch"].cpu())
             if rng.get("cuda") and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
                 torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+class StepGraphDDPStrategy(DDPStrategy):
+    """DDP's processes, process group and data sharding without the DistributedDataParallel wrapper, for
+    ``fast.step_graph=true``: its CUDA-graphed step all-reduces the gradients itself, as one collective
+    inside the graph (``ddim.perf.GradientGraph``), instead of DDP's per-bucket hooks between graph pieces."""
+
+    def configure_ddp(self) -> None:
+        from lightning.pytorch.overrides.distributed import _sync_module_states
+
+        if self.lightning_module.automatic_optimization:
+            raise ValueError("StepGraphDDPStrategy (trainer=ddp_step_graph) does not all-reduce gradients itself: it "
+                             "needs fast.step_graph=true, whose graphed step does; use trainer=ddp otherwise")
+        _sync_module_states(self.model)  # every replica starts from rank 0's weights, as DDP's constructor does
 
 
 def _check_architecture(checkpoint: dict, model_cfg: dict) -> None:
