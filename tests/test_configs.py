@@ -66,15 +66,19 @@ def test_other_groups_compose(group):
     assert cfg.trainer._target_ == "lightning.pytorch.Trainer"
 
 
-def test_ddp_trainer_plans_its_all_reduce_once():
-    """trainer=ddp: DDP with static_graph and gradients as bucket views (measured ~1.6x vs ~1.24x on two H200s)."""
+def test_ddp_trainers_compose_to_their_strategies():
+    """trainer=ddp: static_graph, no bucket views (with CUDA graphs they gave wrong gradients on an H200);
+    trainer=ddp_step_graph: DDP's processes without the wrapper, for fast.step_graph=true."""
     from hydra.utils import instantiate
     from lightning.pytorch.strategies import DDPStrategy
 
-    cfg = _compose("trainer=ddp")
-    strategy = instantiate(cfg.trainer.strategy)
-    assert isinstance(strategy, DDPStrategy)
-    assert strategy._ddp_kwargs == {"static_graph": True, "gradient_as_bucket_view": True}
+    from ddim.lit import StepGraphDDPStrategy
+
+    strategy = instantiate(_compose("trainer=ddp").trainer.strategy)
+    assert type(strategy) is DDPStrategy
+    assert strategy._ddp_kwargs == {"static_graph": True, "gradient_as_bucket_view": False}
+    cfg = _compose("trainer=ddp_step_graph", "fast.step_graph=true")
+    assert isinstance(instantiate(cfg.trainer.strategy), StepGraphDDPStrategy) and cfg.fast.step_graph is True
 
 
 @pytest.mark.parametrize("override", ["dataset=imagenet", "experiment=ffhq", "model=nope"])

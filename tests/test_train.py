@@ -354,9 +354,13 @@ def test_step_graph_bad_settings_are_named(tmp_path):
     (["trainer=ddp_step_graph"], "StepGraphDDPStrategy.*needs fast.step_graph=true"),
     (["trainer=ddp", "fast.step_graph=true"], "DistributedDataParallel would all-reduce them again: use "
                                               "trainer=ddp_step_graph"),
+    (["trainer=ddp", "fast.compile=true", "fast.backend=eager", "fast.mode=reduce-overhead",
+      "trainer.strategy.gradient_as_bucket_view=true"],
+     "gradient_as_bucket_view=true and fast.mode='reduce-overhead' \\(CUDA graphs\\) trains on wrong gradients"),
 ])
 def test_step_graph_and_ddp_strategy_must_match(tmp_path, overrides, message):
-    """Without the graph's all-reduce (or with DDP's on top of it) the replicas would train wrongly: refused."""
+    """Without the graph's all-reduce (or with DDP's on top of it), or with DDP's bucket views under CUDA graphs
+    (measured: wrong gradients), the replicas would train wrongly: refused before the first step."""
     env = {**os.environ, "WANDB_MODE": "offline", "DDIM_ROOT": str(tmp_path), "OMP_NUM_THREADS": "1"}
     args = [sys.executable, str(REPO / "train.py"), *TINY, *overrides, "trainer.accelerator=cpu", "trainer.devices=1",
             "dataset.image_size=8", "dataset.split=test", "dataset.batch_size=16", "trainer.max_steps=2",

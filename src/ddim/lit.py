@@ -245,16 +245,24 @@ class DiffusionModule(L.LightningModule):
     def on_train_start(self) -> None:
         # listed once per fit, after the move to the device and any checkpoint restore (both keep the tensors)
         self.__dict__["_step_tensor_lists"] = self._collect_step_tensors()
-        if self.hparams.fast["step_graph"]:
+        from torch.nn.parallel import DistributedDataParallel
+
+        fast, wrapper = self.hparams.fast, self.trainer.strategy.model
+        graphs = fast["compile"] and fast["mode"] and ("reduce-overhead" in fast["mode"] or fast["mode"] == "max-autotune")
+        if graphs and isinstance(wrapper, DistributedDataParallel) and wrapper.gradient_as_bucket_view:
+            raise ValueError(f"DDP with gradient_as_bucket_view=true and fast.mode={fast['mode']!r} (CUDA graphs) trains "
+                             "on wrong gradients (one H200, CIFAR-10: grad norm ~15,000 from the first step against "
+                             "~1,200, loss behind; docs/results/bench): set trainer.strategy.gradient_as_bucket_view="
+                             "false, or use trainer=ddp_step_graph fast.step_graph=true")
+        if fast["step_graph"]:
             import warnings
 
-            from torch.nn.parallel import DistributedDataParallel
 
             # Lightning warns that manual optimisation checkpoints hold the state after the optimizer step; so do
             # the automatic path's (ModelCheckpoint runs after the step in both), so the warning says nothing here
             warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
 
-            if isinstance(self.trainer.strategy.model, DistributedDataParallel):
+            if isinstance(wrapper, DistributedDataParallel):
                 raise ValueError("fast.step_graph=true all-reduces the gradients inside its CUDA graph, and "
                                  "DistributedDataParallel would all-reduce them again: use trainer=ddp_step_graph "
                                  f"(ddim.lit.StepGraphDDPStrategy), not {type(self.trainer.strategy).__name__}")
