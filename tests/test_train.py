@@ -382,3 +382,28 @@ def test_train_py_ddp_step_graph_on_two_cpu_processes(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert ckpt["global_step"] == 3
+
+
+def test_ddp_ranks_draw_their_own_timesteps_noise_and_dropout():
+    """seed_everything seeds every rank alike; at train start each rank of several moves to its own stream."""
+    from types import SimpleNamespace
+
+    from ddim.lit import DiffusionModule, rank_seed
+
+    m = DiffusionModule(model={"ch": 32, "ch_mult": [1], "num_res_blocks": 1, "attn_resolutions": [], "resolution": 8,
+                               "in_channels": 1, "out_ch": 1}, diffusion={})
+
+    def draws(rank, world, step=0):
+        torch.manual_seed(0)  # what seed_everything left on every rank
+        m._trainer = SimpleNamespace(world_size=world, global_rank=rank, global_step=step,
+                                     strategy=SimpleNamespace(model=m))
+        m.on_train_start()
+        return torch.randint(0, 1000, (8,))
+
+    torch.manual_seed(0)
+    seeded = torch.randint(0, 1000, (8,))
+    assert torch.equal(draws(0, 1), seeded)  # one process: the stream seed_everything set, untouched
+    assert not torch.equal(draws(0, 2), draws(1, 2))  # two ranks: their own t (and ε, dropout)
+    assert torch.equal(draws(1, 2), draws(1, 2)) and not torch.equal(draws(1, 2), draws(1, 2, step=3))  # per resume
+    assert len({rank_seed(0, r, s) for r in range(8) for s in (0, 1000)}) == 16
+    m._trainer = None

@@ -79,6 +79,16 @@ def eps_loss(eps_model: nn.Module, x0: torch.Tensor, t: torch.Tensor, alphas_cum
     return (e - eps_model(x_t, t)).square().flatten(1).sum(1).mean()
 
 
+def rank_seed(seed: int, rank: int, step: int) -> int:
+    """The seed of one DDP rank's t, ε and dropout draws from optimizer step ``step`` on.
+
+    ``seed_everything`` gives every rank the same generator, so without this all ranks drew the same t and ε
+    each step (for different images) and the same dropout masks.  Mixed by numpy's SeedSequence."""
+    import numpy as np
+
+    return int(np.random.SeedSequence([int(seed), int(rank), int(step)]).generate_state(1, np.uint64)[0] >> 1)
+
+
 def log_lightning_once() -> None:
     """Lightning's package logger prints to a console handler of its own *and* propagates to the root logger;
     under Hydra, which configures the root (console and the run's log file), every INFO line came out twice.
@@ -247,6 +257,11 @@ class DiffusionModule(L.LightningModule):
         self.__dict__["_step_tensor_lists"] = self._collect_step_tensors()
         from torch.nn.parallel import DistributedDataParallel
 
+        if self.trainer.world_size > 1:  # after any checkpoint restore, which brings rank 0's generator state
+            import os
+
+            torch.manual_seed(rank_seed(int(os.environ.get("PL_GLOBAL_SEED", 0)), self.trainer.global_rank,
+                                        self.global_step))
         fast, wrapper = self.hparams.fast, self.trainer.strategy.model
         graphs = fast["compile"] and fast["mode"] and ("reduce-overhead" in fast["mode"] or fast["mode"] == "max-autotune")
         if graphs and isinstance(wrapper, DistributedDataParallel) and wrapper.gradient_as_bucket_view:
@@ -290,7 +305,8 @@ class DiffusionModule(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        """Also save the RNG states (Lightning does not), so a resumed run draws the same t, ε and dropout."""
+        """Also save the RNG states (Lightning does not), so a resumed run draws the same t, ε and dropout.
+        Under DDP these are rank 0's; every rank then starts its own stream from ``rank_seed`` (on_train_start)."""
         checkpoint["rng_states"] = {"torch": torch.get_rng_state(),
                                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
