@@ -61,6 +61,17 @@ RESUME = ["dataset.split=test", "dataset.batch_size=60", "dataset.image_size=8",
           "optim.ema_decay=0.9", "optim.warmup_steps=2", "trainer.enable_progress_bar=false"]
 
 
+def test_last_checkpoint_holds_the_step_training_ended_at(tmp_path):
+    """max_steps=4 with a checkpoint every 3 steps: last.ckpt (and a step file) at step 4, not 3."""
+    res = _run(_cfg(tmp_path, *RESUME, "trainer.max_steps=4"))
+    ckpts = tmp_path / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["last.ckpt", "step_0000003.ckpt", "step_0000004.ckpt"]
+    last = torch.load(ckpts / "last.ckpt", map_location="cpu", weights_only=False)
+    assert last["global_step"] == 4 == res["trainer"].global_step
+    w = next(k for k in last["state_dict"] if k.startswith("model."))
+    torch.testing.assert_close(last["state_dict"][w], res["module"].state_dict()[w], rtol=0, atol=0)
+
+
 def test_resume_matches_uninterrupted_run(tmp_path):
     full = _run(_cfg(tmp_path / "full", *RESUME, "trainer.max_steps=6"))
     ckpt3 = tmp_path / "full" / "checkpoints" / "step_0000003.ckpt"
@@ -330,7 +341,7 @@ def test_step_graph_training_equals_the_automatic_path(tmp_path):
                                rtol=1e-4, atol=1e-8)
     ck_a, ck_b = (torch.load(tmp_path / r / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
                   for r in ("auto", "graph"))
-    assert ck_b["global_step"] == ck_a["global_step"] == 3  # written at the same steps (every 3)
+    assert ck_b["global_step"] == ck_a["global_step"] == 4  # every 3 steps, and where training ended
     assert ck_b["hyper_parameters"]["fast"]["step_graph"] is True
     assert ck_b["state_dict"].keys() == ck_a["state_dict"].keys()
     # and it resumes from the automatic run's checkpoint (same optimizer state, same keys)

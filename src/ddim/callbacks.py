@@ -1,5 +1,5 @@
-"""Training callbacks: DDIM sample grids from fixed noise, so runs can be compared by eye as they train, and
-the training speed in steps and images per second."""
+"""Training callbacks: DDIM sample grids from fixed noise, so runs can be compared by eye as they train, the
+training speed in steps and images per second, and checkpoints that include the step training ended at."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,7 +9,24 @@ import time
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
+
+
+class FinalStepCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` that also saves the step training ended at (a step file and ``last.ckpt``).
+
+    Lightning's saves every ``every_n_train_steps`` only, so a run whose ``max_steps`` is not a multiple of it
+    ended with a ``last.ckpt`` up to n-1 steps behind the trained model."""
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_end(trainer, pl_module)
+        # Lightning's own skip rules: fast_dev_run, not fitting, or this step already saved
+        if self._every_n_train_steps > 0 and not self._should_skip_saving_checkpoint(trainer):
+            candidates = self._monitor_candidates(trainer)
+            self._save_topk_checkpoint(trainer, candidates)
+            if self.save_last:
+                self._save_last_checkpoint(trainer, candidates)
 
 
 class SampleGrid(L.Callback):
