@@ -10,6 +10,7 @@ For every world size W (one process per GPU, NCCL; gloo on CPU):
 
     python bench/ddp.py --world 1,2                      # GPU: bf16 + channels_last, eager
     python bench/ddp.py --world 1,2 --compile            # torch.compile as well (slower start)
+    python bench/ddp.py --world 1,2 --compile --step-graph   # train.py's fast.step_graph step
     python bench/ddp.py --world 1,2 --tiny --device cpu  # seconds on a CPU (CI smoke test)
 """
 from __future__ import annotations
@@ -49,6 +50,9 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--sample-batch", type=int, default=None, help="(512; tiny: 2)")
     p.add_argument("--steps", type=int, default=None, help="DDIM steps S (20; tiny: 2)")
     p.add_argument("--compile", action="store_true", help="torch.compile the network (training and sampling)")
+    p.add_argument("--step-graph", action="store_true",
+                   help="training as train.py's fast.step_graph: no DDP wrapper; loss, backward, one all-reduce and "
+                        "clipping in one CUDA graph (ddim.perf.GradientGraph), then Adam and the EMA")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
@@ -119,11 +123,13 @@ def worker(rank: int, world: int, args: argparse.Namespace, port: int, out_file:
     sample_mem = perf.peak_memory_gib(device)
 
     # --- training: DDP around the network; the step (loss, clip, Adam, EMA) as on one GPU
-    step = perf.DiffusionTrainStep(model, ac, fast=fast, compile=args.compile)
-    step.model = torch.nn.parallel.DistributedDataParallel(
-        step.model, device_ids=[rank] if cuda else None, gradient_as_bucket_view=True)
-    if args.compile:
-        step.forward = torch.compile(step._loss, dynamic=False)
+    step = perf.DiffusionTrainStep(model, ac, fast=fast, compile=args.compile, step_graph=args.step_graph)
+    net = step.model
+    if not args.step_graph:  # (DDP's bucket views are safe here: no CUDA graphs in this step)
+        step.model = torch.nn.parallel.DistributedDataParallel(
+            step.model, device_ids=[rank] if cuda else None, gradient_as_bucket_view=True)
+        if args.compile:
+            step.forward = torch.compile(step._loss, dynamic=False)
     gen = torch.Generator(device="cpu").manual_seed(args.seed + rank)
     batches = [torch.randn(args.batch, 3, res, res, generator=gen).clamp(-1, 1).to(device) for _ in range(4)]
     perf.reset_peak_memory(device)
@@ -139,7 +145,7 @@ def worker(rank: int, world: int, args: argparse.Namespace, port: int, out_file:
     train_s = time.perf_counter() - t0
     train_mem = perf.peak_memory_gib(device)
     # the ranks' weights must agree after DDP steps
-    flat = torch.cat([p.detach().float().flatten()[:1000] for p in step.model.module.parameters()])
+    flat = torch.cat([p.detach().float().flatten()[:1000] for p in net.parameters()])
     ref = flat.clone()
     dist.broadcast(ref, 0)
     weights_agree = bool(torch.equal(flat, ref))
@@ -185,9 +191,11 @@ def main(argv=None) -> dict:
     info = perf.device_info(torch.device(args.device))
     record = dict(benchmark="ddp", command=" ".join(["python", "bench/ddp.py", *(argv if argv is not None else sys.argv[1:])]),
                   batch_per_gpu=args.batch, train_steps=args.train_steps, samples=args.samples,
-                  sample_batch=args.sample_batch, S=args.steps, compile=args.compile, machine=info, rows=rows)
+                  sample_batch=args.sample_batch, S=args.steps, compile=args.compile, step_graph=args.step_graph,
+                  machine=info, rows=rows)
     print(f"# DDP scaling, {info.get('gpu') or 'CPU'}: training batch {args.batch}/GPU, sampling {args.samples} images, "
-          f"S = {args.steps}, {'compiled' if args.compile else 'eager'}; scaling = throughput / one process")
+          f"S = {args.steps}, {'compiled' if args.compile else 'eager'}{', step graph' if args.step_graph else ''}; "
+          f"scaling = throughput / one process")
     print(perf.format_table(rows, [("world", "GPUs", ""), ("train_it_per_s", "train it/s", ".2f"),
                                    ("train_images_per_s", "train img/s", ".0f"), ("train_scaling", "x", ".2f"),
                                    ("sample_images_per_s", "sample img/s", ".0f"), ("sample_scaling", "x", ".2f"),

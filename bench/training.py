@@ -42,6 +42,10 @@ VARIANTS: dict[str, dict] = {
     # count the official network's FLOPs
     "fast-cudagraphs-gn-phase": dict(fast=True, dtype="bf16", compile_mode="reduce-overhead",
                                      group_norm="channel-stats", upsample="phases"),
+    # train.py's fast.step_graph: loss, backward and clipping as one CUDA graph (ddim.perf.GradientGraph), then
+    # fused Adam and the EMA
+    "fast-step-graph-gn-phase": dict(fast=True, dtype="bf16", group_norm="channel-stats", upsample="phases",
+                                     step_graph=True),
     "fast-max": dict(fast=True, dtype="bf16", compile_mode="max-autotune-no-cudagraphs", group_norm="torch"),
     "bf16-eager": dict(fast=True, dtype="bf16", compile=False),
 }

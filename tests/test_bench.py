@@ -101,6 +101,31 @@ def test_train_step_rejects_bad_settings():
         perf.DiffusionTrainStep(_unet(), ac, ema_decay=1.5)
     with pytest.raises(ValueError, match="grad_clip"):
         perf.DiffusionTrainStep(_unet(), ac, grad_clip=0.0)
+    with pytest.raises(ValueError, match="step_graph=True captures.*compile_mode='reduce-overhead'"):
+        perf.DiffusionTrainStep(_unet(), ac, fast=True, compile_mode="reduce-overhead", step_graph=True)
+
+
+def test_train_step_with_step_graph_takes_the_plain_steps():
+    """DiffusionTrainStep(step_graph=True) (eager on a CPU) updates weights and EMA as the plain step does."""
+    from ddim.diffusion import alphas_cumprod, beta_schedule
+
+    ac = alphas_cumprod(beta_schedule("linear"))
+    torch.manual_seed(0)
+    base = _unet(dropout=0.0)
+    x0 = torch.randn(4, 3, 16, 16)
+    steps = []
+    for step_graph in (False, True):
+        torch.manual_seed(1)
+        step = perf.DiffusionTrainStep(copy.deepcopy(base), ac, fast=True, compile=False, grad_clip=0.05,
+                                       ema_decay=0.5, step_graph=step_graph)
+        losses = [step(x0) for _ in range(3)]
+        steps.append((step, torch.stack(losses)))
+    (plain, lp), (graph, lg) = steps
+    torch.testing.assert_close(lg, lp)
+    for a, b in zip(graph.model.parameters(), plain.model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    for a, b in zip(graph.ema.parameters(), plain.ema.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
 def _run_bench(script, tmp_path, *args):
@@ -144,8 +169,9 @@ def test_batch_places_benchmark_tiny_cpu(tmp_path):
 
 
 def test_training_benchmark_tiny_cpu(tmp_path):
-    rec, stdout = _run_bench("training", tmp_path, "--variants", "fp32,fast,fast-cudagraphs-gn-phase", "--windows", "1")
-    assert [r["variant"] for r in rec["rows"]] == ["fp32", "fast", "fast-cudagraphs-gn-phase"]
+    names = ["fp32", "fast", "fast-cudagraphs-gn-phase", "fast-step-graph-gn-phase"]
+    rec, stdout = _run_bench("training", tmp_path, "--variants", ",".join(names), "--windows", "1")
+    assert [r["variant"] for r in rec["rows"]] == names
     for r in rec["rows"]:
         assert r["it_per_s"] > 0 and r["loss_finite"]
         assert r["sync_free"] is None  # only checked on CUDA
@@ -159,19 +185,21 @@ def test_benchmarks_reject_unknown_variant(tmp_path):
     assert proc.returncode != 0 and "turbo" in proc.stderr
 
 
-def test_ddp_benchmark_two_processes_tiny_cpu(tmp_path):
-    """bench/ddp.py on 1 and 2 gloo processes: ranks end with the same weights, sharded sampling gives
-    exactly the images of one process, throughput figures are reported."""
+@pytest.mark.parametrize("step_graph", [False, True])
+def test_ddp_benchmark_two_processes_tiny_cpu(tmp_path, step_graph):
+    """bench/ddp.py on 1 and 2 gloo processes: ranks end with the same weights (DDP's all-reduce, or the step
+    graph's own), sharded sampling gives exactly the images of one process, throughput figures are reported."""
     out = tmp_path / "ddp.json"
     proc = subprocess.run([sys.executable, str(REPO / "bench" / "ddp.py"), "--world", "1,2", "--tiny", "--device", "cpu",
-                           "--samples", "6", "--json", str(out)], capture_output=True, text=True, timeout=600)
+                           "--samples", "6", "--json", str(out), *(["--step-graph"] if step_graph else [])],
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rec = json.loads(out.read_text())
     assert [r["world"] for r in rec["rows"]] == [1, 2]
     for r in rec["rows"]:
         assert r["weights_agree"] and r["same_images_as_first"] and r["max_u8_diff_to_first"] == 0
         assert r["train_images_per_s"] > 0 and r["sample_images_per_s"] > 0
-    assert rec["rows"][0]["train_scaling"] == pytest.approx(1.0)
+    assert rec["rows"][0]["train_scaling"] == pytest.approx(1.0) and rec["step_graph"] is step_graph
     assert "same images" in proc.stdout
 
 
@@ -446,3 +474,28 @@ def test_gradient_graph_replays_give_each_inputs_gradients_on_a_gpu():
         torch.testing.assert_close(norm, ref_norm)
         torch.testing.assert_close(got, eager.flat, rtol=1e-5, atol=1e-7)
     assert len(g._graphs) == 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="NCCL and CUDA graphs need a GPU")
+def test_gradient_graph_captures_the_nccl_all_reduce(tmp_path):
+    """The all-reduce runs inside the captured graph (NCCL, one rank here): replays average like eager calls."""
+    import torch.distributed as dist
+
+    dist.init_process_group("nccl", init_method=f"file://{tmp_path}/store", rank=0, world_size=1,
+                            device_id=torch.device("cuda:0"))
+    try:
+        torch.manual_seed(0)
+        model = perf.to_channels_last(_unet()).cuda().train()
+        t = torch.tensor([0, 10, 500, 999], device="cuda")
+        loss_fn = lambda x0: (model(x0, t) - x0).square().sum(dim=(1, 2, 3)).mean()  # noqa: E731
+        g = perf.GradientGraph(loss_fn, list(model.parameters()), all_reduce=True)
+        eager = perf.GradientGraph(loss_fn, list(model.parameters()), all_reduce=False, cuda_graph=False)
+        for seed in range(2):
+            x = torch.randn(4, 3, 16, 16, device="cuda", generator=torch.Generator("cuda").manual_seed(seed))
+            g(x)
+            got = g.flat.clone()
+            eager(x)
+            torch.testing.assert_close(got, eager.flat, rtol=1e-5, atol=1e-7)
+        assert len(g._graphs) == 1
+    finally:
+        dist.destroy_process_group()

@@ -315,6 +315,7 @@ class DiffusionTrainStep:
         compile: bool | None = None,
         group_norm: str | None = None,
         upsample: str | None = None,
+        step_graph: bool = False,
     ):
         if not 0.0 <= ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
@@ -341,8 +342,14 @@ class DiffusionTrainStep:
         self.optimizer = torch.optim.Adam(self.params, lr=lr, betas=(0.9, 0.999), eps=1e-8,
                                           fused=True if use_fused else None)
         self.cudagraphs = do_compile and compile_mode is not None and "reduce-overhead" in compile_mode
+        if step_graph and self.cudagraphs:
+            raise ValueError(f"step_graph=True captures the step in one CUDA graph, which cannot hold the CUDA graphs "
+                             f"of compile_mode={compile_mode!r}: give compile_mode=None")
         self.forward = (torch.compile(self._loss, mode=compile_mode, backend=backend, dynamic=False)
                         if do_compile else self._loss)
+        # step_graph: loss, backward, gradient all-reduce (when a process group of several is up) and clipping
+        # as one CUDA graph (GradientGraph, what train.py's fast.step_graph runs); Adam and the EMA after it
+        self.gradient_graph = GradientGraph(self._graph_loss, self.params, grad_clip=grad_clip) if step_graph else None
 
     def _loss(self, x0: torch.Tensor, t: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
         a = self.sqrt_ab[t].view(-1, 1, 1, 1)
@@ -361,7 +368,15 @@ class DiffusionTrainStep:
         t = torch.randint(0, self.T, (n // 2 + 1,), device=device)
         return torch.cat([t, self.T - t - 1])[:n]
 
+    def _graph_loss(self, x0: torch.Tensor) -> torch.Tensor:
+        return self.forward(x0, self.sample_t(x0.shape[0], x0.device), torch.randn_like(x0))
+
     def __call__(self, x0: torch.Tensor) -> torch.Tensor:
+        if self.gradient_graph is not None:
+            loss, _ = self.gradient_graph(x0)
+            self.optimizer.step()
+            self._ema_update()
+            return loss
         if self.cudagraphs:
             torch.compiler.cudagraph_mark_step_begin()
         t = self.sample_t(x0.shape[0], x0.device)
