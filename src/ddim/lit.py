@@ -16,16 +16,17 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import pickle
+import warnings
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import DDPStrategy
 from torch import nn
 from torch.optim.swa_utils import get_ema_multi_avg_fn
-
-from lightning.pytorch.strategies import DDPStrategy
 
 from ddim.perf import (GradientGraph, default_group_norm, default_upsample, swap_group_norm, swap_upsample,
                        to_channels_last)
@@ -113,6 +114,11 @@ FAST_DEFAULTS = {"compile": False, "backend": "inductor", "mode": None, "channel
                  "upsample": None, "step_graph": False}
 
 
+def _mode_has_cuda_graphs(mode: str | None) -> bool:
+    """Whether torch.compile's ``mode`` wraps the compiled regions in CUDA graphs (cudagraph trees)."""
+    return bool(mode) and ("reduce-overhead" in mode or mode == "max-autotune")
+
+
 def _fast_settings(fast: dict) -> dict:
     """Fill in the speed settings: channels_last, per-channel GroupNorm statistics and phase upsampling follow
     ``compile`` (they pay off compiled, on a GPU: docs/results/bench); none changes parameters or checkpoints."""
@@ -126,7 +132,7 @@ def _fast_settings(fast: dict) -> dict:
     out["group_norm"] = default_group_norm(out["group_norm"], out["compile"])  # checked by swap_group_norm
     out["upsample"] = default_upsample(out["upsample"], out["compile"])  # checked by swap_upsample
     out["step_graph"] = as_bool(out["step_graph"], "fast.step_graph")
-    if out["step_graph"] and out["mode"] and ("reduce-overhead" in out["mode"] or out["mode"] == "max-autotune"):
+    if out["step_graph"] and _mode_has_cuda_graphs(out["mode"]):
         raise ValueError(f"fast.step_graph=true captures the whole step in one CUDA graph, which cannot hold the CUDA "
                          f"graphs of fast.mode={out['mode']!r}: use fast.mode=null (or max-autotune-no-cudagraphs)")
     return out
@@ -258,21 +264,16 @@ class DiffusionModule(L.LightningModule):
         from torch.nn.parallel import DistributedDataParallel
 
         if self.trainer.world_size > 1:  # after any checkpoint restore, which brings rank 0's generator state
-            import os
-
             torch.manual_seed(rank_seed(int(os.environ.get("PL_GLOBAL_SEED", 0)), self.trainer.global_rank,
                                         self.global_step))
         fast, wrapper = self.hparams.fast, self.trainer.strategy.model
-        graphs = fast["compile"] and fast["mode"] and ("reduce-overhead" in fast["mode"] or fast["mode"] == "max-autotune")
+        graphs = fast["compile"] and _mode_has_cuda_graphs(fast["mode"])
         if graphs and isinstance(wrapper, DistributedDataParallel) and wrapper.gradient_as_bucket_view:
             raise ValueError(f"DDP with gradient_as_bucket_view=true and fast.mode={fast['mode']!r} (CUDA graphs) trains "
                              "on wrong gradients (one H200, CIFAR-10: grad norm ~15,000 from the first step against "
                              "~1,200, loss behind; docs/results/bench): set trainer.strategy.gradient_as_bucket_view="
                              "false, or use trainer=ddp_step_graph fast.step_graph=true")
         if fast["step_graph"]:
-            import warnings
-
-
             # Lightning warns that manual optimisation checkpoints hold the state after the optimizer step; so do
             # the automatic path's (ModelCheckpoint runs after the step in both), so the warning says nothing here
             warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
