@@ -148,7 +148,9 @@ def worker(rank: int, world: int, args: argparse.Namespace, port: int, out_file:
     flat = torch.cat([p.detach().float().flatten()[:1000] for p in net.parameters()])
     ref = flat.clone()
     dist.broadcast(ref, 0)
-    weights_agree = bool(torch.equal(flat, ref))
+    agree = torch.tensor([float(torch.equal(flat, ref))], device=device)
+    dist.all_reduce(agree, op=dist.ReduceOp.MIN)  # every rank's verdict: rank 0, which saves it, agrees with itself
+    weights_agree = bool(agree.item() == 1.0)
     del step, batches
 
     mine = (torch.cat(idx), torch.cat(imgs).cpu()) if idx else (torch.empty(0, dtype=torch.long), None)
