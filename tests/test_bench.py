@@ -353,7 +353,16 @@ def test_fast_paths_choose_channel_stat_group_norm_only_when_compiled():
         return {type(x) for x in m.modules() if isinstance(x, nn.GroupNorm)}
 
     model = _unet()
-    assert kinds(perf.prepare_for_inference(model, backend="eager")) == {perf.ChannelStatGroupNorm}
+    compiled = perf.prepare_for_inference(model, backend="eager")
+    if perf._triton_available():  # the GroupNorm kernel (ddim.groupnorm) for ResnetBlocks and attention norms
+        from ddim.groupnorm import KernelGroupNorm, KernelResnetBlock
+
+        assert kinds(compiled) == {perf.ChannelStatGroupNorm, KernelGroupNorm}
+        assert any(isinstance(m, KernelResnetBlock) for m in compiled.modules())
+    else:
+        assert kinds(compiled) == {perf.ChannelStatGroupNorm}
+    assert kinds(perf.prepare_for_inference(model, backend="eager", group_norm="channel-stats")) == {
+        perf.ChannelStatGroupNorm}
     assert kinds(perf.prepare_for_inference(model, compile=False)) == {nn.GroupNorm}
     assert kinds(perf.prepare_for_inference(model, backend="eager", group_norm="torch")) == {nn.GroupNorm}
     ac = alphas_cumprod(beta_schedule("linear"))
@@ -499,3 +508,20 @@ def test_gradient_graph_captures_the_nccl_all_reduce(tmp_path):
         assert len(g._graphs) == 1
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_compiled_train_step_graph_captures_without_recompiling():
+    """The compiled step's graph capture reuses the warm-up's compilation.  The warm-up once ran under autocast's
+    default cast cache and the capture without it: torch.compile recompiled inside the capture, timed its new
+    kernels there and broke the capture (bench/training.py fast-step-graph-gn-phase on an H200)."""
+    from ddim.diffusion import alphas_cumprod, beta_schedule
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    step = perf.DiffusionTrainStep(_unet().cuda(), alphas_cumprod(beta_schedule("linear")), fast=True,
+                                   step_graph=True)
+    x0 = torch.randn(8, 3, 16, 16, device="cuda")
+    losses = torch.stack([step(x0) for _ in range(3)])
+    assert torch.isfinite(losses).all()
+    assert len(step.gradient_graph._graphs) == 1
