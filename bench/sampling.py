@@ -90,6 +90,17 @@ for _kw in VARIANTS.values():  # timed kernel choices, as measured before determ
 # (GPU) and every run gives the same images (ddim.perf.prepare_for_inference's deterministic)
 VARIANTS["fast-gn-phase-det"] = dict(dtype="bf16", channels_last=True, compile=True, group_norm="channel-stats",
                                      upsample="phases", deterministic=True)
+# GroupNorm(+SiLU) as one Triton kernel per sample, its second read of the activation from L2 (ddim.groupnorm):
+# a fixed kernel configuration, so deterministic as is
+VARIANTS["fast-kgn-phase-det"] = dict(dtype="bf16", channels_last=True, compile=True, group_norm="kernel",
+                                      upsample="phases", deterministic=True)
+VARIANTS["fast-kgn-phase"] = dict(dtype="bf16", channels_last=True, compile=True, group_norm="kernel",
+                                  upsample="phases", deterministic=False)
+VARIANTS["fast-kgn-graphs-phase-det"] = dict(dtype="bf16", channels_last=True, compile=True, group_norm="kernel",
+                                             compile_mode="reduce-overhead", upsample="phases", deterministic=True)
+VARIANTS["pure-kgn-graphs-phase"] = dict(dtype="bf16", autocast=False, channels_last=True, compile=True,
+                                         group_norm="kernel", compile_mode="reduce-overhead", upsample="phases",
+                                         deterministic=False)
 LEVEL = 2.0 / 255.0  # one 8-bit level in [-1, 1] units
 
 

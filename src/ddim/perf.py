@@ -103,11 +103,6 @@ class ChannelStatGroupNorm(nn.GroupNorm):
 GROUP_NORMS = ("torch", "channel-stats")
 
 
-def _triton_available() -> bool:
-    import importlib.util
-    return importlib.util.find_spec("triton") is not None
-
-
 def default_group_norm(kind: str | None, compiled: bool) -> str:
     """``kind`` if given, else per-channel statistics for compiled networks (faster on a GPU:
     docs/results/bench) and torch's kernel for eager ones (faster there)."""
@@ -223,7 +218,8 @@ def prepare_for_inference(
     group_norm: "torch", "channel-stats" (``ChannelStatGroupNorm``: compiled, ~10% faster sampling than torch's
     on an H100; eager, torch's kernel is faster) or "kernel" (``ddim.groupnorm``: the ResnetBlock and attention
     GroupNorms as one Triton kernel per sample, ``ChannelStatGroupNorm`` elsewhere and where the kernel does not
-    apply; default when compiled and Triton is installed: +13 % sampling on an H200, deterministic as is).
+    apply; deterministic as is; opt-in: 603 vs 534 images/s on an H200 in its first form, 426-432 since it also
+    takes 12-channel groups, not yet understood: docs/results/bench, ninth round).
     upsample: "nearest" (official order) or "phases" (``PhaseUpsample``: the upsampling convolutions on the
     low-resolution input, 16/36 of their FLOPs; default when compiled: +1 % sampling on an H100).
     fused: ResnetBlocks as ``ddim.fused.FusedResnetBlock`` (GroupNorm+SiLU in Triton convolutions' prologue);
@@ -238,7 +234,7 @@ def prepare_for_inference(
         raise ValueError(f"give compile_mode ({compile_mode!r}) or options ({options}), not both: torch.compile "
                          f"takes one of them")
     torch_dtype = _dtype(dtype)
-    norm_kind = group_norm or ("kernel" if compile and _triton_available() else default_group_norm(None, compile))
+    norm_kind = default_group_norm(group_norm, compile)
     if norm_kind not in GROUP_NORMS + ("kernel",):
         raise ValueError(f"group_norm {norm_kind!r} is not supported; allowed: {list(GROUP_NORMS + ('kernel',))}")
     fast = copy.deepcopy(model).eval().requires_grad_(False)

@@ -1,0 +1,220 @@
+"""GroupNorm (+ SiLU) as one Triton kernel per sample, for inference on channels_last activations.
+
+Why: compiled, a GroupNorm is two Inductor kernels, one gathering the statistics over the whole batch and
+one normalising it, so at batch 512 every activation (up to 134 MB) streams from HBM twice.  Here one
+program owns one sample and a block of channels: it reads its slab once for the statistics (per-channel
+mean and sum of squared deviations, merged across pixel chunks exactly as in Chan et al.'s parallel
+variance, then pooled per group), then reads it again to normalise, while the slab (64-128 KB) is still
+in L2.  The kernel configuration is fixed by the shapes, so every process computes the same sums in the
+same order: deterministic without Inductor's deterministic mode, whose untimed reduction configurations
+made the two-kernel GroupNorm up to 2x slower (docs/results/bench, ninth round).
+
+``KernelResnetBlock`` calls it for both norms of a ResnetBlock (the second with the convolution's bias and
+the time embedding folded into a per-(sample, channel) shift, so the convolution writes its output
+once); ``KernelGroupNorm`` is the plain norm (the attention blocks').  What the kernel does not take (groups wider than
+128 channels, CPU tensors outside Triton's interpreter, other layouts) falls back to
+``ChannelStatGroupNorm``'s formula in PyTorch, which torch.compile fuses as before.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ddim.models.unet import AttnBlock, ResnetBlock
+from ddim.perf import ChannelStatGroupNorm
+
+try:  # the CUDA builds of torch ship Triton; CPU-only installs may not
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised only without Triton
+    triton = None
+
+__all__ = ["available", "group_norm_silu", "kernel_takes", "KernelGroupNorm", "KernelResnetBlock",
+           "swap_kernel_group_norm"]
+
+CHANNEL_BLOCK = 64  # channels per program (measured on an H200: 64 channels x 64 pixels, 4 warps, best or tied)
+PIXEL_BLOCK = 64
+
+
+def available() -> bool:
+    """Triton is importable (GPU runs need CUDA; the interpreter runs on the CPU)."""
+    return triton is not None
+
+
+if triton is not None:
+
+    @triton.jit
+    def _group_norm_kernel(X, ADD, W, B, OUT, HW, C, eps, CBE: tl.constexpr, CB: tl.constexpr, CG: tl.constexpr,
+                           NG: tl.constexpr, PB: tl.constexpr, HAS_ADD: tl.constexpr, SILU: tl.constexpr):
+        # program (channel block, sample): channels [pid * CBE, pid * CBE + CBE), whole groups of CG channels,
+        # on CB >= CBE lanes (a power of two); X is (N, HW, C) in memory (channels_last)
+        n = tl.program_id(1)
+        lane = tl.arange(0, CB)
+        # lanes past CBE only where CBE is not a power of two: a channel mask on every load otherwise costs the
+        # vectorised loads (431 vs 603 images/s on an H200 when all shapes took it)
+        FULL: tl.constexpr = CBE == CB
+        on = lane < CBE
+        c = tl.program_id(0) * CBE + lane
+        p = tl.arange(0, PB)
+        base = n.to(tl.int64) * HW * C
+        if HAS_ADD:
+            if FULL:
+                add = tl.load(ADD + n * C + c).to(tl.float32)
+            else:
+                add = tl.load(ADD + n * C + c, mask=on, other=0.0).to(tl.float32)
+        mean = tl.zeros([CB], tl.float32)
+        m2 = tl.zeros([CB], tl.float32)
+        for p0 in range(0, HW, PB):
+            rows = p0 + p
+            mask = (rows < HW)[:, None]
+            if not FULL:
+                mask = mask & on[None, :]
+            off = base + rows[:, None] * C + c[None, :]
+            v = tl.load(X + off, mask=mask, other=0.0).to(tl.float32)
+            if HAS_ADD:
+                v += add[None, :]
+            nb = tl.minimum(HW - p0, PB) * 1.0
+            chunk_mean = tl.sum(tl.where(mask, v, 0.0), 0) / nb
+            d = tl.where(mask, v - chunk_mean[None, :], 0.0)
+            na = p0 * 1.0
+            delta = chunk_mean - mean
+            mean += delta * (nb / (na + nb))
+            m2 += tl.sum(d * d, 0) + delta * delta * (na * nb / (na + nb))
+        # per-channel statistics -> per group (a lane x group indicator, so any CG works):
+        # var_g = mean_c(var_c) + mean_c((mean_c - mean_g)^2)
+        member = (((lane[:, None] // CG) == tl.arange(0, NG)[None, :]) & on[:, None]).to(tl.float32)
+        mean_g = tl.sum(member * mean[:, None], 0) / CG
+        mean_c = tl.sum(member * mean_g[None, :], 1)  # each channel's group mean
+        dev = mean - mean_c
+        var_g = tl.sum(member * (m2 / HW + dev * dev)[:, None], 0) / CG
+        rstd_c = tl.sum(member * (1.0 / tl.sqrt(var_g + eps))[None, :], 1)
+        if FULL:
+            scale = rstd_c * tl.load(W + c).to(tl.float32)
+            shift = tl.load(B + c).to(tl.float32)
+        else:
+            scale = rstd_c * tl.load(W + c, mask=on, other=0.0).to(tl.float32)
+            shift = tl.load(B + c, mask=on, other=0.0).to(tl.float32)
+        for p0 in range(0, HW, PB):  # the slab again, now from L2
+            rows = p0 + p
+            mask = (rows < HW)[:, None]
+            if not FULL:
+                mask = mask & on[None, :]
+            off = base + rows[:, None] * C + c[None, :]
+            v = tl.load(X + off, mask=mask, other=0.0).to(tl.float32)
+            if HAS_ADD:
+                v += add[None, :]
+            y = (v - mean_c[None, :]) * scale[None, :] + shift[None, :]  # (x - mean) first: no cancellation
+            if SILU:
+                y = y * tl.sigmoid(y)
+            tl.store(OUT + off, y.to(OUT.dtype.element_ty), mask=mask)
+
+
+def _blocks(c: int, groups: int) -> tuple[int, int, int] | None:
+    """(channels per program, lanes, channels per group), or None where the kernel does not take the shape.
+
+    A program takes k whole groups (k a power of two dividing ``groups``, as many as fit in 64 channels), so a
+    group never straddles two programs; the 12-per-group norms of the CIFAR-10 U-Net run 48 channels on 64 lanes.
+    """
+    if groups <= 0 or c % groups:
+        return None
+    cg = c // groups
+    k = 1
+    while groups % (2 * k) == 0 and cg * 2 * k <= CHANNEL_BLOCK:
+        k *= 2
+    cbe = cg * k
+    if cbe > 2 * CHANNEL_BLOCK:  # a group this wide would not fit a program's registers
+        return None
+    return cbe, triton.next_power_of_2(cbe) if triton is not None else cbe, cg
+
+
+def kernel_takes(x: torch.Tensor, groups: int) -> bool:
+    """Whether ``group_norm_silu`` runs the kernel on ``x`` (else it runs the PyTorch formula)."""
+    on_device = x.is_cuda or (x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
+    return (triton is not None and on_device and x.dim() == 4 and x.dtype in (torch.float32, torch.bfloat16,
+            torch.float16) and x.is_contiguous(memory_format=torch.channels_last) and x.numel() > 0
+            and _blocks(x.shape[1], groups) is not None)
+
+
+def _launch(x, add, weight, bias, eps, groups, silu):
+    n, c, h, w = x.shape
+    cbe, cb, cg = _blocks(c, groups)
+    hw = h * w
+    out = torch.empty_like(x, memory_format=torch.channels_last)
+    # wrap_triton: under torch.compile Inductor launches the kernel from its own generated code (an opaque custom
+    # op went through Python for each of the ~50 calls per forward: host-bound without CUDA graphs)
+    wrap_triton(_group_norm_kernel)[(c // cbe, n)](
+        x, add if add is not None else x, weight, bias, out, hw, c, eps, CBE=cbe, CB=cb, CG=cg,
+        NG=triton.next_power_of_2(cbe // cg), PB=min(PIXEL_BLOCK, triton.next_power_of_2(hw)),
+        HAS_ADD=add is not None, SILU=silu, num_warps=4)
+    return out
+
+
+if triton is not None:
+    from torch.library import triton_op, wrap_triton
+
+    @triton_op("ddim::group_norm_silu", mutates_args=())
+    def _group_norm_op(x: torch.Tensor, add: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor,
+                       eps: float, groups: int, silu: bool) -> torch.Tensor:
+        return _launch(x, add, weight, bias, eps, groups, silu)
+
+
+def group_norm_silu(x: torch.Tensor, norm: nn.GroupNorm, *, add: torch.Tensor | None = None,
+                    silu: bool = True) -> torch.Tensor:
+    """``silu(norm(x + add[:, :, None, None]))`` (``silu=False``: without the SiLU), in x's dtype.
+
+    add: (N, C) per-sample, per-channel shift added before normalising (a convolution's bias plus the time
+    embedding).  Statistics and arithmetic in float32.  The kernel where ``kernel_takes`` says so, else the
+    same formula in PyTorch.
+    """
+    if x.dim() != 4:
+        raise ValueError(f"group_norm_silu takes (N, C, H, W) activations, got shape {tuple(x.shape)}")
+    if not norm.affine:
+        raise ValueError("group_norm_silu needs an affine GroupNorm (weight and bias), got affine=False")
+    if add is not None and add.shape != x.shape[:2]:
+        raise ValueError(f"add must be (N, C) = {tuple(x.shape[:2])}, got {tuple(add.shape)}")
+    if kernel_takes(x, norm.num_groups):
+        add = None if add is None else add.float().contiguous()
+        return torch.ops.ddim.group_norm_silu(x, add, norm.weight, norm.bias, float(norm.eps), norm.num_groups, silu)
+    v = x if add is None else x.float() + add.float()[:, :, None, None]
+    y = ChannelStatGroupNorm.forward(norm, v).to(x.dtype)
+    return F.silu(y) if silu else y
+
+
+class KernelGroupNorm(ChannelStatGroupNorm):
+    """GroupNorm through ``group_norm_silu`` (no SiLU).  Same parameters and state-dict keys."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return group_norm_silu(x, self, silu=False)
+
+
+class KernelResnetBlock(ResnetBlock):
+    """``ResnetBlock`` (inference) with both GroupNorm+SiLU from ``group_norm_silu``: conv1 runs without its bias,
+    which joins the time embedding as the second norm's per-sample shift.  Same parameters and state-dict keys."""
+
+    def forward(self, x: torch.Tensor, temb_act: torch.Tensor) -> torch.Tensor:
+        if self.training or (torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())):
+            raise RuntimeError("KernelResnetBlock is for inference (eval mode, no gradients): its kernel has no "
+                               "backward and no dropout")
+        h = self.conv1._conv_forward(group_norm_silu(x, self.norm1), self.conv1.weight, None)
+        shift = self.conv1.bias.float() + self.temb_proj(temb_act).float()
+        h = self.conv2(group_norm_silu(h, self.norm2, add=shift))
+        if self.nin_shortcut is not None:
+            x = self.nin_shortcut(x)
+        return x + h
+
+
+def swap_kernel_group_norm(model: nn.Module, on: bool = True) -> nn.Module:
+    """Make ``model``'s ResnetBlocks ``KernelResnetBlock``s and its attention blocks' norms ``KernelGroupNorm``s (in
+    place; ``on=False`` swaps back to ``ResnetBlock`` and ``ChannelStatGroupNorm``).  Other GroupNorms (the output
+    norm, followed by a SiLU that torch.compile fuses into it) are left as they are."""
+    if on and not available():
+        raise RuntimeError("the GroupNorm kernel needs Triton (shipped with the CUDA builds of torch)")
+    for m in model.modules():
+        if isinstance(m, ResnetBlock):
+            m.__class__ = KernelResnetBlock if on else ResnetBlock
+        elif isinstance(m, AttnBlock) and isinstance(m.norm, nn.GroupNorm):
+            m.norm.__class__ = KernelGroupNorm if on else ChannelStatGroupNorm
+    return model

@@ -1,0 +1,186 @@
+"""ddim.groupnorm: GroupNorm(+SiLU) as one Triton kernel per sample, run on the CPU by Triton's interpreter
+(float32) against torch's GroupNorm, and the U-Net with its blocks swapped against the original."""
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import REPO
+
+gnk = pytest.importorskip("ddim.groupnorm")
+if not gnk.available():
+    pytest.skip("ddim.groupnorm needs Triton (shipped with torch's CUDA builds)", allow_module_level=True)
+if os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("these tests run Triton on CPU tensors: TRITON_INTERPRET=1 (tests/conftest.py sets it)",
+                allow_module_level=True)
+
+
+def _gn(c: int, groups: int = 32) -> torch.nn.GroupNorm:
+    norm = torch.nn.GroupNorm(groups, c, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.normal_(1, 0.3)
+        norm.bias.normal_(0, 0.3)
+    return norm
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """Counts kernel launches, so a test cannot pass on the PyTorch fallback alone."""
+    calls = []
+    launch = gnk._launch
+
+    def counting(*args):
+        calls.append(tuple(args[0].shape))
+        return launch(*args)
+
+    monkeypatch.setattr(gnk, "_launch", counting)
+    return calls
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp")  # the interpreter's sigmoid on masked-off rows
+@pytest.mark.parametrize("shape, groups, offset, with_add, silu", [
+    ((2, 128, 8, 8), 32, 0.0, True, True),    # one 64-pixel chunk, 4 channels per group, two channel blocks
+    ((1, 64, 9, 9), 32, 0.0, False, True),    # 81 pixels: a full chunk and a masked one of 17, merged
+    ((3, 256, 4, 4), 32, 0.0, True, False),   # 8 channels per group, chunk larger than the map; no SiLU
+    ((2, 32, 5, 7), 8, 1e4, True, True),      # mean 10^4 x the spread: the statistics must not cancel
+    ((2, 384, 4, 4), 32, 0.0, True, True),    # 12 per group: 4 groups = 48 channels per program on 64 lanes
+    ((1, 192, 3, 3), 32, 0.0, False, True),   # 6 per group: 8 groups = 48 channels on 64 lanes
+])
+def test_kernel_matches_torch_group_norm(shape, groups, offset, with_add, silu, launches):
+    torch.manual_seed(0)
+    x = (torch.randn(shape) * 2 + offset).contiguous(memory_format=torch.channels_last)
+    add = torch.randn(shape[:2]) if with_add else None
+    norm = _gn(shape[1], groups)
+    assert gnk.kernel_takes(x, groups)
+    got = gnk.group_norm_silu(x, norm, add=add, silu=silu)
+    with torch.no_grad():  # float64: torch's float32 CPU GroupNorm itself cancels at the 10^4 offset (error ~7,000)
+        ref = copy.deepcopy(norm).double()(x.double() + (add.double()[:, :, None, None] if with_add else 0))
+        ref = (F.silu(ref) if silu else ref).float()
+    assert got.is_contiguous(memory_format=torch.channels_last) and got.dtype == x.dtype
+    assert launches == [shape]
+    # at the offset, x itself is only known to float32's 1e-3 there
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=3e-3 if offset else 1e-5)
+
+
+def test_shapes_the_kernel_does_not_take_use_the_same_formula(launches):
+    """A group wider than 128 channels, and NCHW activations: PyTorch's ops, the same result."""
+    torch.manual_seed(0)
+    norm = _gn(256, groups=1)
+    x = torch.randn(2, 256, 4, 4).contiguous(memory_format=torch.channels_last)
+    assert not gnk.kernel_takes(x, 1)
+    assert not gnk.kernel_takes(torch.randn(2, 128, 4, 4), 32)  # NCHW
+    add = torch.randn(2, 256)
+    with torch.no_grad():
+        torch.testing.assert_close(gnk.group_norm_silu(x, norm, add=add), F.silu(norm(x + add[:, :, None, None])))
+    assert launches == []
+
+
+def test_bad_arguments_are_named():
+    x = torch.randn(2, 64, 4, 4).contiguous(memory_format=torch.channels_last)
+    with pytest.raises(ValueError, match=r"add must be \(N, C\) = \(2, 64\), got \(64,\)"):
+        gnk.group_norm_silu(x, _gn(64), add=torch.randn(64))
+    with pytest.raises(ValueError, match="affine=False"):
+        gnk.group_norm_silu(x, torch.nn.GroupNorm(32, 64, affine=False))
+    with pytest.raises(ValueError, match=r"got shape \(2, 64, 16\)"):
+        gnk.group_norm_silu(torch.randn(2, 64, 16), _gn(64))
+
+
+def _unet():
+    from ddim.models import UNet
+
+    torch.manual_seed(0)
+    model = UNet(ch=64, out_ch=3, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), dropout=0.1,
+                 in_channels=3, resolution=8, resamp_with_conv=True).eval()
+    with torch.no_grad():  # trained-looking norms and biases, not the initial ones and zeros
+        for m in model.modules():
+            if isinstance(m, (torch.nn.GroupNorm, torch.nn.Conv2d, torch.nn.Linear)) and m.bias is not None:
+                m.bias.normal_(0, 0.2)
+    return model
+
+
+def test_unet_with_kernel_blocks_matches_the_original(launches):
+    """Every ResnetBlock and attention norm through the kernel (eval, fp32): the same ε as the original U-Net."""
+    from ddim import perf
+    from ddim.models.unet import ResnetBlock
+
+    model = _unet()
+    fast = gnk.swap_kernel_group_norm(perf.to_channels_last(perf.swap_group_norm(copy.deepcopy(model))))
+    assert all(type(m) is gnk.KernelResnetBlock for m in fast.modules() if isinstance(m, ResnetBlock))
+    x = torch.randn(2, 3, 8, 8).contiguous(memory_format=torch.channels_last)
+    t = torch.tensor([3, 900])
+    with torch.no_grad():
+        ref, got = model(x, t), fast(x, t)
+    assert len(launches) == 2 * 8 + 4  # 2 norms x 8 ResnetBlocks (two of 192 channels) + 4 attention norms
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+    gnk.swap_kernel_group_norm(fast, on=False)
+    assert not any(isinstance(m, (gnk.KernelResnetBlock, gnk.KernelGroupNorm)) for m in fast.modules())
+    fast.train()
+    with pytest.raises(RuntimeError, match="inference"):
+        gnk.swap_kernel_group_norm(fast)(x, t)
+
+
+def test_prepare_for_inference_group_norm_kernel(launches):
+    """prepare_for_inference(group_norm="kernel") gives the original ε; a wrong group_norm names the allowed ones.
+    (Compiled, the interpreter's kernels cannot be traced: the next test traces the op, a GPU test in
+    test_bench.py runs it compiled.)"""
+    from ddim import perf
+
+    model = _unet()
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor([3, 900])
+    fast = perf.prepare_for_inference(model, dtype="fp32", group_norm="kernel", compile=False)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x, t), model(x, t), rtol=1e-4, atol=1e-4)
+    assert launches
+    with pytest.raises(ValueError, match=r"group_norm 'triton' is not supported; allowed: \['torch', "
+                                         r"'channel-stats', 'kernel'\]"):
+        perf.prepare_for_inference(model, group_norm="triton", compile=False)
+
+
+def test_the_op_traces_into_a_graph_for_inductor():
+    """Without the interpreter (a fresh process, as on a GPU), torch.compile's tracing records the kernel launch in
+    the graph Inductor compiles (and launches from its own code) instead of running it.  (With kernel_takes
+    forced: CPU tensors take the PyTorch formula.)"""
+    code = (
+        "import torch\n"
+        "from torch._dynamo.backends.common import aot_autograd\n"
+        "from ddim import groupnorm as gnk\n"
+        "gnk.kernel_takes = lambda x, groups: True\n"
+        "norm = torch.nn.GroupNorm(32, 384)\n"
+        "x = torch.randn(2, 384, 4, 4).contiguous(memory_format=torch.channels_last)\n"
+        "seen = []\n"
+        "def fw(gm, example_inputs):\n"
+        "    seen.append(gm.code)\n"
+        "    raise RuntimeError('traced; no GPU to run it')\n"
+        "f = torch.compile(lambda x, a: gnk.group_norm_silu(x, norm, add=a), backend=aot_autograd(fw_compiler=fw))\n"
+        "try:\n"
+        "    with torch.no_grad():\n"
+        "        f(x, torch.randn(2, 384))\n"
+        "except Exception:\n"
+        "    pass\n"
+        "print(seen[0])\n")
+    env = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": str(REPO / "src"), "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "triton_kernel_wrapper_functional" in proc.stdout, proc.stdout
+    assert "'CBE': 48, 'CB': 64, 'CG': 12" in proc.stdout, proc.stdout  # 4 groups of 12 per program, 64 lanes
+
+
+def test_group_norm_benchmark_runs_on_the_tiny_unet(tmp_path):
+    """bench/group_norm.py --tiny (CPU, interpreter): finds the kernel's sites and times each."""
+    out = tmp_path / "gn.json"
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO / "src"), "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "group_norm.py"), "--tiny", "--device", "cpu",
+                           "--json", str(out)], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    import json
+    rows = json.loads(out.read_text())["rows"]
+    # the tiny U-Net's distinct sites: with and without the shift, with and without SiLU, 6 channels per group
+    assert {(r["shift"], r["silu"]) for r in rows} == {(True, True), (False, True), (False, False)}
+    assert any(r["channels"] == 192 and r["lanes"] == [48, 64] for r in rows)
+    assert all(r["kernel_ms"] > 0 for r in rows)
