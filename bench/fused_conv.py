@@ -40,14 +40,6 @@ def conv_shapes(model: UNet) -> list[tuple[int, int, int, str]]:
     return list(dict.fromkeys(shapes))
 
 
-def time_ms(fn, device, repeats: int) -> float:
-    if device.type == "cuda":
-        from triton.testing import do_bench
-        return do_bench(fn, warmup=10, rep=repeats)
-    times = perf.timed(fn, device, 2)
-    return 1e3 * min(times)
-
-
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -102,7 +94,7 @@ def main(argv=None) -> dict:
             row["ref_max_abs"] = ref.abs().max().item()
             for name, fn in cases.items():
                 try:
-                    ms = time_ms(fn, device, args.rep)
+                    ms = perf.kernel_ms(fn, device, args.rep)
                 except Exception as e:  # noqa: BLE001 - one failing case must not hide the others
                     print(f"{cin}->{cout}@{h} {name} failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
                     continue

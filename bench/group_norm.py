@@ -52,13 +52,6 @@ def sites(model: UNet, device: torch.device) -> list[tuple[int, int, bool, bool,
     return list(dict.fromkeys(seen))
 
 
-def time_ms(fn, device, rep: int) -> float:
-    if device.type == "cuda":
-        from triton.testing import do_bench
-        return do_bench(fn, warmup=10, rep=rep)
-    return 1e3 * min(perf.timed(fn, device, 2))
-
-
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -97,7 +90,7 @@ def main(argv=None) -> dict:
                         ("kernel-compiled", torch.compile(kernel_fn, dynamic=False))]
         with torch.no_grad():
             for name, fn in variants:
-                ms = time_ms(lambda: fn(x, shift), device, args.rep)
+                ms = perf.kernel_ms(lambda: fn(x, shift), device, args.rep)
                 row[f"{name}_ms"] = ms
                 row[f"{name}_gbs"] = 2 * row["mb"] / ms
         rows.append(row)

@@ -47,6 +47,19 @@ def available() -> bool:
 if triton is not None:
 
     @triton.jit
+    def _tile(X, add, base, p0, p, c, on, HW, C, FULL: tl.constexpr, HAS_ADD: tl.constexpr):
+        """Pixels p0 .. p0 + PB of the program's channels, float32, + the shift: (values, mask, offsets)."""
+        rows = p0 + p
+        mask = (rows < HW)[:, None]
+        if not FULL:
+            mask = mask & on[None, :]
+        off = base + rows[:, None] * C + c[None, :]
+        v = tl.load(X + off, mask=mask, other=0.0).to(tl.float32)
+        if HAS_ADD:
+            v += add[None, :]
+        return v, mask, off
+
+    @triton.jit
     def _group_norm_kernel(X, ADD, W, B, OUT, HW, C, eps, CBE: tl.constexpr, CB: tl.constexpr, CG: tl.constexpr,
                            NG: tl.constexpr, PB: tl.constexpr, HAS_ADD: tl.constexpr, SILU: tl.constexpr):
         # program (channel block, sample): channels [pid * CBE, pid * CBE + CBE), whole groups of CG channels,
@@ -65,17 +78,12 @@ if triton is not None:
                 add = tl.load(ADD + n * C + c).to(tl.float32)
             else:
                 add = tl.load(ADD + n * C + c, mask=on, other=0.0).to(tl.float32)
+        else:
+            add = tl.zeros([CB], tl.float32)  # not added (HAS_ADD), only passed along
         mean = tl.zeros([CB], tl.float32)
         m2 = tl.zeros([CB], tl.float32)
         for p0 in range(0, HW, PB):
-            rows = p0 + p
-            mask = (rows < HW)[:, None]
-            if not FULL:
-                mask = mask & on[None, :]
-            off = base + rows[:, None] * C + c[None, :]
-            v = tl.load(X + off, mask=mask, other=0.0).to(tl.float32)
-            if HAS_ADD:
-                v += add[None, :]
+            v, mask, off = _tile(X, add, base, p0, p, c, on, HW, C, FULL, HAS_ADD)
             nb = tl.minimum(HW - p0, PB) * 1.0
             chunk_mean = tl.sum(tl.where(mask, v, 0.0), 0) / nb
             d = tl.where(mask, v - chunk_mean[None, :], 0.0)
@@ -98,14 +106,7 @@ if triton is not None:
             scale = rstd_c * tl.load(W + c, mask=on, other=0.0).to(tl.float32)
             shift = tl.load(B + c, mask=on, other=0.0).to(tl.float32)
         for p0 in range(0, HW, PB):  # the slab again, now from L2
-            rows = p0 + p
-            mask = (rows < HW)[:, None]
-            if not FULL:
-                mask = mask & on[None, :]
-            off = base + rows[:, None] * C + c[None, :]
-            v = tl.load(X + off, mask=mask, other=0.0).to(tl.float32)
-            if HAS_ADD:
-                v += add[None, :]
+            v, mask, off = _tile(X, add, base, p0, p, c, on, HW, C, FULL, HAS_ADD)
             y = (v - mean_c[None, :]) * scale[None, :] + shift[None, :]  # (x - mean) first: no cancellation
             if SILU:
                 y = y * tl.sigmoid(y)

@@ -521,6 +521,15 @@ def count_flops(fn: Callable[[], object]) -> int:
     return int(counter.get_total_flops())
 
 
+def kernel_ms(fn: Callable[[], object], device: torch.device | str, rep: int = 50) -> float:
+    """Milliseconds per call of a short GPU operation (Triton's do_bench: ``rep`` ms of repeats, caches flushed);
+    on a CPU the best of two timed calls."""
+    if torch.device(device).type == "cuda":
+        from triton.testing import do_bench
+        return do_bench(fn, warmup=10, rep=rep)
+    return 1e3 * min(timed(fn, device, 2))
+
+
 def synchronize(device: torch.device | str) -> None:
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
