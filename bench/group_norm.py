@@ -18,7 +18,6 @@ GB/s counts one read and one write of the activation (the least any GroupNorm ca
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 import torch
@@ -107,9 +106,7 @@ def main(argv=None) -> dict:
     print("sum over distinct sites (each once): " + ", ".join(f"{n} {v:.3f} ms" for n, v in totals.items()))
     record = dict(benchmark="group_norm", command=" ".join(["python", "bench/group_norm.py", *(argv or sys.argv[1:])]),
                   batch=batch, dtype=str(dtype), machine=perf.device_info(device), rows=rows, totals_ms=totals)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(record, f, indent=1)
+    perf.write_json(record, args.json)
     return record
 
 

@@ -9,12 +9,12 @@ not the GPU, sets the pace).
 
     python bench/kernels.py --what sampling --variant fast        # GPU: batch 512, one forward per step
     python bench/kernels.py --what training --variant fast        # GPU: batch 128, one optimiser step
+    python bench/kernels.py --loop --iters 50 --variant fast-kgn-phase-det   # GPU: one S = 50 sampling loop
     python bench/kernels.py --tiny --device cpu --backend eager   # CPU smoke test
 """
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import sys
 import time
@@ -24,7 +24,7 @@ import torch
 
 from ddim import perf
 from ddim.diffusion import alphas_cumprod as make_alphas_cumprod
-from ddim.diffusion import beta_schedule
+from ddim.diffusion import beta_schedule, sample, timesteps
 from ddim.models import UNet
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
@@ -35,7 +35,7 @@ from training import VARIANTS as TRAINING_VARIANTS  # noqa: E402
 # shows up as ...gemm_f32f32...ffma: no tensor cores).
 KINDS = [
     ("attention", r"flash|fmha|attention|softmax"),
-    ("triton: group norm (+ fused element-wise)", r"^triton.*(group_norm|var_mean|rsqrt)"),
+    ("triton: group norm (+ fused element-wise)", r"^triton.*(group_norm|var_mean|rsqrt)|^_group_norm_kernel"),
     ("triton: other fused element-wise", r"^triton"),
     ("convolution", r"fprop|dgrad|wgrad|conv|implicit_gemm|nhwc|winograd"),
     ("matmul", r"gemm|nvjet|cublas|cutlass|matmul"),
@@ -61,6 +61,10 @@ def parse(argv=None):
     p.add_argument("--tiny", action="store_true")
     p.add_argument("--batch", type=int, default=None, help="sampling 512, training 128 (tiny: 4)")
     p.add_argument("--iters", type=int, default=5, help="profiled forwards / steps")
+    p.add_argument("--loop", action="store_true",
+                   help="sampling: profile one DDIM sampling loop of --iters steps (t changes every step, the "
+                        "sampler's update in between), as bench/sampling.py times it, instead of --iters forwards "
+                        "at one t; figures are per step")
     p.add_argument("--top", type=int, default=25, help="kernels listed")
     p.add_argument("--backend", default="inductor")
     p.add_argument("--json", default=None)
@@ -71,6 +75,8 @@ def parse(argv=None):
     a.batch = a.batch or (4 if a.tiny else (512 if a.what == "sampling" else 128))
     if a.batch < 2 or a.iters < 1:
         p.error("--batch must be >= 2 and --iters >= 1")
+    if a.loop and a.what != "sampling":
+        p.error("--loop profiles a sampling loop: give --what sampling")
     return a
 
 
@@ -85,10 +91,11 @@ def build_step(args, device):
         eps = model.eval() if kw is None else perf.prepare_for_inference(model, backend=args.backend, **kw)
         x = torch.randn(args.batch, 3, res, res, device=device)
         t = torch.full((args.batch,), 500, device=device, dtype=torch.long)
+        ts = timesteps(len(ac), args.iters, "linear")
 
         def step():
             with torch.no_grad():
-                return eps(x, t)
+                return sample(eps, x, ac.to(device), ts) if args.loop else eps(x, t)
     else:
         from ddim.perf import DiffusionTrainStep
 
@@ -114,11 +121,13 @@ def main(argv=None) -> dict:
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     with torch.profiler.profile(activities=activities) as prof:
         t0 = time.perf_counter()
-        for _ in range(args.iters):
+        for _ in range(1 if args.loop else args.iters):
             step()
         perf.synchronize(device)
         wall = time.perf_counter() - t0
 
+    # per forward: a loop of S steps runs len(timesteps(T, S)) forwards (S + 1 where S does not divide T)
+    iters = len(timesteps(1000, args.iters, "linear")) if args.loop else args.iters
     per_kernel: dict[str, float] = defaultdict(float)
     calls: dict[str, int] = defaultdict(int)
     for ev in prof.events():
@@ -137,27 +146,26 @@ def main(argv=None) -> dict:
     for name, us in per_kernel.items():
         by_kind[kind_of(name)] += us / 1e6
 
-    print(f"# profile: {args.what} / {args.variant}, batch {args.batch}, {args.iters} iterations, "
+    print(f"# profile: {args.what}{' loop' if args.loop else ''} / {args.variant}, batch {args.batch}, "
+          f"{iters} {'steps of one sampling loop' if args.loop else 'iterations'}, "
           f"{perf.device_info(device).get('gpu') or 'CPU'}")
-    print(f"wall {wall * 1e3 / args.iters:.2f} ms per iteration; device busy {busy * 1e3 / args.iters:.2f} ms "
-          f"({busy / wall:.0%} of wall); {sum(calls.values()) / args.iters:.0f} kernels per iteration")
+    print(f"wall {wall * 1e3 / iters:.2f} ms per iteration; device busy {busy * 1e3 / iters:.2f} ms "
+          f"({busy / wall:.0%} of wall); {sum(calls.values()) / iters:.0f} kernels per iteration")
     kinds = sorted(by_kind.items(), key=lambda kv: -kv[1])
-    print(perf.format_table([dict(kind=k, ms=v * 1e3 / args.iters, share=v / busy) for k, v in kinds],
+    print(perf.format_table([dict(kind=k, ms=v * 1e3 / iters, share=v / busy) for k, v in kinds],
                             [("kind", "kind", ""), ("ms", "ms / iteration", ".2f"), ("share", "share", ".1%")]))
     top = sorted(per_kernel.items(), key=lambda kv: -kv[1])[: args.top]
-    print(perf.format_table([dict(kernel=n[:110], kind=kind_of(n), calls=calls[n] // args.iters,
-                                  ms=us / 1e3 / args.iters, share=us / 1e6 / busy) for n, us in top],
+    print(perf.format_table([dict(kernel=n[:110], kind=kind_of(n), calls=calls[n] // iters,
+                                  ms=us / 1e3 / iters, share=us / 1e6 / busy) for n, us in top],
                             [("kernel", "kernel", ""), ("kind", "kind", ""), ("calls", "calls / it", "d"),
                              ("ms", "ms / it", ".3f"), ("share", "share", ".1%")]))
-    record = dict(what=args.what, variant=args.variant, batch=args.batch, iters=args.iters,
-                  wall_ms=wall * 1e3 / args.iters, busy_ms=busy * 1e3 / args.iters,
-                  by_kind_ms={k: v * 1e3 / args.iters for k, v in kinds},
-                  kernels=[dict(name=n, calls=calls[n] // args.iters, ms=us / 1e3 / args.iters)
+    record = dict(what=args.what, loop=args.loop, variant=args.variant, batch=args.batch, iters=iters,
+                  wall_ms=wall * 1e3 / iters, busy_ms=busy * 1e3 / iters,
+                  by_kind_ms={k: v * 1e3 / iters for k, v in kinds},
+                  kernels=[dict(name=n, calls=calls[n] // iters, ms=us / 1e3 / iters)
                            for n, us in sorted(per_kernel.items(), key=lambda kv: -kv[1])],
                   machine=perf.device_info(device))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(record, f, indent=1)
+    perf.write_json(record, args.json)
     return record
 
 

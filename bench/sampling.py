@@ -187,8 +187,8 @@ def main(argv=None) -> dict:
                        u8_changed=(u8(img) != u8(ref)).float().mean().item(),
                        within_tol=bool(d.mean().item() <= args.tol_mean and q <= args.tol_p99))
         rows.append(row)
-        print(f"  {name}: {row['images_per_s']:.1f} images/s, {row['tflops']:.1f} TFLOP/s, warm-up {row['warmup_s']:.1f}s",
-              flush=True)
+        print(f"  {name}: {row['images_per_s']:.1f} images/s, {row['tflops']:.1f} TFLOP/s, warm-up {row['warmup_s']:.1f}s, "
+              f"graphs compiled {row['graphs_warmup']} + {row['graphs_timed']} in the timed runs", flush=True)
     torch.backends.cudnn.allow_tf32 = flags["cudnn.allow_tf32"]
     torch.backends.cuda.matmul.allow_tf32 = flags["cuda.matmul.allow_tf32"]
     ok = [r for r in rows if "error" not in r]
@@ -196,6 +196,12 @@ def main(argv=None) -> dict:
     for r in ok:
         r["speedup"] = r["images_per_s"] / base
     return _report(args, argv, rows, flops_fwd, nfe, n_params, peak, flags, model_info, device)
+
+
+def dynamo_graphs() -> int:
+    """Graphs torch.compile (Dynamo) has compiled in this process so far."""
+    from torch._dynamo.utils import counters
+    return int(counters["stats"]["unique_graphs"])
 
 
 def run_variant(name, kw, model, x_T, ac, ts, args, device, flops_fwd, nfe, peak, flags) -> dict:
@@ -210,23 +216,28 @@ def run_variant(name, kw, model, x_T, ac, ts, args, device, flops_fwd, nfe, peak
         with torch.no_grad():
             return sample(eps, x_T, ac, seq, eta=args.eta)
 
+    graphs0 = dynamo_graphs()
     t0 = time.perf_counter()
     run(S=min(args.steps, 5))  # warm-up: compilation, cuDNN autotuning
     perf.synchronize(device)
     warmup_s = time.perf_counter() - t0
+    graphs1 = dynamo_graphs()
     out = {}
 
     def timed_run():
         out["x0"] = run()
 
     times = perf.timed(timed_run, device, args.repeats)
+    # graphs torch.compile made in the warm-up (1 when all goes well) and in the timed runs (0): recompilations
+    # mean a guard fails from step to step, and past Dynamo's limit the network quietly runs eagerly
+    graphs = dict(graphs_warmup=graphs1 - graphs0, graphs_timed=dynamo_graphs() - graphs1)
     med = statistics.median(times)
     row = dict(variant=name, config=kw or {"dtype": "fp32", "channels_last": False, "compile": False,
                                            "flags": perf.backend_flags()},
                seconds=times, seconds_median=med, warmup_s=warmup_s,
                images_per_s=args.batch / med, tflops=flops_fwd * args.batch * nfe / med / 1e12,
                peak_mem_gib=perf.peak_memory_gib(device),
-               nonfinite=int((~torch.isfinite(out["x0"])).sum()))
+               nonfinite=int((~torch.isfinite(out["x0"])).sum()), **graphs)
     row["share_of_peak"] = row["tflops"] / peak if peak else None
     row["_img"] = out["x0"].float().clamp(-1, 1).cpu()
     return row
@@ -246,7 +257,8 @@ def _report(args, argv, rows, flops_fwd, nfe, n_params, peak, flags, model_info,
                                    ("share_of_peak", "of peak", ".1%"), ("peak_mem_gib", "peak GiB", ".2f"),
                                    ("warmup_s", "warm-up s", ".1f"), ("diff_mean", "mean |d|", ".2e"),
                                    ("diff_p99", "p99 |d|", ".2e"), ("diff_max", "max |d|", ".2e"),
-                                   ("u8_changed", "u8 px changed", ".2%"), ("within_tol", "within tol", "")]))
+                                   ("u8_changed", "u8 px changed", ".2%"), ("within_tol", "within tol", ""),
+                                   ("graphs_timed", "recompiled", "")]))
     print(f"tolerance vs {rows[0]['variant']}: mean |d| <= {args.tol_mean:.4f}, p99 |d| <= {args.tol_p99:.4f} "
           f"([-1,1] units; one 8-bit level = {LEVEL:.4f})")
     perf.write_json(record, args.json)

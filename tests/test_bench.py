@@ -153,6 +153,8 @@ def test_sampling_benchmark_tiny_cpu(tmp_path):
     assert 0 < fast["diff_mean"] <= fast["diff_max"] <= 2.0
     assert all(r["within_tol"] for r in rec["rows"][1:])  # the phase upsampling too, against fp32
     assert "images/s" in stdout and "fast" in stdout
+    # one graph per compiled network, made in the warm-up; no recompilation while the steps' t change
+    assert [(r["graphs_warmup"], r["graphs_timed"]) for r in rec["rows"]] == [(0, 0), (1, 0), (1, 0)]
 
 
 def test_batch_places_benchmark_tiny_cpu(tmp_path):
@@ -374,6 +376,20 @@ def test_kernel_profile_tiny_cpu(tmp_path, what, variant):
     assert "ms / iteration" in stdout
 
 
+def test_kernel_profile_of_a_sampling_loop_is_per_step(tmp_path):
+    """--loop profiles one sampling loop of --iters steps: per step, the same convolutions as one forward.
+    (S = 3 of T = 1000 runs 4 forwards, t = 0, 333, 666, 999: the figures are per forward run.)"""
+    one, _ = _run_bench("kernels", tmp_path, "--what", "sampling", "--variant", "fast-gn", "--iters", "1")
+    loop, stdout = _run_bench("kernels", tmp_path, "--what", "sampling", "--variant", "fast-gn", "--iters", "3",
+                              "--loop")
+    assert loop["loop"] and not one["loop"] and loop["iters"] == 4 and "4 steps of one sampling loop" in stdout
+
+    def conv_calls(rec):
+        return sum(k["calls"] for k in rec["kernels"] if "conv" in k["name"])
+
+    assert conv_calls(loop) == conv_calls(one) > 0
+
+
 def test_kernel_kinds_of_gpu_kernel_names():
     sys.path.insert(0, str(REPO / "bench"))
     try:
@@ -386,6 +402,7 @@ def test_kernel_kinds_of_gpu_kernel_names():
     assert kind_of("triton_poi_fused__to_copy_26") == "triton: other fused element-wise"
     assert kind_of("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16") == "attention"
     assert kind_of("Memset (Device)") == "copy / layout"
+    assert kind_of("_group_norm_kernel").startswith("triton: group norm")  # ddim.groupnorm's
 
 
 def test_kernel_profile_rejects_unknown_variant():
