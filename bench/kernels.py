@@ -81,6 +81,7 @@ def parse(argv=None):
 
 
 def build_step(args, device):
+    """(the profiled call, the forwards or steps it runs: one, or the loop's len(τ), S + 1 where S does not divide T)"""
     torch.manual_seed(0)
     cfg = TINY if args.tiny else CIFAR10
     model = UNet(**cfg).to(device)
@@ -96,6 +97,7 @@ def build_step(args, device):
         def step():
             with torch.no_grad():
                 return sample(eps, x, ac.to(device), ts) if args.loop else eps(x, t)
+        return step, len(ts) if args.loop else 1
     else:
         from ddim.perf import DiffusionTrainStep
 
@@ -104,14 +106,14 @@ def build_step(args, device):
 
         def step():
             return train(x0)
-    return step
+        return step, 1
 
 
 def main(argv=None) -> dict:
     args = parse(argv)
     device = torch.device(args.device)
     torch.backends.cudnn.benchmark = True
-    step = build_step(args, device)
+    step, per_call = build_step(args, device)
     for _ in range(3):  # compilation, cuDNN autotuning
         step()
     perf.synchronize(device)
@@ -121,13 +123,13 @@ def main(argv=None) -> dict:
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     with torch.profiler.profile(activities=activities) as prof:
         t0 = time.perf_counter()
-        for _ in range(1 if args.loop else args.iters):
+        calls_profiled = 1 if args.loop else args.iters
+        for _ in range(calls_profiled):
             step()
         perf.synchronize(device)
         wall = time.perf_counter() - t0
 
-    # per forward: a loop of S steps runs len(timesteps(T, S)) forwards (S + 1 where S does not divide T)
-    iters = len(timesteps(1000, args.iters, "linear")) if args.loop else args.iters
+    iters = calls_profiled * per_call  # the figures below are per forward / training step
     per_kernel: dict[str, float] = defaultdict(float)
     calls: dict[str, int] = defaultdict(int)
     for ev in prof.events():

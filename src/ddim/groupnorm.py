@@ -144,8 +144,8 @@ def _launch(x, add, weight, bias, eps, groups, silu):
     cbe, cb, cg = _blocks(c, groups)
     hw = h * w
     out = torch.empty_like(x, memory_format=torch.channels_last)
-    # wrap_triton: under torch.compile Inductor launches the kernel from its own generated code (an opaque custom
-    # op went through Python for each of the ~50 calls per forward: host-bound without CUDA graphs)
+    # wrap_triton (with triton_op): under torch.compile the launch is traced into the graph, and Inductor launches
+    # the kernel from its own generated code, inside its CUDA graphs too
     wrap_triton(_group_norm_kernel)[(c // cbe, n)](
         x, add if add is not None else x, weight, bias, out, hw, c, eps, CBE=cbe, CB=cb, CG=cg,
         NG=triton.next_power_of_2(cbe // cg), PB=min(PIXEL_BLOCK, triton.next_power_of_2(hw)),
