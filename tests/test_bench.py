@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ddim import perf
+from ddim.models.unet import ResnetBlock
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -348,14 +349,30 @@ def test_prepare_for_inference_compiles_deterministic_with_mode_spelled_out(monk
     assert seen[3]["options"] is None and seen[3]["backend"] == "eager"
 
 
-def test_fast_paths_choose_channel_stat_group_norm_only_when_compiled():
+def test_fast_paths_choose_group_norm_by_compilation_and_use():
+    """Compiled inference: the GroupNorm kernel's blocks (where Triton is installed; not with the fused convolutions);
+    compiled training (needs a backward): per-channel statistics; eager: torch's GroupNorm."""
     from ddim.diffusion import alphas_cumprod, beta_schedule
+    from ddim import groupnorm
 
     def kinds(m):
         return {type(x) for x in m.modules() if isinstance(x, nn.GroupNorm)}
 
+    def blocks(m):
+        return {type(x).__name__ for x in m.modules() if isinstance(x, ResnetBlock)}
+
     model = _unet()
-    assert kinds(perf.prepare_for_inference(model, backend="eager")) == {perf.ChannelStatGroupNorm}
+    fast = perf.prepare_for_inference(model, backend="eager")
+    if groupnorm.available():
+        assert blocks(fast) == {"KernelResnetBlock"}
+        assert kinds(fast) == {perf.ChannelStatGroupNorm, groupnorm.KernelGroupNorm}  # + the attention norms
+    else:
+        assert blocks(fast) == {"ResnetBlock"} and kinds(fast) == {perf.ChannelStatGroupNorm}
+    assert blocks(perf.prepare_for_inference(model, backend="eager", group_norm="channel-stats")) == {"ResnetBlock"}
+    assert perf.default_inference_group_norm(True, fused=True) == "channel-stats"
+    assert perf.default_inference_group_norm(False) == "torch"
+    assert kinds(perf.prepare_for_inference(model, backend="eager", group_norm="channel-stats")) == {
+        perf.ChannelStatGroupNorm}
     assert kinds(perf.prepare_for_inference(model, compile=False)) == {nn.GroupNorm}
     assert kinds(perf.prepare_for_inference(model, backend="eager", group_norm="torch")) == {nn.GroupNorm}
     ac = alphas_cumprod(beta_schedule("linear"))

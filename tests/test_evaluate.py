@@ -167,6 +167,24 @@ def test_fast_sampler_deterministic_switch_reaches_the_compiler_and_the_key(monk
                      "sampler.deterministic=sometimes")
 
 
+def test_fast_sampler_with_the_group_norm_kernel_is_recorded_apart(monkeypatch, tmp_path, tiny_ckpt):
+    """Where the GroupNorm kernel is the compiled default (CUDA with Triton), sampler.fast samples through it and
+    marks its record, so fast records made before (per-channel statistics) are kept and not taken for it."""
+    from ddim import perf
+
+    seen = []
+    real = perf.prepare_for_inference
+    monkeypatch.setattr(perf, "prepare_for_inference", lambda m, **kw: seen.append(kw) or real(m, **kw))
+    run_evaluate(monkeypatch, tmp_path, f"ckpt_path={tiny_ckpt}", "task=samples", "samples.num_samples=2",
+                 "sampler.steps=2", "sampler.fast=true", f"output_dir={tmp_path / 'before'}")
+    monkeypatch.setattr(perf, "default_inference_group_norm", lambda compiled, fused=False: "kernel")
+    run_evaluate(monkeypatch, tmp_path, f"ckpt_path={tiny_ckpt}", "task=samples", "samples.num_samples=2",
+                 "sampler.steps=2", "sampler.fast=true", f"output_dir={tmp_path / 'kernel'}")
+    assert [kw["group_norm"] for kw in seen] == ["torch", "kernel"]
+    recs = records(tmp_path)
+    assert sorted(str(r["key"]["sampler"].get("group_norm")) for r in recs) == ["None", "kernel"]
+
+
 def test_index_noise_is_per_sample():
     from ddim.eval.tasks import latents_and_noise
 

@@ -109,6 +109,18 @@ def default_group_norm(kind: str | None, compiled: bool) -> str:
     return kind or ("channel-stats" if compiled else "torch")
 
 
+def default_inference_group_norm(compiled: bool, fused: bool = False) -> str:
+    """What ``prepare_for_inference`` picks when not told: compiled, the GroupNorm kernel of ``ddim.groupnorm``
+    (deterministic as is; H200, S = 50: 564 vs 526 images/s, 1.47 vs 1.94 GiB; docs/results/bench, tenth round)
+    where Triton is installed and the convolution prologues of ``fused`` do not take the norms; else
+    ``default_group_norm``.  On a CPU the kernel's blocks run its formula in PyTorch."""
+    if compiled and not fused:
+        from ddim import groupnorm
+        if groupnorm.available():
+            return "kernel"
+    return default_group_norm(None, compiled)
+
+
 def swap_group_norm(model: nn.Module, kind: str = "channel-stats") -> nn.Module:
     """Make every ``nn.GroupNorm`` of ``model`` (in place) compute its statistics the ``kind`` way.
 
@@ -218,8 +230,8 @@ def prepare_for_inference(
     group_norm: "torch", "channel-stats" (``ChannelStatGroupNorm``: compiled, ~10% faster sampling than torch's
     on an H100; eager, torch's kernel is faster) or "kernel" (``ddim.groupnorm``: the ResnetBlock and attention
     GroupNorms as one Triton kernel per sample, ``ChannelStatGroupNorm`` elsewhere and where the kernel does not
-    apply; deterministic as is; opt-in: 603 vs 534 images/s on an H200 in its first form, 426-432 since it also
-    takes 12-channel groups, not yet understood: docs/results/bench, ninth round).
+    apply; deterministic as is; the compiled default where Triton is installed: 564 vs 526 images/s on an
+    H200, see ``default_inference_group_norm``).
     upsample: "nearest" (official order) or "phases" (``PhaseUpsample``: the upsampling convolutions on the
     low-resolution input, 16/36 of their FLOPs; default when compiled: +1 % sampling on an H100).
     fused: ResnetBlocks as ``ddim.fused.FusedResnetBlock`` (GroupNorm+SiLU in Triton convolutions' prologue);
@@ -234,7 +246,7 @@ def prepare_for_inference(
         raise ValueError(f"give compile_mode ({compile_mode!r}) or options ({options}), not both: torch.compile "
                          f"takes one of them")
     torch_dtype = _dtype(dtype)
-    norm_kind = default_group_norm(group_norm, compile)
+    norm_kind = group_norm or default_inference_group_norm(compile, fused)
     if norm_kind not in GROUP_NORMS + ("kernel",):
         raise ValueError(f"group_norm {norm_kind!r} is not supported; allowed: {list(GROUP_NORMS + ('kernel',))}")
     fast = copy.deepcopy(model).eval().requires_grad_(False)
