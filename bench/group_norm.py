@@ -79,7 +79,7 @@ def main(argv=None) -> dict:
         def kernel_fn(x, shift):
             return gnk.group_norm_silu(x, norm, add=shift, silu=silu)
 
-        row = dict(channels=c, size=h, shift=with_shift, silu=silu, lanes=gnk._blocks(c, groups)[:2],
+        row = dict(channels=c, size=h, shift=with_shift, silu=silu, lanes=gnk._blocks(c, groups, h * h)[:2],
                    mb=x.numel() * x.element_size() / 1e6)
         variants = [("kernel", kernel_fn)]
         if compile_:  # the op called eagerly pays ~0.2 ms of Python per launch: on a GPU only its compiled form

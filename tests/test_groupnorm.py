@@ -46,7 +46,9 @@ def launches(monkeypatch):
 @pytest.mark.filterwarnings("ignore:overflow encountered in exp")  # the interpreter's sigmoid on masked-off rows
 @pytest.mark.parametrize("shape, groups, offset, with_add, silu", [
     ((2, 128, 8, 8), 32, 0.0, True, True),    # one 64-pixel chunk, 4 channels per group, two channel blocks
-    ((1, 64, 9, 9), 32, 0.0, False, True),    # 81 pixels: a full chunk and a masked one of 17, merged
+    ((1, 64, 9, 9), 32, 0.0, False, True),    # 81 pixels: one masked chunk of 128
+    ((1, 64, 20, 20), 32, 0.0, True, True),   # 400 pixels: 32 lanes, a full chunk of 256 and a masked one, merged
+    ((1, 384, 17, 17), 32, 0.0, False, True),  # 289 pixels, 12 per group: 2 groups = 24 channels on 32 lanes
     ((3, 256, 4, 4), 32, 0.0, True, False),   # 8 channels per group, chunk larger than the map; no SiLU
     ((2, 32, 5, 7), 8, 1e4, True, True),      # mean 10^4 x the spread: the statistics must not cancel
     ((2, 384, 4, 4), 32, 0.0, True, True),    # 12 per group: 4 groups = 48 channels per program on 64 lanes
@@ -79,6 +81,18 @@ def test_shapes_the_kernel_does_not_take_use_the_same_formula(launches):
     with torch.no_grad():
         torch.testing.assert_close(gnk.group_norm_silu(x, norm, add=add), F.silu(norm(x + add[:, :, None, None])))
     assert launches == []
+
+
+def test_blocks_fill_a_tile_of_whole_groups():
+    """(channels, lanes, channels per group, pixels per chunk): 32 channels x 256 pixels above 16x16, 64 x 128 up to
+    it (the fastest tiles per site on an H200); groups never split; groups wider than 128 channels not taken."""
+    assert gnk._blocks(128, 32, 32 * 32) == (32, 32, 4, 256)
+    assert gnk._blocks(384, 32, 32 * 32) == (24, 32, 12, 256)
+    assert gnk._blocks(512, 32, 16 * 16) == (64, 64, 16, 128)
+    assert gnk._blocks(384, 32, 16 * 16) == (48, 64, 12, 128)
+    assert gnk._blocks(256, 32, 4 * 4) == (64, 64, 8, 16)
+    assert gnk._blocks(256, 2, 8 * 8) == (128, 128, 128, 64)  # one 128-channel group per program
+    assert gnk._blocks(512, 2, 8 * 8) is None and gnk._blocks(100, 32, 64) is None
 
 
 def test_bad_arguments_are_named():
@@ -200,7 +214,8 @@ def test_kernel_arithmetic_stays_float32_when_eps_arrives_as_float64():
         "names = list(inspect.signature(fn.fn).parameters)\n"
         "types = {'X': '*bf16', 'ADD': '*fp32', 'W': '*fp32', 'B': '*fp32', 'OUT': '*bf16', 'HW': 'i32', 'C': 'i32',\n"
         "         'eps': 'fp64'}\n"
-        "consts = dict(CBE=64, CB=64, CG=4, NG=16, PB=64, EVEN=True, HAS_ADD=True, SILU=True)\n"
+        "cbe, cb, cg, pb = gnk._blocks(128, 32, 32 * 32)  # the first norms of the CIFAR-10 U-Net\n"
+        "consts = dict(CBE=cbe, CB=cb, CG=cg, NG=cbe // cg, PB=pb, EVEN=True, HAS_ADD=True, SILU=True)\n"
         "src = ASTSource(fn=fn, signature={n: types.get(n, 'constexpr') for n in names},\n"
         "                constexprs={(names.index(k),): v for k, v in consts.items()},\n"
         "                attrs={(i,): [['tt.divisibility', 16]] for i in range(7)})\n"

@@ -35,8 +35,11 @@ except ImportError:  # pragma: no cover - exercised only without Triton
 __all__ = ["available", "group_norm_silu", "kernel_takes", "KernelGroupNorm", "KernelResnetBlock",
            "swap_kernel_group_norm"]
 
-CHANNEL_BLOCK = 64  # channels per program (measured on an H200: 64 channels x 64 pixels, 4 warps, best or tied)
-PIXEL_BLOCK = 64
+# A program's tile: 8,192 elements (lanes x pixels), 4 warps.  Measured per site on an H200 (batch 512, bf16,
+# 16 configurations of 32/64 channels x 32-256 pixels x 4/8 warps; docs/results/bench, tenth round): 32 channels x
+# 256 pixels was the fastest at 32x32 (1.3-1.5x the 64 x 64 tile), 64 x 128 at 16x16 (1.1-1.3x)
+TILE = 8192
+MAX_CHANNELS = 128  # a wider group does not fit a program's registers
 NUM_WARPS = 4
 
 
@@ -120,22 +123,28 @@ if triton is not None:
                 tl.store(OUT + off, y.to(OUT.dtype.element_ty))
 
 
-def _blocks(c: int, groups: int) -> tuple[int, int, int] | None:
-    """(channels per program, lanes, channels per group), or None where the kernel does not take the shape.
+def _blocks(c: int, groups: int, hw: int) -> tuple[int, int, int, int] | None:
+    """(channels per program, lanes, channels per group, pixels per chunk), or None where the kernel does not take
+    the shape.
 
-    A program takes k whole groups (k a power of two dividing ``groups``, as many as fit in 64 channels), so a
-    group never straddles two programs; the 12-per-group norms of the CIFAR-10 U-Net run 48 channels on 64 lanes.
+    A program takes k whole groups (k a power of two dividing ``groups``, as many as fit in 32 channels above 256
+    pixels, 64 up to there), so a group never straddles two programs; the 12-per-group norms of the CIFAR-10 U-Net
+    run 24 channels on 32 lanes at 32x32 and 48 on 64 at 16x16.  The chunk fills the tile.
     """
-    if groups <= 0 or c % groups:
+    if groups <= 0 or c % groups or hw <= 0:
         return None
     cg = c // groups
+    if cg > MAX_CHANNELS:
+        return None
+    target = 32 if hw > 256 else 64
     k = 1
-    while groups % (2 * k) == 0 and cg * 2 * k <= CHANNEL_BLOCK:
+    while groups % (2 * k) == 0 and cg * 2 * k <= target:
         k *= 2
     cbe = cg * k
-    if cbe > 2 * CHANNEL_BLOCK:  # a group this wide would not fit a program's registers
-        return None
-    return cbe, triton.next_power_of_2(cbe) if triton is not None else cbe, cg
+    if triton is None:
+        return cbe, cbe, cg, hw
+    cb = triton.next_power_of_2(cbe)
+    return cbe, cb, cg, min(max(TILE // cb, 16), triton.next_power_of_2(hw))
 
 
 def kernel_takes(x: torch.Tensor, groups: int) -> bool:
@@ -145,14 +154,13 @@ def kernel_takes(x: torch.Tensor, groups: int) -> bool:
                               and not torch.compiler.is_compiling())
     return (triton is not None and on_device and x.dim() == 4 and x.dtype in (torch.float32, torch.bfloat16,
             torch.float16) and x.is_contiguous(memory_format=torch.channels_last) and x.numel() > 0
-            and _blocks(x.shape[1], groups) is not None)
+            and _blocks(x.shape[1], groups, x.shape[2] * x.shape[3]) is not None)
 
 
 def _launch(x, add, weight, bias, eps, groups, silu):
     n, c, h, w = x.shape
-    cbe, cb, cg = _blocks(c, groups)
     hw = h * w
-    pb = min(PIXEL_BLOCK, triton.next_power_of_2(hw))
+    cbe, cb, cg, pb = _blocks(c, groups, hw)
     out = torch.empty_like(x, memory_format=torch.channels_last)
     # wrap_triton (with triton_op): under torch.compile the launch is traced into the graph, and Inductor launches
     # the kernel from its own generated code, inside its CUDA graphs too
