@@ -232,6 +232,25 @@ def test_fast_compiled_training_same_loss_and_checkpoint_keys(tmp_path):
     assert losses[0] == pytest.approx(losses[1], rel=1e-4)
 
 
+@pytest.mark.parametrize("mode, marks", [(None, 0), ("reduce-overhead", 1), ("max-autotune", 1),
+                                         ("max-autotune-no-cudagraphs", 0)])
+def test_training_step_marks_cuda_graph_steps_for_every_mode_with_graphs(monkeypatch, mode, marks):
+    """A compiled step whose mode records CUDA graphs (reduce-overhead, and max-autotune, which includes them) tells
+    cudagraph trees that a new step begins, so the last step's graph outputs may be overwritten; others do not."""
+    from ddim.lit import DiffusionModule
+
+    calls = []
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: calls.append(mode))
+    m = DiffusionModule(model=dict(ch=32, out_ch=1, ch_mult=[1], num_res_blocks=1, attn_resolutions=[], dropout=0.0,
+                                   in_channels=1, resolution=8, resamp_with_conv=True),
+                        diffusion={"beta_schedule": "linear", "num_diffusion_timesteps": 100},
+                        fast={"compile": True, "backend": "eager", "mode": mode})
+    m.log = lambda *a, **k: None
+    m.train()
+    m.training_step(torch.rand(2, 1, 8, 8) * 2 - 1, 0)
+    assert len(calls) == marks
+
+
 def test_fast_settings_reject_unknown_keys():
     from ddim.lit import DiffusionModule
 

@@ -191,7 +191,7 @@ class DiffusionModule(L.LightningModule):
             x0 = x0.contiguous(memory_format=torch.channels_last)  # x_t and ε inherit the layout
         if fast["step_graph"]:
             return self._graphed_training_step(x0)
-        if fast["compile"] and fast["mode"] and "reduce-overhead" in fast["mode"]:
+        if fast["compile"] and _mode_has_cuda_graphs(fast["mode"]):  # max-autotune's CUDA graphs too
             torch.compiler.cudagraph_mark_step_begin()
         t = antithetic_timesteps(x0.shape[0], self.num_timesteps, device=x0.device)
         loss = eps_loss(self._train_eps(), x0, t, self.alphas_cumprod.float())
