@@ -95,6 +95,24 @@ def test_blocks_fill_a_tile_of_whole_groups():
     assert gnk._blocks(512, 2, 8 * 8) is None and gnk._blocks(100, 32, 64) is None
 
 
+def test_kernel_blocks_refuse_training():
+    """The kernel has no backward and no dropout: a KernelResnetBlock in train mode, or with gradients on, raises
+    with its name; in eval mode under no_grad it runs."""
+    from ddim.models import UNet
+
+    model = UNet(ch=32, out_ch=3, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(), dropout=0.0, in_channels=3,
+                 resolution=8, resamp_with_conv=True)
+    gnk.swap_kernel_group_norm(model)
+    x, t = torch.randn(1, 3, 8, 8).contiguous(memory_format=torch.channels_last), torch.tensor([5])
+    msg = r"KernelResnetBlock is for inference \(eval mode, no gradients\): its kernels have no backward"
+    with pytest.raises(RuntimeError, match=msg):
+        model.train()(x, t)
+    with pytest.raises(RuntimeError, match=msg):
+        model.eval()(x, t)  # gradients on for trainable parameters
+    with torch.no_grad():
+        assert model.eval()(x, t).shape == (1, 3, 8, 8)
+
+
 def test_bad_arguments_are_named():
     x = torch.randn(2, 64, 4, 4).contiguous(memory_format=torch.channels_last)
     with pytest.raises(ValueError, match=r"add must be \(N, C\) = \(2, 64\), got \(64,\)"):

@@ -31,7 +31,7 @@ import os
 import torch
 from torch import nn
 
-from ddim.models.unet import ResnetBlock
+from ddim.models.unet import ResnetBlock, require_inference
 from ddim.perf import group_stats_by_channel, pool_mean_var
 
 try:  # the CUDA builds of torch ship Triton; CPU-only installs may not
@@ -335,9 +335,7 @@ class FusedResnetBlock(ResnetBlock):
     fast_silu: bool = True
 
     def forward(self, x: torch.Tensor, temb_act: torch.Tensor) -> torch.Tensor:
-        if self.training or (torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())):
-            raise RuntimeError("FusedResnetBlock is for inference (eval mode, no gradients): its kernels have no "
-                               "backward and no dropout")
+        require_inference(self)
         scale1, shift1 = group_norm_scale_shift(group_stats(x, self.norm1.num_groups), self.norm1)
         bias1 = (self.conv1.bias.float() + self.temb_proj(temb_act).float()).contiguous()   # (N, O)
         h, stats2 = conv3x3_fused(x, self.conv1_kc, bias1, scale=scale1, shift=shift1, stats_groups=self.norm2.num_groups,

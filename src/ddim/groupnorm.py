@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ddim.models.unet import AttnBlock, ResnetBlock
+from ddim.models.unet import AttnBlock, ResnetBlock, require_inference
 from ddim.perf import ChannelStatGroupNorm
 
 try:  # the CUDA builds of torch ship Triton; CPU-only installs may not
@@ -214,9 +214,7 @@ class KernelResnetBlock(ResnetBlock):
     which joins the time embedding as the second norm's per-sample shift.  Same parameters and state-dict keys."""
 
     def forward(self, x: torch.Tensor, temb_act: torch.Tensor) -> torch.Tensor:
-        if self.training or (torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())):
-            raise RuntimeError("KernelResnetBlock is for inference (eval mode, no gradients): its kernel has no "
-                               "backward and no dropout")
+        require_inference(self)
         h = self.conv1._conv_forward(group_norm_silu(x, self.norm1), self.conv1.weight, None)
         shift = self.conv1.bias.float() + self.temb_proj(temb_act).float()
         h = self.conv2(group_norm_silu(h, self.norm2, add=shift))

@@ -41,6 +41,14 @@ def _conv1(cin: int, cout: int) -> nn.Conv2d:
     return nn.Conv2d(cin, cout, kernel_size=1)
 
 
+def require_inference(block: nn.Module) -> None:
+    """Raise unless ``block`` runs for inference (eval mode, no gradients): for the kernel-backed blocks
+    (``ddim.groupnorm``, ``ddim.fused``), whose kernels have no backward and no dropout."""
+    if block.training or (torch.is_grad_enabled() and any(p.requires_grad for p in block.parameters())):
+        raise RuntimeError(f"{type(block).__name__} is for inference (eval mode, no gradients): its kernels have no "
+                           "backward and no dropout")
+
+
 class ResnetBlock(nn.Module):
     """GN -> swish -> conv, + projected time embedding, GN -> swish -> dropout -> conv, + shortcut."""
 
