@@ -51,13 +51,11 @@ def available() -> bool:
 if triton is not None:
 
     @triton.jit
-    def _tile(X, add, base, p0, p, c, on, HW, C, MASKED: tl.constexpr, FULL: tl.constexpr, HAS_ADD: tl.constexpr):
-        """Pixels p0 .. p0 + PB of the program's channels, float32, + the shift: (values, mask, offsets).
-
-        Unmasked (MASKED false: every tile full, every lane a channel) the loads vectorise without a mask."""
-        rows = p0 + p
-        off = base + rows[:, None] * C + c[None, :]
-        mask = (rows < HW)[:, None] & on[None, :]
+    def _load_tile(X, off, mask, add, MASKED: tl.constexpr, HAS_ADD: tl.constexpr):
+        """The tile at ``off`` in float32, + the shift.  Unmasked (MASKED false: every tile full, every lane a
+        channel) the loads vectorise without a mask.  Only values leave this function: a pointer derived from X
+        (as the offsets were, once) makes Inductor's analysis of the kernel count X as written, and it then copies
+        every input activation before the launch."""
         if MASKED:
             v = tl.load(X + off, mask=mask, other=0.0).to(tl.float32)
         else:
@@ -66,7 +64,7 @@ if triton is not None:
             v += add[None, :]
         if MASKED:
             v = tl.where(mask, v, 0.0)  # the shift landed on masked entries too
-        return v, mask, off
+        return v
 
     @triton.jit
     def _group_norm_kernel(X, ADD, W, B, OUT, HW, C, eps, CBE: tl.constexpr, CB: tl.constexpr, CG: tl.constexpr,
@@ -89,7 +87,10 @@ if triton is not None:
         mean = tl.zeros([CB], tl.float32)
         m2 = tl.zeros([CB], tl.float32)
         for p0 in range(0, HW, PB):
-            v, mask, off = _tile(X, add, base, p0, p, c, on, HW, C, MASKED, FULL, HAS_ADD)
+            rows = p0 + p
+            off = base + rows[:, None] * C + c[None, :]
+            mask = (rows < HW)[:, None] & on[None, :]
+            v = _load_tile(X, off, mask, add, MASKED, HAS_ADD)
             nb = tl.minimum(HW - p0, PB) * 1.0
             chunk_mean = tl.sum(v, 0) / nb
             d = v - chunk_mean[None, :]
@@ -113,7 +114,10 @@ if triton is not None:
         scale = rstd_c * tl.load(W + c, mask=on, other=0.0).to(tl.float32)
         shift = tl.load(B + c, mask=on, other=0.0).to(tl.float32)
         for p0 in range(0, HW, PB):  # the slab again, now from L2
-            v, mask, off = _tile(X, add, base, p0, p, c, on, HW, C, MASKED, FULL, HAS_ADD)
+            rows = p0 + p
+            off = base + rows[:, None] * C + c[None, :]
+            mask = (rows < HW)[:, None] & on[None, :]
+            v = _load_tile(X, off, mask, add, MASKED, HAS_ADD)
             y = (v - mean_c[None, :]) * scale[None, :] + shift[None, :]  # (x - mean) first: no cancellation
             if SILU:
                 y = y * tl.sigmoid(y)
@@ -165,7 +169,7 @@ def _launch(x, add, weight, bias, eps, groups, silu):
     # wrap_triton (with triton_op): under torch.compile the launch is traced into the graph, and Inductor launches
     # the kernel from its own generated code, inside its CUDA graphs too
     wrap_triton(_group_norm_kernel)[(c // cbe, n)](
-        x, add if add is not None else x, weight, bias, out, hw, c, eps, CBE=cbe, CB=cb, CG=cg,
+        x, add if add is not None else weight, weight, bias, out, hw, c, eps, CBE=cbe, CB=cb, CG=cg,
         NG=triton.next_power_of_2(cbe // cg), PB=pb, EVEN=hw % pb == 0, HAS_ADD=add is not None, SILU=silu,
         num_warps=NUM_WARPS)
     return out
