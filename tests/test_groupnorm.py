@@ -281,3 +281,43 @@ def test_inductor_sees_the_kernel_write_only_its_output():
     writes = [line for line in proc.stdout.splitlines() if line.startswith("WRITES")]
     assert len(writes) == 4 and all(line.endswith("['OUT']") for line in writes), proc.stdout
     assert "READS 1024 128 True ['ADD', 'B', 'W', 'X']" in proc.stdout, proc.stdout
+
+
+
+@pytest.mark.parametrize("shift", [True, False])
+def test_inductor_adds_no_copies_around_the_kernel(shift):
+    """Compiled by Inductor, a launch is the kernel alone.  Two copies per launch were found in the H200 network's
+    code: a NaN fill of the output (Inductor lowers empty_like(memory_format=channels_last) contiguous, then copies
+    the uninitialised buffer into the traced layout) and, without a shift, a copy of the input (passed as the unused
+    shift too, so two kernel arguments aliased).  Checked on Inductor's IR before fusion for a CPU run (an sm_90
+    target for the kernel analysis; code generation then stops: no Triton CPU backend): the only buffers written
+    are the input activation's producer and the add after the kernel."""
+    code = (
+        "import sys, torch, triton\n"
+        "from triton.backends.compiler import GPUTarget\n"
+        "class Target:\n"
+        "    def get_current_target(self):\n"
+        "        return GPUTarget('cuda', 90, 32)\n"
+        "triton.runtime.driver.set_active(Target())\n"
+        "from ddim import groupnorm as gnk\n"
+        "gnk.kernel_takes = lambda x, groups: True\n"
+        "norm = torch.nn.GroupNorm(32, 128)\n"
+        "x = torch.randn(2, 128, 32, 32).contiguous(memory_format=torch.channels_last)\n"
+        f"shift = {shift}\n"
+        "def f(x, a):\n"
+        "    h = x * 2  # an intermediate activation, used again after the norm (as a shortcut is)\n"
+        "    return gnk.group_norm_silu(h, norm, add=a if shift else None) + h\n"
+        "try:\n"
+        "    with torch.no_grad():\n"
+        "        torch.compile(f)(x, torch.randn(2, 128))\n"
+        "except Exception as e:\n"
+        "    print('STOPPED', type(e).__name__)\n")
+    env = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": str(REPO / "src"), "CUDA_VISIBLE_DEVICES": "",
+           "TORCH_LOGS": "ir_pre_fusion"}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    log = proc.stdout + proc.stderr
+    if "BEFORE FUSION" not in log:
+        pytest.skip(f"this torch logs no Inductor IR under TORCH_LOGS=ir_pre_fusion: {log[-500:]}")
+    assert log.count("ExternKernelSchedulerNode(UserDefinedTritonKernel)") == 1, log[-4000:]
+    assert "constant(nan" not in log, log[-4000:]  # no copy of an uninitialised buffer
+    assert log.count("ops.store(") == 2, log[-4000:]  # h, and the add after the kernel: nothing copied

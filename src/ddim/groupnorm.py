@@ -165,9 +165,12 @@ def _launch(x, add, weight, bias, eps, groups, silu):
     n, c, h, w = x.shape
     hw = h * w
     cbe, cb, cg, pb = _blocks(c, groups, hw)
-    out = torch.empty_like(x, memory_format=torch.channels_last)
+    # empty_strided, not empty_like(memory_format=...): Inductor lowers empty_like contiguous and then copies it
+    # (a NaN fill of the whole activation per launch) into the channels_last layout the trace recorded
+    out = torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=x.device)
     # wrap_triton (with triton_op): under torch.compile the launch is traced into the graph, and Inductor launches
     # the kernel from its own generated code, inside its CUDA graphs too
+    # without a shift, ADD gets the weight (never read): passing x twice made Inductor copy x before the launch
     wrap_triton(_group_norm_kernel)[(c // cbe, n)](
         x, add if add is not None else weight, weight, bias, out, hw, c, eps, CBE=cbe, CB=cb, CG=cg,
         NG=triton.next_power_of_2(cbe // cg), PB=pb, EVEN=hw % pb == 0, HAS_ADD=add is not None, SILU=silu,
