@@ -564,3 +564,24 @@ def test_group_norm_kernel_compiled_by_inductor_gives_the_models_eps():
     x, t = torch.randn(4, 3, 16, 16, device="cuda"), torch.tensor([0, 10, 500, 999], device="cuda")
     with torch.no_grad():
         torch.testing.assert_close(fast(x, t), model(x, t), rtol=1e-2, atol=1e-2)  # TF32 convolutions on both
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="Inductor's Triton kernels need a GPU")
+def test_compiled_group_norm_kernel_launches_without_nan_filled_copies():
+    """The code Inductor generates for the bf16 network with the GroupNorm kernel holds no buffer filled with NaN (a
+    copy of an uninitialised output before each launch, as on the H200 before), and its ε is close to the model's.
+    (CPU tests check the causes on Inductor's IR, and the kernel's PTX for fp64 arithmetic.)"""
+    from torch._inductor.utils import run_and_get_code
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = _unet(ch=64).cuda().eval()
+    fast = perf.prepare_for_inference(model, dtype="bf16", group_norm="kernel")
+    x, t = torch.randn(4, 3, 16, 16, device="cuda"), torch.tensor([0, 10, 500, 999], device="cuda")
+    with torch.no_grad():
+        eps, codes = run_and_get_code(fast, x, t)
+        want = model(x, t)
+    code = "\n".join(codes)
+    assert "_group_norm_kernel" in code
+    assert 'float("nan")' not in code, "Inductor copies an uninitialised buffer (NaN fill) around the kernel"
+    assert (eps.float() - want).abs().mean() < 0.02  # bf16 network
