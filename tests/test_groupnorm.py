@@ -313,7 +313,7 @@ def test_inductor_adds_no_copies_around_the_kernel(shift):
         "except Exception as e:\n"
         "    print('STOPPED', type(e).__name__)\n")
     env = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": str(REPO / "src"), "CUDA_VISIBLE_DEVICES": "",
-           "TORCH_LOGS": "ir_pre_fusion"}
+           "TORCH_LOGS": "ir_pre_fusion", "TORCHINDUCTOR_FORCE_DISABLE_CACHES": "1"}  # a cached graph logs no IR
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     log = proc.stdout + proc.stderr
     if "BEFORE FUSION" not in log:
@@ -321,3 +321,29 @@ def test_inductor_adds_no_copies_around_the_kernel(shift):
     assert log.count("ExternKernelSchedulerNode(UserDefinedTritonKernel)") == 1, log[-4000:]
     assert "constant(nan" not in log, log[-4000:]  # no copy of an uninitialised buffer
     assert log.count("ops.store(") == 2, log[-4000:]  # h, and the add after the kernel: nothing copied
+
+
+def test_inductor_writes_tool_counts_the_networks_ir(tmp_path):
+    """bench/inductor_writes.py (CPU): the tiny U-Net compiled with the kernel launches it for every ResnetBlock norm
+    and attention norm, fills nothing with NaN, and leaves Inductor fewer elements to store than channel-stats."""
+    out = tmp_path / "iw.json"
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "inductor_writes.py"), "--tiny", "--batch", "2",
+                           "--json", str(out)], env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    import json
+    rows = {r["group_norm"]: r for r in json.loads(out.read_text())["rows"]}
+    # one launch per ResnetBlock norm (two each) and attention norm, counted on the same tiny U-Net
+    from ddim.models import UNet
+    from ddim.models.unet import AttnBlock, ResnetBlock
+
+    model = UNet(ch=32, out_ch=3, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), dropout=0.0,
+                 in_channels=3, resolution=16, resamp_with_conv=True)
+    norms = sum(2 if isinstance(m, ResnetBlock) else 1 for m in model.modules() if isinstance(m, (ResnetBlock, AttnBlock)))
+    assert rows["kernel"]["group_norm_kernel_launches"] == norms
+    assert rows["channel-stats"]["group_norm_kernel_launches"] == 0
+    assert rows["kernel"]["elements_nan_filled"] == 0
+    assert 0 < rows["kernel"]["elements_stored"] < rows["channel-stats"]["elements_stored"]
+    with pytest.raises(subprocess.CalledProcessError):
+        subprocess.run([sys.executable, str(REPO / "bench" / "inductor_writes.py"), "--group-norm", "triton"],
+                       env=env, capture_output=True, text=True, timeout=60, check=True)
