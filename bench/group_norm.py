@@ -6,7 +6,7 @@ every ResnetBlock, the attention norms), found by running the CIFAR-10 U-Net onc
 (channels, size, shift, SiLU) is timed at batch 512 in bf16, channels_last:
 
 * inductor-det / inductor:  ``silu(ChannelStatGroupNorm(x + shift))`` compiled, Inductor's deterministic mode
-                            (what ``sampler.fast`` compiles) / kernel configurations chosen by timing;
+                            (what ``sampler.fast`` compiled before the kernel) / configurations chosen by timing;
 * kernel-compiled:          ``ddim.groupnorm.group_norm_silu`` inside ``torch.compile`` (launched from Inductor's
                             generated code, as in the network); on a CPU (``kernel``) called directly.
 

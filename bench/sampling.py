@@ -86,12 +86,12 @@ VARIANTS: dict[str, dict | None] = {
 for _kw in VARIANTS.values():  # timed kernel choices, as measured before deterministic mode became the default
     if _kw is not None and _kw.get("compile"):
         _kw.setdefault("deterministic", False)
-# what evaluate.py sampler.fast=true runs: fast-gn-phase with kernels chosen without timing, so every process
-# (GPU) and every run gives the same images (ddim.perf.prepare_for_inference's deterministic)
+# what evaluate.py sampler.fast=true ran until the tenth round: fast-gn-phase with kernels chosen without timing, so
+# every process (GPU) and every run gives the same images (ddim.perf.prepare_for_inference's deterministic)
 VARIANTS["fast-gn-phase-det"] = dict(dtype="bf16", channels_last=True, compile=True, group_norm="channel-stats",
                                      upsample="phases", deterministic=True)
 # GroupNorm(+SiLU) as one Triton kernel per sample, its second read of the activation from L2 (ddim.groupnorm):
-# a fixed kernel configuration, so deterministic as is
+# a fixed kernel configuration, so deterministic as is; fast-kgn-phase-det is what sampler.fast runs now
 VARIANTS["fast-kgn-phase-det"] = dict(dtype="bf16", channels_last=True, compile=True, group_norm="kernel",
                                       upsample="phases", deterministic=True)
 VARIANTS["fast-kgn-phase"] = dict(dtype="bf16", channels_last=True, compile=True, group_norm="kernel",
