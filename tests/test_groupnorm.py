@@ -29,6 +29,21 @@ def _gn(c: int, groups: int = 32) -> torch.nn.GroupNorm:
     return norm
 
 
+def _fresh_python(code: str, **env: str) -> subprocess.CompletedProcess:
+    """Run ``code`` in a fresh interpreter as on a GPU machine (Triton compiles instead of interpreting), no GPU."""
+    env = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": str(REPO / "src"), "CUDA_VISIBLE_DEVICES": "", **env}
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+
+
+# lets Triton lower a kernel (to TTIR and PTX) for an H100/H200 target on a machine without one
+SM90_TARGET = ("import triton\n"
+               "from triton.backends.compiler import GPUTarget\n"
+               "class Target:\n"
+               "    def get_current_target(self):\n"
+               "        return GPUTarget('cuda', 90, 32)\n"
+               "triton.runtime.driver.set_active(Target())\n")
+
+
 @pytest.fixture
 def launches(monkeypatch):
     """Counts kernel launches, so a test cannot pass on the PyTorch fallback alone."""
@@ -196,8 +211,7 @@ def test_the_op_traces_into_a_graph_for_inductor():
         "except Exception:\n"
         "    pass\n"
         "print(seen[0])\n")
-    env = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": str(REPO / "src"), "CUDA_VISIBLE_DEVICES": ""}
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    proc = _fresh_python(code)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "triton_kernel_wrapper_functional" in proc.stdout, proc.stdout
     assert "'CBE': 48, 'CB': 64, 'CG': 12" in proc.stdout, proc.stdout  # 4 groups of 12 per program, 64 lanes
@@ -240,8 +254,7 @@ def test_kernel_arithmetic_stays_float32_when_eps_arrives_as_float64():
         "ptx = triton.compile(src, target=GPUTarget('cuda', 90, 32), options={'num_warps': 4}).asm['ptx']\n"
         "print('F64', sorted(set(re.findall(r'\\b(?:add|sub|mul|fma|div|sqrt|rcp|rsqrt|ex2|neg|max|min)\\.[\\w.]*f64', ptx))))\n"
         "print('V4', len(re.findall(r'ld\\.global(?:\\.\\w+)*\\.v4', ptx)))\n")
-    env = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": str(REPO / "src"), "CUDA_VISIBLE_DEVICES": ""}
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    proc = _fresh_python(code)
     if proc.returncode != 0 and "ptxas" in proc.stderr.lower() and "not found" in proc.stderr.lower():
         pytest.skip("Triton's bundled ptxas is missing: cannot compile for sm_90 here")
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -255,12 +268,7 @@ def test_inductor_sees_the_kernel_write_only_its_output():
     of the whole activation per launch); a pointer to X that left a helper function once made X count as written.
     The analysis (lowered for an sm_90 target, no GPU needed) must find OUT alone written, for every kind of tile."""
     code = (
-        "import torch, triton\n"
-        "from triton.backends.compiler import GPUTarget\n"
-        "class Target:\n"
-        "    def get_current_target(self):\n"
-        "        return GPUTarget('cuda', 90, 32)\n"
-        "triton.runtime.driver.set_active(Target())\n"
+        SM90_TARGET + "import torch\n"
         "from torch._higher_order_ops.triton_kernel_wrap import identify_accessed_tensors\n"
         "from ddim import groupnorm as gnk\n"
         "for hw, c, add in ((1024, 128, False), (1024, 128, True), (81, 64, False), (16, 384, True)):\n"
@@ -273,8 +281,7 @@ def test_inductor_sees_the_kernel_write_only_its_output():
         "    acc = identify_accessed_tensors(gnk._group_norm_kernel, kw, {})\n"
         "    print('WRITES', hw, c, add, sorted(d.name for d in acc.read_writes.writes))\n"
         "    print('READS', hw, c, add, sorted(d.name for d in acc.read_writes.reads))\n")
-    env = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": str(REPO / "src"), "CUDA_VISIBLE_DEVICES": ""}
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    proc = _fresh_python(code)
     if "cannot import name 'identify_accessed_tensors'" in proc.stderr:
         pytest.skip("this torch has no torch._higher_order_ops.triton_kernel_wrap.identify_accessed_tensors")
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -293,12 +300,7 @@ def test_inductor_adds_no_copies_around_the_kernel(shift):
     target for the kernel analysis; code generation then stops: no Triton CPU backend): the only buffers written
     are the input activation's producer and the add after the kernel."""
     code = (
-        "import sys, torch, triton\n"
-        "from triton.backends.compiler import GPUTarget\n"
-        "class Target:\n"
-        "    def get_current_target(self):\n"
-        "        return GPUTarget('cuda', 90, 32)\n"
-        "triton.runtime.driver.set_active(Target())\n"
+        SM90_TARGET + "import sys, torch\n"
         "from ddim import groupnorm as gnk\n"
         "gnk.kernel_takes = lambda x, groups: True\n"
         "norm = torch.nn.GroupNorm(32, 128)\n"
@@ -312,9 +314,8 @@ def test_inductor_adds_no_copies_around_the_kernel(shift):
         "        torch.compile(f)(x, torch.randn(2, 128))\n"
         "except Exception as e:\n"
         "    print('STOPPED', type(e).__name__)\n")
-    env = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": str(REPO / "src"), "CUDA_VISIBLE_DEVICES": "",
-           "TORCH_LOGS": "ir_pre_fusion", "TORCHINDUCTOR_FORCE_DISABLE_CACHES": "1"}  # a cached graph logs no IR
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    proc = _fresh_python(code, TORCH_LOGS="ir_pre_fusion",
+                         TORCHINDUCTOR_FORCE_DISABLE_CACHES="1")  # a cached graph logs no IR
     log = proc.stdout + proc.stderr
     if "BEFORE FUSION" not in log:
         pytest.skip(f"this torch logs no Inductor IR under TORCH_LOGS=ir_pre_fusion: {log[-500:]}")
