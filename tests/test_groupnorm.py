@@ -247,7 +247,8 @@ def test_kernel_arithmetic_stays_float32_when_eps_arrives_as_float64():
         "types = {'X': '*bf16', 'ADD': '*fp32', 'W': '*fp32', 'B': '*fp32', 'OUT': '*bf16', 'HW': 'i32', 'C': 'i32',\n"
         "         'eps': 'fp64'}\n"
         "cbe, cb, cg, pb = gnk._blocks(128, 32, 32 * 32)  # the first norms of the CIFAR-10 U-Net\n"
-        "consts = dict(CBE=cbe, CB=cb, CG=cg, NG=cbe // cg, PB=pb, EVEN=True, HAS_ADD=True, SILU=True)\n"
+        "consts = dict(CBE=cbe, CB=cb, CG=cg, NG=cbe // cg, PB=pb, EVEN=True, HAS_ADD=True, SILU=True,\n"
+        "              STAGES=gnk.STATS_STAGES)\n"
         "src = ASTSource(fn=fn, signature={n: types.get(n, 'constexpr') for n in names},\n"
         "                constexprs={(names.index(k),): v for k, v in consts.items()},\n"
         "                attrs={(i,): [['tt.divisibility', 16]] for i in range(7)})\n"
@@ -266,18 +267,21 @@ def test_kernel_arithmetic_stays_float32_when_eps_arrives_as_float64():
 def test_inductor_sees_the_kernel_write_only_its_output():
     """Inductor clones every input its analysis of the kernel's TTIR says is written before launching it (a copy
     of the whole activation per launch); a pointer to X that left a helper function once made X count as written.
-    The analysis (lowered for an sm_90 target, no GPU needed) must find OUT alone written, for every kind of tile."""
+    The analysis (lowered for an sm_90 target, no GPU needed) must find OUT alone written, for every kind of tile and
+    with the statistics loads pipelined too.  (It needs every argument: a constexpr left to its default made it fail
+    and assume every input written.)"""
     code = (
         SM90_TARGET + "import torch\n"
         "from torch._higher_order_ops.triton_kernel_wrap import identify_accessed_tensors\n"
         "from ddim import groupnorm as gnk\n"
-        "for hw, c, add in ((1024, 128, False), (1024, 128, True), (81, 64, False), (16, 384, True)):\n"
+        "for hw, c, add, stages in ((1024, 128, False, 1), (1024, 128, True, 1), (81, 64, False, 1),\n"
+        "                           (16, 384, True, 1), (1024, 128, True, 2)):\n"
         "    x = torch.randn(2, c, hw, 1).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)\n"
         "    w, b = torch.ones(c), torch.zeros(c)\n"
         "    cbe, cb, cg, pb = gnk._blocks(c, 32, hw)\n"
         "    kw = dict(X=x, ADD=torch.zeros(2, c) if add else w, W=w, B=b, OUT=torch.empty_like(x), HW=hw, C=c,\n"
         "              eps=1e-6, CBE=cbe, CB=cb, CG=cg, NG=triton.next_power_of_2(cbe // cg), PB=pb, EVEN=hw % pb == 0,\n"
-        "              HAS_ADD=add, SILU=True)\n"
+        "              HAS_ADD=add, SILU=True, STAGES=stages)\n"
         "    acc = identify_accessed_tensors(gnk._group_norm_kernel, kw, {})\n"
         "    print('WRITES', hw, c, add, sorted(d.name for d in acc.read_writes.writes))\n"
         "    print('READS', hw, c, add, sorted(d.name for d in acc.read_writes.reads))\n")
@@ -286,7 +290,7 @@ def test_inductor_sees_the_kernel_write_only_its_output():
         pytest.skip("this torch has no torch._higher_order_ops.triton_kernel_wrap.identify_accessed_tensors")
     assert proc.returncode == 0, proc.stderr[-3000:]
     writes = [line for line in proc.stdout.splitlines() if line.startswith("WRITES")]
-    assert len(writes) == 4 and all(line.endswith("['OUT']") for line in writes), proc.stdout
+    assert len(writes) == 5 and all(line.endswith("['OUT']") for line in writes), proc.stdout
     assert "READS 1024 128 True ['ADD', 'B', 'W', 'X']" in proc.stdout, proc.stdout
 
 

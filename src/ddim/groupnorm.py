@@ -41,6 +41,9 @@ __all__ = ["available", "group_norm_silu", "kernel_takes", "KernelGroupNorm", "K
 TILE = 8192
 MAX_CHANNELS = 128  # a wider group does not fit a program's registers
 NUM_WARPS = 4
+# software-pipelined loads in the statistics pass (tl.range num_stages; 1: none).  The kernel is latency-bound at
+# 32x32 (~2.2 TB/s on an H200), so loads in flight across chunks may help; not yet measured, so off
+STATS_STAGES = 1
 
 
 def available() -> bool:
@@ -69,7 +72,7 @@ if triton is not None:
     @triton.jit
     def _group_norm_kernel(X, ADD, W, B, OUT, HW, C, eps, CBE: tl.constexpr, CB: tl.constexpr, CG: tl.constexpr,
                            NG: tl.constexpr, PB: tl.constexpr, EVEN: tl.constexpr, HAS_ADD: tl.constexpr,
-                           SILU: tl.constexpr):
+                           SILU: tl.constexpr, STAGES: tl.constexpr):
         # program (channel block, sample): channels [pid * CBE, pid * CBE + CBE), whole groups of CG channels,
         # on CB >= CBE lanes (a power of two); X is (N, HW, C) in memory (channels_last); EVEN: PB divides HW
         n = tl.program_id(1)
@@ -86,7 +89,7 @@ if triton is not None:
             add = tl.zeros([CB], tl.float32)  # not added (HAS_ADD), only passed along
         mean = tl.zeros([CB], tl.float32)
         m2 = tl.zeros([CB], tl.float32)
-        for p0 in range(0, HW, PB):
+        for p0 in tl.range(0, HW, PB, num_stages=STAGES):
             rows = p0 + p
             off = base + rows[:, None] * C + c[None, :]
             mask = (rows < HW)[:, None] & on[None, :]
@@ -174,7 +177,7 @@ def _launch(x, add, weight, bias, eps, groups, silu):
     wrap_triton(_group_norm_kernel)[(c // cbe, n)](
         x, add if add is not None else weight, weight, bias, out, hw, c, eps, CBE=cbe, CB=cb, CG=cg,
         NG=triton.next_power_of_2(cbe // cg), PB=pb, EVEN=hw % pb == 0, HAS_ADD=add is not None, SILU=silu,
-        num_warps=NUM_WARPS)
+        STAGES=STATS_STAGES, num_warps=NUM_WARPS)
     return out
 
 
