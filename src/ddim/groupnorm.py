@@ -54,6 +54,12 @@ def available() -> bool:
 if triton is not None:
 
     @triton.jit
+    def _chunk(base, p0, p, c, on, HW, C):
+        """Offsets and mask of pixels p0 .. p0 + PB of the program's channels (X and OUT share them)."""
+        rows = p0 + p
+        return base + rows[:, None] * C + c[None, :], (rows < HW)[:, None] & on[None, :]
+
+    @triton.jit
     def _load_tile(X, off, mask, add, MASKED: tl.constexpr, HAS_ADD: tl.constexpr):
         """The tile at ``off`` in float32, + the shift.  Unmasked (MASKED false: every tile full, every lane a
         channel) the loads vectorise without a mask.  Only values leave this function: a pointer derived from X
@@ -90,9 +96,7 @@ if triton is not None:
         mean = tl.zeros([CB], tl.float32)
         m2 = tl.zeros([CB], tl.float32)
         for p0 in tl.range(0, HW, PB, num_stages=STAGES):
-            rows = p0 + p
-            off = base + rows[:, None] * C + c[None, :]
-            mask = (rows < HW)[:, None] & on[None, :]
+            off, mask = _chunk(base, p0, p, c, on, HW, C)
             v = _load_tile(X, off, mask, add, MASKED, HAS_ADD)
             nb = tl.minimum(HW - p0, PB) * 1.0
             chunk_mean = tl.sum(v, 0) / nb
@@ -117,9 +121,7 @@ if triton is not None:
         scale = rstd_c * tl.load(W + c, mask=on, other=0.0).to(tl.float32)
         shift = tl.load(B + c, mask=on, other=0.0).to(tl.float32)
         for p0 in range(0, HW, PB):  # the slab again, now from L2
-            rows = p0 + p
-            off = base + rows[:, None] * C + c[None, :]
-            mask = (rows < HW)[:, None] & on[None, :]
+            off, mask = _chunk(base, p0, p, c, on, HW, C)
             v = _load_tile(X, off, mask, add, MASKED, HAS_ADD)
             y = (v - mean_c[None, :]) * scale[None, :] + shift[None, :]  # (x - mean) first: no cancellation
             if SILU:
@@ -148,10 +150,8 @@ def _blocks(c: int, groups: int, hw: int) -> tuple[int, int, int, int] | None:
     while groups % (2 * k) == 0 and cg * 2 * k <= target:
         k *= 2
     cbe = cg * k
-    if triton is None:
-        return cbe, cbe, cg, hw
-    cb = triton.next_power_of_2(cbe)
-    return cbe, cb, cg, min(max(TILE // cb, 16), triton.next_power_of_2(hw))
+    cb = 1 << (cbe - 1).bit_length()  # lanes: the next power of two
+    return cbe, cb, cg, min(max(TILE // cb, 16), 1 << (hw - 1).bit_length())
 
 
 def kernel_takes(x: torch.Tensor, groups: int) -> bool:
