@@ -111,7 +111,7 @@ def default_group_norm(kind: str | None, compiled: bool) -> str:
 
 def default_inference_group_norm(compiled: bool, fused: bool = False) -> str:
     """What ``prepare_for_inference`` picks when not told: compiled, the GroupNorm kernel of ``ddim.groupnorm``
-    (deterministic as is; H200, S = 50: 564 vs 526 images/s, 1.47 vs 1.94 GiB, 580 vs 522 with its larger tiles;
+    (deterministic as is; H200, S = 50: 564 vs 526 images/s, 1.47 vs 1.94 GiB, 580 vs 522 with larger tiles;
     docs/results/bench, tenth round) where Triton is installed and the convolution prologues of ``fused`` do not
     take the norms; else ``default_group_norm``.  On a CPU the kernel's blocks run its formula in PyTorch."""
     if compiled and not fused:
