@@ -17,6 +17,18 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+def import_triton_kernels(name: str):
+    """Import the Triton-kernel module ``name`` (ddim.fused, ddim.groupnorm) for tests that run its kernels on CPU
+    tensors, or skip the calling test module where Triton or its interpreter is missing."""
+    module = pytest.importorskip(name)
+    if not module.available():
+        pytest.skip(f"{name} needs Triton (shipped with torch's CUDA builds)", allow_module_level=True)
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("these tests run Triton on CPU tensors: TRITON_INTERPRET=1 (tests/conftest.py sets it)",
+                    allow_module_level=True)
+    return module
+
+
 @pytest.fixture(scope="session")
 def parity():
     """The official DDIM code's recorded outputs (../shared/fixtures/official_ddim_parity.npz)."""

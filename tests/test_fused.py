@@ -10,14 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import REPO
+from conftest import REPO, import_triton_kernels
 
-fused = pytest.importorskip("ddim.fused")
-if not fused.available():
-    pytest.skip("ddim.fused needs Triton (shipped with torch's CUDA builds)", allow_module_level=True)
-if os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("these tests run Triton on CPU tensors: TRITON_INTERPRET=1 (tests/conftest.py sets it)",
-                allow_module_level=True)
+fused = import_triton_kernels("ddim.fused")
 
 
 def _gn(c: int, groups: int) -> torch.nn.GroupNorm:

@@ -11,14 +11,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import REPO
+from conftest import REPO, import_triton_kernels
 
-gnk = pytest.importorskip("ddim.groupnorm")
-if not gnk.available():
-    pytest.skip("ddim.groupnorm needs Triton (shipped with torch's CUDA builds)", allow_module_level=True)
-if os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("these tests run Triton on CPU tensors: TRITON_INTERPRET=1 (tests/conftest.py sets it)",
-                allow_module_level=True)
+gnk = import_triton_kernels("ddim.groupnorm")
 
 
 def _gn(c: int, groups: int = 32) -> torch.nn.GroupNorm:
