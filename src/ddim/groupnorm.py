@@ -35,15 +35,16 @@ except ImportError:  # pragma: no cover - exercised only without Triton
 __all__ = ["available", "group_norm_silu", "kernel_takes", "KernelGroupNorm", "KernelResnetBlock",
            "swap_kernel_group_norm"]
 
-# A program's tile: 8,192 elements (lanes x pixels), 4 warps.  Measured per site on an H200 (batch 512, bf16,
-# 16 configurations of 32/64 channels x 32-256 pixels x 4/8 warps; docs/results/bench, tenth round): 32 channels x
-# 256 pixels was the fastest at 32x32 (1.3-1.5x the 64 x 64 tile), 64 x 128 at 16x16 (1.1-1.3x)
+# A program's tile (lanes x pixels) and warps.  Measured per site on an H200 (batch 512, bf16; docs/results/bench, tenth
+# and eleventh rounds).  Where a program's channels fill its lanes (power-of-two groups) and its whole slab fits
+# ONE_PASS_MAX elements, it reads the slab once: 16 channels x 1,024 pixels at 32x32 (8 warps, 0.92x the two-pass
+# time), 32 x 256 at 16x16 (4 warps, 0.87-0.92x), 64 channels below.  Otherwise it walks chunks of TILE elements
+# twice (statistics, then normalise from L2): 32 channels x 256 pixels above 16x16 (1.3-1.5x faster than the
+# 64 x 64 tile), 64 x 128 up to it.  Pipelined statistics loads (tl.range num_stages 2, 3) were slower on 5 of 6 sites.
 TILE = 8192
+ONE_PASS_MAX = 16384  # above 256 pixels; 8,192 up to there
 MAX_CHANNELS = 128  # a wider group does not fit a program's registers
-NUM_WARPS = 4
-# software-pipelined loads in the statistics pass (tl.range num_stages; 1: none).  The kernel is latency-bound at
-# 32x32 (~2.2 TB/s on an H200), so loads in flight across chunks may help; not yet measured, so off
-STATS_STAGES = 1
+WARP_ELEMENTS = 2048  # tile elements per warp (4 warps for 8,192)
 
 
 def available() -> bool:
@@ -76,9 +77,19 @@ if triton is not None:
         return v
 
     @triton.jit
+    def _normalise_store(OUT, off, mask, v, mean_c, scale, shift, MASKED: tl.constexpr, SILU: tl.constexpr):
+        y = (v - mean_c[None, :]) * scale[None, :] + shift[None, :]  # (x - mean) first: no cancellation
+        if SILU:
+            y = y * tl.sigmoid(y)
+        if MASKED:
+            tl.store(OUT + off, y.to(OUT.dtype.element_ty), mask=mask)
+        else:
+            tl.store(OUT + off, y.to(OUT.dtype.element_ty))
+
+    @triton.jit
     def _group_norm_kernel(X, ADD, W, B, OUT, HW, C, eps, CBE: tl.constexpr, CB: tl.constexpr, CG: tl.constexpr,
                            NG: tl.constexpr, PB: tl.constexpr, EVEN: tl.constexpr, HAS_ADD: tl.constexpr,
-                           SILU: tl.constexpr, STAGES: tl.constexpr):
+                           SILU: tl.constexpr, ONE_PASS: tl.constexpr):
         # program (channel block, sample): channels [pid * CBE, pid * CBE + CBE), whole groups of CG channels,
         # on CB >= CBE lanes (a power of two); X is (N, HW, C) in memory (channels_last); EVEN: PB divides HW
         n = tl.program_id(1)
@@ -93,20 +104,29 @@ if triton is not None:
             add = tl.load(ADD + n * C + c, mask=on, other=0.0).to(tl.float32)
         else:
             add = tl.zeros([CB], tl.float32)  # not added (HAS_ADD), only passed along
-        mean = tl.zeros([CB], tl.float32)
-        m2 = tl.zeros([CB], tl.float32)
-        for p0 in tl.range(0, HW, PB, num_stages=STAGES):
-            off, mask = _chunk(base, p0, p, c, on, HW, C)
+        if ONE_PASS:  # the whole slab is one chunk: read once, kept in registers for the normalise step
+            off, mask = _chunk(base, 0, p, c, on, HW, C)
             v = _load_tile(X, off, mask, add, MASKED, HAS_ADD)
-            nb = tl.minimum(HW - p0, PB) * 1.0
-            chunk_mean = tl.sum(v, 0) / nb
-            d = v - chunk_mean[None, :]
+            mean = tl.sum(v, 0) / HW
+            d = v - mean[None, :]
             if MASKED:
                 d = tl.where(mask, d, 0.0)
-            na = p0 * 1.0
-            delta = chunk_mean - mean
-            mean += delta * (nb / (na + nb))
-            m2 += tl.sum(d * d, 0) + delta * delta * (na * nb / (na + nb))
+            m2 = tl.sum(d * d, 0)
+        else:
+            mean = tl.zeros([CB], tl.float32)
+            m2 = tl.zeros([CB], tl.float32)
+            for p0 in range(0, HW, PB):
+                off, mask = _chunk(base, p0, p, c, on, HW, C)
+                v = _load_tile(X, off, mask, add, MASKED, HAS_ADD)
+                nb = tl.minimum(HW - p0, PB) * 1.0
+                chunk_mean = tl.sum(v, 0) / nb
+                d = v - chunk_mean[None, :]
+                if MASKED:
+                    d = tl.where(mask, d, 0.0)
+                na = p0 * 1.0
+                delta = chunk_mean - mean
+                mean += delta * (nb / (na + nb))
+                m2 += tl.sum(d * d, 0) + delta * delta * (na * nb / (na + nb))
         # per-channel statistics -> per group (a lane x group indicator, so any CG works):
         # var_g = mean_c(var_c) + mean_c((mean_c - mean_g)^2)
         member = (((lane[:, None] // CG) == tl.arange(0, NG)[None, :]) & on[:, None]).to(tl.float32)
@@ -120,38 +140,46 @@ if triton is not None:
         rstd_c = tl.sum(member * rstd_g[None, :], 1)
         scale = rstd_c * tl.load(W + c, mask=on, other=0.0).to(tl.float32)
         shift = tl.load(B + c, mask=on, other=0.0).to(tl.float32)
-        for p0 in range(0, HW, PB):  # the slab again, now from L2
-            off, mask = _chunk(base, p0, p, c, on, HW, C)
-            v = _load_tile(X, off, mask, add, MASKED, HAS_ADD)
-            y = (v - mean_c[None, :]) * scale[None, :] + shift[None, :]  # (x - mean) first: no cancellation
-            if SILU:
-                y = y * tl.sigmoid(y)
-            if MASKED:
-                tl.store(OUT + off, y.to(OUT.dtype.element_ty), mask=mask)
-            else:
-                tl.store(OUT + off, y.to(OUT.dtype.element_ty))
-
+        if ONE_PASS:
+            _normalise_store(OUT, off, mask, v, mean_c, scale, shift, MASKED, SILU)
+        else:
+            for p0 in range(0, HW, PB):  # the slab again, now from L2
+                off, mask = _chunk(base, p0, p, c, on, HW, C)
+                v = _load_tile(X, off, mask, add, MASKED, HAS_ADD)
+                _normalise_store(OUT, off, mask, v, mean_c, scale, shift, MASKED, SILU)
 
 def _blocks(c: int, groups: int, hw: int) -> tuple[int, int, int, int] | None:
     """(channels per program, lanes, channels per group, pixels per chunk), or None where the kernel does not take
-    the shape.
+    the shape.  A chunk of at least ``hw`` pixels is the whole slab: the kernel then reads it once.
 
-    A program takes k whole groups (k a power of two dividing ``groups``, as many as fit in 32 channels above 256
-    pixels, 64 up to there), so a group never straddles two programs; the 12-per-group norms of the CIFAR-10 U-Net
-    run 24 channels on 32 lanes at 32x32 and 48 on 64 at 16x16.  The chunk fills the tile.
+    A program takes k whole groups (k a power of two dividing ``groups``), so a group never straddles two programs.
+    With power-of-two groups, as many as keep the slab within ONE_PASS_MAX (16 channels at 32x32, 32 at 16x16, 64
+    below; one pass needs room for 16).  Else as many as fit in 32 channels above 256 pixels, 64 up to there, and
+    the chunk fills TILE: the 12-per-group norms of the CIFAR-10 U-Net run 24 channels on 32 lanes at 32x32 and 48
+    on 64 at 16x16, in two passes.
     """
     if groups <= 0 or c % groups or hw <= 0:
         return None
     cg = c // groups
     if cg > MAX_CHANNELS:
         return None
-    target = 32 if hw > 256 else 64
+    hw2 = 1 << (hw - 1).bit_length()
+    slab = ONE_PASS_MAX if hw > 256 else ONE_PASS_MAX // 2
+    target = min(slab // hw2, 64)  # one pass: at least 16 channels (narrower rows were not measured)
+    one_pass = cg & (cg - 1) == 0 and 16 <= target and cg <= target
+    if not one_pass:
+        target = 32 if hw > 256 else 64
     k = 1
     while groups % (2 * k) == 0 and cg * 2 * k <= target:
         k *= 2
     cbe = cg * k
     cb = 1 << (cbe - 1).bit_length()  # lanes: the next power of two
-    return cbe, cb, cg, min(max(TILE // cb, 16), 1 << (hw - 1).bit_length())
+    return cbe, cb, cg, hw2 if one_pass else min(max(TILE // cb, 16), hw2)
+
+
+def _warps(cb: int, pb: int) -> int:
+    """Warps of a program with a tile of ``cb`` lanes x ``pb`` pixels."""
+    return max(4, cb * pb // WARP_ELEMENTS)
 
 
 def kernel_takes(x: torch.Tensor, groups: int) -> bool:
@@ -177,7 +205,7 @@ def _launch(x, add, weight, bias, eps, groups, silu):
     wrap_triton(_group_norm_kernel)[(c // cbe, n)](
         x, add if add is not None else weight, weight, bias, out, hw, c, eps, CBE=cbe, CB=cb, CG=cg,
         NG=triton.next_power_of_2(cbe // cg), PB=pb, EVEN=hw % pb == 0, HAS_ADD=add is not None, SILU=silu,
-        STAGES=STATS_STAGES, num_warps=NUM_WARPS)
+        ONE_PASS=pb >= hw, num_warps=_warps(cb, pb))
     return out
 
 
