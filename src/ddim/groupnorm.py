@@ -2,10 +2,11 @@
 
 Why: compiled, a GroupNorm is two Inductor kernels, one gathering the statistics over the whole batch and
 one normalising it, so at batch 512 every activation (up to 134 MB) streams from HBM twice.  Here one
-program owns one sample and a block of channels: it reads its slab once for the statistics (per-channel
-mean and sum of squared deviations, merged across pixel chunks exactly as in Chan et al.'s parallel
-variance, then pooled per group), then reads it again to normalise, while the slab (64-128 KB) is still
-in L2.  The kernel configuration is fixed by the shapes, so every process computes the same sums in the
+program owns one sample and a block of channels.  Where the slab fits its registers (up to 16,384
+elements: 16 channels at 32x32) it reads it once, takes the statistics and normalises it; else it reads it
+in chunks for the statistics (per-channel mean and sum of squared deviations, merged across chunks exactly
+as in Chan et al.'s parallel variance, then pooled per group) and again to normalise, while the slab
+(64-128 KB) is still in L2.  The kernel configuration is fixed by the shapes, so every process computes the same sums in the
 same order: deterministic without Inductor's deterministic mode, whose untimed reduction configurations
 made the two-kernel GroupNorm up to 2x slower (docs/results/bench, ninth round).
 
