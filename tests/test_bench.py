@@ -349,6 +349,28 @@ def test_prepare_for_inference_compiles_deterministic_with_mode_spelled_out(monk
     assert seen[3]["options"] is None and seen[3]["backend"] == "eager"
 
 
+def test_freezing_option_folds_the_weights_into_the_compiled_network():
+    """``options={"freezing": True}`` must make the weights constants of the compiled graph (their bf16 casts and the
+    phase kernels computed once): without dynamo's prepare_freezing, Inductor's freezing found no parameters and every
+    forward recomputed them.  Observable: after the first call, changing a weight changes nothing."""
+    torch.manual_seed(0)
+    model = _unet().eval()
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([10, 900])
+    outs = {}
+    for freezing in (False, True):
+        fast = perf.prepare_for_inference(model, dtype="bf16", group_norm="channel-stats",
+                                          options={"freezing": True} if freezing else None)
+        with torch.no_grad():
+            first = fast(x, t)
+            conv = next(m for m in fast.modules() if isinstance(m, nn.Conv2d))
+            conv.weight.mul_(2.0)
+            outs[freezing] = (first, fast(x, t))
+    assert isinstance(fast, perf.FreezingCompiled)
+    assert not torch.equal(*outs[False])  # weights are inputs of the unfrozen graph
+    assert torch.equal(*outs[True])  # and constants of the frozen one
+    torch.testing.assert_close(outs[True][0], outs[False][0], atol=2e-2, rtol=0)  # the same network
+
+
 def test_fast_paths_choose_group_norm_by_compilation_and_use():
     """Compiled inference: the GroupNorm kernel's blocks (where Triton is installed; not with the fused convolutions);
     compiled training (needs a backward): per-channel statistics; eager: torch's GroupNorm."""
