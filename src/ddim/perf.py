@@ -111,8 +111,8 @@ def default_group_norm(kind: str | None, compiled: bool) -> str:
 
 def default_inference_group_norm(compiled: bool, fused: bool = False) -> str:
     """What ``prepare_for_inference`` picks when not told: compiled, the GroupNorm kernel of ``ddim.groupnorm``
-    (deterministic as is; H200, S = 50: 564 vs 526 images/s, 1.47 vs 1.94 GiB, 580 vs 522 with larger tiles;
-    docs/results/bench, tenth round) where Triton is installed and the convolution prologues of ``fused`` do not
+    (deterministic as is; H200, S = 50: 630 vs 532 images/s, 1.47 vs 1.94 GiB; docs/results/bench, tenth and
+    eleventh rounds) where Triton is installed and the convolution prologues of ``fused`` do not
     take the norms; else ``default_group_norm``.  On a CPU the kernel's blocks run its formula in PyTorch."""
     if compiled and not fused:
         from ddim import groupnorm
@@ -226,11 +226,12 @@ def prepare_for_inference(
     per-op precision (GroupNorm, softmax stay fp32); autocast=False casts the weights themselves
     ("pure" low precision: fewer casts, a little more error).  The caller's model is left untouched
     (the copy is deep), so fp32 and fast paths can be compared on the same weights.  ``options`` go to
-    ``torch.compile`` (Inductor settings such as ``{"freezing": True}``; not together with ``compile_mode``).
+    ``torch.compile`` (Inductor settings; not together with ``compile_mode``).  ``{"freezing": True}`` folds what
+    depends on the weights alone into constants (``FreezingCompiled``; for no-grad calls; no faster on an H200).
     group_norm: "torch", "channel-stats" (``ChannelStatGroupNorm``: compiled, ~10% faster sampling than torch's
     on an H100; eager, torch's kernel is faster) or "kernel" (``ddim.groupnorm``: the ResnetBlock and attention
     GroupNorms as one Triton kernel per sample, ``ChannelStatGroupNorm`` elsewhere and where the kernel does not
-    apply; deterministic as is; the compiled default where Triton is installed: 564 vs 526 images/s on an
+    apply; deterministic as is; the compiled default where Triton is installed: 630 vs 532 images/s on an
     H200, see ``default_inference_group_norm``).
     upsample: "nearest" (official order) or "phases" (``PhaseUpsample``: the upsampling convolutions on the
     low-resolution input, 16/36 of their FLOPs; default when compiled: +1 % sampling on an H100).
