@@ -130,6 +130,8 @@ def main(argv=None) -> dict:
         perf.synchronize(device)
         warmup_s = time.perf_counter() - t0
         sync_free = check_sync_free(step, batches[0], device)
+        warmup_peak = perf.peak_memory_gib(device)  # compilation and cuDNN's algorithm search kept apart
+        perf.reset_peak_memory(device)
         losses = []
 
         def window():
@@ -141,8 +143,8 @@ def main(argv=None) -> dict:
         last = torch.stack(losses[-args.steps:]).float().mean().item()
         row = dict(variant=name, config=VARIANTS[name], seconds=times, warmup_s=warmup_s,
                    it_per_s=args.steps / med, tflops=flops_step * args.batch * args.steps / med / 1e12,
-                   peak_mem_gib=perf.peak_memory_gib(device), sync_free=sync_free, loss=last,
-                   loss_finite=bool(torch.isfinite(torch.tensor(last))))
+                   peak_mem_gib=perf.peak_memory_gib(device), peak_mem_warmup_gib=warmup_peak, sync_free=sync_free,
+                   loss=last, loss_finite=bool(torch.isfinite(torch.tensor(last))))
         row["share_of_peak"] = row["tflops"] / peak if peak else None
         rows.append(row)
         del step, losses, loss
@@ -159,7 +161,8 @@ def main(argv=None) -> dict:
           f"{flops_step / 1e9:.2f} GFLOP per image (fwd+bwd); measured bf16 matmul peak {peak or float('nan'):.0f} TFLOP/s")
     print(perf.format_table(rows, [("variant", "variant", ""), ("it_per_s", "it/s", ".2f"), ("speedup", "x fp32", ".2f"),
                                    ("tflops", "TFLOP/s", ".1f"), ("share_of_peak", "of peak", ".1%"),
-                                   ("peak_mem_gib", "peak GiB", ".2f"), ("warmup_s", "warm-up s", ".1f"),
+                                   ("peak_mem_gib", "peak GiB", ".2f"),
+                                   ("peak_mem_warmup_gib", "warm-up peak GiB", ".2f"), ("warmup_s", "warm-up s", ".1f"),
                                    ("sync_free", "no host sync", ""), ("loss", "loss", ".1f")]))
     perf.write_json(record, args.json)
     return record

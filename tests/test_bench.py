@@ -158,6 +158,33 @@ def test_sampling_benchmark_tiny_cpu(tmp_path):
     assert [(r["graphs_warmup"], r["graphs_timed"]) for r in rec["rows"]] == [(0, 0), (1, 0), (1, 0)]
 
 
+def test_sampling_benchmark_keeps_the_warm_up_peak_memory_apart(monkeypatch):
+    """The warm-up's allocations (compilation, cuDNN's algorithm search: paid only by the first variant of a run to
+    meet a shape) must not count as the variant's peak, or the run order decides it.  A simulated allocator whose
+    peak jumps during the warm-up (CPU tensors have no peak statistics)."""
+    import argparse
+
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        import sampling
+    finally:
+        sys.path.pop(0)
+    from ddim.diffusion import alphas_cumprod, beta_schedule, timesteps
+
+    mem = {"now": 1.0, "peak": 1.0}
+    monkeypatch.setattr(perf, "peak_memory_gib", lambda device: mem["peak"])
+    monkeypatch.setattr(perf, "reset_peak_memory", lambda device: mem.update(peak=mem["now"]))
+    # perf.synchronize ends the warm-up: let it have allocated and freed a 9 GiB workspace
+    monkeypatch.setattr(perf, "synchronize", lambda device: mem.update(peak=max(mem["peak"], 9.0)))
+    monkeypatch.setattr(perf, "timed", lambda fn, device, repeats: [fn() or 0.5])
+    ac = alphas_cumprod(beta_schedule("linear"))
+    args = argparse.Namespace(backend="eager", steps=3, eta=0.0, repeats=1, batch=2)
+    row = sampling.run_variant("fp32", None, _unet().eval(), torch.randn(2, 3, 16, 16), ac,
+                               timesteps(1000, 3, "linear"), args, torch.device("cpu"), 1e9, 3, None, {
+                                   "cudnn.allow_tf32": True, "cuda.matmul.allow_tf32": True})
+    assert row["peak_mem_warmup_gib"] == 9.0 and row["peak_mem_gib"] == 1.0
+
+
 def test_batch_places_benchmark_tiny_cpu(tmp_path):
     """bench/batch_places.py: a rerun of the same batches and evaluate's generate() (Trainer.predict over whole
     batches) give exactly the images of the same batches sampled by hand, fp32 and fast."""
