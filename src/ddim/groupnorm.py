@@ -6,8 +6,8 @@ program owns one sample and a block of channels.  Where the slab fits its regist
 elements: 16 channels at 32x32) it reads it once, takes the statistics and normalises it; else it reads it
 in chunks for the statistics (per-channel mean and sum of squared deviations, merged across chunks exactly
 as in Chan et al.'s parallel variance, then pooled per group) and again to normalise, while the slab
-(64-128 KB) is still in L2.  The kernel configuration is fixed by the shapes, so every process computes the same sums in the
-same order: deterministic without Inductor's deterministic mode, whose untimed reduction configurations
+(64-128 KB) is still in L2.  The kernel configuration is fixed by the shapes, so every process computes the
+same sums in the same order: deterministic without Inductor's deterministic mode, whose untimed reduction configurations
 made the two-kernel GroupNorm up to 2x slower (docs/results/bench, ninth round).
 
 ``KernelResnetBlock`` calls it for both norms of a ResnetBlock (the second with the convolution's bias and
@@ -148,6 +148,7 @@ if triton is not None:
                 off, mask = _chunk(base, p0, p, c, on, HW, C)
                 v = _load_tile(X, off, mask, add, MASKED, HAS_ADD)
                 _normalise_store(OUT, off, mask, v, mean_c, scale, shift, MASKED, SILU)
+
 
 def _blocks(c: int, groups: int, hw: int) -> tuple[int, int, int, int] | None:
     """(channels per program, lanes, channels per group, pixels per chunk), or None where the kernel does not take
