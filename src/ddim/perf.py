@@ -112,7 +112,8 @@ def default_group_norm(kind: str | None, compiled: bool) -> str:
 def default_inference_group_norm(compiled: bool, fused: bool = False) -> str:
     """What ``prepare_for_inference`` picks when not told: compiled, the GroupNorm kernel of ``ddim.groupnorm``
     (deterministic as is; H200, S = 50: 630 vs 532 images/s; docs/results/bench, tenth and eleventh rounds)
-    where Triton is installed and the convolution prologues of ``fused`` do not take the norms; else ``default_group_norm``.  On a CPU the kernel's blocks run its formula in PyTorch."""
+    where Triton is installed and the convolution prologues of ``fused`` do not take the norms; else
+    ``default_group_norm``.  On a CPU the kernel's blocks run its formula in PyTorch."""
     if compiled and not fused:
         from ddim import groupnorm
         if groupnorm.available():
