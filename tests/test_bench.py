@@ -129,6 +129,17 @@ def test_train_step_with_step_graph_takes_the_plain_steps():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
+def _bench_module(name: str):
+    """A script of bench/ imported as a module (bench/ is not a package; its scripts import each other by name)."""
+    import importlib
+
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.pop(0)
+
+
 def _run_bench(script, tmp_path, *args):
     out = tmp_path / f"{script}.json"
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", WANDB_MODE="offline")
@@ -164,11 +175,7 @@ def test_sampling_benchmark_keeps_the_warm_up_peak_memory_apart(monkeypatch):
     peak jumps during the warm-up (CPU tensors have no peak statistics)."""
     import argparse
 
-    sys.path.insert(0, str(REPO / "bench"))
-    try:
-        import sampling
-    finally:
-        sys.path.pop(0)
+    sampling = _bench_module("sampling")
     from ddim.diffusion import alphas_cumprod, beta_schedule, timesteps
 
     mem = {"now": 1.0, "peak": 1.0}
@@ -457,11 +464,7 @@ def test_kernel_profile_of_a_sampling_loop_is_per_step(tmp_path):
 
 
 def test_kernel_kinds_of_gpu_kernel_names():
-    sys.path.insert(0, str(REPO / "bench"))
-    try:
-        from kernels import kind_of
-    finally:
-        sys.path.pop(0)
+    kind_of = _bench_module("kernels").kind_of
     assert kind_of("sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc") == "convolution"
     assert kind_of("sm80_xmma_gemm_f32f32_f32f32_f32_tn_n_tilesize128x128x8_ffma") == "matmul"
     assert kind_of("triton_red_fused__to_copy_add_convolution_silu_var_mean_12").startswith("triton: group norm")
