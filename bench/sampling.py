@@ -91,7 +91,8 @@ for _kw in VARIANTS.values():  # timed kernel choices, as measured before determ
 VARIANTS["fast-gn-phase-det"] = dict(dtype="bf16", channels_last=True, compile=True, group_norm="channel-stats",
                                      upsample="phases", deterministic=True)
 # GroupNorm(+SiLU) as one Triton kernel per sample, its second read of the activation from L2 (ddim.groupnorm):
-# a fixed kernel configuration, so deterministic as is; fast-kgn-phase-det is what sampler.fast runs now
+# a fixed kernel configuration, so deterministic as is; fast-kgn-phase-det is what sampler.fast ran until the
+# twelfth round
 VARIANTS["fast-kgn-phase-det"] = dict(dtype="bf16", channels_last=True, compile=True, group_norm="kernel",
                                       upsample="phases", deterministic=True)
 VARIANTS["fast-kgn-phase"] = dict(dtype="bf16", channels_last=True, compile=True, group_norm="kernel",
@@ -111,9 +112,28 @@ VARIANTS["fast-kgn-frozen-graphs-phase-det"] = dict(dtype="bf16", channels_last=
 VARIANTS["fast-kgn-realize-phase-det"] = dict(dtype="bf16", channels_last=True, compile=True, group_norm="kernel",
                                               upsample="phases", deterministic=True,
                                               options={"realize_reads_threshold": 1})
+# the first and last convolutions (3 -> 128, 128 -> 3 channels) as matrix products (ddim.perf.conv3x3_as_matmul)
+VARIANTS["fast-kgn-thin-phase-det"] = dict(dtype="bf16", channels_last=True, compile=True, group_norm="kernel",
+                                           upsample="phases", deterministic=True, thin_convs="matmul")
+# the convolution and linear weights cast to bf16 once (autocast casts them at every call; same numbers);
+# fast-kgn-castw-thin-phase-det is what sampler.fast runs now
+VARIANTS["fast-kgn-castw-phase-det"] = dict(dtype="bf16", channels_last=True, compile=True, group_norm="kernel",
+                                            upsample="phases", deterministic=True, cast_weights=True)
+VARIANTS["fast-kgn-castw-thin-phase-det"] = dict(dtype="bf16", channels_last=True, compile=True,
+                                                 group_norm="kernel", upsample="phases", deterministic=True,
+                                                 cast_weights=True, thin_convs="matmul")
+VARIANTS["fast-kgn-castw-thin-graphs-phase-det"] = dict(dtype="bf16", channels_last=True, compile=True,
+                                                        group_norm="kernel", upsample="phases", deterministic=True,
+                                                        cast_weights=True, thin_convs="matmul",
+                                                        compile_mode="reduce-overhead")
 VARIANTS["pure-kgn-graphs-phase"] = dict(dtype="bf16", autocast=False, channels_last=True, compile=True,
                                          group_norm="kernel", compile_mode="reduce-overhead", upsample="phases",
                                          deterministic=False)
+for _kw in VARIANTS.values():  # as measured before the thin convolutions and the cast weights became the default
+    if _kw is not None:
+        _kw.setdefault("thin_convs", "cudnn")
+        _kw.setdefault("cast_weights", False)
+
 LEVEL = 2.0 / 255.0  # one 8-bit level in [-1, 1] units
 
 

@@ -297,7 +297,8 @@ def test_channel_stat_group_norm_equals_group_norm(affine):
 
 @pytest.mark.parametrize("kw, cls, swap, bad", [
     (dict(group_norm="channel-stats"), "ChannelStatGroupNorm", "swap_group_norm", "welford"),
-    (dict(upsample="phases"), "PhaseUpsample", "swap_upsample", "bilinear")])
+    (dict(upsample="phases"), "PhaseUpsample", "swap_upsample", "bilinear"),
+    (dict(thin_convs="matmul"), "MatmulConv2d", "swap_thin_convs", "winograd")])
 def test_module_swaps_in_a_unet_keep_outputs_and_keys_and_reject_unknown_kind(kw, cls, swap, bad):
     """prepare_for_inference's swaps change module classes only: same outputs, same state-dict keys, and the
     caller's model is left as it was."""
@@ -316,13 +317,17 @@ def test_module_swaps_in_a_unet_keep_outputs_and_keys_and_reject_unknown_kind(kw
         getattr(perf, swap)(model, bad)
 
 
-def test_compiled_inference_defaults_to_phase_upsampling_eager_to_official_order():
+def test_compiled_inference_defaults_to_phase_upsampling_thin_matmuls_cast_weights_eager_to_none():
     model = _unet().eval()
     eager = perf.prepare_for_inference(model, dtype="fp32", compile=False)
     compiled = perf.prepare_for_inference(model, dtype="fp32", compile=True, backend="eager")
     official = perf.prepare_for_inference(model, dtype="fp32", compile=True, backend="eager", upsample="nearest")
     kinds = [{type(m).__name__ for m in w.modules()} for w in (eager, compiled, official)]
     assert "PhaseUpsample" not in kinds[0] and "PhaseUpsample" in kinds[1] and "PhaseUpsample" not in kinds[2]
+    # and the thin convolutions as matrix products, the autocast weights cast once (bf16)
+    bf16 = [perf.prepare_for_inference(model, compile=c, backend="eager") for c in (False, True)]
+    assert [any(isinstance(m, perf.MatmulConv2d) for m in w.modules()) for w in bf16] == [False, True]
+    assert [{p.dtype for p in w.model.conv_in.parameters()} for w in bf16] == [{torch.float32}, {torch.bfloat16}]
 
 
 @pytest.mark.parametrize("shape", [(2, 5, 4, 6), (1, 3, 1, 1), (3, 8, 5, 3)])
@@ -343,6 +348,58 @@ def test_upsample_conv_by_phases_equals_nearest_then_conv(shape):
     assert all(torch.allclose(a, r, atol=1e-10) for a, r in zip(grads_got, grads_ref))
     cl = perf.upsample_conv3x3_by_phases(x.detach().contiguous(memory_format=torch.channels_last), weight, None)
     assert cl.is_contiguous(memory_format=torch.channels_last)  # keeps the layout the next convolution wants
+
+
+@pytest.mark.parametrize("cin, cout, shape", [(3, 128, (2, 9, 7)), (128, 3, (2, 9, 7)), (2, 19, (1, 1, 1)),
+                                              (37, 4, (3, 5, 2))])
+def test_thin_conv_as_matmul_equals_conv2d(cin, cout, shape):
+    """Both forms of ``conv3x3_as_matmul`` (3x3 patches for few inputs, shifted per-tap partials for few outputs)
+    are ``F.conv2d(padding=1)`` in float64 to rounding: borders, 1x1 images, with and without bias, gradients, and
+    the channels_last layout of the result; layers that are not thin are refused."""
+    torch.manual_seed(0)
+    b, h, w = shape
+    x = torch.randn(b, cin, h, w, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(cout, cin, 3, 3, dtype=torch.float64, requires_grad=True)
+    for bias in (torch.randn(cout, dtype=torch.float64), None):
+        ref = F.conv2d(x, weight, bias, padding=1)
+        got = perf.conv3x3_as_matmul(x, weight, bias)
+        assert got.shape == ref.shape and torch.allclose(got, ref, atol=1e-12, rtol=0)
+    g = torch.randn_like(ref)
+    grads_ref = torch.autograd.grad(ref, (x, weight), g)
+    grads_got = torch.autograd.grad(perf.conv3x3_as_matmul(x, weight, None), (x, weight), g)
+    assert all(torch.allclose(a, r, atol=1e-10) for a, r in zip(grads_got, grads_ref))
+    cl = perf.conv3x3_as_matmul(x.detach().contiguous(memory_format=torch.channels_last), weight, None)
+    assert cl.is_contiguous(memory_format=torch.channels_last)
+    with pytest.raises(ValueError, match="16 -> 16 channels"):
+        perf.conv3x3_as_matmul(torch.randn(1, 16, 4, 4), torch.randn(16, 16, 3, 3), None)
+
+
+def test_thin_convs_are_the_unets_first_and_last():
+    model = _unet()
+    swapped = perf.swap_thin_convs(copy.deepcopy(model))
+    names = [n for n, m in swapped.named_modules() if isinstance(m, perf.MatmulConv2d)]
+    assert names == ["conv_in", "conv_out"]
+    assert not any(isinstance(m, perf.MatmulConv2d) for m in perf.swap_thin_convs(swapped, "cudnn").modules())
+
+
+def test_cast_weights_gives_autocasts_numbers_with_the_casts_done_once():
+    """Convolution and linear parameters cast to bf16 once: the same output as autocast casting them at every
+    call (official upsampling order: no tap sums of the weights), norms keep fp32; no-op without autocast."""
+    torch.manual_seed(0)
+    model = _unet().eval()
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([3, 900])
+    kw = dict(dtype="bf16", compile=False, upsample="nearest")
+    per_call, once = (perf.prepare_for_inference(model, cast_weights=c, **kw) for c in (False, True))
+    dtypes: dict[str, set] = {}
+    for m in once.modules():
+        dtypes.setdefault(type(m).__name__, set()).update(p.dtype for p in m.parameters(recurse=False))
+    assert dtypes["Conv2d"] == dtypes["Linear"] == {torch.bfloat16}
+    assert all(d == {torch.float32} for k, d in dtypes.items() if "Norm" in k)
+    assert {p.dtype for p in per_call.parameters()} == {torch.float32}
+    with torch.no_grad():
+        assert torch.equal(once(x, t), per_call(x, t))
+    fp32 = perf.prepare_for_inference(model, dtype="fp32", compile=False, cast_weights=True)
+    assert {p.dtype for p in fp32.parameters()} == {torch.float32}
 
 
 def test_channels_last_keeps_the_gradient_layout_contract():
