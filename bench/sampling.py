@@ -122,6 +122,11 @@ VARIANTS["fast-kgn-castw-phase-det"] = dict(dtype="bf16", channels_last=True, co
 VARIANTS["fast-kgn-castw-thin-phase-det"] = dict(dtype="bf16", channels_last=True, compile=True,
                                                  group_norm="kernel", upsample="phases", deterministic=True,
                                                  cast_weights=True, thin_convs="matmul")
+# the phases interleaved by stacks (a buffer of their own), as every "phase" variant was before the twelfth round;
+# since then "phases" interleaves by one strided view that Inductor writes straight into the skip concatenation
+VARIANTS["fast-kgn-castw-thin-stacked-phase-det"] = dict(dtype="bf16", channels_last=True, compile=True,
+                                                         group_norm="kernel", upsample="phases-stacked",
+                                                         deterministic=True, cast_weights=True, thin_convs="matmul")
 VARIANTS["fast-kgn-castw-thin-graphs-phase-det"] = dict(dtype="bf16", channels_last=True, compile=True,
                                                         group_norm="kernel", upsample="phases", deterministic=True,
                                                         cast_weights=True, thin_convs="matmul",

@@ -333,21 +333,54 @@ def test_compiled_inference_defaults_to_phase_upsampling_thin_matmuls_cast_weigh
 @pytest.mark.parametrize("shape", [(2, 5, 4, 6), (1, 3, 1, 1), (3, 8, 5, 3)])
 def test_upsample_conv_by_phases_equals_nearest_then_conv(shape):
     """The four-phase 2x2 convolution on the low-resolution input is conv3x3(nearest 2x upsample): in
-    float64 to rounding, with and without bias, odd sizes and 1x1 inputs (all border), gradients too."""
+    float64 to rounding, with and without bias, odd sizes and 1x1 inputs (all border), gradients too, both
+    interleaves (stacks; one strided view, the default without autograd) and both layouts."""
     torch.manual_seed(0)
     b, c, h, w = shape
     x = torch.randn(b, c, h, w, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(7, c, 3, 3, dtype=torch.float64, requires_grad=True)
-    for bias in (torch.randn(7, dtype=torch.float64), None):
-        ref = F.conv2d(F.interpolate(x, scale_factor=2.0, mode="nearest"), weight, bias, padding=1)
-        got = perf.upsample_conv3x3_by_phases(x, weight, bias)
-        assert got.shape == ref.shape and torch.allclose(got, ref, atol=1e-12, rtol=0)
-    g = torch.randn_like(ref)
-    grads_ref = torch.autograd.grad(ref, (x, weight), g)
-    grads_got = torch.autograd.grad(perf.upsample_conv3x3_by_phases(x, weight, None), (x, weight), g)
-    assert all(torch.allclose(a, r, atol=1e-10) for a, r in zip(grads_got, grads_ref))
-    cl = perf.upsample_conv3x3_by_phases(x.detach().contiguous(memory_format=torch.channels_last), weight, None)
-    assert cl.is_contiguous(memory_format=torch.channels_last)  # keeps the layout the next convolution wants
+    for xi in (x, x.contiguous(memory_format=torch.channels_last)):
+        for strided in (False, True):
+            for bias in (torch.randn(7, dtype=torch.float64), None):
+                ref = F.conv2d(F.interpolate(xi, scale_factor=2.0, mode="nearest"), weight, bias, padding=1)
+                got = perf.upsample_conv3x3_by_phases(xi, weight, bias, strided=strided)
+                assert got.shape == ref.shape and torch.allclose(got, ref, atol=1e-12, rtol=0)
+                with torch.no_grad():  # the default there: the strided view
+                    assert torch.allclose(perf.upsample_conv3x3_by_phases(xi, weight, bias), ref, atol=1e-12, rtol=0)
+            g = torch.randn_like(ref)
+            grads_ref = torch.autograd.grad(ref, (x, weight), g)
+            grads_got = torch.autograd.grad(perf.upsample_conv3x3_by_phases(xi, weight, None, strided=strided),
+                                            (x, weight), g)
+            assert all(torch.allclose(a, r, atol=1e-10) for a, r in zip(grads_got, grads_ref))
+            # keeps the layout the next convolution wants
+            cl = torch.channels_last
+            assert got.is_contiguous(memory_format=cl) == xi.is_contiguous(memory_format=cl)
+
+
+def test_strided_phase_interleave_is_written_straight_into_the_concatenation():
+    """Compiled (Inductor, CPU) without autograd, as in sampling: the strided interleave of the phase upsampling
+    leaves no upsampled-size buffer besides the skip concatenation it feeds; the stacks leave one."""
+    import math
+    import re
+
+    from torch._inductor.utils import run_and_get_code
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 16, 8, 8).contiguous(memory_format=torch.channels_last)
+    skip = torch.randn(2, 8, 16, 16).contiguous(memory_format=torch.channels_last)
+    weight, bias = torch.randn(16, 16, 3, 3), torch.randn(16)
+    upsampled = 2 * 16 * 16 * 16
+    for strided in (True, False):
+        torch._dynamo.reset()
+        f = torch.compile(lambda x, s: torch.cat([perf.upsample_conv3x3_by_phases(x, weight, bias, strided=strided),
+                                                  s], 1), dynamic=False)
+        with torch.no_grad():
+            out, code = run_and_get_code(f, x, skip)
+        want = F.conv2d(F.interpolate(x, scale_factor=2.0), weight, bias, padding=1)
+        assert torch.allclose(out[:, :16], want, atol=1e-4) and torch.equal(out[:, 16:], skip)
+        sizes = [math.prod(int(d) for d in m.split(",") if d.strip())
+                 for m in re.findall(r"empty_strided_cpu\(\(([0-9, ]+)\)", "\n".join(code))]
+        assert sizes.count(upsampled) == (0 if strided else 1), sizes
 
 
 @pytest.mark.parametrize("cin, cout, shape", [(3, 128, (2, 9, 7)), (128, 3, (2, 9, 7)), (2, 19, (1, 1, 1)),

@@ -135,7 +135,8 @@ def swap_group_norm(model: nn.Module, kind: str = "channel-stats") -> nn.Module:
     return model
 
 
-def upsample_conv3x3_by_phases(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def upsample_conv3x3_by_phases(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, *,
+                               strided: bool | None = None) -> torch.Tensor:
     """``conv3x3(nearest_upsample_2x(x))`` (padding 1) computed on the low-resolution ``x``.
 
     Output pixel (2p+i, 2q+j) sees source rows {p-1, p} (i = 0) or {p, p+1} (i = 1), and likewise for
@@ -153,9 +154,19 @@ def upsample_conv3x3_by_phases(x: torch.Tensor, weight: torch.Tensor, bias: torc
                         torch.stack([r[..., 0] + r[..., 1], r[..., 2]], dim=-1)
                         for r in rows for j in (0, 1)]).to(weight.dtype)  # (4O, I, 2, 2), phase-major
     y = torch.nn.functional.conv2d(x, kernel, None if bias is None else bias.repeat(4), padding=1)
-    y = y.unflatten(1, (2, 2, o))                                                        # (B, i, j, O, H+1, W+1)
-    out = torch.stack([torch.stack([y[:, i, j, :, i:i + h, j:j + w] for j in (0, 1)], dim=-1) for i in (0, 1)],
-                      dim=3)                                                             # (B, O, H, i, W, j)
+    if strided is None:
+        strided = not torch.is_grad_enabled()
+    if strided:
+        # (B, O, H, i, W, j) as one strided view: phase (i, j) of channel o is channel (2i + j) O + o, its pixel
+        # (p, q) read at (p + i, q + j), an address linear in (o, p, i, q, j).  Inductor can then write the
+        # interleave straight into a following concatenation; the stacks below are a buffer of their own.  By
+        # default only without autograd (this view's gradient, a scatter, is not measured in training)
+        sb, sc, sh, sw = y.stride()
+        out = y.as_strided((b, o, h, 2, w, 2), (sb, sc, sh, 2 * o * sc + sh, sw, o * sc + sw))
+    else:
+        y = y.unflatten(1, (2, 2, o))                                                    # (B, i, j, O, H+1, W+1)
+        out = torch.stack([torch.stack([y[:, i, j, :, i:i + h, j:j + w] for j in (0, 1)], dim=-1)
+                           for i in (0, 1)], dim=3)                                      # (B, O, H, i, W, j)
     out = out.reshape(b, o, 2 * h, 2 * w)
     if x.is_contiguous(memory_format=torch.channels_last):
         out = out.contiguous(memory_format=torch.channels_last)
@@ -166,13 +177,16 @@ class PhaseUpsample(Upsample):
     """``Upsample`` with its convolution run by ``upsample_conv3x3_by_phases``: same parameters and
     state-dict keys, same result to float rounding, fewer FLOPs and memory passes."""
 
+    strided: bool | None = None  # upsample_conv3x3_by_phases's interleave; None: strided without autograd
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.conv is None:
             return super().forward(x)
-        return upsample_conv3x3_by_phases(x, self.conv.weight, self.conv.bias)
+        return upsample_conv3x3_by_phases(x, self.conv.weight, self.conv.bias, strided=self.strided)
 
 
-UPSAMPLES = ("nearest", "phases")
+# "phases-stacked": the phases interleaved by stacking, as before the twelfth round (for comparison)
+UPSAMPLES = ("nearest", "phases", "phases-stacked")
 
 
 def default_upsample(kind: str | None, compiled: bool) -> str:
@@ -183,12 +197,16 @@ def default_upsample(kind: str | None, compiled: bool) -> str:
 
 def swap_upsample(model: nn.Module, kind: str = "phases") -> nn.Module:
     """Make every ``Upsample`` of ``model`` (in place) upsample-then-convolve the ``kind`` way:
-    "nearest" (the official order) or "phases" (``PhaseUpsample``)."""
+    "nearest" (the official order), "phases" (``PhaseUpsample``) or "phases-stacked" (its interleave by stacks)."""
     if kind not in UPSAMPLES:
         raise ValueError(f"upsample {kind!r} is not supported; allowed: {list(UPSAMPLES)}")
     for m in model.modules():
         if isinstance(m, Upsample):
-            m.__class__ = PhaseUpsample if kind == "phases" else Upsample
+            m.__class__ = PhaseUpsample if kind.startswith("phases") else Upsample
+            if kind == "phases-stacked":
+                m.strided = False
+            elif "strided" in vars(m):
+                del m.strided
     return model
 
 
