@@ -219,7 +219,8 @@ def conv3x3_as_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     * few outputs (9 O <= C): ``x`` times the taps' (9 O, C) weights gives each pixel's 9 partial outputs, and
       output pixel (h, w) sums the partial of tap (ky, kx) from pixel (h + ky - 1, w + kx - 1), in >= float32.
     The contraction widths are zero-padded to multiples of 8 (16-byte bf16 rows for cuBLAS).  The result has
-    ``F.conv2d``'s dtype and channels_last strides.
+    ``F.conv2d``'s dtype and channels_last strides.  Compiled, H200, batch 512 at 32x32: 128 -> 3 in 73 instead of
+    176 us, 3 -> 128 a little faster than cuDNN (docs/results/bench, twelfth round).
     """
     b, c, h, w = x.shape
     o = weight.shape[0]
@@ -227,7 +228,6 @@ def conv3x3_as_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
         raise ValueError(f"conv3x3_as_matmul needs a (O, {c}, 3, 3) weight for {c} input channels, "
                          f"got {tuple(weight.shape)}")
     xh = x.permute(0, 2, 3, 1)  # (B, H, W, C): a view for channels_last
-    taps = [(ky, kx) for ky in range(3) for kx in range(3)]
     if 9 * c <= o:
         xp = torch.nn.functional.pad(xh, (0, 0, 1, 1, 1, 1))
         # (B, H, W, C, ky, kx) as a view, then one copy (B, H, W, 9C): a cat of the 9 taps would be 9 kernels
@@ -241,7 +241,8 @@ def conv3x3_as_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
         part = torch.nn.functional.linear(xh, torch.nn.functional.pad(wm, (0, 0, 0, -9 * o % 8)))
         acc_dtype = torch.promote_types(part.dtype, torch.float32)  # sums in >= fp32 even for bf16 partials
         pp = torch.nn.functional.pad(part[..., :9 * o].to(acc_dtype), (0, 0, 1, 1, 1, 1))  # (B, H+2, W+2, 9 O)
-        acc = sum(pp[:, ky:ky + h, kx:kx + w, (3 * ky + kx) * o:(3 * ky + kx + 1) * o] for ky, kx in taps)
+        acc = sum(pp[:, ky:ky + h, kx:kx + w, (3 * ky + kx) * o:(3 * ky + kx + 1) * o]
+                  for ky in range(3) for kx in range(3))
         if bias is not None:
             acc = acc + bias.to(acc_dtype)
         y = acc.to(part.dtype)
