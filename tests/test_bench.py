@@ -328,6 +328,12 @@ def test_compiled_inference_defaults_to_phase_upsampling_thin_matmuls_cast_weigh
     bf16 = [perf.prepare_for_inference(model, compile=c, backend="eager") for c in (False, True)]
     assert [any(isinstance(m, perf.MatmulConv2d) for m in w.modules()) for w in bf16] == [False, True]
     assert [{p.dtype for p in w.model.conv_in.parameters()} for w in bf16] == [{torch.float32}, {torch.bfloat16}]
+    # "phases-stacked": the same module class with the stacked interleave, undone by swapping back
+    ups = [m for m in perf.swap_upsample(copy.deepcopy(model), "phases-stacked").modules()
+           if isinstance(m, perf.PhaseUpsample)]
+    assert ups and all(m.strided is False for m in ups)
+    perf.swap_upsample(ups[0], "phases")
+    assert ups[0].strided is None and all(m.strided is False for m in ups[1:])
 
 
 @pytest.mark.parametrize("shape", [(2, 5, 4, 6), (1, 3, 1, 1), (3, 8, 5, 3)])
