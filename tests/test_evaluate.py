@@ -373,6 +373,23 @@ def test_two_process_ddp_gives_the_same_images(monkeypatch, tmp_path, tiny_ckpt,
     two = np.load(tmp_path / "two" / "samples.npz")["arr_0"]
     np.testing.assert_array_equal(one, two)
     assert not list((tmp_path / "two" / "shards").glob("*.pt"))  # merged shards are cleaned up
+    # the records carry the sampling rate after each rank's first batch (compilation): it needs 2 batches per rank
+    s1, s2 = (records(d)[0]["outputs"]["sampling"] for d in (tmp_path, tmp_path / "ddp"))
+    assert (s1["world_size"], s2["world_size"]) == (1, 2)
+    batches = -(-num_samples // 2)
+    assert (s1["images_per_s"] is not None, s2["images_per_s"] is not None) == (batches >= 2, batches >= 4)
+    assert s1["images_per_s"] is None or s1["images_per_s"] > 0
+
+
+def test_sampling_rate_sums_the_ranks_after_their_first_batch():
+    from ddim.eval.tasks import sampling_rate
+
+    # rank 0: batches end at 2, 3, 4 s (4, 4, 2 images); rank 1: at 2.5, 3.5 s (4, 4 images)
+    got = sampling_rate([[(2.0, 4), (3.0, 4), (4.0, 2)], [(2.5, 4), (3.5, 4)]])
+    assert got == {"world_size": 2, "first_batch_s": 2.5, "images_per_s": 6 / 2 + 4 / 1}
+    # a rank with a single batch has no rate after its first: no sum that would undercount
+    assert sampling_rate([[(2.0, 4), (3.0, 4)], [(2.5, 4)]])["images_per_s"] is None
+    assert sampling_rate([[(1.0, 4)]]) == {"world_size": 1, "first_batch_s": 1.0, "images_per_s": None}
 
 
 @pytest.mark.parametrize("overrides, match", [

@@ -226,10 +226,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if task in ("fid", "samples"):
         n = int(cfg.fid.num_samples) if task == "fid" else int(cfg.samples.num_samples)
         tk = OmegaConf.to_container(cfg.trainer, resolve=True)
+        sampling: dict[str, Any] = {}
         images = T.generate(eps_model, alphas_cumprod, seq, n, shape, eta=eta, kind=cfg.sampler.kind, seed=int(cfg.seed),
-                            batch_size=bs, shard_dir=out_dir / "shards", trainer_kwargs=tk)
+                            batch_size=bs, shard_dir=out_dir / "shards", trainer_kwargs=tk, stats=sampling)
         if images is None:  # not rank 0: rank 0 merges, scores and records
             return {"rank0": False}
+        outputs["sampling"] = sampling  # images/s after the first batch (compilation) on every device, summed
         if task == "fid":
             ref_key = f"{key['dataset']}-{cfg.fid.get('ref_split', 'train')}"
             res = T.fid_task(images, ref_ds, ref_key=ref_key, weights_path=weights, cache_dir=cfg.fid.get("cache_dir"),
@@ -276,7 +278,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     rec.write_record(path, record)
     record["record_path"] = str(path)
     _log(cfg, record)
-    print(f"{task}: {metric or outputs} ({num} samples, NFE {nfe}, {wall:.1f}s) -> {path}")
+    rate = (outputs.get("sampling") or {}).get("images_per_s")
+    rate = f", {rate:,.0f} images/s after the first batch on {outputs['sampling']['world_size']} device(s)" if rate else ""
+    print(f"{task}: {metric or outputs} ({num} samples, NFE {nfe}, {wall:.1f}s{rate}) -> {path}")
     return record
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import time
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -186,8 +187,13 @@ def _sampling_module(eps_model, alphas_cumprod, seq, shape, *, eta, kind, seed):
 
 def generate(eps_model: nn.Module, alphas_cumprod: torch.Tensor, seq: torch.Tensor, n: int, shape: Sequence[int], *,
              eta: float | str = 0.0, kind: str = "ddim", seed: int = 0, batch_size: int = 500,
-             shard_dir: str | Path, trainer_kwargs: dict | None = None) -> torch.Tensor | None:
-    """Samples 0..n-1 as uint8 (n, C, H, W) on rank 0 (None on other ranks), spread over all devices."""
+             shard_dir: str | Path, trainer_kwargs: dict | None = None,
+             stats: dict | None = None) -> torch.Tensor | None:
+    """Samples 0..n-1 as uint8 (n, C, H, W) on rank 0 (None on other ranks), spread over all devices.
+
+    ``stats`` (rank 0) receives ``world_size``, ``first_batch_s`` (the slowest rank's first batch: compilation and
+    warm-up) and ``images_per_s``: the ranks' summed rate after their first batch, so the GPU-count scaling of
+    sampling can be read off evaluate.py's own records (None when a rank ran a single batch)."""
     import lightning as L
     from lightning.pytorch.callbacks import BasePredictionWriter
 
@@ -196,6 +202,14 @@ def generate(eps_model: nn.Module, alphas_cumprod: torch.Tensor, seq: torch.Tens
     class ShardWriter(BasePredictionWriter):
         def __init__(self):
             super().__init__(write_interval="epoch")
+            self.t0, self.ends = 0.0, []
+
+        def on_predict_epoch_start(self, trainer, pl_module):
+            self.t0, self.ends = time.perf_counter(), []
+
+        def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+            # the images are on the host by now (predict_step's .cpu() waits for the device)
+            self.ends.append((time.perf_counter() - self.t0, int(outputs[1].shape[0])))
 
         def write_on_epoch_end(self, trainer, pl_module, predictions, batch_indices):
             preds = predictions[0] if predictions and isinstance(predictions[0], list) else predictions
@@ -203,7 +217,7 @@ def generate(eps_model: nn.Module, alphas_cumprod: torch.Tensor, seq: torch.Tens
             imgs = torch.cat([p[1] for p in preds]) if preds else torch.empty(0, *shape, dtype=torch.uint8)
             shard_dir.mkdir(parents=True, exist_ok=True)
             name = f"rank{trainer.global_rank:04d}-of-{trainer.world_size:04d}.pt"
-            torch.save({"index": idx, "images": imgs}, shard_dir / name)
+            torch.save({"index": idx, "images": imgs, "batch_ends": self.ends}, shard_dir / name)
 
     kw = {"accelerator": "auto", "devices": 1, "logger": False, "enable_checkpointing": False,
           "enable_model_summary": False, "enable_progress_bar": False}
@@ -218,15 +232,28 @@ def generate(eps_model: nn.Module, alphas_cumprod: torch.Tensor, seq: torch.Tens
     out = torch.empty((n, *shape), dtype=torch.uint8)
     seen = torch.zeros(n, dtype=torch.bool)
     shards = [shard_dir / f"rank{r:04d}-of-{trainer.world_size:04d}.pt" for r in range(trainer.world_size)]
+    ends = []
     for p in shards:  # exactly this run's world size: a stale shard of another run is never merged
         d = torch.load(p, weights_only=True)
         out[d["index"]] = d["images"]
         seen[d["index"]] = True
+        ends.append(d.get("batch_ends") or [])
     for p in shards:
         p.unlink()
     if not bool(seen.all()):
         raise RuntimeError(f"sampling shards in {shard_dir} miss {int((~seen).sum())} of {n} indices")
+    if stats is not None:
+        stats.update(sampling_rate(ends))
     return out
+
+
+def sampling_rate(batch_ends: Sequence[Sequence[tuple[float, int]]]) -> dict:
+    """Throughput of ranks that each ran batches ending at (seconds, images): summed per-rank rates after
+    each rank's first batch, whose time holds compilation and warm-up (reported apart, slowest rank)."""
+    steady = [sum(k for _, k in e[1:]) / (e[-1][0] - e[0][0]) for e in batch_ends if len(e) >= 2 and e[-1][0] > e[0][0]]
+    return {"world_size": len(batch_ends),
+            "first_batch_s": round(max((e[0][0] for e in batch_ends if e), default=0.0), 3),
+            "images_per_s": round(sum(steady), 2) if batch_ends and len(steady) == len(batch_ends) else None}
 
 
 # ---------------------------------------------------------------------------------------- tasks
