@@ -151,6 +151,8 @@ def worker(rank: int, world: int, args: argparse.Namespace, port: int, out_file:
     agree = torch.tensor([float(torch.equal(flat, ref))], device=device)
     dist.all_reduce(agree, op=dist.ReduceOp.MIN)  # every rank's verdict: rank 0, which saves it, agrees with itself
     weights_agree = bool(agree.item() == 1.0)
+    if step.gradient_graph is not None:
+        step.gradient_graph.release()  # else destroy_process_group hangs (2 H200s: it did, after the results)
     del step, batches
 
     mine = (torch.cat(idx), torch.cat(imgs).cpu()) if idx else (torch.empty(0, dtype=torch.long), None)

@@ -638,6 +638,67 @@ def test_gradient_graph_all_reduces_the_mean_over_ranks(tmp_path):
     torch.testing.assert_close(f0, (l0 + l1) / 2, rtol=1e-5, atol=1e-7)
 
 
+class _FakeGraph:
+    def __init__(self):
+        self.resets = 0
+
+    def reset(self):
+        self.resets += 1
+
+
+def test_gradient_graph_release_resets_every_captured_graph():
+    """release() frees every captured graph once and forgets it, so the next call captures again."""
+    model, loss_fn, x = _loss_and_params()
+    g = perf.GradientGraph(loss_fn, list(model.parameters()))
+    fakes = [_FakeGraph(), _FakeGraph()]
+    g._graphs = {("a",): (fakes[0], None, None, None), ("b",): (fakes[1], None, None, None)}
+    g.release()
+    assert [f.resets for f in fakes] == [1, 1] and g._graphs == {}
+    g.release()  # idempotent: nothing is reset twice
+    assert [f.resets for f in fakes] == [1, 1]
+    loss, _ = g(x)  # and it still steps (eagerly on a CPU)
+    assert torch.isfinite(loss)
+
+
+def _release_rank(rank, world, init, out, release):
+    import torch.distributed as dist
+
+    torch.cuda.set_device(rank)
+    dist.init_process_group("nccl", init_method=init, rank=rank, world_size=world, device_id=torch.device("cuda", rank))
+    torch.manual_seed(0)
+    model = perf.to_channels_last(_unet()).cuda().train()
+    t = torch.tensor([0, 10, 500, 999], device="cuda")
+    g = perf.GradientGraph(lambda x0: (model(x0, t) - x0).square().mean(), list(model.parameters()))
+    assert g.all_reduce
+    for seed in range(3):
+        g(torch.randn(4, 3, 16, 16, device="cuda", generator=torch.Generator("cuda").manual_seed(seed + rank)))
+    torch.cuda.synchronize()
+    assert len(g._graphs) == 1
+    if release:
+        g.release()
+    dist.destroy_process_group()
+    Path(out, f"exited{rank}").touch()
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs (NCCL all-reduce across two ranks)")
+def test_gradient_graph_release_lets_two_nccl_ranks_exit(tmp_path):
+    """Two ranks whose graph captured the all-reduce reach the end of destroy_process_group after release().
+    Without it, bench/ddp.py --step-graph and train.py trainer=ddp_step_graph hung there on two H200s."""
+    import time
+
+    import torch.multiprocessing as mp
+
+    ctx = mp.start_processes(_release_rank, args=(2, f"file://{tmp_path}/store", str(tmp_path), True), nprocs=2,
+                             join=False, start_method="spawn")
+    deadline = time.time() + 240
+    while not ctx.join(timeout=5):
+        if time.time() > deadline:
+            for proc in ctx.processes:
+                proc.kill()
+            pytest.fail("two NCCL ranks did not exit within 240 s of starting (destroy_process_group hung?)")
+    assert (tmp_path / "exited0").exists() and (tmp_path / "exited1").exists()
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 def test_gradient_graph_replays_give_each_inputs_gradients_on_a_gpu():
     """A replay writes the gradients of the new input (not the captured one's) into the same buffer."""

@@ -380,6 +380,29 @@ def test_step_graph_bad_settings_are_named(tmp_path):
         DiffusionModule(model=m, diffusion={}, fast={"step_graph": True, "compile": True, "mode": "reduce-overhead"})
 
 
+def test_step_graph_strategy_frees_the_graph_before_tearing_down(monkeypatch):
+    """StepGraphDDPStrategy.teardown frees the module's step graph before DDP's teardown (and so before the process
+    group is destroyed at exit, which hangs while a graph holding its all-reduce lives: two H200s)."""
+    from lightning.pytorch.strategies import DDPStrategy
+
+    from ddim.lit import DiffusionModule, StepGraphDDPStrategy
+
+    m = {"ch": 32, "ch_mult": [1], "num_res_blocks": 1, "attn_resolutions": [], "resolution": 8, "in_channels": 1,
+         "out_ch": 1}
+    module = DiffusionModule(model=m, diffusion={"num_diffusion_timesteps": 10}, fast={"step_graph": True})
+    graph = module._gradient_graph()
+    order = []
+    monkeypatch.setattr(graph, "release", lambda: order.append("release"))
+    monkeypatch.setattr(DDPStrategy, "teardown", lambda self: order.append("ddp teardown"))
+    strategy = StepGraphDDPStrategy()
+    strategy._lightning_module = module
+    strategy.teardown()
+    assert order == ["release", "ddp teardown"]
+    strategy._lightning_module = None  # no module (e.g. torn down twice): nothing to free
+    strategy.teardown()
+    assert order == ["release", "ddp teardown", "ddp teardown"]
+
+
 @pytest.mark.parametrize("overrides, message", [
     (["trainer=ddp_step_graph"], "StepGraphDDPStrategy.*needs fast.step_graph=true"),
     (["trainer=ddp", "fast.step_graph=true"], "DistributedDataParallel would all-reduce them again: use "

@@ -211,6 +211,12 @@ class DiffusionModule(L.LightningModule):
             self.__dict__["_gradient_graph_obj"] = g
         return g
 
+    def release_step_graph(self) -> None:
+        """Free fast.step_graph's CUDA graph (``GradientGraph.release``); the next step captures it again."""
+        g = self.__dict__.get("_gradient_graph_obj")
+        if g is not None:
+            g.release()
+
     def _graphed_training_step(self, x0: torch.Tensor) -> torch.Tensor:
         """The automatic path's step (loss, clip, Adam, LR warm-up, EMA) with the loss and gradients from one
         CUDA-graph replay, run as the optimizer's closure so Lightning counts the step as usual."""
@@ -333,6 +339,14 @@ class StepGraphDDPStrategy(DDPStrategy):
             raise ValueError("StepGraphDDPStrategy (trainer=ddp_step_graph) does not all-reduce gradients itself: it "
                              "needs fast.step_graph=true, whose graphed step does; use trainer=ddp otherwise")
         _sync_module_states(self.model)  # every replica starts from rank 0's weights, as DDP's constructor does
+
+    def teardown(self) -> None:
+        # before Lightning's exit handler destroys the process group, which hangs while a graph holding its
+        # all-reduce lives (GradientGraph.release); the trainer tears the strategy down after errors too
+        release = getattr(self.lightning_module, "release_step_graph", None)
+        if release is not None:
+            release()
+        super().teardown()
 
 
 def _check_architecture(checkpoint: dict, model_cfg: dict) -> None:

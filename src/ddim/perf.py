@@ -622,6 +622,14 @@ class GradientGraph:
         graph.replay()
         return static_loss.clone(), static_norm.clone()
 
+    def release(self) -> None:
+        """Free the captured graphs (a later call captures again).  Call it before ``destroy_process_group``:
+        NCCL's communicator teardown waits for graphs that captured its collectives (pytorch/pytorch#115388), so
+        on two H200s train.py and bench/ddp.py finished their work and then hung at exit."""
+        graphs, self._graphs = list(self._graphs.values()), {}
+        for graph, *_ in graphs:
+            graph.reset()
+
     def _capture(self, x: torch.Tensor) -> tuple:
         static_x = x.clone()
         device = x.device
