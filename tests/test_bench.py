@@ -660,42 +660,47 @@ def test_gradient_graph_release_resets_every_captured_graph():
     assert torch.isfinite(loss)
 
 
-def _release_rank(rank, world, init, out, release):
+def _release_rank(rank, world, init, out, backend):
     import torch.distributed as dist
 
-    torch.cuda.set_device(rank)
-    dist.init_process_group("nccl", init_method=init, rank=rank, world_size=world, device_id=torch.device("cuda", rank))
+    cuda = backend == "nccl"
+    device = torch.device("cuda", rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(rank)
+    dist.init_process_group(backend, init_method=init, rank=rank, world_size=world,
+                            **({"device_id": device} if cuda else {}))
     torch.manual_seed(0)
-    model = perf.to_channels_last(_unet()).cuda().train()
-    t = torch.tensor([0, 10, 500, 999], device="cuda")
+    model = perf.to_channels_last(_unet()).to(device).train()
+    t = torch.tensor([0, 10, 500, 999], device=device)
     g = perf.GradientGraph(lambda x0: (model(x0, t) - x0).square().mean(), list(model.parameters()))
     assert g.all_reduce
     for seed in range(3):
-        g(torch.randn(4, 3, 16, 16, device="cuda", generator=torch.Generator("cuda").manual_seed(seed + rank)))
-    torch.cuda.synchronize()
-    assert len(g._graphs) == 1
-    if release:
-        g.release()
+        g(torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(seed + rank)).to(device))
+    assert len(g._graphs) == (1 if cuda else 0)  # captured on a GPU; eager on a CPU
+    g.release()
     dist.destroy_process_group()
     Path(out, f"exited{rank}").touch()
 
 
-@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs (NCCL all-reduce across two ranks)")
-def test_gradient_graph_release_lets_two_nccl_ranks_exit(tmp_path):
-    """Two ranks whose graph captured the all-reduce reach the end of destroy_process_group after release().
-    Without it, bench/ddp.py --step-graph and train.py trainer=ddp_step_graph hung there on two H200s."""
+@pytest.mark.parametrize("backend", [
+    "gloo",  # eager on a CPU: checks this harness
+    pytest.param("nccl", marks=pytest.mark.skipif(torch.cuda.device_count() < 2,
+                                                  reason="needs two GPUs (NCCL all-reduce across two ranks)"))])
+def test_gradient_graph_release_lets_two_ranks_exit(tmp_path, backend):
+    """Two ranks whose graph captured the all-reduce get through destroy_process_group after release().  Without
+    it, bench/ddp.py --step-graph and train.py trainer=ddp_step_graph hung there on two H200s."""
     import time
 
     import torch.multiprocessing as mp
 
-    ctx = mp.start_processes(_release_rank, args=(2, f"file://{tmp_path}/store", str(tmp_path), True), nprocs=2,
+    ctx = mp.start_processes(_release_rank, args=(2, f"file://{tmp_path}/store", str(tmp_path), backend), nprocs=2,
                              join=False, start_method="spawn")
     deadline = time.time() + 240
     while not ctx.join(timeout=5):
         if time.time() > deadline:
             for proc in ctx.processes:
                 proc.kill()
-            pytest.fail("two NCCL ranks did not exit within 240 s of starting (destroy_process_group hung?)")
+            pytest.fail(f"two {backend} ranks did not exit within 240 s (destroy_process_group hung?)")
     assert (tmp_path / "exited0").exists() and (tmp_path / "exited1").exists()
 
 
