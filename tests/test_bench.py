@@ -658,6 +658,32 @@ def test_gradient_graph_release_resets_every_captured_graph():
     assert [f.resets for f in fakes] == [1, 1]
     loss, _ = g(x)  # and it still steps (eagerly on a CPU)
     assert torch.isfinite(loss)
+    # at exit every live one is released (before the process group is destroyed: see release_gradient_graphs)
+    late = _FakeGraph()
+    g._graphs = {("c",): (late, None, None, None)}
+    perf.release_gradient_graphs()
+    assert late.resets == 1 and g._graphs == {}
+
+
+def test_gradient_graphs_are_released_before_earlier_exit_handlers(tmp_path):
+    """At exit the graphs are freed before handlers registered earlier run, such as the one Lightning registers
+    at init_process_group to destroy the process group (which hangs while a graph holding its all-reduce lives)."""
+    script = tmp_path / "exit.py"
+    script.write_text(
+        "import atexit\n"
+        "import torch\n"
+        "from ddim import perf\n"
+        "class Fake:\n"
+        "    def reset(self):\n"
+        "        print('graph reset', flush=True)\n"
+        "atexit.register(lambda: print('process group destroyed', flush=True))  # as at init_process_group\n"
+        "p = torch.nn.Parameter(torch.zeros(2))\n"
+        "g = perf.GradientGraph(lambda x: (p * x).sum(), [p])\n"
+        "g._graphs = {('k',): (Fake(), None, None, None)}\n")
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(REPO / "src")})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split("\n")[:2] == ["graph reset", "process group destroyed"]
 
 
 def _release_rank(rank, world, init, out, backend):

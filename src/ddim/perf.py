@@ -11,9 +11,11 @@ the cheap ``"eager"`` backend), so the benchmarks can be smoke-tested without a 
 """
 from __future__ import annotations
 
+import atexit
 import copy
 import time
 import warnings
+import weakref
 from contextlib import nullcontext
 from typing import Callable
 
@@ -551,6 +553,17 @@ class DiffusionTrainStep:
                 e.mul_(self.ema_decay).add_(p, alpha=w)
 
 
+_LIVE_GRADIENT_GRAPHS: weakref.WeakSet = weakref.WeakSet()
+
+
+def release_gradient_graphs() -> None:
+    """``release()`` every live ``GradientGraph``.  Registered with ``atexit`` when the first one is made, which
+    is after ``init_process_group``, so it runs before the exit handlers that destroy the process group (Lightning
+    registers one): an own DDP script that forgets ``release()`` still exits."""
+    for g in list(_LIVE_GRADIENT_GRAPHS):
+        g.release()
+
+
 class GradientGraph:
     """``loss_fn(x)``'s forward, backward, gradient all-reduce (mean over the ranks) and norm clipping as one CUDA
     graph; on a CPU the same calls run eagerly.  Returns ``(loss, pre-clip gradient norm)``, device tensors.
@@ -585,6 +598,9 @@ class GradientGraph:
         self.flat = torch.zeros(sum(p.numel() for p in self.params), dtype=torch.float32, device=self.params[0].device)
         self.bind_grads()
         self._graphs: dict[tuple, tuple] = {}
+        atexit.unregister(release_gradient_graphs)  # registered anew, so last: atexit runs the last first
+        atexit.register(release_gradient_graphs)
+        _LIVE_GRADIENT_GRAPHS.add(self)
 
     def bind_grads(self) -> None:
         """Point every ``p.grad`` at its slice of the flat buffer, in ``p``'s own strides (channels_last stays)."""
