@@ -557,8 +557,8 @@ _LIVE_GRADIENT_GRAPHS: weakref.WeakSet = weakref.WeakSet()
 
 
 def release_gradient_graphs() -> None:
-    """``release()`` every live ``GradientGraph``.  Registered with ``atexit`` when the first one is made, which
-    is after ``init_process_group``, so it runs before the exit handlers that destroy the process group (Lightning
+    """``release()`` every live ``GradientGraph``.  Registered with ``atexit`` anew whenever one is made, which is
+    after ``init_process_group``, so it runs before the exit handlers that destroy the process group (Lightning
     registers one): an own DDP script that forgets ``release()`` still exits."""
     for g in list(_LIVE_GRADIENT_GRAPHS):
         g.release()
