@@ -278,8 +278,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     rec.write_record(path, record)
     record["record_path"] = str(path)
     _log(cfg, record)
-    rate = (outputs.get("sampling") or {}).get("images_per_s")
-    rate = f", {rate:,.0f} images/s after the first batch on {outputs['sampling']['world_size']} device(s)" if rate else ""
+    sp = outputs.get("sampling") or {}
+    rate = (f", {sp['images_per_s']:,.0f} images/s after the first batch on {sp['world_size']} device(s)"
+            if sp.get("images_per_s") else "")
     print(f"{task}: {metric or outputs} ({num} samples, NFE {nfe}, {wall:.1f}s{rate}) -> {path}")
     return record
 
