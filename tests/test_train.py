@@ -20,6 +20,10 @@ TINY = ["model.ch=32", "model.ch_mult=[1,2]", "model.num_res_blocks=1", "model.a
         "callbacks.sample_grid.num_samples=4", "callbacks.sample_grid.steps=3", "dataset.num_workers=0",
         "trainer.enable_model_summary=false"]
 
+# a one-level U-Net on 8x8 grey images, for DiffusionModule checks that build no trainer
+SMALL_MODEL = {"ch": 32, "ch_mult": [1], "num_res_blocks": 1, "attn_resolutions": [], "resolution": 8,
+               "in_channels": 1, "out_ch": 1}
+
 
 def _cfg(tmp_path, *overrides):
     with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
@@ -308,8 +312,7 @@ def test_fast_switches_must_be_booleans(key):
     from ddim.lit import DiffusionModule
 
     with pytest.raises(ValueError, match=rf"fast.{key} must be true or false, got 'maybe'"):
-        DiffusionModule(model={"ch": 32, "ch_mult": [1], "num_res_blocks": 1, "attn_resolutions": [], "resolution": 8,
-                               "in_channels": 1, "out_ch": 1}, diffusion={}, fast={key: "maybe"})
+        DiffusionModule(model=SMALL_MODEL, diffusion={}, fast={key: "maybe"})
 
 
 def test_resume_with_nothing_left_to_train_is_an_error(tmp_path):
@@ -325,8 +328,7 @@ def test_optim_numbers_are_checked_by_name():
     from ddim.lit import DiffusionModule
 
     with pytest.raises(ValueError, match=r"optim.lr must be a number, got 'abc'"):
-        DiffusionModule(model={"ch": 32, "ch_mult": [1], "num_res_blocks": 1, "attn_resolutions": [], "resolution": 8,
-                               "in_channels": 1, "out_ch": 1}, diffusion={}, optim={"lr": "abc"})
+        DiffusionModule(model=SMALL_MODEL, diffusion={}, optim={"lr": "abc"})
 
 
 @pytest.mark.slow
@@ -372,12 +374,11 @@ def test_step_graph_training_equals_the_automatic_path(tmp_path):
 def test_step_graph_bad_settings_are_named(tmp_path):
     from ddim.lit import DiffusionModule
 
-    m = {"ch": 32, "ch_mult": [1], "num_res_blocks": 1, "attn_resolutions": [], "resolution": 8, "in_channels": 1,
-         "out_ch": 1}
     with pytest.raises(ValueError, match="fast.step_graph must be true or false, got 'yes'"):
-        DiffusionModule(model=m, diffusion={}, fast={"step_graph": "yes"})
+        DiffusionModule(model=SMALL_MODEL, diffusion={}, fast={"step_graph": "yes"})
     with pytest.raises(ValueError, match="fast.step_graph=true captures.*fast.mode='reduce-overhead'"):
-        DiffusionModule(model=m, diffusion={}, fast={"step_graph": True, "compile": True, "mode": "reduce-overhead"})
+        DiffusionModule(model=SMALL_MODEL, diffusion={},
+                        fast={"step_graph": True, "compile": True, "mode": "reduce-overhead"})
 
 
 def test_step_graph_strategy_frees_the_graph_before_tearing_down(monkeypatch):
@@ -387,9 +388,7 @@ def test_step_graph_strategy_frees_the_graph_before_tearing_down(monkeypatch):
 
     from ddim.lit import DiffusionModule, StepGraphDDPStrategy
 
-    m = {"ch": 32, "ch_mult": [1], "num_res_blocks": 1, "attn_resolutions": [], "resolution": 8, "in_channels": 1,
-         "out_ch": 1}
-    module = DiffusionModule(model=m, diffusion={"num_diffusion_timesteps": 10}, fast={"step_graph": True})
+    module = DiffusionModule(model=SMALL_MODEL, diffusion={"num_diffusion_timesteps": 10}, fast={"step_graph": True})
     graph = module._gradient_graph()
     order = []
     monkeypatch.setattr(graph, "release", lambda: order.append("release"))
@@ -443,8 +442,7 @@ def test_ddp_ranks_draw_their_own_timesteps_noise_and_dropout():
 
     from ddim.lit import DiffusionModule, rank_seed
 
-    m = DiffusionModule(model={"ch": 32, "ch_mult": [1], "num_res_blocks": 1, "attn_resolutions": [], "resolution": 8,
-                               "in_channels": 1, "out_ch": 1}, diffusion={})
+    m = DiffusionModule(model=SMALL_MODEL, diffusion={})
 
     def draws(rank, world, step=0):
         torch.manual_seed(0)  # what seed_everything left on every rank
