@@ -10,7 +10,10 @@ prints milliseconds and TFLOP/s of
 * triton:       ``ddim.fused.conv3x3_fused`` without prologue (the kernel's matrix efficiency);
 * fused:        with the GroupNorm+SiLU prologue (tanh.approx sigmoid);
 * fused-exact:  the same with exp-based sigmoid;
-* fused+stats:  prologue + the next GroupNorm's statistics from the epilogue.
+* fused+stats:  prologue + the next GroupNorm's statistics from the epilogue;
+* cudnn+kgn:    ``ddim.groupnorm``'s GroupNorm+SiLU kernel, then cuDNN (what the default sampler.fast runs);
+* band:         the band kernel (each input normalised once into a scratch slot, then the nine taps);
+* band+stats:   the band kernel with the epilogue of fused+stats.
 
 TFLOP/s count the convolution's multiply-adds only.  The fused kernel pays off where ``fused+stats`` is below
 ``cudnn+gn``.  GPU only; ``--tiny --device cpu`` under ``TRITON_INTERPRET=1`` checks that it runs.
@@ -25,7 +28,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from ddim import fused, perf
+from ddim import fused, groupnorm, perf
 from ddim.models import UNet, unet_kwargs_from_config
 
 
@@ -47,6 +50,7 @@ def main(argv=None) -> dict:
     p.add_argument("--tiny", action="store_true", help="tiny U-Net at 16x16 in fp32 (CPU, Triton interpreter)")
     p.add_argument("--rep", type=int, default=50, help="milliseconds of timing per measurement (GPU)")
     p.add_argument("--max-layers", type=int, default=None, help="only the first N distinct layers (smoke tests)")
+    p.add_argument("--cases", default=None, help="comma-separated subset of the cases (default: all)")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     device = torch.device(args.device)
@@ -74,7 +78,9 @@ def main(argv=None) -> dict:
         skip = torch.randn(batch, cout, h, h, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
         bd = b.to(dtype)
         ref_fn = lambda x: F.conv2d(F.silu(gn(x)), w, bd, padding=1)  # noqa: E731
+        kgn_fn = lambda x: F.conv2d(groupnorm.group_norm_silu(x, norm), w, bd, padding=1)  # noqa: E731
         compiled = torch.compile(ref_fn, dynamic=False) if device.type == "cuda" else ref_fn
+        compiled_kgn = torch.compile(kgn_fn, dynamic=False) if device.type == "cuda" else kgn_fn
         flop = 2 * batch * h * h * cout * cin * 9
         row = dict(cin=cin, cout=cout, hw=h, role=role)
         cases = {
@@ -86,11 +92,25 @@ def main(argv=None) -> dict:
             "fused+stats": lambda: (fused.conv3x3_fused(x, w_kc, b, scale=scale, shift=shift, stats_groups=32)
                                     if role == "conv1" else
                                     fused.conv3x3_fused(x, w_kc, b, scale=scale, shift=shift, residual=skip)),
+            "cudnn+kgn": lambda: compiled_kgn(x),
+            "band": lambda: fused.conv3x3_fused(x, w_kc, b, scale=scale, shift=shift, fast_silu=False, band=True),
+            "band+stats": lambda: (fused.conv3x3_fused(x, w_kc, b, scale=scale, shift=shift, stats_groups=32,
+                                                       fast_silu=False, band=True)
+                                   if role == "conv1" else
+                                   fused.conv3x3_fused(x, w_kc, b, scale=scale, shift=shift, residual=skip,
+                                                       fast_silu=False, band=True)),
         }
+        if args.cases:
+            unknown = set(args.cases.split(",")) - set(cases)
+            if unknown:
+                p.error(f"--cases {sorted(unknown)} unknown; allowed: {list(cases)}")
+            cases = {k: v for k, v in cases.items() if k in args.cases.split(",")}
         with torch.no_grad():
             ref = compiled(x).float()
-            got = cases["fused"]()[0].float()
+            got = fused.conv3x3_fused(x, w_kc, b, scale=scale, shift=shift)[0].float()
             row["fused_max_abs_err"] = (got - ref).abs().max().item()
+            got = fused.conv3x3_fused(x, w_kc, b, scale=scale, shift=shift, fast_silu=False, band=True)[0].float()
+            row["band_max_abs_err"] = (got - ref).abs().max().item()
             row["ref_max_abs"] = ref.abs().max().item()
             for name, fn in cases.items():
                 try:
@@ -104,12 +124,14 @@ def main(argv=None) -> dict:
         rows.append(row)
         print(" ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
     total = {k: sum(r.get(f"{k}_ms", float("nan")) for r in rows)
-             for k in ("cudnn", "cudnn+gn", "triton", "fused", "fused-exact", "fused+stats")}
+             for k in ("cudnn", "cudnn+gn", "cudnn+kgn", "triton", "fused", "fused-exact", "fused+stats", "band",
+                       "band+stats")}
     cols = [("cin", "C in", ""), ("cout", "C out", ""), ("hw", "H", ""), ("role", "role", "")]
     for k in total:
         cols.append((f"{k}_ms", f"{k} ms", ".3f"))
-    cols += [("fused+stats_tflops", "fused+stats TFLOP/s", ".0f"), ("cudnn_tflops", "cudnn TFLOP/s", ".0f"),
-             ("fused_max_abs_err", "max |err|", ".2e")]
+    cols += [("fused+stats_tflops", "fused+stats TFLOP/s", ".0f"), ("band+stats_tflops", "band+stats TFLOP/s", ".0f"),
+             ("cudnn_tflops", "cudnn TFLOP/s", ".0f"),
+             ("fused_max_abs_err", "max |err|", ".2e"), ("band_max_abs_err", "band max |err|", ".2e")]
     print(f"# ResnetBlock 3x3 convolutions, batch {batch}, {perf.device_info(device).get('gpu') or 'CPU'}")
     print(perf.format_table(rows, cols))
     print("sum over distinct layers (ms): " + ", ".join(f"{k} {v:.3f}" for k, v in total.items()))

@@ -134,6 +134,16 @@ VARIANTS["fast-kgn-castw-thin-graphs-phase-det"] = dict(dtype="bf16", channels_l
 VARIANTS["pure-kgn-graphs-phase"] = dict(dtype="bf16", autocast=False, channels_last=True, compile=True,
                                          group_norm="kernel", compile_mode="reduce-overhead", upsample="phases",
                                          deterministic=False)
+# weights in bf16 (no autocast), and the same with the ResnetBlocks' convolutions on maps >= 16 pixels wide by
+# ddim.fused's band kernel: GroupNorm+SiLU applied once per input element while the convolution loads (no separate
+# normalise pass), the second norm's statistics from the first convolution's epilogue: 507 vs 655 images/s on an
+# H200 (fourteenth round), kept for kernel work
+VARIANTS["pure-kgn-thin-phase-det"] = dict(dtype="bf16", autocast=False, channels_last=True, compile=True,
+                                           group_norm="kernel", upsample="phases", deterministic=True,
+                                           thin_convs="matmul")
+VARIANTS["pure-kgn-band-thin-phase-det"] = dict(dtype="bf16", autocast=False, channels_last=True, compile=True,
+                                                group_norm="kernel", upsample="phases", deterministic=True,
+                                                thin_convs="matmul", fused="band")
 for _kw in VARIANTS.values():  # as measured before the thin convolutions and the cast weights became the default
     if _kw is not None:
         _kw.setdefault("thin_convs", "cudnn")

@@ -57,6 +57,53 @@ def test_conv3x3_fused_matches_torch(n, c, o, h, prologue, per_sample_bias, resi
         assert torch.allclose(stats[..., 1], r.var(-1, unbiased=False), atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("n, c, o, h, per_sample_bias, residual, groups, config", [
+    (2, 16, 32, 8, True, True, 8, (16, 16, 16, 4, 2, 1)),     # 2-row bands, 8 bands on 3 programs: slots reused
+    (3, 32, 16, 4, False, False, 4, None),                     # tuned list clamped to a 4x4 map (one band a sample)
+    (2, 48, 32, 8, False, True, None, (64, 16, 16, 4, 2, 1)),  # C = 3 x 16: channel chunks; whole-sample bands
+])
+def test_band_kernel_matches_torch(n, c, o, h, per_sample_bias, residual, groups, config):
+    """The band kernel: GroupNorm+SiLU once per input element into a zero-bordered slot, the nine taps from there."""
+    torch.manual_seed(1)
+    x = (torch.randn(n, c, h, h) * 2 + 0.5).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(o, c, 3, 3) * c ** -0.5
+    bias = torch.randn(n, o) if per_sample_bias else torch.randn(o)
+    skip = torch.randn(n, o, h, h) if residual else None
+    norm = _gn(c, 4)
+    scale, shift = fused.group_norm_scale_shift(fused.group_stats(x, 4), norm)
+    launched = []
+    real = fused._launch_band
+
+    def spy(cfg, *args):
+        launched.append(cfg)
+        return real(cfg, *args)
+
+    with torch.no_grad(), pytest.MonkeyPatch.context() as mp:
+        mp.setattr(fused, "_launch_band", spy)
+        ref = F.conv2d(F.silu(norm(x)), w, padding=1) + (bias[:, :, None, None] if per_sample_bias
+                                                         else bias[None, :, None, None])
+        if residual:
+            ref = ref + skip
+        y, stats = fused.conv3x3_fused(x, fused.weight_for_kernel(w), bias, scale=scale, shift=shift, residual=skip,
+                                       stats_groups=groups, config=config, fast_silu=False, band=True)
+    assert launched, "the band kernel did not run"
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(y, ref, atol=1e-4, rtol=1e-4), (y - ref).abs().max()
+    if groups is not None:
+        r = ref.reshape(n, groups, -1)
+        assert torch.allclose(stats[..., 0], r.mean(-1), atol=1e-5)
+        assert torch.allclose(stats[..., 1], r.var(-1, unbiased=False), atol=1e-4, rtol=1e-4)
+
+
+def test_band_kernel_leaves_shapes_it_does_not_take_to_the_tile_kernel():
+    x, w = torch.randn(1, 8, 6, 6), torch.randn(16, 8, 3, 3)  # width 6: not a power of two
+    assert not fused.band_takes(6, 6, 8, 16)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(fused, "_launch_band", lambda *a: pytest.fail("band kernel launched for a 6-wide map"))
+        y, _ = fused.conv3x3_fused(x, fused.weight_for_kernel(w), torch.zeros(16), band=True)
+    assert torch.allclose(y, F.conv2d(x, w, padding=1), atol=1e-4)
+
+
 def test_fused_resnet_blocks_give_the_unets_output_with_the_same_keys():
     from ddim import perf
     from ddim.models import UNet
@@ -75,6 +122,16 @@ def test_fused_resnet_blocks_give_the_unets_output_with_the_same_keys():
         assert blocks and all(isinstance(m, fused.FusedResnetBlock) for m in blocks)
         assert fast.model.state_dict().keys() == model.state_dict().keys()  # kernel layouts are not persistent
         assert torch.allclose(fast(x, t), ref, atol=1e-4), (fast(x, t) - ref).abs().max()
+        # the band kernel on the 16-wide maps, cuDNN + the GroupNorm kernel on the 8-wide ones (min_width)
+        band = perf.prepare_for_inference(model, dtype="fp32", autocast=False, compile=False, fused="band")
+        widths = []
+        real = fused._launch_band
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(fused, "_launch_band", lambda cfg, x, *a: (widths.append(x.shape[-1]), real(cfg, x, *a)))
+            assert torch.allclose(band(x, t), ref, atol=1e-4), (band(x, t) - ref).abs().max()
+        assert widths and set(widths) == {16}
+        with pytest.raises(ValueError, match=r"fused='tiles' is not supported; allowed: False, True, 'band'"):
+            perf.prepare_for_inference(model, dtype="fp32", autocast=False, compile=False, fused="tiles")
     # back to the plain class, buffers gone
     fused.swap_resnet_blocks(fast.model, fused=False)
     assert not any(isinstance(m, fused.FusedResnetBlock) for m in fast.modules())
@@ -111,3 +168,4 @@ def test_fused_conv_benchmark_runs_one_layer(tmp_path):
     row = rec["rows"][0]
     assert (row["cin"], row["cout"], row["hw"]) == (32, 32, 16)
     assert row["fused_max_abs_err"] < 1e-4 and row["fused+stats_ms"] > 0 and row["cudnn_ms"] > 0
+    assert row["band_max_abs_err"] < 1e-4 and row["band+stats_ms"] > 0 and row["cudnn+kgn_ms"] > 0

@@ -23,6 +23,12 @@ Measured on an H100 (docs/results/bench, fourth round): without the prologue the
 at 32x32 and 16x16, but the prologue doubles its time (the activation is recomputed for each of the 9 taps;
 SiLU's exponential is special-function-unit work), and the network runs at 342 instead of 571 images/s.
 So it is opt-in (``prepare_for_inference(fused=True)``), a base for kernel work, not a default.
+
+The band kernel (``band=True``; ``prepare_for_inference(fused="band")``) removes the recompute: persistent programs
+normalise the input rows of a band once into a zero-bordered scratch slot (L2-resident), then run the nine taps
+from it.  Measured on an H200 (fourteenth round): the prologue costs 0.05-0.07 ms over the plain Triton convolution
+at 32x32 instead of +0.4, but the layers are still 11 % slower than cuDNN + ``ddim.groupnorm``'s kernel (whose
+passes cost only 0.8 of 5.1 ms there), and the network runs 507 instead of 655 images/s.  Opt-in as well.
 """
 from __future__ import annotations
 
@@ -147,6 +153,92 @@ if triton is not None:
             tl.store(base + 1, m2)
 
 
+if triton is not None:
+
+    @triton.jit
+    def _conv3x3_band_kernel(
+        X, W, BIAS, SCALE, SHIFT, RES, Y, PART, SCR,
+        H, WD, CIN, COUT, N_BANDS,
+        sxn, sxh, sxw, sxc,
+        syn, syh, syw, syc,
+        srn, srh, srw, src,
+        PROLOGUE: tl.constexpr, PER_SAMPLE_BIAS: tl.constexpr, RESIDUAL: tl.constexpr,
+        STATS: tl.constexpr, GROUP_C: tl.constexpr, FAST_SILU: tl.constexpr,
+        R: tl.constexpr, WDP: tl.constexpr, CP: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        # Persistent: program p owns a scratch slot of (R + 2) x (WD + 2) x CIN activations and walks the bands
+        # p, p + P, ...  A band is R whole rows of one sample (BLOCK_M = R x WD output pixels).  Per band:
+        # (1) the R + 2 input rows it needs are read once, normalised + SiLU'd once, and stored in the slot
+        # with a zero border (the padding); (2) the nine taps' matrix products read the slot (L1/L2-resident:
+        # P slots are a few MB) at shifted addresses, without masks, for every output-channel tile.
+        BLOCK_M: tl.constexpr = R * WDP
+        pid = tl.program_id(0)
+        nprog = tl.num_programs(0)
+        SW = WD + 2
+        scr = SCR + pid * ((R + 2) * SW * CIN)
+        offs_w = tl.arange(0, WDP)
+        offs_c = tl.arange(0, CP)
+        zeros_c = tl.zeros((CP,), dtype=SCR.dtype.element_ty)
+        for lr in range(0, R + 2):  # the border columns, zero for good (never written again)
+            for c0 in range(0, CIN, CP):
+                tl.store(scr + (lr * SW) * CIN + c0 + offs_c, zeros_c)
+                tl.store(scr + (lr * SW + WD + 1) * CIN + c0 + offs_c, zeros_c)
+        offs_m = tl.arange(0, BLOCK_M)
+        lr_m = offs_m // WDP
+        lc_m = offs_m % WDP
+        offs_k = tl.arange(0, BLOCK_K)
+        k_tiles = CIN // BLOCK_K
+        bands_per_sample = H // R
+        for band in range(pid, N_BANDS, nprog):
+            n = band // bands_per_sample
+            r0 = (band % bands_per_sample) * R
+            tl.debug_barrier()  # every warp is done reading the previous band's slot
+            for lr in range(0, R + 2):
+                ih = r0 - 1 + lr
+                row_ok = (ih >= 0) & (ih < H)
+                for c0 in range(0, CIN, CP):
+                    c = c0 + offs_c
+                    ok = row_ok & (offs_w < WD)[:, None]
+                    a = tl.load(X + n * sxn + ih * sxh + offs_w[:, None] * sxw + c[None, :] * sxc, mask=ok, other=0.0)
+                    if PROLOGUE:
+                        v = a.to(tl.float32) * tl.load(SCALE + n * CIN + c)[None, :] + tl.load(SHIFT + n * CIN + c)[None, :]
+                        if FAST_SILU:
+                            v = v * (0.5 * _tanh_approx(0.5 * v) + 0.5)
+                        else:
+                            v = v * tl.sigmoid(v)
+                        a = tl.where(ok, v, 0.0)  # the padding rows are zero after the activation
+                    tl.store(scr + (lr * SW + 1 + offs_w)[:, None] * CIN + c[None, :], a.to(SCR.dtype.element_ty))
+            tl.debug_barrier()  # the slot is complete
+            oh = r0 + lr_m
+            for n0 in range(0, COUT, BLOCK_N):
+                offs_n = n0 + tl.arange(0, BLOCK_N)
+                acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+                for it in range(0, 9 * k_tiles):
+                    tap = it // k_tiles
+                    ck = (it % k_tiles) * BLOCK_K + offs_k
+                    pix = (lr_m + tap // 3) * SW + lc_m + tap % 3
+                    a = tl.load(scr + pix[:, None] * CIN + ck[None, :])
+                    w = tl.load(W + (tap * CIN + ck)[:, None] * COUT + offs_n[None, :])
+                    acc = tl.dot(a, w, acc)
+                if PER_SAMPLE_BIAS:
+                    acc += tl.load(BIAS + n * COUT + offs_n)[None, :]
+                else:
+                    acc += tl.load(BIAS + offs_n)[None, :]
+                if RESIDUAL:
+                    acc += tl.load(RES + n * srn + (oh * srh + lc_m * srw)[:, None] + (offs_n * src)[None, :]).to(tl.float32)
+                out = acc.to(Y.dtype.element_ty)
+                tl.store(Y + n * syn + (oh * syh + lc_m * syw)[:, None] + (offs_n * syc)[None, :], out)
+                if STATS:  # per channel (no reshape into groups: that cost 0.1-0.3 ms a layer on an H200): the
+                    # band's mean and M2 of the stored values; the host pools channels into groups
+                    v = out.to(tl.float32)
+                    mean = tl.sum(v, axis=0) / BLOCK_M
+                    d = v - mean[None, :]
+                    base = PART + (band * COUT + offs_n) * 2
+                    tl.store(base, mean)
+                    tl.store(base + 1, tl.sum(d * d, axis=0))
+
+
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages): tried per shape on the first call (see _tune).
 CONFIGS: tuple[tuple[int, int, int, int, int], ...] = (
     (128, 128, 64, 4, 3), (128, 128, 64, 8, 4), (128, 256, 64, 8, 3), (64, 128, 64, 4, 4), (256, 128, 64, 8, 3),
@@ -193,6 +285,64 @@ def _launch(cfg, x, w_kc, bias, scale, shift, residual, y, part, stats_c, fast_s
     )
 
 
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, programs per SM) of the band kernel; BLOCK_M / W rows per band.
+BAND_CONFIGS: tuple[tuple[int, int, int, int, int, int], ...] = (
+    (128, 128, 64, 4, 3, 2), (128, 128, 64, 8, 3, 1), (128, 256, 64, 8, 3, 1), (64, 128, 64, 4, 3, 2),
+    (256, 128, 64, 8, 3, 1), (128, 64, 64, 4, 3, 2),
+)
+
+
+def band_takes(h: int, wd: int, cin: int, cout: int) -> bool:
+    """Shapes the band kernel runs: a power-of-two width, channels in multiples of 16."""
+    return wd >= 1 and wd & (wd - 1) == 0 and cin % 16 == 0 and cout % 16 == 0
+
+
+def _band_candidates(configs, *, h: int, wd: int, cin: int, cout: int, stats_c: int | None) -> list[tuple]:
+    """``configs`` clamped to the problem: whole rows per band (BLOCK_M a multiple of W dividing the map),
+    blocks that divide the channels, tiles of whole groups with fused statistics."""
+    out = []
+    for bm, bn, bk, warps, stages, per_sm in configs:
+        rows = max(1, min(bm // wd, h))
+        while h % rows:  # whole bands per sample
+            rows -= 1
+        bm = rows * wd
+        bn = min(bn, cout & -cout)
+        bk = min(bk, cin & -cin)
+        if bm < 16 or bm & (bm - 1) or bn < 16 or bk < 16 or (stats_c is not None and bn % stats_c):
+            continue
+        if (bm, bn, bk, warps, stages, per_sm) not in out:
+            out.append((bm, bn, bk, warps, stages, per_sm))
+    return out
+
+
+def _launch_band(cfg, x, w_kc, bias, scale, shift, residual, y, part, stats_c, fast_silu) -> None:
+    bm, bn, bk, warps, stages, per_sm = cfg
+    nb, cin, h, wd = x.shape
+    cout = y.shape[1]
+    rows = bm // wd
+    n_bands = nb * h // rows
+    if x.device.type == "cuda":
+        programs = torch.cuda.get_device_properties(x.device).multi_processor_count * per_sm
+    else:  # the interpreter: a few programs, so the persistent loop and the slot reuse are exercised
+        programs = 3
+    programs = min(programs, n_bands)
+    scratch = torch.empty(programs * (rows + 2) * (wd + 2) * cin, device=x.device, dtype=x.dtype)
+    res = residual if residual is not None else y
+    dummy = bias
+    _conv3x3_band_kernel[(programs,)](
+        x, w_kc, bias, scale if scale is not None else dummy, shift if shift is not None else dummy, res, y,
+        part if part is not None else dummy, scratch,
+        h, wd, cin, cout, n_bands,
+        x.stride(0), x.stride(2), x.stride(3), x.stride(1),
+        y.stride(0), y.stride(2), y.stride(3), y.stride(1),
+        res.stride(0), res.stride(2), res.stride(3), res.stride(1),
+        PROLOGUE=scale is not None, PER_SAMPLE_BIAS=bias.dim() == 2, RESIDUAL=residual is not None,
+        STATS=part is not None, GROUP_C=stats_c or 1, FAST_SILU=fast_silu and not _interpreting(),
+        R=rows, WDP=wd, CP=min(cin & -cin, max(16, 4096 // wd)), BLOCK_N=bn, BLOCK_K=bk,
+        num_warps=warps, num_stages=stages,
+    )
+
+
 def _tune(key: tuple, candidates: list[tuple], run) -> tuple:
     """The fastest config for ``key``, timed once per process (the first call; never while a CUDA graph
     is being captured, where the first valid config is used without timing)."""
@@ -225,6 +375,7 @@ def conv3x3_fused(
     stats_groups: int | None = None,
     fast_silu: bool = True,
     config: tuple | None = None,
+    band: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``conv3x3(silu(x * scale + shift)) + bias (+ residual)`` with padding 1, output channels_last.
 
@@ -235,16 +386,18 @@ def conv3x3_fused(
     float32, else None.  fast_silu: sigmoid through one ``tanh.approx`` (GPU; error ~5e-4 of the
     activation, below bf16's rounding) instead of exp + division.  config: force one
     (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) instead of timing ``CONFIGS`` on the first call.
+    band: the band kernel (each input row normalised once into a scratch slot, then the nine taps' products;
+    ``config`` then has a sixth entry, programs per SM) where ``band_takes`` the shape, else the tile kernel.
     A ``torch.library`` custom op, so ``torch.compile`` and CUDA graphs take it as one opaque kernel.
     """
     if (scale is None) != (shift is None):
         raise ValueError("give both scale and shift (the GroupNorm prologue) or neither")
     y, stats = torch.ops.ddim.conv3x3_fused(x, w_kc, bias, scale, shift, residual, stats_groups or 0, fast_silu,
-                                            list(config) if config else None)
+                                            list(config) if config else None, band)
     return y, (stats if stats_groups else None)
 
 
-def _conv3x3_impl(x, w_kc, bias, scale, shift, residual, stats_groups, fast_silu, config):
+def _conv3x3_impl(x, w_kc, bias, scale, shift, residual, stats_groups, fast_silu, config, band=False):
     stats_groups = stats_groups or None
     nb, cin, h, wd = x.shape
     cout = w_kc.shape[1]
@@ -258,26 +411,34 @@ def _conv3x3_impl(x, w_kc, bias, scale, shift, residual, stats_groups, fast_silu
         if stats_c & (stats_c - 1):
             raise ValueError(f"channels per group must be a power of two for the fused statistics, got {stats_c}")
     m = nb * h * wd
-    configs = (config,) if config else CONFIGS
-    cands = _candidates(configs, hw=h * wd, m=m, cin=cin, cout=cout, stats_c=stats_c)
+    band = band and band_takes(h, wd, cin, cout)
+    configs = (config,) if config else (BAND_CONFIGS if band else CONFIGS)
+    cands = (_band_candidates(configs, h=h, wd=wd, cin=cin, cout=cout, stats_c=stats_c) if band else
+             _candidates(configs, hw=h * wd, m=m, cin=cin, cout=cout, stats_c=stats_c))
+    if not cands and band:  # no band config fits (e.g. maps too small for a 16-pixel band): the tile kernel
+        return _conv3x3_impl(x, w_kc, bias, scale, shift, residual, stats_groups or 0, fast_silu, None)
     if not cands:  # no tile holds whole groups of one sample (e.g. odd maps): statistics in a separate pass
         y, _ = _conv3x3_impl(x, w_kc, bias, scale, shift, residual, 0, fast_silu, config)
         return y, group_stats(y, stats_groups)
     y = torch.empty((nb, cout, h, wd), device=x.device, dtype=x.dtype, memory_format=torch.channels_last)
 
-    def part_for(cfg):
-        return None if stats_c is None else torch.empty((m // cfg[0], stats_groups, 2), device=x.device,
-                                                        dtype=torch.float32)
+    def part_for(cfg):  # per tile and group; the band kernel: per band and channel
+        return None if stats_c is None else torch.empty((m // cfg[0], cout if band else stats_groups, 2),
+                                                        device=x.device, dtype=torch.float32)
 
     key = (x.device.type, tuple(x.shape), cout, x.dtype, scale is not None, bias.dim(), residual is not None,
-           stats_c, fast_silu)
-    cfg = _tune(key, cands, lambda c: _launch(c, x, w_kc, bias, scale, shift, residual, y, part_for(c),
-                                              stats_c, fast_silu))
+           stats_c, fast_silu, band)
+    launch = _launch_band if band else _launch
+    cfg = _tune(key, cands, lambda c: launch(c, x, w_kc, bias, scale, shift, residual, y, part_for(c),
+                                             stats_c, fast_silu))
     part = part_for(cfg)
-    _launch(cfg, x, w_kc, bias, scale, shift, residual, y, part, stats_c, fast_silu)
+    launch(cfg, x, w_kc, bias, scale, shift, residual, y, part, stats_c, fast_silu)
     if part is None:
         return y, x.new_empty((nb, 0, 2), dtype=torch.float32)
     tiles = (h * wd) // cfg[0]
+    if band:  # (bands, channels) -> (bands x channels of a group) per group: equal counts, pooled exactly
+        part = part.view(nb, tiles, stats_groups, stats_c, 2).transpose(1, 2).reshape(nb, stats_groups, -1, 2)
+        return y, _pool_stats(part.transpose(1, 2), cfg[0])
     return y, _pool_stats(part.view(nb, tiles, stats_groups, 2), cfg[0] * stats_c)
 
 
@@ -285,12 +446,12 @@ if triton is not None:
     @torch.library.custom_op("ddim::conv3x3_fused", mutates_args=())
     def _conv3x3_op(x: torch.Tensor, w_kc: torch.Tensor, bias: torch.Tensor, scale: torch.Tensor | None,
                     shift: torch.Tensor | None, residual: torch.Tensor | None, stats_groups: int, fast_silu: bool,
-                    config: list[int] | None) -> tuple[torch.Tensor, torch.Tensor]:
+                    config: list[int] | None, band: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         return _conv3x3_impl(x, w_kc, bias, scale, shift, residual, stats_groups, fast_silu,
-                             tuple(config) if config else None)
+                             tuple(config) if config else None, band)
 
     @_conv3x3_op.register_fake
-    def _(x, w_kc, bias, scale, shift, residual, stats_groups, fast_silu, config):
+    def _(x, w_kc, bias, scale, shift, residual, stats_groups, fast_silu, config, band=False):
         nb, _, h, wd = x.shape
         y = torch.empty((nb, w_kc.shape[1], h, wd), device=x.device, dtype=x.dtype,
                         memory_format=torch.channels_last)
@@ -333,22 +494,30 @@ class FusedResnetBlock(ResnetBlock):
     prologue and the shortcut in conv2's epilogue.  Same parameters and state-dict keys."""
 
     fast_silu: bool = True
+    band: bool = False  # the band kernel (inputs normalised once per element) instead of the tile kernel
+    min_width: int = 0  # narrower maps run cuDNN + the GroupNorm kernel (KernelResnetBlock): Triton's small tiles lose
 
     def forward(self, x: torch.Tensor, temb_act: torch.Tensor) -> torch.Tensor:
         require_inference(self)
+        if x.shape[-1] < self.min_width:
+            from ddim.groupnorm import KernelResnetBlock
+            return KernelResnetBlock.forward(self, x, temb_act)
         scale1, shift1 = group_norm_scale_shift(group_stats(x, self.norm1.num_groups), self.norm1)
         bias1 = (self.conv1.bias.float() + self.temb_proj(temb_act).float()).contiguous()   # (N, O)
         h, stats2 = conv3x3_fused(x, self.conv1_kc, bias1, scale=scale1, shift=shift1, stats_groups=self.norm2.num_groups,
-                                  fast_silu=self.fast_silu)
+                                  fast_silu=self.fast_silu, band=self.band)
         scale2, shift2 = group_norm_scale_shift(stats2, self.norm2)
         skip = x if self.nin_shortcut is None else self.nin_shortcut(x)
         out, _ = conv3x3_fused(h, self.conv2_kc, self.conv2.bias.float().contiguous(), scale=scale2, shift=shift2,
-                               residual=skip, fast_silu=self.fast_silu)
+                               residual=skip, fast_silu=self.fast_silu, band=self.band)
         return out
 
 
-def swap_resnet_blocks(model: nn.Module, fused: bool = True) -> nn.Module:
+def swap_resnet_blocks(model: nn.Module, fused: bool = True, *, band: bool = False, min_width: int = 0) -> nn.Module:
     """Make every ``ResnetBlock`` of ``model`` (in place) a ``FusedResnetBlock`` (or back).
+
+    band: its convolutions by the band kernel (exact sigmoid: the prologue runs once per element);
+    min_width: maps narrower than this run cuDNN and the GroupNorm kernel instead.
 
     The kernel-layout weights are non-persistent buffers made now (state dicts are unchanged): swap after
     loading weights and casting, on an inference copy (``prepare_for_inference`` makes one).
@@ -359,6 +528,9 @@ def swap_resnet_blocks(model: nn.Module, fused: bool = True) -> nn.Module:
         if isinstance(m, ResnetBlock):
             if fused:
                 m.__class__ = FusedResnetBlock
+                m.band, m.min_width = band, min_width
+                if band:
+                    m.fast_silu = False
                 m.register_buffer("conv1_kc", weight_for_kernel(m.conv1.weight.detach()), persistent=False)
                 m.register_buffer("conv2_kc", weight_for_kernel(m.conv2.weight.detach()), persistent=False)
             else:

@@ -319,7 +319,7 @@ def prepare_for_inference(
     options: dict | None = None,
     group_norm: str | None = None,
     upsample: str | None = None,
-    fused: bool = False,
+    fused: bool | str = False,
     deterministic: bool = True,
     thin_convs: str | None = None,
     cast_weights: bool | None = None,
@@ -341,6 +341,8 @@ def prepare_for_inference(
     low-resolution input, 16/36 of their FLOPs; default when compiled: +1 % sampling on an H100).
     fused: ResnetBlocks as ``ddim.fused.FusedResnetBlock`` (GroupNorm+SiLU in Triton convolutions' prologue);
     needs autocast=False.  Measured SLOWER on an H100 (342 vs 571 images/s): kept for kernel work only.
+    ``fused="band"``: the band kernel (each input normalised once), on maps of 16 pixels and wider; also slower
+    (H200: 507 vs 655 images/s, docs/results/bench, fourteenth round).
     deterministic: compile with Inductor's deterministic mode, which picks kernel configurations without
     timing them.  Timed choices differ between processes, and so do the bf16 sums they make: without it two
     processes (two GPUs of one evaluation, or two runs) gave different samples from the same x_T (random-init
@@ -354,6 +356,8 @@ def prepare_for_inference(
     if options and compile_mode and not (compile and deterministic and backend == "inductor"):
         raise ValueError(f"give compile_mode ({compile_mode!r}) or options ({options}), not both: torch.compile "
                          f"takes one of them")
+    if fused not in (False, True, "band"):
+        raise ValueError(f"fused={fused!r} is not supported; allowed: False, True, 'band'")
     torch_dtype = _dtype(dtype)
     norm_kind = group_norm or default_inference_group_norm(compile, fused)
     if norm_kind not in GROUP_NORMS + ("kernel",):
@@ -373,10 +377,10 @@ def prepare_for_inference(
         cast_matmul_weights(fast, torch_dtype)
     if fused:
         if autocast and torch_dtype != torch.float32:
-            raise ValueError("fused=True runs the convolutions in the weights' dtype: give autocast=False "
+            raise ValueError(f"fused={fused!r} runs the convolutions in the weights' dtype: give autocast=False "
                              f"(weights cast to {dtype}), not autocast")
         from ddim.fused import swap_resnet_blocks
-        swap_resnet_blocks(fast)
+        swap_resnet_blocks(fast, band=fused == "band", min_width=16 if fused == "band" else 0)
     wrapped: nn.Module = CastEpsModel(fast, torch_dtype, autocast=autocast, channels_last=channels_last)
     if compile:
         if deterministic and backend == "inductor":
