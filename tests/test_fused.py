@@ -23,13 +23,17 @@ def _gn(c: int, groups: int) -> torch.nn.GroupNorm:
     return norm
 
 
-@pytest.mark.parametrize("n, c, o, h, prologue, per_sample_bias, residual, groups, config", [
-    (2, 16, 32, 8, False, False, False, None, (32, 32, 16, 4, 2)),   # plain convolution + bias
-    (2, 16, 32, 8, True, True, True, 8, (32, 32, 16, 4, 2)),       # everything, tiles inside one sample
-    (3, 8, 16, 6, True, False, False, 4, (16, 16, 16, 4, 2)),      # 6x6 maps: tiles straddle samples
-    (2, 24, 16, 4, True, False, True, 4, None),                     # C not a multiple of the block; tuned list
+@pytest.mark.parametrize("n, c, o, h, prologue, per_sample_bias, residual, groups, config, band", [
+    (2, 16, 32, 8, False, False, False, None, (32, 32, 16, 4, 2), False),  # plain convolution + bias
+    (2, 16, 32, 8, True, True, True, 8, (32, 32, 16, 4, 2), False),       # everything, tiles inside one sample
+    (3, 8, 16, 6, True, False, False, 4, (16, 16, 16, 4, 2), False),      # 6x6 maps: tiles straddle samples
+    (2, 24, 16, 4, True, False, True, 4, None, False),                     # C not a multiple of the block; tuned list
+    # the band kernel: GroupNorm+SiLU once per input element into a zero-bordered slot, the nine taps from there
+    (2, 16, 32, 8, True, True, True, 8, (16, 16, 16, 4, 2, 1), True),     # 2-row bands, 8 on 3 programs: slots reused
+    (3, 32, 16, 4, True, False, False, 4, None, True),                     # tuned list clamped to 4x4 (a band a sample)
+    (2, 48, 32, 8, True, False, True, None, (64, 16, 16, 4, 2, 1), True),  # C = 3 x 16: channel chunks
 ])
-def test_conv3x3_fused_matches_torch(n, c, o, h, prologue, per_sample_bias, residual, groups, config):
+def test_conv3x3_fused_matches_torch(n, c, o, h, prologue, per_sample_bias, residual, groups, config, band):
     torch.manual_seed(0)
     x = (torch.randn(n, c, h, h) * 2 + 0.5).contiguous(memory_format=torch.channels_last)
     w = torch.randn(o, c, 3, 3) * c ** -0.5
@@ -41,36 +45,6 @@ def test_conv3x3_fused_matches_torch(n, c, o, h, prologue, per_sample_bias, resi
     if prologue:
         kw["scale"], kw["shift"] = fused.group_norm_scale_shift(fused.group_stats(x, 4), norm)
         act = F.silu(norm(x))
-    with torch.no_grad():
-        ref = F.conv2d(act, w, padding=1) + (bias[:, :, None, None] if per_sample_bias else bias[None, :, None, None])
-        if residual:
-            ref = ref + skip
-        y, stats = fused.conv3x3_fused(x, fused.weight_for_kernel(w), bias, residual=skip, stats_groups=groups,
-                                       config=config, **kw)
-    assert y.is_contiguous(memory_format=torch.channels_last)
-    assert torch.allclose(y, ref, atol=1e-4, rtol=1e-4), (y - ref).abs().max()
-    if groups is None:
-        assert stats is None
-    else:  # the next GroupNorm's statistics, as torch computes them
-        r = ref.reshape(n, groups, -1)
-        assert torch.allclose(stats[..., 0], r.mean(-1), atol=1e-5)
-        assert torch.allclose(stats[..., 1], r.var(-1, unbiased=False), atol=1e-4, rtol=1e-4)
-
-
-@pytest.mark.parametrize("n, c, o, h, per_sample_bias, residual, groups, config", [
-    (2, 16, 32, 8, True, True, 8, (16, 16, 16, 4, 2, 1)),     # 2-row bands, 8 bands on 3 programs: slots reused
-    (3, 32, 16, 4, False, False, 4, None),                     # tuned list clamped to a 4x4 map (one band a sample)
-    (2, 48, 32, 8, False, True, None, (64, 16, 16, 4, 2, 1)),  # C = 3 x 16: channel chunks; whole-sample bands
-])
-def test_band_kernel_matches_torch(n, c, o, h, per_sample_bias, residual, groups, config):
-    """The band kernel: GroupNorm+SiLU once per input element into a zero-bordered slot, the nine taps from there."""
-    torch.manual_seed(1)
-    x = (torch.randn(n, c, h, h) * 2 + 0.5).contiguous(memory_format=torch.channels_last)
-    w = torch.randn(o, c, 3, 3) * c ** -0.5
-    bias = torch.randn(n, o) if per_sample_bias else torch.randn(o)
-    skip = torch.randn(n, o, h, h) if residual else None
-    norm = _gn(c, 4)
-    scale, shift = fused.group_norm_scale_shift(fused.group_stats(x, 4), norm)
     launched = []
     real = fused._launch_band
 
@@ -80,16 +54,17 @@ def test_band_kernel_matches_torch(n, c, o, h, per_sample_bias, residual, groups
 
     with torch.no_grad(), pytest.MonkeyPatch.context() as mp:
         mp.setattr(fused, "_launch_band", spy)
-        ref = F.conv2d(F.silu(norm(x)), w, padding=1) + (bias[:, :, None, None] if per_sample_bias
-                                                         else bias[None, :, None, None])
+        ref = F.conv2d(act, w, padding=1) + (bias[:, :, None, None] if per_sample_bias else bias[None, :, None, None])
         if residual:
             ref = ref + skip
-        y, stats = fused.conv3x3_fused(x, fused.weight_for_kernel(w), bias, scale=scale, shift=shift, residual=skip,
-                                       stats_groups=groups, config=config, fast_silu=False, band=True)
-    assert launched, "the band kernel did not run"
+        y, stats = fused.conv3x3_fused(x, fused.weight_for_kernel(w), bias, residual=skip, stats_groups=groups,
+                                       config=config, band=band, fast_silu=not band, **kw)
+    assert bool(launched) == band, "the band kernel ran where it should not, or did not run"
     assert y.is_contiguous(memory_format=torch.channels_last)
     assert torch.allclose(y, ref, atol=1e-4, rtol=1e-4), (y - ref).abs().max()
-    if groups is not None:
+    if groups is None:
+        assert stats is None
+    else:  # the next GroupNorm's statistics, as torch computes them
         r = ref.reshape(n, groups, -1)
         assert torch.allclose(stats[..., 0], r.mean(-1), atol=1e-5)
         assert torch.allclose(stats[..., 1], r.var(-1, unbiased=False), atol=1e-4, rtol=1e-4)
