@@ -16,6 +16,7 @@ For every world size W (one process per GPU, NCCL; gloo on CPU):
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import socket
 import sys
@@ -91,6 +92,11 @@ def worker(rank: int, world: int, args: argparse.Namespace, port: int, out_file:
     if cuda:
         torch.cuda.set_device(rank)
     device = torch.device(f"cuda:{rank}" if cuda else "cpu")
+    # Import torch._dynamo before the process group exists: it imports torch.distributed.nn.functional, whose
+    # defaults `group=group.WORLD` would otherwise capture the live group (the first lazy import is Adam's, in
+    # DiffusionTrainStep). Then destroy_process_group cannot free it, and gloo's threads run on into exit(),
+    # where a worker sometimes died with "terminate called without an active exception".
+    from torch import _dynamo  # noqa: F401  (binds no local "torch")
     dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world,
                             **({"device_id": device} if cuda else {}))
     torch.backends.cudnn.benchmark = False  # the same algorithms in every process: identical images
@@ -154,6 +160,7 @@ def worker(rank: int, world: int, args: argparse.Namespace, port: int, out_file:
     if step.gradient_graph is not None:
         step.gradient_graph.release()  # else destroy_process_group hangs (2 H200s: it did, after the results)
     del step, batches
+    gc.collect()  # the DDP wrapper sits in reference cycles: free it, and its reducer's hold on the group, now
 
     mine = (torch.cat(idx), torch.cat(imgs).cpu()) if idx else (torch.empty(0, dtype=torch.long), None)
     gathered = [None] * world
@@ -167,6 +174,34 @@ def worker(rank: int, world: int, args: argparse.Namespace, port: int, out_file:
                         loss=float(loss.float()), weights_agree=weights_agree, train_mem=train_mem,
                         sample_mem=sample_mem), out_file)
     dist.destroy_process_group()
+    # what of the process group still runs: gloo's or the TCP store's threads alive now run on into exit(), where
+    # a worker sometimes aborted ("terminate called without an active exception"); the test wants none
+    Path(f"{out_file}.rank{rank}.threads").write_text("\n".join(collective_threads() or []))
+
+
+def collective_threads() -> list[str] | None:
+    """Names of this process's gloo and TCPStore threads (Linux: /proc/self/task/*/comm), None where unknown."""
+    tasks = Path("/proc/self/task")
+    if not tasks.is_dir():
+        return None
+    names = []
+    for task in tasks.iterdir():
+        try:
+            name = (task / "comm").read_text().strip()
+        except OSError:  # the thread ended while we looked
+            continue
+        if "gloo" in name.lower() or "tcpstore" in name.lower():
+            names.append(name)
+    return sorted(names)
+
+
+def add_scaling(rows: list[dict]) -> None:
+    """Each row's training and sampling throughput over the one-process row's; without a measured W = 1 row, None
+    (printed '-'): dividing by another row and multiplying by its W would assume that row scaled perfectly."""
+    one = next((r for r in rows if r["world"] == 1), None)
+    for r in rows:
+        r["train_scaling"] = r["train_images_per_s"] / one["train_images_per_s"] if one else None
+        r["sample_scaling"] = r["sample_images_per_s"] / one["sample_images_per_s"] if one else None
 
 
 def main(argv=None) -> dict:
@@ -177,6 +212,7 @@ def main(argv=None) -> dict:
             out_file = str(Path(tmp) / f"w{world}.pt")
             mp.spawn(worker, args=(world, args, _free_port(), out_file), nprocs=world, join=True)
             r = torch.load(out_file, weights_only=False)
+            left = [Path(f"{out_file}.rank{k}.threads").read_text().splitlines() for k in range(world)]
             imgs = r.pop("images")
             if base_imgs is None:
                 base_imgs = imgs
@@ -186,12 +222,11 @@ def main(argv=None) -> dict:
                        sample_images_per_s=args.samples / r["sample_s"], warmup_s=r["warmup_s"],
                        train_peak_gib=r["train_mem"], sample_peak_gib=r["sample_mem"], loss=r["loss"],
                        weights_agree=r["weights_agree"], same_images_as_first=bool(diff.max() == 0),
-                       max_u8_diff_to_first=int(diff.max()))
+                       max_u8_diff_to_first=int(diff.max()),
+                       threads_left_after_destroy=sorted(name for names in left for name in names))
             rows.append(row)
             print(f"W={world}: {row}", flush=True)
-    for r in rows:
-        r["train_scaling"] = r["train_images_per_s"] / rows[0]["train_images_per_s"] * rows[0]["world"]
-        r["sample_scaling"] = r["sample_images_per_s"] / rows[0]["sample_images_per_s"] * rows[0]["world"]
+    add_scaling(rows)
     info = perf.device_info(torch.device(args.device))
     record = dict(benchmark="ddp", command=" ".join(["python", "bench/ddp.py", *(argv if argv is not None else sys.argv[1:])]),
                   batch_per_gpu=args.batch, train_steps=args.train_steps, samples=args.samples,

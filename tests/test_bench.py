@@ -238,6 +238,21 @@ def test_ddp_benchmark_two_processes_tiny_cpu(tmp_path, step_graph):
         assert r["train_images_per_s"] > 0 and r["sample_images_per_s"] > 0
     assert rec["rows"][0]["train_scaling"] == pytest.approx(1.0) and rec["step_graph"] is step_graph
     assert "same images" in proc.stdout
+    # destroy_process_group freed the group: no gloo/TCPStore thread runs on into exit() (one did when a late
+    # import bound the group as a default argument, and a worker then sometimes aborted at exit)
+    assert [r["threads_left_after_destroy"] for r in rec["rows"]] == [[], []]
+
+
+def test_ddp_scaling_is_against_a_measured_one_process_row():
+    ddp = _bench_module("ddp")
+    rows = [dict(world=1, train_images_per_s=100.0, sample_images_per_s=50.0),
+            dict(world=2, train_images_per_s=190.0, sample_images_per_s=99.0)]
+    ddp.add_scaling(rows)
+    assert [r["train_scaling"] for r in rows] == pytest.approx([1.0, 1.9])
+    assert rows[1]["sample_scaling"] == pytest.approx(1.98)
+    alone = [dict(world=2, train_images_per_s=190.0, sample_images_per_s=99.0)]  # `--world 2`: nothing to divide by
+    ddp.add_scaling(alone)
+    assert alone[0]["train_scaling"] is None and alone[0]["sample_scaling"] is None
 
 
 def test_ddp_benchmark_rejects_bad_world(tmp_path):
