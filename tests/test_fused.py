@@ -130,6 +130,8 @@ def test_fused_paths_reject_what_they_cannot_do():
         fused.conv3x3_fused(x, w, torch.zeros(16), stats_groups=3)
     with pytest.raises(ValueError, match=r"\(9 \* C, O\) = \(9 \* 8, O\)"):
         fused.conv3x3_fused(x, w[:9], torch.zeros(16))
+    with pytest.raises(ValueError, match=r"config \(16, 16, 16, 4, 2\) must have 6 entries for the band kernel"):
+        fused.conv3x3_fused(x, w, torch.zeros(16), config=(16, 16, 16, 4, 2), band=True)
 
 
 def test_fused_conv_benchmark_runs_one_layer(tmp_path):
