@@ -202,7 +202,8 @@ if triton is not None:
                     ok = row_ok & (offs_w < WD)[:, None]
                     a = tl.load(X + n * sxn + ih * sxh + offs_w[:, None] * sxw + c[None, :] * sxc, mask=ok, other=0.0)
                     if PROLOGUE:
-                        v = a.to(tl.float32) * tl.load(SCALE + n * CIN + c)[None, :] + tl.load(SHIFT + n * CIN + c)[None, :]
+                        v = a.to(tl.float32) * tl.load(SCALE + n * CIN + c)[None, :] \
+                            + tl.load(SHIFT + n * CIN + c)[None, :]
                         if FAST_SILU:
                             v = v * (0.5 * _tanh_approx(0.5 * v) + 0.5)
                         else:
@@ -226,7 +227,8 @@ if triton is not None:
                 else:
                     acc += tl.load(BIAS + offs_n)[None, :]
                 if RESIDUAL:
-                    acc += tl.load(RES + n * srn + (oh * srh + lc_m * srw)[:, None] + (offs_n * src)[None, :]).to(tl.float32)
+                    r_ptrs = RES + n * srn + (oh * srh + lc_m * srw)[:, None] + (offs_n * src)[None, :]
+                    acc += tl.load(r_ptrs).to(tl.float32)
                 out = acc.to(Y.dtype.element_ty)
                 tl.store(Y + n * syn + (oh * syh + lc_m * syw)[:, None] + (offs_n * syc)[None, :], out)
                 if STATS:  # the band's mean and M2 of the stored values per channel; the host pools them into
