@@ -37,6 +37,7 @@ import os
 import torch
 from torch import nn
 
+from ddim.groupnorm import KernelResnetBlock
 from ddim.models.unet import ResnetBlock, require_inference
 from ddim.perf import group_stats_by_channel, pool_mean_var
 
@@ -506,7 +507,6 @@ class FusedResnetBlock(ResnetBlock):
     def forward(self, x: torch.Tensor, temb_act: torch.Tensor) -> torch.Tensor:
         require_inference(self)
         if x.shape[-1] < self.min_width:
-            from ddim.groupnorm import KernelResnetBlock
             return KernelResnetBlock.forward(self, x, temb_act)
         scale1, shift1 = group_norm_scale_shift(group_stats(x, self.norm1.num_groups), self.norm1)
         bias1 = (self.conv1.bias.float() + self.temb_proj(temb_act).float()).contiguous()   # (N, O)
