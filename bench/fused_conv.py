@@ -13,7 +13,10 @@ prints milliseconds and TFLOP/s of
 * fused+stats:  prologue + the next GroupNorm's statistics from the epilogue;
 * cudnn+kgn:    ``ddim.groupnorm``'s GroupNorm+SiLU kernel, then cuDNN (what the default sampler.fast runs);
 * band:         the band kernel (each input normalised once into a scratch slot, then the nine taps);
-* band+stats:   the band kernel with the epilogue of fused+stats.
+* band+stats:   the band kernel with the epilogue of fused+stats;
+* fp8:          ``ddim.fp8``'s convolution alone: e4m3 activations and weights (per-channel scales), Triton;
+* kgn+fp8:      the GroupNorm kernel writing e4m3, then that convolution (what ``fp8=True`` runs; conv2 takes
+                the shortcut in its epilogue as well, which the cuDNN cases leave to a separate add).
 
 TFLOP/s count the convolution's multiply-adds only.  The fused kernel pays off where ``fused+stats`` is below
 ``cudnn+gn``.  GPU only; ``--tiny --device cpu`` under ``TRITON_INTERPRET=1`` checks that it runs.
@@ -28,7 +31,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from ddim import fused, groupnorm, perf
+from ddim import fp8, fused, groupnorm, perf
 from ddim.models import UNet, unet_kwargs_from_config
 
 
@@ -77,6 +80,8 @@ def main(argv=None) -> dict:
         scale, shift = fused.group_norm_scale_shift(fused.group_stats(x, 32), norm)
         skip = torch.randn(batch, cout, h, h, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
         bd = b.to(dtype)
+        x8 = x.to(fp8.E4M3)
+        w8, s8 = fp8.quantize_weight(w)
         ref_fn = lambda x: F.conv2d(F.silu(gn(x)), w, bd, padding=1)  # noqa: E731
         kgn_fn = lambda x: F.conv2d(groupnorm.group_norm_silu(x, norm), w, bd, padding=1)  # noqa: E731
         compiled = torch.compile(ref_fn, dynamic=False) if device.type == "cuda" else ref_fn
@@ -99,6 +104,9 @@ def main(argv=None) -> dict:
                                    if role == "conv1" else
                                    fused.conv3x3_fused(x, w_kc, b, scale=scale, shift=shift, residual=skip,
                                                        fast_silu=False, band=True)),
+            "fp8": lambda: fused.conv3x3_fused(x8, w8, b, w_scale=s8, out_dtype=dtype),
+            "kgn+fp8": lambda: fused.conv3x3_fused(groupnorm.group_norm_silu(x, norm, out_dtype=fp8.E4M3), w8, b,
+                                                   w_scale=s8, out_dtype=dtype),
         }
         unknown = set(args.cases.split(",")) - set(cases) if args.cases else set()
         if unknown:
@@ -106,7 +114,7 @@ def main(argv=None) -> dict:
         timed = {k: v for k, v in cases.items() if not args.cases or k in args.cases.split(",")}
         with torch.no_grad():
             ref = compiled(x).float()
-            for name in ("fused", "band"):  # the errors always, whichever cases --cases times
+            for name in ("fused", "band", "kgn+fp8"):  # the errors always, whichever cases --cases times
                 row[f"{name}_max_abs_err"] = (cases[name]()[0].float() - ref).abs().max().item()
             row["ref_max_abs"] = ref.abs().max().item()
             for name, fn in timed.items():
@@ -122,13 +130,14 @@ def main(argv=None) -> dict:
         print(" ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
     total = {k: sum(r.get(f"{k}_ms", float("nan")) for r in rows)
              for k in ("cudnn", "cudnn+gn", "cudnn+kgn", "triton", "fused", "fused-exact", "fused+stats", "band",
-                       "band+stats")}
+                       "band+stats", "fp8", "kgn+fp8")}
     cols = [("cin", "C in", ""), ("cout", "C out", ""), ("hw", "H", ""), ("role", "role", "")]
     for k in total:
         cols.append((f"{k}_ms", f"{k} ms", ".3f"))
     cols += [("fused+stats_tflops", "fused+stats TFLOP/s", ".0f"), ("band+stats_tflops", "band+stats TFLOP/s", ".0f"),
              ("cudnn_tflops", "cudnn TFLOP/s", ".0f"),
-             ("fused_max_abs_err", "max |err|", ".2e"), ("band_max_abs_err", "band max |err|", ".2e")]
+             ("fused_max_abs_err", "max |err|", ".2e"), ("band_max_abs_err", "band max |err|", ".2e"),
+             ("kgn+fp8_max_abs_err", "fp8 max |err|", ".2e"), ("ref_max_abs", "max |ref|", ".2g")]
     print(f"# ResnetBlock 3x3 convolutions, batch {batch}, {perf.device_info(device).get('gpu') or 'CPU'}")
     print(perf.format_table(rows, cols))
     print("sum over distinct layers (ms): " + ", ".join(f"{k} {v:.3f}" for k, v in total.items()))

@@ -37,9 +37,9 @@ def sites(model: UNet, device: torch.device) -> list[tuple[int, int, bool, bool,
     seen = []
     launch = gnk._launch
 
-    def record(x, add, weight, bias, eps, groups, silu):
+    def record(x, add, weight, bias, eps, groups, silu, out_dtype=None):
         seen.append((x.shape[1], x.shape[2], add is not None, silu, groups))
-        return launch(x, add, weight, bias, eps, groups, silu)
+        return launch(x, add, weight, bias, eps, groups, silu, out_dtype)
 
     gnk._launch = record
     try:

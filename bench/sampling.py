@@ -144,6 +144,15 @@ VARIANTS["pure-kgn-thin-phase-det"] = dict(dtype="bf16", autocast=False, channel
 VARIANTS["pure-kgn-band-thin-phase-det"] = dict(dtype="bf16", autocast=False, channels_last=True, compile=True,
                                                 group_norm="kernel", upsample="phases", deterministic=True,
                                                 thin_convs="matmul", fused="band")
+# the ResnetBlocks' 3x3 convolutions on e4m3 activations and weights (ddim.fp8): the GroupNorm kernel writes e4m3, a
+# Triton convolution multiplies e4m3 at twice the bf16 rate; bias, time embedding and shortcut in its epilogue
+VARIANTS["fast-kgn-castw-thin-fp8-phase-det"] = dict(dtype="bf16", channels_last=True, compile=True,
+                                                     group_norm="kernel", upsample="phases", deterministic=True,
+                                                     cast_weights=True, thin_convs="matmul", fp8=True)
+VARIANTS["fast-kgn-castw-thin-fp8-graphs-phase-det"] = dict(dtype="bf16", channels_last=True, compile=True,
+                                                            group_norm="kernel", upsample="phases", deterministic=True,
+                                                            cast_weights=True, thin_convs="matmul", fp8=True,
+                                                            compile_mode="reduce-overhead")
 for _kw in VARIANTS.values():  # as measured before the thin convolutions and the cast weights became the default
     if _kw is not None:
         _kw.setdefault("thin_convs", "cudnn")

@@ -251,7 +251,7 @@ def test_kernel_arithmetic_stays_float32_when_eps_arrives_as_float64():
         "         'eps': 'fp64'}\n"
         "cbe, cb, cg, pb = gnk._blocks(128, 32, 32 * 32)  # the first norms of the CIFAR-10 U-Net\n"
         "consts = dict(CBE=cbe, CB=cb, CG=cg, NG=cbe // cg, PB=pb, EVEN=True, HAS_ADD=True, SILU=True,\n"
-        "              ONE_PASS=pb >= 1024)\n"
+        "              ONE_PASS=pb >= 1024, SAT=0.0, ROUND_E4M3=False)\n"
         "src = ASTSource(fn=fn, signature={n: types.get(n, 'constexpr') for n in names},\n"
         "                constexprs={(names.index(k),): v for k, v in consts.items()},\n"
         "                attrs={(i,): [['tt.divisibility', 16]] for i in range(7)})\n"

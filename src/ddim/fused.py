@@ -32,6 +32,7 @@ passes cost only 0.8 of 5.1 ms there), and the network runs 507 instead of 655 i
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -70,14 +71,16 @@ if triton is not None:
 
     @triton.jit
     def _conv3x3_kernel(
-        X, W, BIAS, SCALE, SHIFT, RES, Y, PART,
+        X, W, WS, BIAS, SCALE, SHIFT, RES, Y, PART,
         M, H, WD, CIN, COUT,
+        swk, swn,
         sxn, sxh, sxw, sxc,
         syn, syh, syw, syc,
         srn, srh, srw, src,
         PROLOGUE: tl.constexpr, PER_SAMPLE_BIAS: tl.constexpr, RESIDUAL: tl.constexpr,
         STATS: tl.constexpr, GROUP_C: tl.constexpr, SAMPLE_TILES: tl.constexpr, FAST_SILU: tl.constexpr,
-        EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        W_SCALED: tl.constexpr, EVEN_K: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
         # Output tiles: rows are pixels (n, oh, ow) flattened, columns output channels.  Axis 0 runs over
         # the channel tiles so the tiles that share an input tile run together (it is read once from HBM).
@@ -105,7 +108,7 @@ if triton is not None:
             iw = ow + (tap % 3 - 1)
             inside = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < WD)
             a_ptrs = X + (n * sxn + ih * sxh + iw * sxw)[:, None] + (ck * sxc)[None, :]
-            w_ptrs = W + (tap * CIN + ck)[:, None] * COUT + offs_n[None, :]
+            w_ptrs = W + (tap * CIN + ck)[:, None] * swk + offs_n[None, :] * swn
             if EVEN_K:
                 a = tl.load(a_ptrs, mask=inside[:, None], other=0.0)
                 w = tl.load(w_ptrs, mask=n_ok[None, :], other=0.0)
@@ -131,6 +134,8 @@ if triton is not None:
             acc = tl.dot(a, w, acc)
 
         mask = m_ok[:, None] & n_ok[None, :]
+        if W_SCALED:  # quantised weights (ddim.fp8): w = w_q * scale per output channel
+            acc *= tl.load(WS + offs_n, mask=n_ok, other=0.0)[None, :]
         if PER_SAMPLE_BIAS:
             acc += tl.load(BIAS + n[:, None] * COUT + offs_n[None, :], mask=mask, other=0.0)
         else:
@@ -246,17 +251,24 @@ if triton is not None:
 CONFIGS: tuple[tuple[int, int, int, int, int], ...] = (
     (128, 128, 64, 4, 3), (128, 128, 64, 8, 4), (128, 256, 64, 8, 3), (64, 128, 64, 4, 4), (256, 128, 64, 8, 3),
 )
+# e4m3 inputs (ddim.fp8): 128-byte K slices, as the bf16 configs' 64 channels are
+FP8_CONFIGS: tuple[tuple[int, int, int, int, int], ...] = (
+    (128, 128, 128, 4, 3), (128, 128, 128, 8, 4), (128, 256, 128, 8, 3), (256, 128, 128, 8, 3), (64, 128, 128, 4, 4),
+    (128, 128, 64, 4, 4),
+)
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 _TUNED: dict[tuple, tuple[int, int, int, int, int]] = {}
 
 
-def _candidates(configs, *, hw: int, m: int, cin: int, cout: int, stats_c: int | None) -> list[tuple]:
+def _candidates(configs, *, hw: int, m: int, cin: int, cout: int, stats_c: int | None, min_k: int = 16) -> list[tuple]:
     """``configs`` with the blocks clamped to the problem (small maps, few channels), deduplicated; with
-    fused statistics only those whose tiles hold whole groups of one sample."""
+    fused statistics only those whose tiles hold whole groups of one sample.  min_k: the matrix instruction's K
+    (32 for fp8)."""
     out = []
     for bm, bn, bk, warps, stages in configs:
         bm = max(16, min(bm, triton.next_power_of_2(m)))
         bn = max(16, min(bn, triton.next_power_of_2(cout)))
-        bk = max(16, min(bk, triton.next_power_of_2(cin)))
+        bk = max(min_k, min(bk, triton.next_power_of_2(cin)))
         if stats_c is not None:
             bm = min(bm, hw & -hw)  # the largest power of two dividing H * W
             if bm < 16 or hw % bm or cout % bn or bn % stats_c:
@@ -266,7 +278,7 @@ def _candidates(configs, *, hw: int, m: int, cin: int, cout: int, stats_c: int |
     return out
 
 
-def _launch(cfg, x, w_kc, bias, scale, shift, residual, y, part, stats_c, fast_silu) -> None:
+def _launch(cfg, x, w_kc, bias, scale, shift, residual, y, part, stats_c, fast_silu, w_scale=None) -> None:
     bm, bn, bk, warps, stages = cfg
     nb, cin, h, wd = x.shape
     cout = y.shape[1]
@@ -275,15 +287,16 @@ def _launch(cfg, x, w_kc, bias, scale, shift, residual, y, part, stats_c, fast_s
     dummy = bias
     grid = (triton.cdiv(cout, bn), triton.cdiv(m, bm))
     _conv3x3_kernel[grid](
-        x, w_kc, bias, scale if scale is not None else dummy, shift if shift is not None else dummy, res, y,
-        part if part is not None else dummy,
+        x, w_kc, w_scale if w_scale is not None else dummy, bias, scale if scale is not None else dummy,
+        shift if shift is not None else dummy, res, y, part if part is not None else dummy,
         m, h, wd, cin, cout,
+        w_kc.stride(0), w_kc.stride(1),
         x.stride(0), x.stride(2), x.stride(3), x.stride(1),
         y.stride(0), y.stride(2), y.stride(3), y.stride(1),
         res.stride(0), res.stride(2), res.stride(3), res.stride(1),
         PROLOGUE=scale is not None, PER_SAMPLE_BIAS=bias.dim() == 2, RESIDUAL=residual is not None,
         STATS=part is not None, GROUP_C=stats_c or 1, SAMPLE_TILES=(h * wd) % bm == 0,
-        FAST_SILU=fast_silu and not _interpreting(), EVEN_K=cin % bk == 0,
+        FAST_SILU=fast_silu and not _interpreting(), W_SCALED=w_scale is not None, EVEN_K=cin % bk == 0,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages,
     )
 
@@ -379,6 +392,8 @@ def conv3x3_fused(
     fast_silu: bool = True,
     config: tuple | None = None,
     band: bool = False,
+    w_scale: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``conv3x3(silu(x * scale + shift)) + bias (+ residual)`` with padding 1, output channels_last.
 
@@ -391,21 +406,35 @@ def conv3x3_fused(
     (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) instead of timing ``CONFIGS`` on the first call.
     band: the band kernel (each input row normalised once into a scratch slot, then the nine taps' products;
     ``config`` then has a sixth entry, programs per SM) where ``band_takes`` the shape, else the tile kernel.
+    w_scale: (O,) float32 per-output-channel scale of quantised weights (``ddim.fp8``: x and w_kc in e4m3, the
+    products accumulate in float32 and are scaled in the epilogue); tile kernel only.  out_dtype: the output's
+    dtype (default x's; bf16 for fp8 inputs).
     A ``torch.library`` custom op, so ``torch.compile`` and CUDA graphs take it as one opaque kernel.
     """
     if (scale is None) != (shift is None):
         raise ValueError("give both scale and shift (the GroupNorm prologue) or neither")
     y, stats = torch.ops.ddim.conv3x3_fused(x, w_kc, bias, scale, shift, residual, stats_groups or 0, fast_silu,
-                                            list(config) if config else None, band)
+                                            list(config) if config else None, band, w_scale, out_dtype)
     return y, (stats if stats_groups else None)
 
 
-def _conv3x3_impl(x, w_kc, bias, scale, shift, residual, stats_groups, fast_silu, config, band=False):
+def _out_dtype(x: torch.Tensor, out_dtype: torch.dtype | None) -> torch.dtype:
+    return out_dtype or (torch.bfloat16 if x.dtype in FP8_DTYPES else x.dtype)
+
+
+def _conv3x3_impl(x, w_kc, bias, scale, shift, residual, stats_groups, fast_silu, config, band=False, w_scale=None,
+                  out_dtype=None):
     stats_groups = stats_groups or None
     nb, cin, h, wd = x.shape
     cout = w_kc.shape[1]
     if w_kc.shape[0] != 9 * cin:
         raise ValueError(f"w_kc must be (9 * C, O) = (9 * {cin}, O), got {tuple(w_kc.shape)}")
+    fp8 = x.dtype in FP8_DTYPES
+    if fp8 != (w_kc.dtype in FP8_DTYPES) or fp8 != (w_scale is not None):
+        raise ValueError(f"e4m3 convolutions take x, w_kc in fp8 and a w_scale; got x {x.dtype}, w_kc {w_kc.dtype}, "
+                         f"w_scale {'given' if w_scale is not None else 'None'}")
+    if fp8 and (band or scale is not None):
+        raise ValueError("fp8 inputs run the tile kernel without prologue: give band=False and no scale/shift")
     stats_c = None
     if stats_groups is not None:
         if cout % stats_groups:
@@ -419,23 +448,25 @@ def _conv3x3_impl(x, w_kc, bias, scale, shift, residual, stats_groups, fast_silu
                          f"{'band' if band else 'tile'} kernel")
     if band and not band_takes(h, wd, cin, cout):  # the tile kernel, with its own configurations
         band, config = False, None
-    configs = (config,) if config else (BAND_CONFIGS if band else CONFIGS)
+    configs = (config,) if config else (BAND_CONFIGS if band else FP8_CONFIGS if fp8 else CONFIGS)
     cands = (_band_candidates(configs, h=h, wd=wd, cin=cin, cout=cout) if band else
-             _candidates(configs, hw=h * wd, m=m, cin=cin, cout=cout, stats_c=stats_c))
+             _candidates(configs, hw=h * wd, m=m, cin=cin, cout=cout, stats_c=stats_c, min_k=32 if fp8 else 16))
     if not cands and band:  # no band config fits (e.g. maps too small for a 16-pixel band): the tile kernel
         return _conv3x3_impl(x, w_kc, bias, scale, shift, residual, stats_groups or 0, fast_silu, None)
     if not cands:  # no tile holds whole groups of one sample (e.g. odd maps): statistics in a separate pass
-        y, _ = _conv3x3_impl(x, w_kc, bias, scale, shift, residual, 0, fast_silu, config)
+        y, _ = _conv3x3_impl(x, w_kc, bias, scale, shift, residual, 0, fast_silu, config, w_scale=w_scale,
+                             out_dtype=out_dtype)
         return y, group_stats(y, stats_groups)
-    y = torch.empty((nb, cout, h, wd), device=x.device, dtype=x.dtype, memory_format=torch.channels_last)
+    y = torch.empty((nb, cout, h, wd), device=x.device, dtype=_out_dtype(x, out_dtype),
+                    memory_format=torch.channels_last)
 
     def part_for(cfg):  # per tile and group; the band kernel: per band and channel
         return None if stats_c is None else torch.empty((m // cfg[0], cout if band else stats_groups, 2),
                                                         device=x.device, dtype=torch.float32)
 
     key = (x.device.type, tuple(x.shape), cout, x.dtype, scale is not None, bias.dim(), residual is not None,
-           stats_c, fast_silu, band)
-    launch = _launch_band if band else _launch
+           stats_c, fast_silu, band, w_kc.stride(), y.dtype)
+    launch = _launch_band if band else functools.partial(_launch, w_scale=w_scale)
     cfg = _tune(key, cands, lambda c: launch(c, x, w_kc, bias, scale, shift, residual, y, part_for(c),
                                              stats_c, fast_silu))
     part = part_for(cfg)
@@ -453,14 +484,16 @@ if triton is not None:
     @torch.library.custom_op("ddim::conv3x3_fused", mutates_args=())
     def _conv3x3_op(x: torch.Tensor, w_kc: torch.Tensor, bias: torch.Tensor, scale: torch.Tensor | None,
                     shift: torch.Tensor | None, residual: torch.Tensor | None, stats_groups: int, fast_silu: bool,
-                    config: list[int] | None, band: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                    config: list[int] | None, band: bool = False, w_scale: torch.Tensor | None = None,
+                    out_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         return _conv3x3_impl(x, w_kc, bias, scale, shift, residual, stats_groups, fast_silu,
-                             tuple(config) if config else None, band)
+                             tuple(config) if config else None, band, w_scale, out_dtype)
 
     @_conv3x3_op.register_fake
-    def _(x, w_kc, bias, scale, shift, residual, stats_groups, fast_silu, config, band=False):
+    def _(x, w_kc, bias, scale, shift, residual, stats_groups, fast_silu, config, band=False, w_scale=None,
+          out_dtype=None):
         nb, _, h, wd = x.shape
-        y = torch.empty((nb, w_kc.shape[1], h, wd), device=x.device, dtype=x.dtype,
+        y = torch.empty((nb, w_kc.shape[1], h, wd), device=x.device, dtype=_out_dtype(x, out_dtype),
                         memory_format=torch.channels_last)
         return y, x.new_empty((nb, stats_groups, 2), dtype=torch.float32)
 

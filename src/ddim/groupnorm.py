@@ -78,10 +78,27 @@ if triton is not None:
         return v
 
     @triton.jit
-    def _normalise_store(OUT, off, mask, v, mean_c, scale, shift, MASKED: tl.constexpr, SILU: tl.constexpr):
+    def _round_e4m3(y):
+        """float32 rounded to e4m3's grid (to nearest, ties to even), in float32.  For Triton's interpreter only,
+        whose own float32 -> e4m3 conversion drops a mantissa carry into the exponent (1.94 -> 1.0); the GPU's
+        conversion instruction rounds correctly."""
+        e = ((y.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
+        q = tl.exp2((tl.maximum(e, -6) - 3).to(tl.float32))  # e4m3's step at y (subnormal below 2^-6)
+        v = y / q
+        r = tl.floor(v + 0.5)
+        r = tl.where((r - v == 0.5) & (r % 2 != 0), r - 1.0, r)
+        return r * q
+
+    @triton.jit
+    def _normalise_store(OUT, off, mask, v, mean_c, scale, shift, MASKED: tl.constexpr, SILU: tl.constexpr,
+                         SAT: tl.constexpr, ROUND_E4M3: tl.constexpr):
         y = (v - mean_c[None, :]) * scale[None, :] + shift[None, :]  # (x - mean) first: no cancellation
         if SILU:
             y = y * tl.sigmoid(y)
+        if SAT > 0:  # an fp8 output: saturate at its largest finite value
+            y = tl.minimum(tl.maximum(y, -SAT), SAT)
+        if ROUND_E4M3:
+            y = _round_e4m3(y)
         if MASKED:
             tl.store(OUT + off, y.to(OUT.dtype.element_ty), mask=mask)
         else:
@@ -90,7 +107,7 @@ if triton is not None:
     @triton.jit
     def _group_norm_kernel(X, ADD, W, B, OUT, HW, C, eps, CBE: tl.constexpr, CB: tl.constexpr, CG: tl.constexpr,
                            NG: tl.constexpr, PB: tl.constexpr, EVEN: tl.constexpr, HAS_ADD: tl.constexpr,
-                           SILU: tl.constexpr, ONE_PASS: tl.constexpr):
+                           SILU: tl.constexpr, ONE_PASS: tl.constexpr, SAT: tl.constexpr, ROUND_E4M3: tl.constexpr):
         # program (channel block, sample): channels [pid * CBE, pid * CBE + CBE), whole groups of CG channels,
         # on CB >= CBE lanes (a power of two); X is (N, HW, C) in memory (channels_last); EVEN: PB divides HW
         n = tl.program_id(1)
@@ -142,12 +159,12 @@ if triton is not None:
         scale = rstd_c * tl.load(W + c, mask=on, other=0.0).to(tl.float32)
         shift = tl.load(B + c, mask=on, other=0.0).to(tl.float32)
         if ONE_PASS:
-            _normalise_store(OUT, off, mask, v, mean_c, scale, shift, MASKED, SILU)
+            _normalise_store(OUT, off, mask, v, mean_c, scale, shift, MASKED, SILU, SAT, ROUND_E4M3)
         else:
             for p0 in range(0, HW, PB):  # the slab again, now from L2
                 off, mask = _chunk(base, p0, p, c, on, HW, C)
                 v = _load_tile(X, off, mask, add, MASKED, HAS_ADD)
-                _normalise_store(OUT, off, mask, v, mean_c, scale, shift, MASKED, SILU)
+                _normalise_store(OUT, off, mask, v, mean_c, scale, shift, MASKED, SILU, SAT, ROUND_E4M3)
 
 
 def _blocks(c: int, groups: int, hw: int) -> tuple[int, int, int, int] | None:
@@ -194,20 +211,27 @@ def kernel_takes(x: torch.Tensor, groups: int) -> bool:
             and _blocks(x.shape[1], groups, x.shape[2] * x.shape[3]) is not None)
 
 
-def _launch(x, add, weight, bias, eps, groups, silu):
+def _saturation(dtype: torch.dtype) -> float:
+    """The largest finite value of an fp8 ``dtype`` (outputs are clamped to it), else 0 (no clamp)."""
+    return float(torch.finfo(dtype).max) if dtype in (torch.float8_e4m3fn, torch.float8_e5m2) else 0.0
+
+
+def _launch(x, add, weight, bias, eps, groups, silu, out_dtype=None):
     n, c, h, w = x.shape
     hw = h * w
     cbe, cb, cg, pb = _blocks(c, groups, hw)
     # empty_strided, not empty_like(memory_format=...): Inductor lowers empty_like contiguous and then copies it
     # (a NaN fill of the whole activation per launch) into the channels_last layout the trace recorded
-    out = torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=x.device)
+    out = torch.empty_strided(x.shape, x.stride(), dtype=out_dtype or x.dtype, device=x.device)
     # wrap_triton (with triton_op): under torch.compile the launch is traced into the graph, and Inductor launches
     # the kernel from its own generated code, inside its CUDA graphs too
     # without a shift, ADD gets the weight (never read): passing x twice made Inductor copy x before the launch
     wrap_triton(_group_norm_kernel)[(c // cbe, n)](
         x, add if add is not None else weight, weight, bias, out, hw, c, eps, CBE=cbe, CB=cb, CG=cg,
         NG=triton.next_power_of_2(cbe // cg), PB=pb, EVEN=hw % pb == 0, HAS_ADD=add is not None, SILU=silu,
-        ONE_PASS=pb >= hw, num_warps=_warps(cb, pb))
+        ONE_PASS=pb >= hw, SAT=_saturation(out.dtype),
+        ROUND_E4M3=out.dtype == torch.float8_e4m3fn and os.environ.get("TRITON_INTERPRET") == "1",
+        num_warps=_warps(cb, pb))
     return out
 
 
@@ -216,17 +240,18 @@ if triton is not None:
 
     @triton_op("ddim::group_norm_silu", mutates_args=())
     def _group_norm_op(x: torch.Tensor, add: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor,
-                       eps: float, groups: int, silu: bool) -> torch.Tensor:
-        return _launch(x, add, weight, bias, eps, groups, silu)
+                       eps: float, groups: int, silu: bool, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+        return _launch(x, add, weight, bias, eps, groups, silu, out_dtype)
 
 
 def group_norm_silu(x: torch.Tensor, norm: nn.GroupNorm, *, add: torch.Tensor | None = None,
-                    silu: bool = True) -> torch.Tensor:
+                    silu: bool = True, out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """``silu(norm(x + add[:, :, None, None]))`` (``silu=False``: without the SiLU), in x's dtype.
 
     add: (N, C) per-sample, per-channel shift added before normalising (a convolution's bias plus the time
-    embedding).  Statistics and arithmetic in float32.  The kernel where ``kernel_takes`` says so, else the
-    same formula in PyTorch.
+    embedding).  Statistics and arithmetic in float32.  out_dtype: the output's dtype instead of x's; an fp8
+    one (``ddim.fp8``) is saturated at its largest finite value.  The kernel where ``kernel_takes`` says so, else
+    the same formula in PyTorch.
     """
     if x.dim() != 4:
         raise ValueError(f"group_norm_silu takes (N, C, H, W) activations, got shape {tuple(x.shape)}")
@@ -236,10 +261,16 @@ def group_norm_silu(x: torch.Tensor, norm: nn.GroupNorm, *, add: torch.Tensor | 
         raise ValueError(f"add must be (N, C) = {tuple(x.shape[:2])}, got {tuple(add.shape)}")
     if kernel_takes(x, norm.num_groups):
         add = None if add is None else add.float().contiguous()
-        return torch.ops.ddim.group_norm_silu(x, add, norm.weight, norm.bias, float(norm.eps), norm.num_groups, silu)
+        return torch.ops.ddim.group_norm_silu(x, add, norm.weight, norm.bias, float(norm.eps), norm.num_groups, silu,
+                                              out_dtype)
     v = x if add is None else x.float() + add.float()[:, :, None, None]
-    y = ChannelStatGroupNorm.forward(norm, v).to(x.dtype)
-    return F.silu(y) if silu else y
+    y = ChannelStatGroupNorm.forward(norm, v)
+    sat = _saturation(out_dtype or x.dtype)
+    if not sat:
+        y = y.to(out_dtype or x.dtype)
+        return F.silu(y) if silu else y
+    y = F.silu(y.float()) if silu else y.float()
+    return y.clamp(-sat, sat).to(out_dtype)
 
 
 class KernelGroupNorm(ChannelStatGroupNorm):

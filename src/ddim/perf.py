@@ -323,6 +323,7 @@ def prepare_for_inference(
     deterministic: bool = True,
     thin_convs: str | None = None,
     cast_weights: bool | None = None,
+    fp8: bool = False,
 ) -> nn.Module:
     """A fast eval-mode copy of an ε-model with the same ``(x, t) -> ε`` signature.
 
@@ -352,12 +353,16 @@ def prepare_for_inference(
     default when compiled).  cast_weights: with autocast, the convolution and linear weights cast to ``dtype`` once
     instead of by autocast at every call (``cast_matmul_weights``; default when compiled).  Together +2.2 %
     sampling on an H200 (docs/results/bench, twelfth round).
+    fp8: the ResnetBlocks' 3x3 convolutions on e4m3 activations and weights (``ddim.fp8``; Hopper or later,
+    opt-in: more error than bf16, measured in docs/results/bench); not together with ``fused``.
     """
     if options and compile_mode and not (compile and deterministic and backend == "inductor"):
         raise ValueError(f"give compile_mode ({compile_mode!r}) or options ({options}), not both: torch.compile "
                          f"takes one of them")
     if fused not in (False, True, "band"):
         raise ValueError(f"fused={fused!r} is not supported; allowed: False, True, 'band'")
+    if fp8 and fused:
+        raise ValueError(f"fp8=True and fused={fused!r} both replace the ResnetBlocks' convolutions: give one")
     torch_dtype = _dtype(dtype)
     norm_kind = group_norm or default_inference_group_norm(compile, fused)
     if norm_kind not in GROUP_NORMS + ("kernel",):
@@ -381,6 +386,9 @@ def prepare_for_inference(
                              f"(weights cast to {dtype}), not autocast")
         from ddim.fused import swap_resnet_blocks
         swap_resnet_blocks(fast, band=fused == "band", min_width=16 if fused == "band" else 0)
+    if fp8:
+        from ddim.fp8 import swap_fp8_resnet_blocks
+        swap_fp8_resnet_blocks(fast)
     wrapped: nn.Module = CastEpsModel(fast, torch_dtype, autocast=autocast, channels_last=channels_last)
     if compile:
         if deterministic and backend == "inductor":
