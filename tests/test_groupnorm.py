@@ -271,19 +271,21 @@ def test_inductor_sees_the_kernel_write_only_its_output():
     """Inductor clones every input its analysis of the kernel's TTIR says is written before launching it (a copy
     of the whole activation per launch); a pointer to X that left a helper function once made X count as written.
     The analysis (lowered for an sm_90 target, no GPU needed) must find OUT alone written, for every kind of tile, in
-    two passes over the slab and in one.  (It needs every argument: a constexpr left to its default made it fail
+    two passes over the slab and in one, and with an e4m3 output (``ddim.fp8``).  (It needs every argument: a constexpr left to its default made it fail
     and assume every input written.)"""
     code = (
         SM90_TARGET + "import torch\n"
         "from torch._higher_order_ops.triton_kernel_wrap import identify_accessed_tensors\n"
         "from ddim import groupnorm as gnk\n"
-        "for hw, c, add in ((1024, 128, False), (1024, 128, True), (81, 64, False), (16, 384, True)):\n"
+        "for hw, c, add, fp8 in ((1024, 128, False, 0), (1024, 128, True, 0), (81, 64, False, 0), (16, 384, True, 0),\n"
+        "                        (1024, 128, True, 1)):\n"
         "    x = torch.randn(2, c, hw, 1).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)\n"
         "    w, b = torch.ones(c), torch.zeros(c)\n"
         "    cbe, cb, cg, pb = gnk._blocks(c, 32, hw)\n"
-        "    kw = dict(X=x, ADD=torch.zeros(2, c) if add else w, W=w, B=b, OUT=torch.empty_like(x), HW=hw, C=c,\n"
+        "    out = torch.empty_like(x, dtype=torch.float8_e4m3fn if fp8 else x.dtype)\n"
+        "    kw = dict(X=x, ADD=torch.zeros(2, c) if add else w, W=w, B=b, OUT=out, HW=hw, C=c,\n"
         "              eps=1e-6, CBE=cbe, CB=cb, CG=cg, NG=triton.next_power_of_2(cbe // cg), PB=pb, EVEN=hw % pb == 0,\n"
-        "              HAS_ADD=add, SILU=True, ONE_PASS=pb >= hw)\n"
+        "              HAS_ADD=add, SILU=True, ONE_PASS=pb >= hw, SAT=gnk._saturation(out.dtype), ROUND_E4M3=False)\n"
         "    acc = identify_accessed_tensors(gnk._group_norm_kernel, kw, {})\n"
         "    print('WRITES', hw, c, add, sorted(d.name for d in acc.read_writes.writes))\n"
         "    print('READS', hw, c, add, sorted(d.name for d in acc.read_writes.reads))\n")
@@ -292,7 +294,7 @@ def test_inductor_sees_the_kernel_write_only_its_output():
         pytest.skip("this torch has no torch._higher_order_ops.triton_kernel_wrap.identify_accessed_tensors")
     assert proc.returncode == 0, proc.stderr[-3000:]
     writes = [line for line in proc.stdout.splitlines() if line.startswith("WRITES")]
-    assert len(writes) == 4 and all(line.endswith("['OUT']") for line in writes), proc.stdout
+    assert len(writes) == 5 and all(line.endswith("['OUT']") for line in writes), proc.stdout
     assert "READS 1024 128 True ['ADD', 'B', 'W', 'X']" in proc.stdout, proc.stdout
 
 
