@@ -153,6 +153,12 @@ VARIANTS["fast-kgn-castw-thin-fp8-graphs-phase-det"] = dict(dtype="bf16", channe
                                                             group_norm="kernel", upsample="phases", deterministic=True,
                                                             cast_weights=True, thin_convs="matmul", fp8=True,
                                                             compile_mode="reduce-overhead")
+# the same, the blocks on 4x4 maps (fp8w8) or on 4x4 and 8x8 maps (fp8w16) in bf16 with cuDNN
+for _w in (8, 16):
+    VARIANTS[f"fast-kgn-castw-thin-fp8w{_w}-phase-det"] = dict(VARIANTS["fast-kgn-castw-thin-fp8-phase-det"],
+                                                               fp8_min_width=_w)
+    VARIANTS[f"fast-kgn-castw-thin-fp8w{_w}-graphs-phase-det"] = dict(
+        VARIANTS["fast-kgn-castw-thin-fp8-graphs-phase-det"], fp8_min_width=_w)
 for _kw in VARIANTS.values():  # as measured before the thin convolutions and the cast weights became the default
     if _kw is not None:
         _kw.setdefault("thin_convs", "cudnn")
@@ -170,7 +176,8 @@ def parse(argv=None):
     p.add_argument("--eta", type=float, default=0.0)
     p.add_argument("--variants", default="fp32,fast", help=f"comma list from {list(VARIANTS)}; the first is the reference")
     p.add_argument("--repeats", type=int, default=3, help="timed sampling calls per variant (median reported)")
-    p.add_argument("--ckpt", default=None, help="Lightning checkpoint to sample (ddim.lit.load_for_sampling); default: random init")
+    p.add_argument("--ckpt", default=None, help="Lightning checkpoint to sample (ddim.lit.load_for_sampling) or "
+                   "scripts/cifar10_gpu.py's ckpt.pt; default: random init")
     p.add_argument("--backend", default="inductor", help="torch.compile backend ('eager' for cheap CPU tests)")
     p.add_argument("--tol-mean", type=float, default=1 * LEVEL, help="allowed mean |diff| vs reference (default one 8-bit level)")
     p.add_argument("--tol-p99", type=float, default=4 * LEVEL, help="allowed 99th-percentile |diff| (default four 8-bit levels)")
@@ -188,6 +195,12 @@ def parse(argv=None):
 
 
 def build(args, device):
+    if args.ckpt and args.ckpt.endswith(".pt"):  # scripts/cifar10_gpu.py's checkpoint: U-Net config + EMA weights
+        ck = torch.load(args.ckpt, map_location="cpu", weights_only=False)  # our own file; holds a TorchVersion
+        model = UNet(**ck["unet"])
+        model.load_state_dict(ck["ema"])
+        return (model.to(device).eval(), make_alphas_cumprod(beta_schedule("linear", T=1000)),
+                {"ckpt": args.ckpt, "train_steps": ck["steps"]})
     if args.ckpt:
         from ddim.lit import load_for_sampling
 

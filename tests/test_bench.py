@@ -192,6 +192,25 @@ def test_sampling_benchmark_keeps_the_warm_up_peak_memory_apart(monkeypatch):
     assert row["peak_mem_warmup_gib"] == 9.0 and row["peak_mem_gib"] == 1.0
 
 
+def test_sampling_benchmark_loads_the_cifar10_scripts_checkpoint(tmp_path):
+    """--ckpt takes scripts/cifar10_gpu.py's ckpt.pt too: the U-Net from its config, the EMA weights (not the raw
+    ones) loaded."""
+    import argparse
+
+    sampling = _bench_module("sampling")
+    cfg = dict(ch=32, out_ch=3, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), dropout=0.0, in_channels=3,
+               resolution=16, resamp_with_conv=True)
+    raw, ema = _unet(), _unet()
+    with torch.no_grad():
+        for p in ema.parameters():
+            p.normal_()
+    torch.save(dict(ema=ema.state_dict(), model=raw.state_dict(), unet=cfg, steps=123), tmp_path / "ckpt.pt")
+    model, ac, info = sampling.build(argparse.Namespace(ckpt=str(tmp_path / "ckpt.pt")), torch.device("cpu"))
+    assert info["train_steps"] == 123 and ac.shape == (1000,) and not model.training
+    for a, b in zip(model.state_dict().values(), ema.state_dict().values()):
+        assert torch.equal(a, b)
+
+
 def test_batch_places_benchmark_tiny_cpu(tmp_path):
     """bench/batch_places.py: a rerun of the same batches and evaluate's generate() (Trainer.predict over whole
     batches) give exactly the images of the same batches sampled by hand, fp32 and fast."""

@@ -123,6 +123,15 @@ def test_fp8_resnet_blocks_give_the_quantised_unets_output_with_the_same_keys():
         assert 1e-3 < rel < 5e-2, rel
         with pytest.raises(ValueError, match=r"fp8=True and fused=True both replace"):
             perf.prepare_for_inference(model, dtype="fp32", autocast=False, compile=False, fp8=True, fused=True)
+    # min_width: the blocks on 8-wide maps keep bf16 (cuDNN, the GroupNorm kernel), the 16-wide ones run e4m3
+    widths = []
+    real = fused._conv3x3_impl
+    with pytest.MonkeyPatch.context() as mp, torch.no_grad():
+        mp.setattr(fused, "_conv3x3_impl", lambda x, *a, **k: (widths.append(x.shape[-1]), real(x, *a, **k))[1])
+        narrow = perf.prepare_for_inference(model, dtype="fp32", autocast=False, compile=False, fp8=True,
+                                            fp8_min_width=16)
+        narrow(x, t)
+    assert sorted(set(widths)) == [16] and len(widths) == 2 * 3  # 3 of the 8 blocks on 16x16 maps, 2 convs each
     fp8.swap_fp8_resnet_blocks(fast.model, on=False)
     assert not any(isinstance(m, fp8.Fp8ResnetBlock) for m in fast.modules())
     assert not any(k.endswith(("_q", "_s")) for k, _ in fast.model.named_buffers())

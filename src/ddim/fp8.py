@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ddim.fused import available, conv3x3_fused
-from ddim.groupnorm import group_norm_silu
+from ddim.groupnorm import KernelResnetBlock, group_norm_silu
 from ddim.models.unet import ResnetBlock, require_inference
 
 __all__ = ["E4M3", "quantize_weight", "dequantize_weight", "Fp8ResnetBlock", "swap_fp8_resnet_blocks"]
@@ -59,8 +59,12 @@ class Fp8ResnetBlock(ResnetBlock):
     the shortcut in conv2's.  Outputs in x's dtype.  Same parameters and state-dict keys (the quantised weights
     are non-persistent buffers)."""
 
+    min_width: int = 0  # narrower maps run cuDNN in bf16 and the GroupNorm kernel (KernelResnetBlock)
+
     def forward(self, x: torch.Tensor, temb_act: torch.Tensor) -> torch.Tensor:
         require_inference(self)
+        if x.shape[-1] < self.min_width:
+            return KernelResnetBlock.forward(self, x, temb_act)
         bias1 = (self.conv1.bias.float() + self.temb_proj(temb_act).float()).contiguous()  # (N, O)
         h, _ = conv3x3_fused(group_norm_silu(x, self.norm1, out_dtype=E4M3), self.conv1_q, bias1,
                              w_scale=self.conv1_s, out_dtype=x.dtype)
@@ -71,8 +75,11 @@ class Fp8ResnetBlock(ResnetBlock):
         return out
 
 
-def swap_fp8_resnet_blocks(model: nn.Module, on: bool = True) -> nn.Module:
+def swap_fp8_resnet_blocks(model: nn.Module, on: bool = True, *, min_width: int = 0) -> nn.Module:
     """Make every ``ResnetBlock`` of ``model`` (in place) an ``Fp8ResnetBlock`` (``on=False``: back).
+
+    min_width: blocks on maps narrower than this keep bf16 (cuDNN; at 4x4 and 8x8 the Triton tiles are mostly
+    padding).
 
     The quantised weights are made now from the current ones: swap after loading and casting, on an inference
     copy (``prepare_for_inference(fp8=True)`` makes one).
@@ -83,6 +90,7 @@ def swap_fp8_resnet_blocks(model: nn.Module, on: bool = True) -> nn.Module:
         if isinstance(m, ResnetBlock):
             if on:
                 m.__class__ = Fp8ResnetBlock
+                m.min_width = min_width
                 for name in ("conv1", "conv2"):
                     w_q, scale = quantize_weight(getattr(m, name).weight)
                     m.register_buffer(f"{name}_q", w_q, persistent=False)

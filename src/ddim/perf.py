@@ -324,6 +324,7 @@ def prepare_for_inference(
     thin_convs: str | None = None,
     cast_weights: bool | None = None,
     fp8: bool = False,
+    fp8_min_width: int = 0,
 ) -> nn.Module:
     """A fast eval-mode copy of an ε-model with the same ``(x, t) -> ε`` signature.
 
@@ -354,7 +355,8 @@ def prepare_for_inference(
     instead of by autocast at every call (``cast_matmul_weights``; default when compiled).  Together +2.2 %
     sampling on an H200 (docs/results/bench, twelfth round).
     fp8: the ResnetBlocks' 3x3 convolutions on e4m3 activations and weights (``ddim.fp8``; Hopper or later,
-    opt-in: more error than bf16, measured in docs/results/bench); not together with ``fused``.
+    opt-in: more error than bf16, measured in docs/results/bench); not together with ``fused``.  fp8_min_width:
+    blocks on narrower maps keep bf16.
     """
     if options and compile_mode and not (compile and deterministic and backend == "inductor"):
         raise ValueError(f"give compile_mode ({compile_mode!r}) or options ({options}), not both: torch.compile "
@@ -388,7 +390,7 @@ def prepare_for_inference(
         swap_resnet_blocks(fast, band=fused == "band", min_width=16 if fused == "band" else 0)
     if fp8:
         from ddim.fp8 import swap_fp8_resnet_blocks
-        swap_fp8_resnet_blocks(fast)
+        swap_fp8_resnet_blocks(fast, min_width=fp8_min_width)
     wrapped: nn.Module = CastEpsModel(fast, torch_dtype, autocast=autocast, channels_last=channels_last)
     if compile:
         if deterministic and backend == "inductor":
