@@ -184,3 +184,28 @@ def test_kernels_compile_to_e4m3_instructions_for_sm90():
     mma = proc.stdout.split("MMA ")[1].splitlines()[0]
     assert "e4m3.e4m3" in mma and "bf16" not in mma, proc.stdout
     assert "cvt.rn.satfinite.e4m3x2.f32" in proc.stdout.split("CVT ")[1], proc.stdout
+
+
+def test_fid_precision_benchmark_runs_tiny_cpu(tmp_path):
+    """bench/fid_precision.py: fp32, bf16 and fp8 samples of one model from the same x_T, the differences counted
+    against fp32's (FID itself: tests/test_fid.py; Inception on a CPU is too slow for three variants here)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    out = tmp_path / "f.json"
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO / "src"), "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "fid_precision.py"), "--tiny", "--device", "cpu",
+                           "--no-fid", "--grids", str(tmp_path), "--json", str(out)],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["variant"], r["S"]) for r in rows] == [("fp32", 2), ("bf16", 2), ("fp8", 2)]
+    assert "u8_mean_abs_vs_fp32" not in rows[0]
+    # e4m3 moves the samples, by more than the bf16 path does
+    assert 0 < rows[1]["u8_mean_abs_vs_fp32"] < rows[2]["u8_mean_abs_vs_fp32"]
+    assert all(0 < r["u8_changed_vs_fp32"] <= 1 for r in rows[1:])
+    assert sorted(p.name for p in tmp_path.glob("*_S2.png")) == ["bf16_S2.png", "fp32_S2.png", "fp8_S2.png"]

@@ -1,0 +1,123 @@
+#!/usr/bin/env python
+"""FID of one trained model sampled in fp32, bf16 (``sampler.fast``) and fp8 (``ddim.fp8``) from the same x_T.
+
+The speed benchmarks state how far a fast path's samples move from fp32's (bench/sampling.py); this says what
+that does to FID.  DDIM (eta = 0) on the quadratic trajectory (the paper's for CIFAR-10), FID of N samples
+against the training images, and per variant the uint8 pixel differences against the fp32 samples.
+
+    python bench/fid_precision.py --ckpt run/ckpt.pt --data cifar10_jpeg_q75.npz --weights inception.pth
+    python bench/fid_precision.py --tiny --device cpu --no-fid     # seconds on a CPU (a random tiny model)
+
+--ckpt is ``scripts/cifar10_gpu.py train``'s ckpt.pt (the U-Net's config and its EMA weights).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from ddim import perf
+from ddim.diffusion import alphas_cumprod as make_alphas_cumprod
+from ddim.diffusion import beta_schedule
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+from cifar10_gpu import generate, load_split  # noqa: E402
+
+TINY = dict(ch=32, out_ch=3, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), dropout=0.0, in_channels=3,
+            resolution=16, resamp_with_conv=True)
+
+
+def variants(compile: bool) -> dict[str, dict]:
+    """name -> prepare_for_inference keywords (None: the fp32 model itself)."""
+    return {
+        "fp32": None,
+        "bf16": dict(compile=compile),  # what sampler.fast runs
+        "fp8": dict(compile=compile, fp8=True, compile_mode="reduce-overhead" if compile else None),
+    }
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", default=None, help="scripts/cifar10_gpu.py's ckpt.pt (required unless --tiny)")
+    p.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared/data/cifar10_jpeg_q75.npz"))
+    p.add_argument("--weights", default=None, help="Inception weights (ddim.eval.fid.resolve_inception_weights)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--samples", type=int, default=5000)
+    p.add_argument("--reference", type=int, default=None, help="first N training images (default: all)")
+    p.add_argument("--steps", default="10,50", help="comma list of trajectory lengths S")
+    p.add_argument("--batch", type=int, default=500)
+    p.add_argument("--tiny", action="store_true", help="a random tiny U-Net, 8 samples, S = 2 (CPU smoke test)")
+    p.add_argument("--no-fid", action="store_true", help="pixel differences only")
+    p.add_argument("--grids", default=None, help="folder for 8x8 sample grids of each variant and S")
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    if not args.tiny and not args.ckpt:
+        p.error("--ckpt is required (or --tiny)")
+    steps = [int(s) for s in args.steps.split(",")]
+    if args.tiny:
+        args.samples, args.batch, args.reference, steps = 8, 8, args.reference or 16, [2]
+    device = torch.device(args.device)
+    torch.backends.cudnn.benchmark = True
+    from ddim.models import UNet
+
+    if args.tiny:
+        torch.manual_seed(0)
+        model, info = UNet(**TINY), dict(unet=TINY, steps=0)
+    else:
+        info = torch.load(args.ckpt, map_location="cpu", weights_only=False)  # our own file; holds a TorchVersion
+        model = UNet(**info["unet"])
+        model.load_state_dict(info["ema"])
+    model = model.to(device).eval()
+    ac = make_alphas_cumprod(beta_schedule("linear", T=1000))
+    ref = None if args.no_fid else load_split(args.data, "train", args.reference)
+    res = info["unet"]["resolution"]
+    x_T = torch.randn(args.samples, 3, res, res, generator=torch.Generator().manual_seed(0)).to(device)
+    compile = device.type == "cuda"
+    record = dict(benchmark="fid_precision", command=" ".join(["python", "bench/fid_precision.py", *(argv or sys.argv[1:])]),
+                  ckpt=args.ckpt, train_steps=info["steps"], samples=args.samples,
+                  reference=None if ref is None else int(ref.shape[0]), trajectory="quadratic", eta=0.0,
+                  machine=perf.device_info(device), rows=[])
+    fp32_images = {}
+    for name, kw in variants(compile).items():
+        eps = model if kw is None else perf.prepare_for_inference(model, **kw)
+        for S in steps:
+            generate(eps, x_T[:args.batch], ac, S, 0.0, args.batch, 0, "quadratic")  # warm-up (compilation)
+            perf.synchronize(device)
+            t0 = time.perf_counter()
+            u8 = generate(eps, x_T, ac, S, 0.0, args.batch, 0, "quadratic")
+            perf.synchronize(device)
+            row = dict(variant=name, S=S, images_per_s=args.samples / (time.perf_counter() - t0))
+            if not args.no_fid:
+                from ddim.eval.fid import fid_between
+
+                row["fid"] = float(fid_between(u8, ref, ref_key=f"cifar10-train-{ref.shape[0]}", weights_path=args.weights,
+                                               device=device, batch_size=args.batch)["fid"])
+            if name == "fp32":
+                fp32_images[S] = u8
+            else:
+                d = (u8.float() - fp32_images[S].float()).abs().flatten()
+                row.update(u8_mean_abs_vs_fp32=d.mean().item(),
+                           u8_p99_abs_vs_fp32=d.kthvalue(max(1, int(0.99 * d.numel()))).values.item(),
+                           u8_max_abs_vs_fp32=d.max().item(), u8_changed_vs_fp32=(d > 0).float().mean().item())
+            if args.grids:
+                from torchvision.utils import save_image
+
+                Path(args.grids).mkdir(parents=True, exist_ok=True)
+                save_image(u8[:64].float() / 255, Path(args.grids) / f"{name}_S{S}.png", nrow=8)
+            record["rows"].append(row)
+            print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
+            perf.write_json(record, args.json)  # after every cell: a run cut short keeps what it finished
+        del eps
+    cols = [("variant", "variant", ""), ("S", "S", ""), ("fid", "FID", ".2f"), ("images_per_s", "images/s", ".0f"),
+            ("u8_mean_abs_vs_fp32", "mean |d| (u8)", ".2f"), ("u8_p99_abs_vs_fp32", "p99 |d|", ".0f"),
+            ("u8_changed_vs_fp32", "px changed", ".1%")]
+    print(f"# FID vs precision, {record['samples']} samples, {perf.device_info(device).get('gpu') or 'CPU'}")
+    print(perf.format_table(record["rows"], cols))
+    return record
+
+
+if __name__ == "__main__":
+    main()
