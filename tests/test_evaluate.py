@@ -185,6 +185,36 @@ def test_fast_sampler_with_the_group_norm_kernel_is_recorded_apart(monkeypatch, 
     assert sorted(str(r["key"]["sampler"].get("group_norm")) for r in recs) == ["None", "kernel"]
 
 
+def test_fp8_sampler_reaches_the_compiler_and_the_key(monkeypatch, tmp_path, tiny_ckpt):
+    """sampler.fp8=true (with fast): prepare_for_inference gets fp8 (the e4m3 ResnetBlocks run here on the CPU under
+    Triton's interpreter), the samples move a little from the bf16 ones, the record has a key of its own; without
+    fast, or on a device without FP8 units, a clear error before anything is sampled."""
+    from ddim import fp8, perf
+
+    if not fp8.supported("cpu"):
+        pytest.skip("the e4m3 kernels need Triton's interpreter on the CPU (TRITON_INTERPRET=1, tests/conftest.py)")
+    seen = []
+    real = perf.prepare_for_inference
+    monkeypatch.setattr(perf, "prepare_for_inference", lambda m, **kw: seen.append(kw) or real(m, **kw))
+    outs = {}
+    for on in ("false", "true"):
+        out = tmp_path / on
+        run_evaluate(monkeypatch, tmp_path, f"ckpt_path={tiny_ckpt}", "task=samples", "samples.num_samples=2",
+                     "samples.save_npz=true", "sampler.steps=2", "sampler.fast=true", f"sampler.fp8={on}",
+                     f"output_dir={out}")
+        outs[on] = np.load(out / "samples.npz")["arr_0"].astype(np.int16)
+    assert [kw["fp8"] for kw in seen] == [False, True]
+    assert 0 < np.abs(outs["true"] - outs["false"]).mean() < 8  # a few 8-bit levels, not other images
+    assert sorted(str(r["key"]["sampler"].get("fp8")) for r in records(tmp_path)) == ["None", "True"]
+    with pytest.raises(ValueError, match=r"sampler.fp8=true is a variant of the fast path: give sampler.fast=true"):
+        run_evaluate(monkeypatch, tmp_path, f"ckpt_path={tiny_ckpt}", "task=samples", "sampler.fp8=true")
+    monkeypatch.setattr(fp8, "supported", lambda device: False)
+    with pytest.raises(ValueError, match=r"sampler.fp8=true needs a CUDA GPU with FP8 matrix units .* device cpu"):
+        run_evaluate(monkeypatch, tmp_path, f"ckpt_path={tiny_ckpt}", "task=samples", "samples.num_samples=2",
+                     "sampler.steps=2", "sampler.fast=true", "sampler.fp8=true", f"output_dir={tmp_path / 'refused'}")
+    assert not (tmp_path / "refused").exists()
+
+
 def test_index_noise_is_per_sample():
     from ddim.eval.tasks import latents_and_noise
 

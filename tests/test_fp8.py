@@ -209,3 +209,15 @@ def test_fid_precision_benchmark_runs_tiny_cpu(tmp_path):
     assert 0 < rows[1]["u8_mean_abs_vs_fp32"] < rows[2]["u8_mean_abs_vs_fp32"]
     assert all(0 < r["u8_changed_vs_fp32"] <= 1 for r in rows[1:])
     assert sorted(p.name for p in tmp_path.glob("*_S2.png")) == ["bf16_S2.png", "fp32_S2.png", "fp8_S2.png"]
+
+
+def test_supported_devices(monkeypatch):
+    """FP8 needs e4m3 matrix units (CUDA compute capability 8.9+) or, for tests, Triton's interpreter on the CPU."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert fp8.supported("cpu")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert not fp8.supported("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for capability, ok in (((8, 0), False), ((8, 9), True), ((9, 0), True)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        assert fp8.supported("cuda") is ok, capability

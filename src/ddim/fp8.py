@@ -20,6 +20,8 @@ last convolutions) keeps its precision.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import nn
 
@@ -27,10 +29,21 @@ from ddim.fused import available, conv3x3_fused
 from ddim.groupnorm import KernelResnetBlock, group_norm_silu
 from ddim.models.unet import ResnetBlock, require_inference
 
-__all__ = ["E4M3", "quantize_weight", "dequantize_weight", "Fp8ResnetBlock", "swap_fp8_resnet_blocks"]
+__all__ = ["E4M3", "supported", "quantize_weight", "dequantize_weight", "Fp8ResnetBlock", "swap_fp8_resnet_blocks"]
 
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = float(torch.finfo(E4M3).max)  # 448
+
+
+def supported(device: torch.device | str) -> bool:
+    """Whether the e4m3 kernels run on ``device``: a CUDA GPU with FP8 matrix units (compute capability 8.9+: Ada,
+    Hopper and later), or the CPU under Triton's interpreter (tests)."""
+    device = torch.device(device)
+    if not available():
+        return False
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.get_device_capability(device) >= (8, 9)
+    return device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
