@@ -76,7 +76,8 @@ def main(argv=None) -> dict:
     res = info["unet"]["resolution"]
     x_T = torch.randn(args.samples, 3, res, res, generator=torch.Generator().manual_seed(0)).to(device)
     compile = device.type == "cuda"
-    record = dict(benchmark="fid_precision", command=" ".join(["python", "bench/fid_precision.py", *(argv or sys.argv[1:])]),
+    command = " ".join(["python", "bench/fid_precision.py", *(argv or sys.argv[1:])])
+    record = dict(benchmark="fid_precision", command=command,
                   ckpt=args.ckpt, train_steps=info["steps"], samples=args.samples,
                   reference=None if ref is None else int(ref.shape[0]), trajectory="quadratic", eta=0.0,
                   machine=perf.device_info(device), rows=[])
@@ -93,8 +94,8 @@ def main(argv=None) -> dict:
             if not args.no_fid:
                 from ddim.eval.fid import fid_between
 
-                row["fid"] = float(fid_between(u8, ref, ref_key=f"cifar10-train-{ref.shape[0]}", weights_path=args.weights,
-                                               device=device, batch_size=args.batch)["fid"])
+                row["fid"] = float(fid_between(u8, ref, ref_key=f"cifar10-train-{ref.shape[0]}",
+                                               weights_path=args.weights, device=device, batch_size=args.batch)["fid"])
             if name == "fp32":
                 fp32_images[S] = u8
             else:

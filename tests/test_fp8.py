@@ -221,3 +221,27 @@ def test_supported_devices(monkeypatch):
     for capability, ok in (((8, 0), False), ((8, 9), True), ((9, 0), True)):
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
         assert fp8.supported("cuda") is ok, capability
+
+
+def test_deterministic_blocks_use_fixed_configurations(monkeypatch):
+    """Timed configurations may differ between processes, and with them the float32 sums: deterministic inference
+    (prepare_for_inference's default) gives every convolution fixed_config's configuration instead."""
+    from ddim import perf
+    from ddim.models import UNet
+
+    model = UNet(ch=32, out_ch=3, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), dropout=0.0,
+                 in_channels=3, resolution=8).eval()
+    seen = []
+    real = fp8.conv3x3_fused
+    monkeypatch.setattr(fp8, "conv3x3_fused", lambda x, *a, **k: (seen.append((x.shape[-1], k["config"])),
+                                                                 real(x, *a, **k))[1])
+    x, t = torch.randn(1, 3, 8, 8), torch.tensor([5])
+    with torch.no_grad():
+        for deterministic in (True, False):
+            perf.prepare_for_inference(model, dtype="fp32", autocast=False, compile=False, fp8=True,
+                                       deterministic=deterministic)(x, t)
+    fixed, tuned = seen[:len(seen) // 2], seen[len(seen) // 2:]
+    assert {w for w, _ in fixed} == {8, 4}  # both rules: 64 pixels, and 16
+    assert all(cfg == fp8.fixed_config(w * w) for w, cfg in fixed)
+    assert fp8.fixed_config(16) != fp8.fixed_config(64)
+    assert all(cfg is None for _, cfg in tuned)

@@ -32,7 +32,8 @@ from ddim.fused import available, conv3x3_fused
 from ddim.groupnorm import KernelResnetBlock, group_norm_silu
 from ddim.models.unet import ResnetBlock, require_inference
 
-__all__ = ["E4M3", "supported", "quantize_weight", "dequantize_weight", "Fp8ResnetBlock", "swap_fp8_resnet_blocks"]
+__all__ = ["E4M3", "supported", "fixed_config", "quantize_weight", "dequantize_weight", "Fp8ResnetBlock",
+           "swap_fp8_resnet_blocks"]
 
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = float(torch.finfo(E4M3).max)  # 448
@@ -47,6 +48,16 @@ def supported(device: torch.device | str) -> bool:
     if device.type == "cuda":
         return torch.cuda.is_available() and torch.cuda.get_device_capability(device) >= (8, 9)
     return device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def fixed_config(pixels: int) -> tuple[int, int, int, int, int]:
+    """The convolution's (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) for maps of ``pixels`` pixels, without timing.
+
+    A configuration fixes the order of the float32 sums; ``ddim.fused`` otherwise times its candidates in each
+    process, and two processes (two GPUs of one evaluation) could then choose differently and give different
+    images from the same x_T.  These are the choices the timing made on an H200 for every layer of the CIFAR-10
+    U-Net at batch 512 (docs/results/bench, fifteenth round)."""
+    return (64, 128, 128, 4, 4) if pixels <= 16 else (128, 128, 128, 4, 3)
 
 
 def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -76,6 +87,10 @@ class Fp8ResnetBlock(ResnetBlock):
     are non-persistent buffers)."""
 
     min_width: int = 0  # narrower maps run cuDNN in bf16 and the GroupNorm kernel (KernelResnetBlock)
+    tuned: bool = False  # time ddim.fused's configurations per shape (first call) instead of fixed_config's
+
+    def _config(self, x: torch.Tensor) -> tuple[int, ...] | None:
+        return None if self.tuned else fixed_config(x.shape[-2] * x.shape[-1])
 
     def forward(self, x: torch.Tensor, temb_act: torch.Tensor) -> torch.Tensor:
         require_inference(self)
@@ -83,19 +98,20 @@ class Fp8ResnetBlock(ResnetBlock):
             return KernelResnetBlock.forward(self, x, temb_act)
         bias1 = (self.conv1.bias.float() + self.temb_proj(temb_act).float()).contiguous()  # (N, O)
         h, _ = conv3x3_fused(group_norm_silu(x, self.norm1, out_dtype=E4M3), self.conv1_q, bias1,
-                             w_scale=self.conv1_s, out_dtype=x.dtype)
+                             w_scale=self.conv1_s, out_dtype=x.dtype, config=self._config(x))
         skip = x if self.nin_shortcut is None else self.nin_shortcut(x)
         out, _ = conv3x3_fused(group_norm_silu(h, self.norm2, out_dtype=E4M3), self.conv2_q,
                                self.conv2.bias.float().contiguous(), residual=skip, w_scale=self.conv2_s,
-                               out_dtype=x.dtype)
+                               out_dtype=x.dtype, config=self._config(x))
         return out
 
 
-def swap_fp8_resnet_blocks(model: nn.Module, on: bool = True, *, min_width: int = 0) -> nn.Module:
+def swap_fp8_resnet_blocks(model: nn.Module, on: bool = True, *, min_width: int = 0,
+                           tuned: bool = False) -> nn.Module:
     """Make every ``ResnetBlock`` of ``model`` (in place) an ``Fp8ResnetBlock`` (``on=False``: back).
 
-    min_width: blocks on maps narrower than this keep bf16 (cuDNN; at 4x4 and 8x8 the Triton tiles are mostly
-    padding).
+    min_width: blocks on maps narrower than this keep bf16 (cuDNN; slower in the network on an H200).  tuned: time
+    the convolution's configurations per shape instead of ``fixed_config`` (processes may then differ).
 
     The quantised weights are made now from the current ones: swap after loading and casting, on an inference
     copy (``prepare_for_inference(fp8=True)`` makes one).
@@ -106,7 +122,7 @@ def swap_fp8_resnet_blocks(model: nn.Module, on: bool = True, *, min_width: int 
         if isinstance(m, ResnetBlock):
             if on:
                 m.__class__ = Fp8ResnetBlock
-                m.min_width = min_width
+                m.min_width, m.tuned = min_width, tuned
                 for name in ("conv1", "conv2"):
                     w_q, scale = quantize_weight(getattr(m, name).weight)
                     m.register_buffer(f"{name}_q", w_q, persistent=False)
