@@ -153,20 +153,10 @@ def test_kernels_compile_to_e4m3_instructions_for_sm90():
     """Compiled ahead of time for sm_90 (no GPU needed): the convolution multiplies e4m3 by e4m3 on the matrix
     units (wgmma ...e4m3.e4m3, not an upcast to bf16), and the GroupNorm kernel writes e4m3 with the saturating
     conversion."""
-    from test_groupnorm import _fresh_python
+    from test_groupnorm import SM90_PTX, _fresh_python
 
     code = (
-        "import inspect, re, triton\n"
-        "from triton.backends.compiler import GPUTarget\n"
-        "from triton.compiler import ASTSource\n"
-        "from ddim import fused, groupnorm as gnk\n"
-        "def ptx(fn, types, consts, warps, stages=3):\n"
-        "    names = list(inspect.signature(fn.fn).parameters)\n"
-        "    sig = {n: types.get(n, 'i32' if n not in consts else 'constexpr') for n in names}\n"
-        "    src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in consts.items()},\n"
-        "                    attrs={(i,): [['tt.divisibility', 16]] for i, n in enumerate(names) if sig[n][0] == '*'})\n"
-        "    return triton.compile(src, target=GPUTarget('cuda', 90, 32),\n"
-        "                          options={'num_warps': warps, 'num_stages': stages}).asm['ptx']\n"
+        SM90_PTX + "from ddim import fused, groupnorm as gnk\n"
         "conv = ptx(fused._conv3x3_kernel, {'X': '*fp8e4nv', 'W': '*fp8e4nv', 'WS': '*fp32', 'BIAS': '*fp32',\n"
         "           'SCALE': '*fp32', 'SHIFT': '*fp32', 'RES': '*bf16', 'Y': '*bf16', 'PART': '*fp32'},\n"
         "           dict(PROLOGUE=False, PER_SAMPLE_BIAS=True, RESIDUAL=True, STATS=False, GROUP_C=1, SAMPLE_TILES=True,\n"

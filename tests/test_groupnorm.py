@@ -30,6 +30,21 @@ def _fresh_python(code: str, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
 
 
+# in a _fresh_python code string: ptx(kernel, argument types, constexprs, warps) compiles a Triton kernel ahead of
+# time for sm_90 (H100/H200) and returns its PTX (no GPU needed); pointers and the ``divisible`` integer arguments
+# are declared multiples of 16, as Triton's launcher specialises them on a GPU
+SM90_PTX = ("import inspect, re, triton\n"
+            "from triton.backends.compiler import GPUTarget\n"
+            "from triton.compiler import ASTSource\n"
+            "def ptx(fn, types, consts, warps, stages=3, divisible=()):\n"
+            "    names = list(inspect.signature(fn.fn).parameters)\n"
+            "    sig = {n: types.get(n, 'i32' if n not in consts else 'constexpr') for n in names}\n"
+            "    src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in consts.items()},\n"
+            "                    attrs={(i,): [['tt.divisibility', 16]] for i, n in enumerate(names)\n"
+            "                           if sig[n][0] == '*' or n in divisible})\n"
+            "    return triton.compile(src, target=GPUTarget('cuda', 90, 32),\n"
+            "                          options={'num_warps': warps, 'num_stages': stages}).asm['ptx']\n")
+
 # lets Triton lower a kernel (to TTIR and PTX) for an H100/H200 target on a machine without one
 SM90_TARGET = ("import triton\n"
                "from triton.backends.compiler import GPUTarget\n"
@@ -241,21 +256,11 @@ def test_kernel_arithmetic_stays_float32_when_eps_arrives_as_float64():
     network's GroupNorms 2.5x slower than the same kernel launched directly (10.3 vs 4.2 ms per forward on an H200).
     Compiled ahead of time for sm_90 (no GPU needed), the PTX must hold no fp64 arithmetic."""
     code = (
-        "import re, inspect, triton\n"
-        "from triton.backends.compiler import GPUTarget\n"
-        "from triton.compiler import ASTSource\n"
-        "from ddim import groupnorm as gnk\n"
-        "fn = gnk._group_norm_kernel\n"
-        "names = list(inspect.signature(fn.fn).parameters)\n"
-        "types = {'X': '*bf16', 'ADD': '*fp32', 'W': '*fp32', 'B': '*fp32', 'OUT': '*bf16', 'HW': 'i32', 'C': 'i32',\n"
-        "         'eps': 'fp64'}\n"
+        SM90_PTX + "from ddim import groupnorm as gnk\n"
         "cbe, cb, cg, pb = gnk._blocks(128, 32, 32 * 32)  # the first norms of the CIFAR-10 U-Net\n"
-        "consts = dict(CBE=cbe, CB=cb, CG=cg, NG=cbe // cg, PB=pb, EVEN=True, HAS_ADD=True, SILU=True,\n"
-        "              ONE_PASS=pb >= 1024, SAT=0.0, ROUND_E4M3=False)\n"
-        "src = ASTSource(fn=fn, signature={n: types.get(n, 'constexpr') for n in names},\n"
-        "                constexprs={(names.index(k),): v for k, v in consts.items()},\n"
-        "                attrs={(i,): [['tt.divisibility', 16]] for i in range(7)})\n"
-        "ptx = triton.compile(src, target=GPUTarget('cuda', 90, 32), options={'num_warps': gnk._warps(cb, pb)}).asm['ptx']\n"
+        "ptx = ptx(gnk._group_norm_kernel, {'X': '*bf16', 'ADD': '*fp32', 'W': '*fp32', 'B': '*fp32', 'OUT': '*bf16',\n"
+        "          'eps': 'fp64'}, dict(CBE=cbe, CB=cb, CG=cg, NG=cbe // cg, PB=pb, EVEN=True, HAS_ADD=True, SILU=True,\n"
+        "          ONE_PASS=pb >= 1024, SAT=0.0, ROUND_E4M3=False), gnk._warps(cb, pb), divisible=('HW', 'C'))\n"
         "print('F64', sorted(set(re.findall(r'\\b(?:add|sub|mul|fma|div|sqrt|rcp|rsqrt|ex2|neg|max|min)\\.[\\w.]*f64', ptx))))\n"
         "print('V4', len(re.findall(r'ld\\.global(?:\\.\\w+)*\\.v4', ptx)))\n")
     proc = _fresh_python(code)
