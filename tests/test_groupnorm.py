@@ -45,6 +45,15 @@ SM90_PTX = ("import inspect, re, triton\n"
             "    return triton.compile(src, target=GPUTarget('cuda', 90, 32),\n"
             "                          options={'num_warps': warps, 'num_stages': stages}).asm['ptx']\n")
 
+def _sm90_stdout(code: str) -> str:
+    """Run ``SM90_PTX + code`` in a fresh interpreter; its stdout (skips where Triton's ptxas is missing)."""
+    proc = _fresh_python(SM90_PTX + code)
+    if proc.returncode != 0 and "ptxas" in proc.stderr.lower() and "not found" in proc.stderr.lower():
+        pytest.skip("Triton's bundled ptxas is missing: cannot compile for sm_90 here")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
 # lets Triton lower a kernel (to TTIR and PTX) for an H100/H200 target on a machine without one
 SM90_TARGET = ("import triton\n"
                "from triton.backends.compiler import GPUTarget\n"
@@ -255,21 +264,17 @@ def test_kernel_arithmetic_stays_float32_when_eps_arrives_as_float64():
     the kernel casts it, every normalised element and its SiLU are then computed in fp64, which made the compiled
     network's GroupNorms 2.5x slower than the same kernel launched directly (10.3 vs 4.2 ms per forward on an H200).
     Compiled ahead of time for sm_90 (no GPU needed), the PTX must hold no fp64 arithmetic."""
-    code = (
-        SM90_PTX + "from ddim import groupnorm as gnk\n"
+    out = _sm90_stdout(
+        "from ddim import groupnorm as gnk\n"
         "cbe, cb, cg, pb = gnk._blocks(128, 32, 32 * 32)  # the first norms of the CIFAR-10 U-Net\n"
         "ptx = ptx(gnk._group_norm_kernel, {'X': '*bf16', 'ADD': '*fp32', 'W': '*fp32', 'B': '*fp32', 'OUT': '*bf16',\n"
         "          'eps': 'fp64'}, dict(CBE=cbe, CB=cb, CG=cg, NG=cbe // cg, PB=pb, EVEN=True, HAS_ADD=True, SILU=True,\n"
         "          ONE_PASS=pb >= 1024, SAT=0.0, ROUND_E4M3=False), gnk._warps(cb, pb), divisible=('HW', 'C'))\n"
         "print('F64', sorted(set(re.findall(r'\\b(?:add|sub|mul|fma|div|sqrt|rcp|rsqrt|ex2|neg|max|min)\\.[\\w.]*f64', ptx))))\n"
         "print('V4', len(re.findall(r'ld\\.global(?:\\.\\w+)*\\.v4', ptx)))\n")
-    proc = _fresh_python(code)
-    if proc.returncode != 0 and "ptxas" in proc.stderr.lower() and "not found" in proc.stderr.lower():
-        pytest.skip("Triton's bundled ptxas is missing: cannot compile for sm_90 here")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "F64 []" in proc.stdout, proc.stdout  # no double-precision arithmetic
-    v4 = int(proc.stdout.split("V4 ")[1].split()[0])
-    assert v4 >= 8, proc.stdout  # full tiles: the activation loads are vectorised (8 per thread)
+    assert "F64 []" in out, out  # no double-precision arithmetic
+    v4 = int(out.split("V4 ")[1].split()[0])
+    assert v4 >= 8, out  # full tiles: the activation loads are vectorised (8 per thread)
 
 
 def test_inductor_sees_the_kernel_write_only_its_output():
