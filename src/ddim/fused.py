@@ -38,7 +38,7 @@ import os
 import torch
 from torch import nn
 
-from ddim.groupnorm import KernelResnetBlock
+from ddim.groupnorm import FP8_DTYPES, KernelResnetBlock
 from ddim.models.unet import ResnetBlock, require_inference
 from ddim.perf import group_stats_by_channel, pool_mean_var
 
@@ -256,7 +256,6 @@ FP8_CONFIGS: tuple[tuple[int, int, int, int, int], ...] = (
     (128, 128, 128, 4, 3), (128, 128, 128, 8, 4), (128, 256, 128, 8, 3), (256, 128, 128, 8, 3), (64, 128, 128, 4, 4),
     (128, 128, 64, 4, 4),
 )
-FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 _TUNED: dict[tuple, tuple[int, int, int, int, int]] = {}
 
 

@@ -211,9 +211,12 @@ def kernel_takes(x: torch.Tensor, groups: int) -> bool:
             and _blocks(x.shape[1], groups, x.shape[2] * x.shape[3]) is not None)
 
 
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
 def _saturation(dtype: torch.dtype) -> float:
     """The largest finite value of an fp8 ``dtype`` (outputs are clamped to it), else 0 (no clamp)."""
-    return float(torch.finfo(dtype).max) if dtype in (torch.float8_e4m3fn, torch.float8_e5m2) else 0.0
+    return float(torch.finfo(dtype).max) if dtype in FP8_DTYPES else 0.0
 
 
 def _launch(x, add, weight, bias, eps, groups, silu, out_dtype=None):
