@@ -5,6 +5,8 @@ Stages (each can run alone, so a run can span several commands of one machine):
   train  -- the official CIFAR-10 U-Net and recipe (Adam 2e-4, clip 1.0, batch 128, antithetic t, random
             horizontal flips) with the fast step of ``ddim.perf`` (bf16, channels_last, compile, fused
             Adam, foreach EMA), for a fixed wall-clock budget. The data set lives on the GPU as uint8.
+            ``--resume`` goes on from OUT/ckpt.pt (weights, Adam state, data order, RNG), so training
+            longer than one command's time limit runs as several commands.
   eval   -- Table 1: FID of N samples (default 5,000) against the training set for eta in {0, 1, hat}
             and S in {10, 20, 50, 100} (quadratic timesteps as the paper for CIFAR-10, the same x_T for every cell), FID-vs-S plot and
             sample grids; Table 2: reconstruction error of test images encoded to x_T with eta = 0 and
@@ -81,21 +83,32 @@ def train(args) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
+    config = TINY if args.tiny else CIFAR10
     x_train = load_split(args.data, "train", args.limit).to(device)
     log(f"train images {tuple(x_train.shape)} on {device} ({time.time() - t_start:.1f}s)")
+    n, b = x_train.shape[0], min(args.batch, x_train.shape[0])
+    prev = resume_training(args, config, b, out / "ckpt.pt") if args.resume else None
     torch.manual_seed(args.seed)
-    config = TINY if args.tiny else CIFAR10
     model = UNet(**config).to(device)
     ac = make_alphas_cumprod(beta_schedule("linear", T=1000))
     step = perf.DiffusionTrainStep(model, ac, lr=args.lr, grad_clip=1.0, ema_decay=args.ema, fast=args.fast,
                                    backend=args.backend, compile_mode=args.compile_mode or None)
-    n, b = x_train.shape[0], min(args.batch, x_train.shape[0])
+    losses, it, spent = [], 0, 0.0
+    perm, pos = torch.randperm(n, device=device), 0
+    if prev is not None:  # go on exactly where the saved run stopped: weights, Adam moments, data order, RNG
+        step.model.load_state_dict(prev["model"])
+        step.ema.load_state_dict(prev["ema"])
+        step.optimizer.load_state_dict(prev["optimizer"])
+        losses, it, spent = prev["losses"], prev["steps"], prev["train_seconds"]
+        perm, pos = prev["perm"].to(device), prev["pos"]
+        torch.set_rng_state(prev["rng"]["cpu"])
+        if device.type == "cuda" and prev["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state(prev["rng"]["cuda"], device)
+        log(f"resumed at step {it} ({spent:.0f}s trained) from {out / 'ckpt.pt'}")
     budget = args.minutes * 60
-    losses, it, t0 = [], 0, time.time()
+    start_it, t0 = it, time.time()
     loss_acc = torch.zeros((), device=device)
-    perm = torch.randperm(n, device=device)
-    pos = 0
-    while True:
+    while not (args.max_steps and it >= args.max_steps):
         if pos + b > n:
             perm, pos = torch.randperm(n, device=device), 0
         idx = perm[pos:pos + b]
@@ -105,24 +118,50 @@ def train(args) -> None:
         x0 = torch.where(flip, x0.flip(3), x0)
         loss_acc += step(x0)
         it += 1
-        if it % args.log_every == 0 or it == 1:
-            mean_loss = (loss_acc / (1 if it == 1 else args.log_every)).item()  # one sync per log line
+        if it % args.log_every == 0 or it == start_it + 1:
+            mean_loss = (loss_acc / (1 if it == start_it + 1 else args.log_every)).item()  # one sync per log line
             loss_acc.zero_()
             el = time.time() - t0
-            losses.append(dict(step=it, loss=mean_loss, seconds=el))
-            log(f"step {it} loss {mean_loss:.2f} ({it / el:.1f} it/s)")
-            if el > budget or (args.max_steps and it >= args.max_steps):
+            losses.append(dict(step=it, loss=mean_loss, seconds=spent + el))
+            log(f"step {it} loss {mean_loss:.2f} ({(it - start_it) / el:.1f} it/s)")
+            if el > budget:
                 break
     perf.synchronize(device)
-    train_s = time.time() - t0
-    ema_sd = {k: v.detach().cpu() for k, v in step.ema.state_dict().items()}
-    torch.save(dict(ema=ema_sd, model={k: v.detach().cpu() for k, v in step.model.state_dict().items()},
-                    unet=config, steps=it, train_seconds=train_s, ema_decay=args.ema, lr=args.lr, batch=b,
-                    losses=losses, machine=perf.device_info(device)), out / "ckpt.pt")
-    json.dump(dict(steps=it, train_seconds=train_s, it_per_s=it / train_s, losses=losses, batch=b, ema=args.ema,
-                   machine=perf.device_info(device), command=" ".join(sys.argv)),
+    run_s = time.time() - t0
+    train_s = spent + run_s
+    rng = dict(cpu=torch.get_rng_state(), cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+    ckpt = dict(ema={k: v.detach().cpu() for k, v in step.ema.state_dict().items()},
+                model={k: v.detach().cpu() for k, v in step.model.state_dict().items()},
+                optimizer=step.optimizer.state_dict(), perm=perm.cpu(), pos=pos, rng=rng,
+                unet=config, steps=it, train_seconds=train_s, ema_decay=args.ema, lr=args.lr, batch=b,
+                limit=args.limit, losses=losses, machine=perf.device_info(device))
+    torch.save(ckpt, out / "ckpt.pt.tmp")
+    (out / "ckpt.pt.tmp").replace(out / "ckpt.pt")  # a cut while saving keeps the previous checkpoint
+    json.dump(dict(steps=it, train_seconds=train_s, it_per_s=(it - start_it) / run_s, losses=losses, batch=b,
+                   ema=args.ema, resumed_from=start_it or None, machine=perf.device_info(device),
+                   command=" ".join(sys.argv)),
               open(out / "train.json", "w"), indent=1)
-    log(f"trained {it} steps in {train_s:.0f}s ({it / train_s:.1f} it/s); saved {out / 'ckpt.pt'}")
+    log(f"trained {it - start_it} steps in {run_s:.0f}s ({(it - start_it) / run_s:.1f} it/s), {it} in all; "
+        f"saved {out / 'ckpt.pt'}")
+
+
+def resume_training(args, config: dict, batch: int, path: Path) -> dict:
+    """The checkpoint a ``train --resume`` goes on from, refused (unchanged on disk) when its settings differ."""
+    if not path.is_file():
+        raise SystemExit(f"train --resume: no checkpoint at {path}; run train without --resume first")
+    prev = torch.load(path, map_location="cpu", weights_only=False)  # our own file; holds a TorchVersion
+    if "optimizer" not in prev:
+        raise SystemExit(f"train --resume: {path} has no optimizer state (written before training could resume); "
+                         f"train anew without --resume")
+    want = dict(unet=config, ema_decay=args.ema, lr=args.lr, batch=batch, limit=args.limit)
+    differ = [f"{k}: checkpoint {prev.get(k)!r}, now {v!r}" for k, v in want.items() if prev.get(k) != v]
+    if differ:
+        raise SystemExit(f"train --resume: {path} was trained with other settings ({'; '.join(differ)}); "
+                         f"give the checkpoint's settings or train anew without --resume")
+    if args.max_steps and prev["steps"] >= args.max_steps:
+        raise SystemExit(f"train --resume: {path} already has {prev['steps']} steps, not below "
+                         f"--max-steps {args.max_steps}")
+    return prev
 
 
 # ----------------------------------------------------------------------------- eval
@@ -411,7 +450,8 @@ def parse(argv=None):
     p.add_argument("--ref-key", default="cifar10_jpeg_q75_train")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true",
-                   help="keep the finished cells of OUT/results.json (same run and settings) and compute the rest")
+                   help="train: go on from OUT/ckpt.pt (same settings; --minutes more, --max-steps in all); "
+                        "eval: keep the finished cells of OUT/results.json (same run and settings), compute the rest")
     a = p.parse_args(argv)
     if a.batch is None:
         a.batch = 1000 if a.stage == "eval" else 128

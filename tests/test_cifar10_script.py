@@ -66,17 +66,22 @@ def test_train_then_eval_writes_tables_plot_and_grids(tmp_path: Path) -> None:
         assert Image.open(out / name).size[0] > 32
 
 
+def load_script():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("cifar10_gpu", ROOT / "scripts" / "cifar10_gpu.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def tiny_run_with_fid_stand_in(tmp_path: Path, monkeypatch):
     """The script as a module, a tiny CPU model trained 2 steps into tmp_path/run, and its FID replaced by a
     stand-in that returns 11, 12, ... and records the shapes it was given (the real FID needs the
     Inception weights; ddim.eval.fid is tested elsewhere)."""
-    import importlib.util
-
     pack, out = tmp_path / "pack.npz", tmp_path / "run"
     make_pack(pack)
-    spec = importlib.util.spec_from_file_location("cifar10_gpu", ROOT / "scripts" / "cifar10_gpu.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_script()
     common = ["--no-fast", "--device", "cpu", "--data", str(pack), "--out", str(out)]
     mod.main(["train", "--tiny", *common, "--batch", "8", "--max-steps", "2", "--log-every", "1"])
     calls = []
@@ -126,6 +131,41 @@ def test_eval_resume_computes_only_the_missing_cells(tmp_path: Path, monkeypatch
     with pytest.raises(SystemExit, match=r"samples: 4 there, 6 here"):
         mod.main(["eval", *common, *cells[2:], "--samples", "6", "--steps", "2", "--resume"])
     assert (out / "results.json").read_bytes() == before and len(calls) == 2
+
+
+@pytest.mark.slow
+def test_train_resume_equals_one_uninterrupted_run_and_refuses_other_settings(tmp_path: Path) -> None:
+    """Training cut after 3 steps and resumed to 6 ends with the weights, EMA, Adam state and losses of a run
+    of 6: the checkpoint holds the optimizer, the data order and the RNG."""
+    import torch
+
+    mod, pack = load_script(), tmp_path / "pack.npz"
+    make_pack(pack)
+    common = ["train", "--tiny", "--no-fast", "--device", "cpu", "--data", str(pack), "--batch", "8",
+              "--log-every", "1"]
+    mod.main([*common, "--out", str(tmp_path / "once"), "--max-steps", "6"])
+    mod.main([*common, "--out", str(tmp_path / "cut"), "--max-steps", "3"])
+    mod.main([*common, "--out", str(tmp_path / "cut"), "--max-steps", "6", "--resume"])
+    once, cut = (torch.load(tmp_path / d / "ckpt.pt", weights_only=False) for d in ("once", "cut"))
+    assert once["steps"] == cut["steps"] == 6
+    for part in ("model", "ema"):
+        assert all(torch.equal(once[part][k], cut[part][k]) for k in once[part]), part
+    adam_once, adam_cut = once["optimizer"]["state"], cut["optimizer"]["state"]
+    assert float(adam_cut[0]["step"]) == 6
+    assert all(torch.equal(adam_once[i]["exp_avg_sq"], adam_cut[i]["exp_avg_sq"]) for i in adam_once)
+    assert [(r["step"], r["loss"]) for r in cut["losses"]] == [(r["step"], r["loss"]) for r in once["losses"]]
+    assert json.loads((tmp_path / "cut" / "train.json").read_text())["resumed_from"] == 3
+
+    # other settings, or nothing left to do: a clear error, and the checkpoint stays as it was
+    before = (tmp_path / "cut" / "ckpt.pt").read_bytes()
+    for extra, match in ((["--ema", "0.99", "--max-steps", "9"], r"ema_decay: checkpoint 0.9995, now 0.99"),
+                         (["--max-steps", "6"], r"already has 6 steps"),
+                         (["--limit", "16", "--max-steps", "9"], r"limit: checkpoint None, now 16")):
+        with pytest.raises(SystemExit, match=match):
+            mod.main([*common, "--out", str(tmp_path / "cut"), "--resume", *extra])
+    assert (tmp_path / "cut" / "ckpt.pt").read_bytes() == before
+    with pytest.raises(SystemExit, match=r"no checkpoint at .*none.*ckpt.pt"):
+        mod.main([*common, "--out", str(tmp_path / "none"), "--resume"])
 
 
 @pytest.mark.parametrize("args, match", [(("--etas", "0,-1"), "--etas"), (("--nfe", "5,x"), "--nfe"),
