@@ -106,7 +106,8 @@ def train(args) -> None:
             torch.cuda.set_rng_state(prev["rng"]["cuda"], device)
         log(f"resumed at step {it} ({spent:.0f}s trained) from {out / 'ckpt.pt'}")
     budget = args.minutes * 60
-    start_it, t0 = it, time.time()
+    start_it = logged_at = it
+    t0 = time.time()
     loss_acc = torch.zeros((), device=device)
     while not (args.max_steps and it >= args.max_steps):
         if pos + b > n:
@@ -118,9 +119,10 @@ def train(args) -> None:
         x0 = torch.where(flip, x0.flip(3), x0)
         loss_acc += step(x0)
         it += 1
-        if it % args.log_every == 0 or it == start_it + 1:
-            mean_loss = (loss_acc / (1 if it == start_it + 1 else args.log_every)).item()  # one sync per log line
+        if it % args.log_every == 0 or it == start_it + 1 or it == args.max_steps:
+            mean_loss = (loss_acc / (it - logged_at)).item()  # the steps since the last line; one sync per line
             loss_acc.zero_()
+            logged_at = it
             el = time.time() - t0
             losses.append(dict(step=it, loss=mean_loss, seconds=spent + el))
             log(f"step {it} loss {mean_loss:.2f} ({(it - start_it) / el:.1f} it/s)")

@@ -155,6 +155,14 @@ def test_train_resume_equals_one_uninterrupted_run_and_refuses_other_settings(tm
     assert all(torch.equal(adam_once[i]["exp_avg_sq"], adam_cut[i]["exp_avg_sq"]) for i in adam_once)
     assert [(r["step"], r["loss"]) for r in cut["losses"]] == [(r["step"], r["loss"]) for r in once["losses"]]
     assert json.loads((tmp_path / "cut" / "train.json").read_text())["resumed_from"] == 3
+    # a log line holds the mean loss of the steps since the line before (a resumed run's first line: one step)
+    loss = {r["step"]: r["loss"] for r in once["losses"]}  # --log-every 1: every step's own loss
+    mod.main([*common[:-1], "4", "--out", str(tmp_path / "every4"), "--max-steps", "2"])
+    mod.main([*common[:-1], "4", "--out", str(tmp_path / "every4"), "--max-steps", "6", "--resume"])
+    lines = torch.load(tmp_path / "every4" / "ckpt.pt", weights_only=False)["losses"]
+    assert [r["step"] for r in lines] == [1, 2, 3, 4, 6]
+    expect = [loss[1], loss[2], loss[3], loss[4], (loss[5] + loss[6]) / 2]
+    assert [r["loss"] for r in lines] == pytest.approx(expect, rel=1e-6)
 
     # other settings, or nothing left to do: a clear error, and the checkpoint stays as it was
     before = (tmp_path / "cut" / "ckpt.pt").read_bytes()
