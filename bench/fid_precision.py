@@ -7,6 +7,7 @@ against the training images, and per variant the uint8 pixel differences against
 
     python bench/fid_precision.py --ckpt run/ckpt.pt --data cifar10_jpeg_q75.npz --weights inception.pth
     python bench/fid_precision.py --tiny --device cpu --no-fid     # seconds on a CPU (a random tiny model)
+    python bench/fid_precision.py --ckpt run/ckpt.pt ... --steps 10 --fp8-min-widths 32,16,8   # where e4m3 costs
 
 --ckpt is ``scripts/cifar10_gpu.py train``'s ckpt.pt (the U-Net's config and its EMA weights).
 """
@@ -30,13 +31,25 @@ TINY = dict(ch=32, out_ch=3, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=
             resolution=16, resamp_with_conv=True)
 
 
-def variants(compile: bool) -> dict[str, dict]:
-    """name -> prepare_for_inference keywords (None: the fp32 model itself)."""
+def variants(compile: bool, fp8_min_widths: tuple[int, ...] = ()) -> dict[str, dict]:
+    """name -> prepare_for_inference keywords (None: the fp32 model itself).  ``fp8-wN``: only the blocks on maps
+    at least N wide run e4m3 (where in the network e4m3 costs quality)."""
+    fp8 = dict(compile=compile, fp8=True, compile_mode="reduce-overhead" if compile else None)
     return {
         "fp32": None,
         "bf16": dict(compile=compile),  # what sampler.fast runs
-        "fp8": dict(compile=compile, fp8=True, compile_mode="reduce-overhead" if compile else None),
+        "fp8": fp8,
+        **{f"fp8-w{w}": dict(fp8, fp8_min_width=w) for w in fp8_min_widths},
     }
+
+
+def image_stats(u8: torch.Tensor) -> dict[str, float]:
+    """Contrast (mean over images of the pixel standard deviation) and detail (mean |difference| of horizontal and
+    vertical neighbours), both in 8-bit levels: a path that softens the samples lowers both, which FID shows
+    only with many samples."""
+    x = u8.float()
+    detail = ((x[..., 1:] - x[..., :-1]).abs().mean() + (x[..., 1:, :] - x[..., :-1, :]).abs().mean()) / 2
+    return dict(contrast=x.flatten(1).std(dim=1).mean().item(), detail=detail.item())
 
 
 def main(argv=None) -> dict:
@@ -52,8 +65,14 @@ def main(argv=None) -> dict:
     p.add_argument("--tiny", action="store_true", help="a random tiny U-Net, 8 samples, S = 2 (CPU smoke test)")
     p.add_argument("--no-fid", action="store_true", help="pixel differences only")
     p.add_argument("--grids", default=None, help="folder for 8x8 sample grids of each variant and S")
+    p.add_argument("--fp8-min-widths", default="",
+                   help="comma list N: also fp8 with only the blocks on maps >= N wide in e4m3 (variant fp8-wN)")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
+    try:
+        min_widths = tuple(int(w) for w in args.fp8_min_widths.split(",") if w.strip())
+    except ValueError:
+        p.error(f"--fp8-min-widths must be a comma list of map widths, got {args.fp8_min_widths!r}")
     if not args.tiny and not args.ckpt:
         p.error("--ckpt is required (or --tiny)")
     steps = [int(s) for s in args.steps.split(",")]
@@ -82,7 +101,7 @@ def main(argv=None) -> dict:
                   reference=None if ref is None else int(ref.shape[0]), trajectory="quadratic", eta=0.0,
                   machine=perf.device_info(device), rows=[])
     fp32_images = {}
-    for name, kw in variants(compile).items():
+    for name, kw in variants(compile, min_widths).items():
         eps = model if kw is None else perf.prepare_for_inference(model, **kw)
         for S in steps:
             generate(eps, x_T[:args.batch], ac, S, 0.0, args.batch, 0, "quadratic")  # warm-up (compilation)
@@ -90,7 +109,7 @@ def main(argv=None) -> dict:
             t0 = time.perf_counter()
             u8 = generate(eps, x_T, ac, S, 0.0, args.batch, 0, "quadratic")
             perf.synchronize(device)
-            row = dict(variant=name, S=S, images_per_s=args.samples / (time.perf_counter() - t0))
+            row = dict(variant=name, S=S, images_per_s=args.samples / (time.perf_counter() - t0), **image_stats(u8))
             if not args.no_fid:
                 from ddim.eval.fid import fid_between
 
@@ -114,7 +133,7 @@ def main(argv=None) -> dict:
         del eps
     cols = [("variant", "variant", ""), ("S", "S", ""), ("fid", "FID", ".2f"), ("images_per_s", "images/s", ".0f"),
             ("u8_mean_abs_vs_fp32", "mean |d| (u8)", ".2f"), ("u8_p99_abs_vs_fp32", "p99 |d|", ".0f"),
-            ("u8_changed_vs_fp32", "px changed", ".1%")]
+            ("u8_changed_vs_fp32", "px changed", ".1%"), ("contrast", "contrast (std)", ".2f"), ("detail", "detail (\|Δ\| nbr)", ".2f")]
     print(f"# FID vs precision, {record['samples']} samples, {perf.device_info(device).get('gpu') or 'CPU'}")
     print(perf.format_table(record["rows"], cols))
     return record

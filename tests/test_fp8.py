@@ -185,16 +185,39 @@ def test_fid_precision_benchmark_runs_tiny_cpu(tmp_path):
     out = tmp_path / "f.json"
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO / "src"), "CUDA_VISIBLE_DEVICES": ""}
     proc = subprocess.run([sys.executable, str(REPO / "bench" / "fid_precision.py"), "--tiny", "--device", "cpu",
-                           "--no-fid", "--grids", str(tmp_path), "--json", str(out)],
+                           "--no-fid", "--grids", str(tmp_path), "--json", str(out), "--fp8-min-widths", "99"],
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads(out.read_text())["rows"]
-    assert [(r["variant"], r["S"]) for r in rows] == [("fp32", 2), ("bf16", 2), ("fp8", 2)]
+    assert [(r["variant"], r["S"]) for r in rows] == [("fp32", 2), ("bf16", 2), ("fp8", 2), ("fp8-w99", 2)]
     assert "u8_mean_abs_vs_fp32" not in rows[0]
-    # e4m3 moves the samples, by more than the bf16 path does
+    # e4m3 moves the samples, by more than the bf16 path does; with no map 99 wide, fp8-w99 runs no block in e4m3
     assert 0 < rows[1]["u8_mean_abs_vs_fp32"] < rows[2]["u8_mean_abs_vs_fp32"]
+    assert rows[3]["u8_mean_abs_vs_fp32"] < rows[2]["u8_mean_abs_vs_fp32"] / 2
     assert all(0 < r["u8_changed_vs_fp32"] <= 1 for r in rows[1:])
-    assert sorted(p.name for p in tmp_path.glob("*_S2.png")) == ["bf16_S2.png", "fp32_S2.png", "fp8_S2.png"]
+    assert all(r["contrast"] > 0 and r["detail"] > 0 for r in rows)
+    assert sorted(p.name for p in tmp_path.glob("*_S2.png")) == ["bf16_S2.png", "fp32_S2.png", "fp8-w99_S2.png",
+                                                                  "fp8_S2.png"]
+
+
+def test_fid_precision_image_stats_measure_contrast_and_detail():
+    import importlib.util
+
+    from conftest import REPO
+
+    spec = importlib.util.spec_from_file_location("fid_precision", REPO / "bench" / "fid_precision.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    flat = torch.full((2, 3, 8, 8), 100, dtype=torch.uint8)
+    assert bench.image_stats(flat) == {"contrast": 0.0, "detail": 0.0}
+    stripes = flat.clone()
+    stripes[..., ::2] = 0  # vertical stripes 0 / 100: every horizontal neighbour differs by 100, no vertical one
+    stats = bench.image_stats(stripes)
+    assert stats["detail"] == pytest.approx(50.0)
+    assert stats["contrast"] == pytest.approx(torch.tensor([0.0, 100.0]).repeat(96).std().item())
+    # a blur lowers both
+    blurred = torch.nn.functional.avg_pool2d(stripes.float(), 3, 1, 1, count_include_pad=False).round().to(torch.uint8)
+    assert all(v < stats[k] for k, v in bench.image_stats(blurred).items())
 
 
 def test_supported_devices(monkeypatch):
