@@ -8,6 +8,7 @@ against the training images, and per variant the uint8 pixel differences against
     python bench/fid_precision.py --ckpt run/ckpt.pt --data cifar10_jpeg_q75.npz --weights inception.pth
     python bench/fid_precision.py --tiny --device cpu --no-fid     # seconds on a CPU (a random tiny model)
     python bench/fid_precision.py --ckpt run/ckpt.pt ... --steps 10 --fp8-min-widths 32,16,8   # where e4m3 costs
+    python bench/fid_precision.py --ckpt run/ckpt.pt ... --fp8-max-widths 16     # the 32x32 blocks kept in bf16
 
 --ckpt is ``scripts/cifar10_gpu.py train``'s ckpt.pt (the U-Net's config and its EMA weights).
 """
@@ -31,15 +32,17 @@ TINY = dict(ch=32, out_ch=3, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=
             resolution=16, resamp_with_conv=True)
 
 
-def variants(compile: bool, fp8_min_widths: tuple[int, ...] = ()) -> dict[str, dict]:
+def variants(compile: bool, fp8_min_widths: tuple[int, ...] = (), fp8_max_widths: tuple[int, ...] = ()
+             ) -> dict[str, dict]:
     """name -> prepare_for_inference keywords (None: the fp32 model itself).  ``fp8-wN``: only the blocks on maps
-    at least N wide run e4m3 (where in the network e4m3 costs quality)."""
+    at least N wide run e4m3, ``fp8-maxN``: only those at most N wide (where in the network e4m3 costs quality)."""
     fp8 = dict(compile=compile, fp8=True, compile_mode="reduce-overhead" if compile else None)
     return {
         "fp32": None,
         "bf16": dict(compile=compile),  # what sampler.fast runs
         "fp8": fp8,
         **{f"fp8-w{w}": dict(fp8, fp8_min_width=w) for w in fp8_min_widths},
+        **{f"fp8-max{w}": dict(fp8, fp8_max_width=w) for w in fp8_max_widths},
     }
 
 
@@ -67,12 +70,16 @@ def main(argv=None) -> dict:
     p.add_argument("--grids", default=None, help="folder for 8x8 sample grids of each variant and S")
     p.add_argument("--fp8-min-widths", default="",
                    help="comma list N: also fp8 with only the blocks on maps >= N wide in e4m3 (variant fp8-wN)")
+    p.add_argument("--fp8-max-widths", default="",
+                   help="comma list N: also fp8 with only the blocks on maps <= N wide in e4m3 (variant fp8-maxN)")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
-    try:
-        min_widths = tuple(int(w) for w in args.fp8_min_widths.split(",") if w.strip())
-    except ValueError:
-        p.error(f"--fp8-min-widths must be a comma list of map widths, got {args.fp8_min_widths!r}")
+    widths = {}
+    for name in ("fp8_min_widths", "fp8_max_widths"):
+        value = getattr(args, name)
+        if not all(w.strip().isdigit() and int(w) > 0 for w in value.split(",") if w.strip()):
+            p.error(f"--{name.replace('_', '-')} must be a comma list of positive map widths, got {value!r}")
+        widths[name] = tuple(int(w) for w in value.split(",") if w.strip())
     if not args.tiny and not args.ckpt:
         p.error("--ckpt is required (or --tiny)")
     steps = [int(s) for s in args.steps.split(",")]
@@ -101,7 +108,7 @@ def main(argv=None) -> dict:
                   reference=None if ref is None else int(ref.shape[0]), trajectory="quadratic", eta=0.0,
                   machine=perf.device_info(device), rows=[])
     fp32_images = {}
-    for name, kw in variants(compile, min_widths).items():
+    for name, kw in variants(compile, widths["fp8_min_widths"], widths["fp8_max_widths"]).items():
         eps = model if kw is None else perf.prepare_for_inference(model, **kw)
         for S in steps:
             generate(eps, x_T[:args.batch], ac, S, 0.0, args.batch, 0, "quadratic")  # warm-up (compilation)

@@ -132,6 +132,13 @@ def test_fp8_resnet_blocks_give_the_quantised_unets_output_with_the_same_keys():
                                             fp8_min_width=16)
         narrow(x, t)
     assert sorted(set(widths)) == [16] and len(widths) == 2 * 3  # 3 of the 8 blocks on 16x16 maps, 2 convs each
+    # max_width: the other way round, only the blocks on 8-wide maps in e4m3
+    widths.clear()
+    with pytest.MonkeyPatch.context() as mp, torch.no_grad():
+        mp.setattr(fused, "_conv3x3_impl", lambda x, *a, **k: (widths.append(x.shape[-1]), real(x, *a, **k))[1])
+        perf.prepare_for_inference(model, dtype="fp32", autocast=False, compile=False, fp8=True,
+                                   fp8_max_width=8)(x, t)
+    assert sorted(set(widths)) == [8] and len(widths) == 2 * 5
     fp8.swap_fp8_resnet_blocks(fast.model, on=False)
     assert not any(isinstance(m, fp8.Fp8ResnetBlock) for m in fast.modules())
     assert not any(k.endswith(("_q", "_s")) for k, _ in fast.model.named_buffers())
@@ -185,19 +192,23 @@ def test_fid_precision_benchmark_runs_tiny_cpu(tmp_path):
     out = tmp_path / "f.json"
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO / "src"), "CUDA_VISIBLE_DEVICES": ""}
     proc = subprocess.run([sys.executable, str(REPO / "bench" / "fid_precision.py"), "--tiny", "--device", "cpu",
-                           "--no-fid", "--grids", str(tmp_path), "--json", str(out), "--fp8-min-widths", "99"],
+                           "--no-fid", "--grids", str(tmp_path), "--json", str(out), "--fp8-min-widths", "99",
+                           "--fp8-max-widths", "4"],
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads(out.read_text())["rows"]
-    assert [(r["variant"], r["S"]) for r in rows] == [("fp32", 2), ("bf16", 2), ("fp8", 2), ("fp8-w99", 2)]
+    assert [(r["variant"], r["S"]) for r in rows] == [("fp32", 2), ("bf16", 2), ("fp8", 2), ("fp8-w99", 2),
+                                                      ("fp8-max4", 2)]
     assert "u8_mean_abs_vs_fp32" not in rows[0]
-    # e4m3 moves the samples, by more than the bf16 path does; with no map 99 wide, fp8-w99 runs no block in e4m3
+    # e4m3 moves the samples, by more than the bf16 path does; with no map 99 wide (or 4 narrow), fp8-w99 (fp8-max4)
+    # runs no block in e4m3
     assert 0 < rows[1]["u8_mean_abs_vs_fp32"] < rows[2]["u8_mean_abs_vs_fp32"]
     assert rows[3]["u8_mean_abs_vs_fp32"] < rows[2]["u8_mean_abs_vs_fp32"] / 2
+    assert rows[4]["u8_mean_abs_vs_fp32"] == rows[3]["u8_mean_abs_vs_fp32"]
     assert all(0 < r["u8_changed_vs_fp32"] <= 1 for r in rows[1:])
     assert all(r["contrast"] > 0 and r["detail"] > 0 for r in rows)
-    assert sorted(p.name for p in tmp_path.glob("*_S2.png")) == ["bf16_S2.png", "fp32_S2.png", "fp8-w99_S2.png",
-                                                                  "fp8_S2.png"]
+    assert sorted(p.name for p in tmp_path.glob("*_S2.png")) == ["bf16_S2.png", "fp32_S2.png", "fp8-max4_S2.png",
+                                                                  "fp8-w99_S2.png", "fp8_S2.png"]
 
 
 def test_fid_precision_image_stats_measure_contrast_and_detail():

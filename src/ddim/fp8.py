@@ -88,6 +88,7 @@ class Fp8ResnetBlock(ResnetBlock):
     are non-persistent buffers)."""
 
     min_width: int = 0  # narrower maps run cuDNN in bf16 and the GroupNorm kernel (KernelResnetBlock)
+    max_width: int = 0  # so do wider maps (0: none); the 32x32 blocks cost FP8's quality (sixteenth round)
     tuned: bool = False  # time ddim.fused's configurations per shape (first call) instead of fixed_config's
 
     def _config(self, x: torch.Tensor) -> tuple[int, ...] | None:
@@ -95,7 +96,7 @@ class Fp8ResnetBlock(ResnetBlock):
 
     def forward(self, x: torch.Tensor, temb_act: torch.Tensor) -> torch.Tensor:
         require_inference(self)
-        if x.shape[-1] < self.min_width:
+        if x.shape[-1] < self.min_width or 0 < self.max_width < x.shape[-1]:
             return KernelResnetBlock.forward(self, x, temb_act)
         bias1 = (self.conv1.bias.float() + self.temb_proj(temb_act).float()).contiguous()  # (N, O)
         h, _ = conv3x3_fused(group_norm_silu(x, self.norm1, out_dtype=E4M3), self.conv1_q, bias1,
@@ -107,11 +108,12 @@ class Fp8ResnetBlock(ResnetBlock):
         return out
 
 
-def swap_fp8_resnet_blocks(model: nn.Module, on: bool = True, *, min_width: int = 0,
+def swap_fp8_resnet_blocks(model: nn.Module, on: bool = True, *, min_width: int = 0, max_width: int = 0,
                            tuned: bool = False) -> nn.Module:
     """Make every ``ResnetBlock`` of ``model`` (in place) an ``Fp8ResnetBlock`` (``on=False``: back).
 
-    min_width: blocks on maps narrower than this keep bf16 (cuDNN; slower in the network on an H200).  tuned: time
+    min_width: blocks on maps narrower than this keep bf16 (cuDNN; slower in the network on an H200).  max_width: so do
+    blocks on maps wider than this (0: no limit).  tuned: time
     the convolution's configurations per shape instead of ``fixed_config`` (processes may then differ).
 
     The quantised weights are made now from the current ones: swap after loading and casting, on an inference
@@ -123,7 +125,7 @@ def swap_fp8_resnet_blocks(model: nn.Module, on: bool = True, *, min_width: int 
         if isinstance(m, ResnetBlock):
             if on:
                 m.__class__ = Fp8ResnetBlock
-                m.min_width, m.tuned = min_width, tuned
+                m.min_width, m.max_width, m.tuned = min_width, max_width, tuned
                 for name in ("conv1", "conv2"):
                     w_q, scale = quantize_weight(getattr(m, name).weight)
                     m.register_buffer(f"{name}_q", w_q, persistent=False)

@@ -325,6 +325,7 @@ def prepare_for_inference(
     cast_weights: bool | None = None,
     fp8: bool = False,
     fp8_min_width: int = 0,
+    fp8_max_width: int = 0,
 ) -> nn.Module:
     """A fast eval-mode copy of an ε-model with the same ``(x, t) -> ε`` signature.
 
@@ -357,7 +358,8 @@ def prepare_for_inference(
     fp8: the ResnetBlocks' 3x3 convolutions on e4m3 activations and weights (``ddim.fp8``; FP8 GPUs: Ada, Hopper
     or later); not together with ``fused``.  Opt-in: +5 % sampling on an H200 with CUDA graphs
     (``compile_mode="reduce-overhead"``), but softer samples: FID +2.0 at S = 10 on a 47,000-step CIFAR-10 model,
-    +0.1 at S = 50 (docs/results/bench, fifteenth and sixteenth rounds).  fp8_min_width: blocks on narrower maps keep bf16 (slower there).
+    +0.1 at S = 50 (docs/results/bench, fifteenth and sixteenth rounds).  fp8_min_width / fp8_max_width: blocks on narrower / wider
+    maps keep bf16 (0: no limit).
     """
     if options and compile_mode and not (compile and deterministic and backend == "inductor"):
         raise ValueError(f"give compile_mode ({compile_mode!r}) or options ({options}), not both: torch.compile "
@@ -391,7 +393,7 @@ def prepare_for_inference(
         swap_resnet_blocks(fast, band=fused == "band", min_width=16 if fused == "band" else 0)
     if fp8:
         from ddim.fp8 import swap_fp8_resnet_blocks
-        swap_fp8_resnet_blocks(fast, min_width=fp8_min_width, tuned=not deterministic)
+        swap_fp8_resnet_blocks(fast, min_width=fp8_min_width, max_width=fp8_max_width, tuned=not deterministic)
     wrapped: nn.Module = CastEpsModel(fast, torch_dtype, autocast=autocast, channels_last=channels_last)
     if compile:
         if deterministic and backend == "inductor":
