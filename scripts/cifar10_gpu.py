@@ -457,6 +457,9 @@ def parse(argv=None):
     a = p.parse_args(argv)
     if a.batch is None:
         a.batch = 1000 if a.stage == "eval" else 128
+    if a.resume and a.stage == "all":
+        p.error("--resume goes with one stage: `train --resume` trains --minutes more from OUT/ckpt.pt, "
+                "`eval --resume` computes the cells missing from OUT/results.json; run them one after the other")
     # fail here, before hours of training or sampling, not at the first cell that uses a bad value
     for name in ("steps", "recon_steps", "nfe"):
         value = getattr(a, name)

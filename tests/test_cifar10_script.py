@@ -176,9 +176,11 @@ def test_train_resume_equals_one_uninterrupted_run_and_refuses_other_settings(tm
         mod.main([*common, "--out", str(tmp_path / "none"), "--resume"])
 
 
-@pytest.mark.parametrize("args, match", [(("--etas", "0,-1"), "--etas"), (("--nfe", "5,x"), "--nfe"),
-                                         (("--steps", "10,0"), "--steps")])
+@pytest.mark.parametrize("args, match", [(("eval", "--etas", "0,-1"), "--etas"), (("eval", "--nfe", "5,x"), "--nfe"),
+                                         (("eval", "--steps", "10,0"), "--steps"),
+                                         (("all", "--resume"), "`train --resume`")])
 def test_bad_arguments_fail_before_any_work(tmp_path: Path, args, match) -> None:
-    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "cifar10_gpu.py"), "eval", "--out", str(tmp_path / "none"),
-                        "--device", "cpu", *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "cifar10_gpu.py"), *args, "--out", str(tmp_path / "none"),
+                        "--device", "cpu"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and match in r.stderr and args[1] in r.stderr
+    assert not (tmp_path / "none").exists()
