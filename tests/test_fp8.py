@@ -156,6 +156,19 @@ def test_fp8_convolution_refuses_mixed_inputs():
         fused.conv3x3_fused(x, w_kc, torch.zeros(16), w_scale=scale, band=True)
 
 
+@pytest.mark.parametrize("kw, match", [(dict(min_width=-1), r"min_width must be .* got -1"),
+                                       (dict(max_width=8.0), r"max_width must be .* got 8.0"),
+                                       (dict(min_width=16, max_width=8), r"max_width=8 is below min_width=16")])
+def test_fp8_swap_refuses_bad_widths_and_leaves_the_model(kw, match):
+    from ddim.models import UNet
+
+    model = UNet(ch=32, out_ch=3, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), dropout=0.0,
+                 in_channels=3, resolution=16).eval()
+    with pytest.raises(ValueError, match=match):
+        fp8.swap_fp8_resnet_blocks(model, **kw)
+    assert not any(isinstance(m, fp8.Fp8ResnetBlock) for m in model.modules())
+
+
 def test_kernels_compile_to_e4m3_instructions_for_sm90():
     """Compiled ahead of time for sm_90 (no GPU needed): the convolution multiplies e4m3 by e4m3 on the matrix
     units (wgmma ...e4m3.e4m3, not an upcast to bf16), and the GroupNorm kernel writes e4m3 with the saturating

@@ -358,8 +358,8 @@ def prepare_for_inference(
     fp8: the ResnetBlocks' 3x3 convolutions on e4m3 activations and weights (``ddim.fp8``; FP8 GPUs: Ada, Hopper
     or later); not together with ``fused``.  Opt-in: +5 % sampling on an H200 with CUDA graphs
     (``compile_mode="reduce-overhead"``), but softer samples: FID +2.0 at S = 10 on a 47,000-step CIFAR-10 model,
-    +0.1 at S = 50 (docs/results/bench, fifteenth and sixteenth rounds).  fp8_min_width / fp8_max_width: blocks on narrower / wider
-    maps keep bf16 (0: no limit).
+    +0.1 at S = 50 (docs/results/bench, fifteenth and sixteenth rounds).  fp8_min_width / fp8_max_width: blocks on
+    narrower / wider maps keep bf16 (0: no limit).
     """
     if options and compile_mode and not (compile and deterministic and backend == "inductor"):
         raise ValueError(f"give compile_mode ({compile_mode!r}) or options ({options}), not both: torch.compile "
