@@ -278,3 +278,50 @@ def test_deterministic_blocks_use_fixed_configurations(monkeypatch):
     assert all(cfg == fp8.fixed_config(w * w) for w, cfg in fixed)
     assert fp8.fixed_config(16) != fp8.fixed_config(64)
     assert all(cfg is None for _, cfg in tuned)
+
+
+def _fp8_error_bench():
+    import importlib.util
+
+    from conftest import REPO
+
+    spec = importlib.util.spec_from_file_location("fp8_error", REPO / "bench" / "fp8_error.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
+
+
+def test_fp8_error_bench_separates_activation_and_weight_rounding():
+    """bench/fp8_error.py's per-layer errors: zero where e4m3 holds the values exactly, the activation error where
+    only the activations round, and a power-of-two scale rescuing activations that sit in the subnormal range."""
+    bench = _fp8_error_bench()
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(8, 4, 3, padding=1)
+    with torch.no_grad():  # every output channel's largest |w| is 1 (scale 1/448): +-1, +-0.5 are exact in e4m3
+        conv.weight.copy_(torch.randint(0, 2, conv.weight.shape) - 0.5)
+        conv.weight[:, 0, 0, 0] = 1.0
+    exact = torch.tensor([0.25, -0.5, 1.0, 2.0])[torch.randint(0, 4, (2, 8, 6, 6))]
+    e = bench.conv_errors(exact, conv)
+    assert e["act"] == e["w"] == e["both"] == 0.0 and e["gain"] == 1.0 and e["subnormal"] == 0.0
+    rough = torch.randn(2, 8, 6, 6)
+    e = bench.conv_errors(rough, conv)
+    assert e["w"] == 0.0 and 0.005 < e["act"] == e["both"] < 0.1  # rounding to 3 mantissa bits: a few per cent
+    tiny = rough * 1e-3  # almost all below 2^-6: e4m3 keeps ~0-2 bits of them, unless scaled up first
+    e = bench.conv_errors(tiny, conv)
+    assert e["subnormal"] > 0.9 and e["act"] > 0.2 and e["both_pow2"] < e["act"] / 5
+    assert bench.to_e4m3(torch.tensor([500.0, -1e4, 3.1])).tolist() == [448.0, -448.0, 3.0]  # saturated, as the kernel
+
+
+def test_fp8_error_bench_runs_tiny_cpu(tmp_path):
+    import json
+
+    bench = _fp8_error_bench()
+    record = bench.main(["--tiny", "--device", "cpu", "--images", "4", "--timesteps", "10,900",
+                         "--json", str(tmp_path / "e.json")])
+    assert json.loads((tmp_path / "e.json").read_text())["by_width"] == record["by_width"]
+    assert len(record["rows"]) == 2 * 2 * 8  # 2 timesteps x 2 convolutions x 8 ResnetBlocks
+    assert [(r["width"], r["convs"]) for r in record["by_width"]] == [(16, 6), (8, 10)]
+    for r in record["by_width"]:  # random weights: both roundings matter, together more than either
+        assert 0.005 < r["act"] < r["both"] < 0.1 and 0.005 < r["w"] < r["both"]
+    with pytest.raises(SystemExit):
+        bench.main(["--tiny", "--device", "cpu", "--timesteps", "5,1000"])
