@@ -26,10 +26,21 @@ from ddim.diffusion import alphas_cumprod as make_alphas_cumprod
 from ddim.diffusion import beta_schedule
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-from cifar10_gpu import generate, load_split  # noqa: E402
+from cifar10_gpu import generate, load_ema_unet, load_split  # noqa: E402
 
 TINY = dict(ch=32, out_ch=3, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), dropout=0.0, in_channels=3,
             resolution=16, resamp_with_conv=True)
+
+
+def load_model(ckpt: str | None) -> tuple[torch.nn.Module, dict]:
+    """The EMA U-Net of scripts/cifar10_gpu.py's checkpoint and the checkpoint; without one, a random tiny U-Net
+    (seed 0; CPU smoke tests)."""
+    if ckpt:
+        return load_ema_unet(ckpt)
+    from ddim.models import UNet
+
+    torch.manual_seed(0)
+    return UNet(**TINY).eval(), dict(unet=TINY, steps=0)
 
 
 def variants(compile: bool, fp8_min_widths: tuple[int, ...] = (), fp8_max_widths: tuple[int, ...] = ()
@@ -87,16 +98,8 @@ def main(argv=None) -> dict:
         args.samples, args.batch, args.reference, steps = 8, 8, args.reference or 16, [2]
     device = torch.device(args.device)
     torch.backends.cudnn.benchmark = True
-    from ddim.models import UNet
-
-    if args.tiny:
-        torch.manual_seed(0)
-        model, info = UNet(**TINY), dict(unet=TINY, steps=0)
-    else:
-        info = torch.load(args.ckpt, map_location="cpu", weights_only=False)  # our own file; holds a TorchVersion
-        model = UNet(**info["unet"])
-        model.load_state_dict(info["ema"])
-    model = model.to(device).eval()
+    model, info = load_model(None if args.tiny else args.ckpt)
+    model = model.to(device)
     ac = make_alphas_cumprod(beta_schedule("linear", T=1000))
     ref = None if args.no_fid else load_split(args.data, "train", args.reference)
     res = info["unet"]["resolution"]

@@ -33,8 +33,10 @@ from ddim.fp8 import E4M3, E4M3_MAX, dequantize_weight, quantize_weight
 from ddim.models import UNet
 from ddim.models.unet import ResnetBlock
 
-TINY = dict(ch=32, out_ch=3, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), dropout=0.0, in_channels=3,
-            resolution=16, resamp_with_conv=True)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from fid_precision import load_model  # noqa: E402  (puts scripts/ on the path)
+from cifar10_gpu import load_split, to_model  # noqa: E402
+
 SUBNORMAL = 2.0 ** -6  # e4m3's smallest normal number
 
 
@@ -122,19 +124,10 @@ def main(argv=None) -> dict:
     if not ts or not all(0 <= t < len(ac) for t in ts):
         p.error(f"--timesteps must be a comma list of integers in [0, {len(ac)}), got {args.timesteps!r}")
     device = torch.device(args.device)
-    if args.tiny:
-        torch.manual_seed(0)
-        model, info = UNet(**TINY), dict(unet=TINY, steps=0)
-    else:
-        info = torch.load(args.ckpt, map_location="cpu", weights_only=False)  # our own file; holds a TorchVersion
-        model = UNet(**info["unet"])
-        model.load_state_dict(info["ema"])
-    model = model.to(device).eval()
+    model, info = load_model(None if args.tiny else args.ckpt)
+    model = model.to(device)
     res = info["unet"]["resolution"]
     if args.data:
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-        from cifar10_gpu import load_split, to_model
-
         x0 = to_model(load_split(args.data, "train", args.images)).to(device)
     else:
         x0 = torch.randn(args.images, 3, res, res, generator=torch.Generator().manual_seed(1)).clamp(-1, 1).to(device)

@@ -18,6 +18,7 @@ import gc
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -199,10 +200,11 @@ def parse(argv=None):
 
 def build(args, device):
     if args.ckpt and args.ckpt.endswith(".pt"):  # scripts/cifar10_gpu.py's checkpoint: U-Net config + EMA weights
-        ck = torch.load(args.ckpt, map_location="cpu", weights_only=False)  # our own file; holds a TorchVersion
-        model = UNet(**ck["unet"])
-        model.load_state_dict(ck["ema"])
-        return (model.to(device).eval(), make_alphas_cumprod(beta_schedule("linear", T=1000)),
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+        from cifar10_gpu import load_ema_unet
+
+        model, ck = load_ema_unet(args.ckpt)
+        return (model.to(device), make_alphas_cumprod(beta_schedule("linear", T=1000)),
                 {"ckpt": args.ckpt, "train_steps": ck["steps"]})
     if args.ckpt:
         from ddim.lit import load_for_sampling

@@ -62,6 +62,14 @@ def load_split(pack: str, split: str, limit: int | None = None) -> torch.Tensor:
     return torch.from_numpy(np.stack(xs)).permute(0, 3, 1, 2).contiguous()
 
 
+def load_ema_unet(path: str | Path) -> tuple[UNet, dict]:
+    """The EMA weights of a ``train`` checkpoint in a U-Net of its config (CPU, eval mode), and the checkpoint."""
+    ck = torch.load(path, map_location="cpu", weights_only=False)  # our own file; holds a TorchVersion
+    model = UNet(**ck["unet"])
+    model.load_state_dict(ck["ema"])
+    return model.eval(), ck
+
+
 def to_model(x_u8: torch.Tensor) -> torch.Tensor:
     return x_u8.float() / 127.5 - 1.0
 
@@ -199,9 +207,8 @@ def evaluate(args) -> None:
     device = torch.device(args.device)
     torch.backends.cudnn.benchmark = True
     out = Path(args.out)
-    ck = torch.load(out / "ckpt.pt", map_location="cpu", weights_only=False)  # our own file; holds a TorchVersion
-    model = UNet(**ck["unet"]).to(device).eval()
-    model.load_state_dict(ck["ema"])
+    model, ck = load_ema_unet(out / "ckpt.pt")
+    model = model.to(device)
     ac = make_alphas_cumprod(beta_schedule("linear", T=1000))
     eps = perf.prepare_for_inference(model, dtype="bf16", backend=args.backend, compile=args.fast) if args.fast else model
     ref = load_split(args.data, "train", args.limit)
