@@ -144,7 +144,7 @@ def main(argv=None) -> dict:
     cols = [("variant", "variant", ""), ("S", "S", ""), ("fid", "FID", ".2f"), ("images_per_s", "images/s", ".0f"),
             ("u8_mean_abs_vs_fp32", "mean |d| (u8)", ".2f"), ("u8_p99_abs_vs_fp32", "p99 |d|", ".0f"),
             ("u8_changed_vs_fp32", "px changed", ".1%"), ("contrast", "contrast (std)", ".2f"),
-            ("detail", "detail (\|Δ\| nbr)", ".2f")]
+            ("detail", "detail (|Δ| nbr)", ".2f")]
     print(f"# FID vs precision, {record['samples']} samples, {perf.device_info(device).get('gpu') or 'CPU'}")
     print(perf.format_table(record["rows"], cols))
     return record

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import os
 import subprocess
 import sys
@@ -859,3 +860,15 @@ def test_compiled_group_norm_kernel_launches_without_nan_filled_copies():
     assert "_group_norm_kernel" in code
     assert 'float("nan")' not in code, "Inductor copies an uninitialised buffer (NaN fill) around the kernel"
     assert (eps.float() - want).abs().mean() < 0.02  # bf16 network
+
+
+def test_format_table_keeps_pipes_inside_their_cells():
+    """Headers such as ``mean |d|`` are escaped: a bare '|' would split the cell and shift every column after it."""
+    table = perf.format_table([dict(a=1.234, b=None)], [("a", "mean |d|", ".2f"), ("b", "p99", "")])
+    head, rule, row = table.splitlines()
+    assert head == r"| mean \|d\| | p99 |" and rule == "| --- | --- |" and row == "| 1.23 | - |"
+
+    def cells(line: str) -> list[str]:  # split at the unescaped pipes, as a Markdown renderer does
+        return re.split(r"(?<!\\)\|", line)[1:-1]
+
+    assert len(cells(head)) == len(cells(rule)) == len(cells(row)) == 2

@@ -782,8 +782,9 @@ def write_json(record: dict, path: str | None) -> None:
 
 
 def format_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
-    """Markdown table; columns are (key, header, format spec); missing values print as '-'."""
-    head = "| " + " | ".join(h for _, h, _ in columns) + " |"
+    """Markdown table; columns are (key, header, format spec); missing values print as '-'.  A '|' in a header
+    (``mean |d|``) is escaped, so it stays inside its cell."""
+    head = "| " + " | ".join(h.replace("|", "\\|") for _, h, _ in columns) + " |"
     rule = "| " + " | ".join("---" for _ in columns) + " |"
     lines = [head, rule]
     for r in rows:
