@@ -71,11 +71,11 @@ def conv_errors(a: torch.Tensor, conv: torch.nn.Conv2d) -> dict[str, float]:
 def measure(model: UNet, x0: torch.Tensor, ts: list[int], alphas_cumprod: torch.Tensor) -> list[dict]:
     """One row per (timestep, ResnetBlock convolution): the errors of ``conv_errors`` on the input that convolution
     gets in the float32 network at x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps."""
-    convs = {f"{name}.{c}": (getattr(m, c), name) for name, m in model.named_modules() if isinstance(m, ResnetBlock)
+    convs = {f"{name}.{c}": getattr(m, c) for name, m in model.named_modules() if isinstance(m, ResnetBlock)
              for c in ("conv1", "conv2")}
     seen: dict[str, torch.Tensor] = {}
     hooks = [conv.register_forward_pre_hook(lambda mod, args, key=key: seen.__setitem__(key, args[0].float()))
-             for key, (conv, _) in convs.items()]
+             for key, conv in convs.items()]
     rows = []
     try:
         gen = torch.Generator(device=x0.device).manual_seed(0)
@@ -84,7 +84,7 @@ def measure(model: UNet, x0: torch.Tensor, ts: list[int], alphas_cumprod: torch.
             x = a.sqrt() * x0 + (1 - a).sqrt() * torch.randn(x0.shape, generator=gen, device=x0.device)
             seen.clear()
             model(x, torch.full((x0.shape[0],), t, device=x0.device))
-            for key, (conv, block) in convs.items():
+            for key, conv in convs.items():
                 rows.append(dict(t=t, conv=key, width=seen[key].shape[-1], **conv_errors(seen[key], conv)))
     finally:
         for h in hooks:
