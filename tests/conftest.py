@@ -17,6 +17,18 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+def load_script(relpath: str, name: str | None = None):
+    """A script of the repository (``evaluate.py``, ``bench/fid_precision.py``, ...) imported as a module, so tests
+    call its functions; ``name`` defaults to the file's stem."""
+    import importlib.util
+
+    path = REPO / relpath
+    spec = importlib.util.spec_from_file_location(name or path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def import_triton_kernels(name: str):
     """Import the Triton-kernel module ``name`` (ddim.fused, ddim.groupnorm) for tests that run its kernels on CPU
     tensors, or skip the calling test module where Triton or its interpreter is missing."""

@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import load_script
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -66,22 +68,13 @@ def test_train_then_eval_writes_tables_plot_and_grids(tmp_path: Path) -> None:
         assert Image.open(out / name).size[0] > 32
 
 
-def load_script():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("cifar10_gpu", ROOT / "scripts" / "cifar10_gpu.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def tiny_run_with_fid_stand_in(tmp_path: Path, monkeypatch):
     """The script as a module, a tiny CPU model trained 2 steps into tmp_path/run, and its FID replaced by a
     stand-in that returns 11, 12, ... and records the shapes it was given (the real FID needs the
     Inception weights; ddim.eval.fid is tested elsewhere)."""
     pack, out = tmp_path / "pack.npz", tmp_path / "run"
     make_pack(pack)
-    mod = load_script()
+    mod = load_script("scripts/cifar10_gpu.py")
     common = ["--no-fast", "--device", "cpu", "--data", str(pack), "--out", str(out)]
     mod.main(["train", "--tiny", *common, "--batch", "8", "--max-steps", "2", "--log-every", "1"])
     calls = []
@@ -139,7 +132,7 @@ def test_train_resume_equals_one_uninterrupted_run_and_refuses_other_settings(tm
     of 6: the checkpoint holds the optimizer, the data order and the RNG."""
     import torch
 
-    mod, pack = load_script(), tmp_path / "pack.npz"
+    mod, pack = load_script("scripts/cifar10_gpu.py"), tmp_path / "pack.npz"
     make_pack(pack)
     common = ["train", "--tiny", "--no-fast", "--device", "cpu", "--data", str(pack), "--batch", "8",
               "--log-every", "1"]

@@ -5,7 +5,6 @@ the real Inception FID is tested in test_fid.py.
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -15,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO
+from conftest import REPO, load_script
 
 TINY_UNET = {"ch": 32, "out_ch": 1, "in_channels": 1, "ch_mult": [1], "num_res_blocks": 1, "attn_resolutions": [],
              "dropout": 0.0, "resolution": 8, "resamp_with_conv": True}
@@ -45,10 +44,7 @@ def tiny_ckpt(tmp_path_factory) -> Path:
 
 
 def _evaluate_module():
-    spec = importlib.util.spec_from_file_location("ddim_evaluate_script", REPO / "evaluate.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("evaluate.py", "ddim_evaluate_script")
 
 
 def run_evaluate(monkeypatch, tmp_path: Path, *overrides: str, multirun: bool = False) -> None:

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import import_triton_kernels
+from conftest import import_triton_kernels, load_script
 
 fused = import_triton_kernels("ddim.fused")
 groupnorm = import_triton_kernels("ddim.groupnorm")
@@ -225,13 +225,7 @@ def test_fid_precision_benchmark_runs_tiny_cpu(tmp_path):
 
 
 def test_fid_precision_image_stats_measure_contrast_and_detail():
-    import importlib.util
-
-    from conftest import REPO
-
-    spec = importlib.util.spec_from_file_location("fid_precision", REPO / "bench" / "fid_precision.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script("bench/fid_precision.py")
     flat = torch.full((2, 3, 8, 8), 100, dtype=torch.uint8)
     assert bench.image_stats(flat) == {"contrast": 0.0, "detail": 0.0}
     stripes = flat.clone()
@@ -280,21 +274,10 @@ def test_deterministic_blocks_use_fixed_configurations(monkeypatch):
     assert all(cfg is None for _, cfg in tuned)
 
 
-def _fp8_error_bench():
-    import importlib.util
-
-    from conftest import REPO
-
-    spec = importlib.util.spec_from_file_location("fp8_error", REPO / "bench" / "fp8_error.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    return bench
-
-
 def test_fp8_error_bench_separates_activation_and_weight_rounding():
     """bench/fp8_error.py's per-layer errors: zero where e4m3 holds the values exactly, the activation error where
     only the activations round, and a power-of-two scale rescuing activations that sit in the subnormal range."""
-    bench = _fp8_error_bench()
+    bench = load_script("bench/fp8_error.py")
     torch.manual_seed(0)
     conv = torch.nn.Conv2d(8, 4, 3, padding=1)
     with torch.no_grad():  # every output channel's largest |w| is 1 (scale 1/448): +-1, +-0.5 are exact in e4m3
@@ -315,7 +298,7 @@ def test_fp8_error_bench_separates_activation_and_weight_rounding():
 def test_fp8_error_bench_runs_tiny_cpu(tmp_path):
     import json
 
-    bench = _fp8_error_bench()
+    bench = load_script("bench/fp8_error.py")
     record = bench.main(["--tiny", "--device", "cpu", "--images", "4", "--timesteps", "10,900",
                          "--json", str(tmp_path / "e.json")])
     assert json.loads((tmp_path / "e.json").read_text())["by_width"] == record["by_width"]

@@ -271,14 +271,9 @@ def test_too_few_steps_fails_before_sampling(gauss, kind):
 # ---------------------------------------------------------------- the FID-against-NFE sweep
 
 def _fid_vs_nfe_module():
-    import importlib.util
+    from conftest import load_script
 
-    from conftest import REPO
-
-    spec = importlib.util.spec_from_file_location("fid_vs_nfe", REPO / "sweeps" / "fid_vs_nfe.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("sweeps/fid_vs_nfe.py")
 
 
 @pytest.mark.parametrize("preset", ["fid_vs_nfe_cifar10", "fid_vs_nfe_celeba"])
