@@ -112,9 +112,9 @@ def swap_fp8_resnet_blocks(model: nn.Module, on: bool = True, *, min_width: int 
                            tuned: bool = False) -> nn.Module:
     """Make every ``ResnetBlock`` of ``model`` (in place) an ``Fp8ResnetBlock`` (``on=False``: back).
 
-    min_width: blocks on maps narrower than this keep bf16 (cuDNN; slower in the network on an H200).  max_width: so do
-    blocks on maps wider than this (0: no limit).  tuned: time
-    the convolution's configurations per shape instead of ``fixed_config`` (processes may then differ).
+    min_width: blocks on maps narrower than this keep bf16 (cuDNN; slower in the network on an H200).  max_width:
+    so do blocks on maps wider than this (0: no limit).  tuned: time the convolution's configurations per shape
+    instead of ``fixed_config`` (processes may then differ).
 
     The quantised weights are made now from the current ones: swap after loading and casting, on an inference
     copy (``prepare_for_inference(fp8=True)`` makes one).
