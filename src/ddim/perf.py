@@ -348,8 +348,9 @@ def prepare_for_inference(
     (H200: 507 vs 655 images/s, docs/results/bench, fourteenth round).
     deterministic: compile with Inductor's deterministic mode, which picks kernel configurations without
     timing them (and ``fp8``'s convolutions take ``ddim.fp8.fixed_config``).  Timed choices differ between
-    processes, and so do the bf16 sums they make: without it two processes (two GPUs of one evaluation, or two runs) gave different samples from the same x_T (random-init
-    CIFAR-10 U-Net, S = 20: all 512 images differ, up to 73/255).  Costs 11-12 % of sampling speed
+    processes, and so do the bf16 sums they make: without it two processes (two GPUs of one evaluation, or two
+    runs) gave different samples from the same x_T (random-init CIFAR-10 U-Net, S = 20: all 512 images differ, up
+    to 73/255).  Costs 11-12 % of sampling speed
     (H200, batch 512: 526 vs 595 images/s at S = 50, 1,291 vs 1,462 at S = 20; docs/results/bench).
     thin_convs: "cudnn" or "matmul" (``swap_thin_convs``: the first and last convolutions as matrix products;
     default when compiled).  cast_weights: with autocast, the convolution and linear weights cast to ``dtype`` once
