@@ -9,6 +9,7 @@ against the training images, and per variant the uint8 pixel differences against
     python bench/fid_precision.py --tiny --device cpu --no-fid     # seconds on a CPU (a random tiny model)
     python bench/fid_precision.py --ckpt run/ckpt.pt ... --steps 10 --fp8-min-widths 32,16,8   # where e4m3 costs
     python bench/fid_precision.py --ckpt run/ckpt.pt ... --fp8-max-widths 16     # the 32x32 blocks kept in bf16
+    python bench/fid_precision.py --ckpt run/ckpt.pt ... --fp8-max-widths 16 --variants fp8-max16   # that one only
 
 --ckpt is ``scripts/cifar10_gpu.py train``'s ckpt.pt (the U-Net's config and its EMA weights).
 """
@@ -83,6 +84,8 @@ def main(argv=None) -> dict:
                    help="comma list N: also fp8 with only the blocks on maps >= N wide in e4m3 (variant fp8-wN)")
     p.add_argument("--fp8-max-widths", default="",
                    help="comma list N: also fp8 with only the blocks on maps <= N wide in e4m3 (variant fp8-maxN)")
+    p.add_argument("--variants", default=None,
+                   help="comma list: run only these (default: all); without fp32, no pixel differences")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     widths = {}
@@ -93,6 +96,14 @@ def main(argv=None) -> dict:
         widths[name] = tuple(int(w) for w in value.split(",") if w.strip())
     if not args.tiny and not args.ckpt:
         p.error("--ckpt is required (or --tiny)")
+    compile = torch.device(args.device).type == "cuda"
+    runs = variants(compile, widths["fp8_min_widths"], widths["fp8_max_widths"])
+    if args.variants is not None:
+        chosen = [v.strip() for v in args.variants.split(",") if v.strip()]
+        if not chosen or any(v not in runs for v in chosen):
+            p.error(f"--variants {args.variants!r}: allowed {list(runs)} (fp8-wN / fp8-maxN with --fp8-min-widths / "
+                    f"--fp8-max-widths N)")
+        runs = {k: v for k, v in runs.items() if k in chosen}
     steps = [int(s) for s in args.steps.split(",")]
     if args.tiny:
         args.samples, args.batch, args.reference, steps = 8, 8, args.reference or 16, [2]
@@ -104,14 +115,13 @@ def main(argv=None) -> dict:
     ref = None if args.no_fid else load_split(args.data, "train", args.reference)
     res = info["unet"]["resolution"]
     x_T = torch.randn(args.samples, 3, res, res, generator=torch.Generator().manual_seed(0)).to(device)
-    compile = device.type == "cuda"
     command = " ".join(["python", "bench/fid_precision.py", *(argv or sys.argv[1:])])
     record = dict(benchmark="fid_precision", command=command,
                   ckpt=args.ckpt, train_steps=info["steps"], samples=args.samples,
                   reference=None if ref is None else int(ref.shape[0]), trajectory="quadratic", eta=0.0,
                   machine=perf.device_info(device), rows=[])
     fp32_images = {}
-    for name, kw in variants(compile, widths["fp8_min_widths"], widths["fp8_max_widths"]).items():
+    for name, kw in runs.items():
         eps = model if kw is None else perf.prepare_for_inference(model, **kw)
         for S in steps:
             generate(eps, x_T[:args.batch], ac, S, 0.0, args.batch, 0, "quadratic")  # warm-up (compilation)
@@ -127,7 +137,7 @@ def main(argv=None) -> dict:
                                                weights_path=args.weights, device=device, batch_size=args.batch)["fid"])
             if name == "fp32":
                 fp32_images[S] = u8
-            else:
+            elif S in fp32_images:
                 d = (u8.float() - fp32_images[S].float()).abs().flatten()
                 row.update(u8_mean_abs_vs_fp32=d.mean().item(),
                            u8_p99_abs_vs_fp32=d.kthvalue(max(1, int(0.99 * d.numel()))).values.item(),

@@ -222,6 +222,17 @@ def test_fid_precision_benchmark_runs_tiny_cpu(tmp_path):
     assert all(r["contrast"] > 0 and r["detail"] > 0 for r in rows)
     assert sorted(p.name for p in tmp_path.glob("*_S2.png")) == ["bf16_S2.png", "fp32_S2.png", "fp8-max4_S2.png",
                                                                   "fp8-w99_S2.png", "fp8_S2.png"]
+    # one variant alone (a cell the full run did not reach): the same images, no fp32 to compare against
+    only = subprocess.run([sys.executable, str(REPO / "bench" / "fid_precision.py"), "--tiny", "--device", "cpu",
+                           "--no-fid", "--grids", str(tmp_path / "only"), "--json", str(out), "--fp8-max-widths", "4",
+                           "--variants", "fp8-max4"], env=env, capture_output=True, text=True, timeout=600)
+    assert only.returncode == 0, only.stderr[-3000:]
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["variant"] == "fp8-max4" and "u8_mean_abs_vs_fp32" not in row
+    assert (tmp_path / "only" / "fp8-max4_S2.png").read_bytes() == (tmp_path / "fp8-max4_S2.png").read_bytes()
+    bad = subprocess.run([sys.executable, str(REPO / "bench" / "fid_precision.py"), "--tiny", "--device", "cpu",
+                          "--no-fid", "--variants", "fp8-max16"], env=env, capture_output=True, text=True, timeout=600)
+    assert bad.returncode == 2 and "--variants 'fp8-max16': allowed ['fp32', 'bf16', 'fp8']" in bad.stderr
 
 
 def test_fid_precision_image_stats_measure_contrast_and_detail():
