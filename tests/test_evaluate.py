@@ -6,6 +6,7 @@ the real Inception FID is tested in test_fid.py.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -182,9 +183,10 @@ def test_fast_sampler_with_the_group_norm_kernel_is_recorded_apart(monkeypatch, 
 
 
 def test_fp8_sampler_reaches_the_compiler_and_the_key(monkeypatch, tmp_path, tiny_ckpt):
-    """sampler.fp8=true (with fast): prepare_for_inference gets fp8 (the e4m3 ResnetBlocks run here on the CPU under
-    Triton's interpreter), the samples move a little from the bf16 ones, the record has a key of its own; without
-    fast, or on a device without FP8 units, a clear error before anything is sampled."""
+    """sampler.fp8=true (with fast): prepare_for_inference gets fp8 and fp8_max_width (the e4m3 ResnetBlocks run
+    here on the CPU under Triton's interpreter), the samples move a little from the bf16 ones, the record has a key
+    of its own; without fast, with a bad width, or on a device without FP8 units, a clear error before anything is
+    sampled."""
     from ddim import fp8, perf
 
     if not fp8.supported("cpu"):
@@ -193,15 +195,26 @@ def test_fp8_sampler_reaches_the_compiler_and_the_key(monkeypatch, tmp_path, tin
     real = perf.prepare_for_inference
     monkeypatch.setattr(perf, "prepare_for_inference", lambda m, **kw: seen.append(kw) or real(m, **kw))
     outs = {}
-    for on in ("false", "true"):
-        out = tmp_path / on
+    # the tiny model's maps are 8 and 4 wide: the default fp8_max_width (16) puts every block in e4m3, 4 keeps the
+    # blocks on 8x8 maps in bf16
+    for name, over in (("bf16", ["sampler.fp8=false"]), ("fp8", ["sampler.fp8=true"]),
+                       ("fp8max4", ["sampler.fp8=true", "sampler.fp8_max_width=4"])):
+        out = tmp_path / name
         run_evaluate(monkeypatch, tmp_path, f"ckpt_path={tiny_ckpt}", "task=samples", "samples.num_samples=2",
-                     "samples.save_npz=true", "sampler.steps=2", "sampler.fast=true", f"sampler.fp8={on}",
-                     f"output_dir={out}")
-        outs[on] = np.load(out / "samples.npz")["arr_0"].astype(np.int16)
-    assert [kw["fp8"] for kw in seen] == [False, True]
-    assert 0 < np.abs(outs["true"] - outs["false"]).mean() < 8  # a few 8-bit levels, not other images
-    assert sorted(str(r["key"]["sampler"].get("fp8")) for r in records(tmp_path)) == ["None", "True"]
+                     "samples.save_npz=true", "sampler.steps=2", "sampler.fast=true", *over, f"output_dir={out}")
+        outs[name] = np.load(out / "samples.npz")["arr_0"].astype(np.int16)
+    assert [(kw["fp8"], kw["fp8_max_width"]) for kw in seen] == [(False, 0), (True, 16), (True, 4)]
+    assert 0 < np.abs(outs["fp8"] - outs["bf16"]).mean() < 8  # a few 8-bit levels, not other images
+    assert 0 < np.abs(outs["fp8max4"] - outs["fp8"]).mean() < 8  # the 8x8 blocks' e4m3 rounding gone
+    keys = sorted((str(r["key"]["sampler"].get("fp8")), str(r["key"]["sampler"].get("fp8_max_width")))
+                  for r in records(tmp_path))
+    assert keys == [("None", "None"), ("True", "16"), ("True", "4")]
+    for bad in ("-1", "wide", "1.5"):
+        with pytest.raises(ValueError, match=rf"sampler.fp8_max_width must be a map width in pixels, an int >= 0 "
+                                             rf".*got '?{re.escape(bad)}'?$"):
+            run_evaluate(monkeypatch, tmp_path, f"ckpt_path={tiny_ckpt}", "task=samples", "sampler.fast=true",
+                         "sampler.fp8=true", f"sampler.fp8_max_width={bad}", f"output_dir={tmp_path / 'bad'}")
+    assert not (tmp_path / "bad").exists()
     with pytest.raises(ValueError, match=r"sampler.fp8=true is a variant of the fast path: give sampler.fast=true"):
         run_evaluate(monkeypatch, tmp_path, f"ckpt_path={tiny_ckpt}", "task=samples", "sampler.fp8=true")
     monkeypatch.setattr(fp8, "supported", lambda device: False)

@@ -357,10 +357,12 @@ def prepare_for_inference(
     instead of by autocast at every call (``cast_matmul_weights``; default when compiled).  Together +2.2 %
     sampling on an H200 (docs/results/bench, twelfth round).
     fp8: the ResnetBlocks' 3x3 convolutions on e4m3 activations and weights (``ddim.fp8``; FP8 GPUs: Ada, Hopper
-    or later); not together with ``fused``.  Opt-in: +5 % sampling on an H200 with CUDA graphs
-    (``compile_mode="reduce-overhead"``), but softer samples: FID +2.0 at S = 10 on a 47,000-step CIFAR-10 model,
-    +0.1 at S = 50 (docs/results/bench, fifteenth and sixteenth rounds).  fp8_min_width / fp8_max_width: blocks on
-    narrower / wider maps keep bf16 (0: no limit).
+    or later); not together with ``fused``.  Opt-in, with CUDA graphs (``compile_mode="reduce-overhead"``).
+    fp8_min_width / fp8_max_width: blocks on narrower / wider maps keep bf16 (0: no limit).  On an H200 with a
+    48,000-step CIFAR-10 model (S = 50, batch 512; docs/results/bench, sixteenth and seventeenth rounds): every
+    block in e4m3 is +5.8 % over bf16 but softens the samples (FID 18.02 vs 16.17 fp32 at S = 10, from the 32x32
+    blocks); ``fp8_max_width=16`` (those blocks in bf16) is +4.7 % and FID-neutral (16.30 at S = 10, 10.89 vs
+    10.98 at S = 50), the choice of ``evaluate.py sampler.fp8=true``.
     """
     if options and compile_mode and not (compile and deterministic and backend == "inductor"):
         raise ValueError(f"give compile_mode ({compile_mode!r}) or options ({options}), not both: torch.compile "
