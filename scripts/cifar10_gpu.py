@@ -14,10 +14,13 @@ Stages (each can run alone, so a run can span several commands of one machine):
             sampled in fp32 eager from the same noise as the bf16 fast path (pixel differences, FID).
 
   report -- tables.md and the plots again from OUT/results.json (no model, no GPU).
+  export -- OUT/ema.pt (or --to): the EMA weights, the U-Net config and the step count, what sampling and the
+            benchmarks' --ckpt need, a quarter of ckpt.pt's size (no training weights, no Adam moments).
 
     python scripts/cifar10_gpu.py train --minutes 7 --out /tmp/run
     python scripts/cifar10_gpu.py eval --out /tmp/run --weights pt_inception.pth
     python scripts/cifar10_gpu.py eval --out /tmp/run --weights pt_inception.pth --resume   # after a cut
+    python scripts/cifar10_gpu.py export --out /tmp/run          # /tmp/run/ema.pt for bench/*.py --ckpt
 
 Every finished cell is written to OUT/results.json at once; ``--resume`` computes only the missing ones, so
 an eval longer than one command's time limit runs as several commands.
@@ -425,9 +428,33 @@ def write_markdown(record: dict, etas, steps, path: Path) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
+# ----------------------------------------------------------------------------- export
+
+EXPORTED = ("ema", "unet", "steps", "train_seconds", "ema_decay", "lr", "batch", "limit", "machine")
+
+
+def export(args) -> Path:
+    """Write the sampling part of OUT/ckpt.pt (``EXPORTED``) to ``args.to`` (default OUT/ema.pt); ``load_ema_unet``
+    reads either file.  Written to a temporary file and renamed, so a cut keeps any earlier export."""
+    src = Path(args.out) / "ckpt.pt"
+    if not src.is_file():
+        sys.exit(f"export: no checkpoint at {src}: run `train --out {args.out}` first")
+    ck = torch.load(src, map_location="cpu", weights_only=False)
+    if not {"ema", "unet", "steps"} <= ck.keys():
+        sys.exit(f"export: {src} is not a `train` checkpoint (keys {sorted(ck)}; needs ema, unet, steps)")
+    dst = Path(args.to) if args.to else Path(args.out) / "ema.pt"
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(dst.name + ".tmp")
+    torch.save({k: ck[k] for k in EXPORTED if k in ck}, tmp)
+    tmp.replace(dst)
+    log(f"exported {src} ({src.stat().st_size / 2**20:.1f} MiB, step {ck['steps']}) to {dst} "
+        f"({dst.stat().st_size / 2**20:.1f} MiB)")
+    return dst
+
+
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("stage", choices=["train", "eval", "all", "report"])
+    p.add_argument("stage", choices=["train", "eval", "all", "report", "export"])
     p.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10_jpeg_q75.npz"))
     p.add_argument("--out", required=True)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -458,6 +485,7 @@ def parse(argv=None):
     p.add_argument("--cache", default=None, help="FID cache dir (reference statistics)")
     p.add_argument("--ref-key", default="cifar10_jpeg_q75_train")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--to", default=None, help="export: the file to write (default OUT/ema.pt)")
     p.add_argument("--resume", action="store_true",
                    help="train: go on from OUT/ckpt.pt (same settings; --minutes more, --max-steps in all); "
                         "eval: keep the finished cells of OUT/results.json (same run and settings), compute the rest")
@@ -489,6 +517,8 @@ def main(argv=None) -> None:
         evaluate(args)
     if args.stage == "report":
         report(args)
+    if args.stage == "export":
+        export(args)
 
 
 if __name__ == "__main__":

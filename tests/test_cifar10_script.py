@@ -169,6 +169,30 @@ def test_train_resume_equals_one_uninterrupted_run_and_refuses_other_settings(tm
         mod.main([*common, "--out", str(tmp_path / "none"), "--resume"])
 
 
+def test_export_keeps_what_sampling_needs(tmp_path: Path) -> None:
+    """export writes the EMA weights, config and step count, which load_ema_unet (and so the benchmarks' --ckpt)
+    read as from ckpt.pt, in a file without the training weights and Adam moments."""
+    import torch
+
+    mod, pack = load_script("scripts/cifar10_gpu.py"), tmp_path / "pack.npz"
+    make_pack(pack)
+    mod.main(["train", "--tiny", "--no-fast", "--device", "cpu", "--data", str(pack), "--batch", "8",
+              "--out", str(tmp_path / "run"), "--max-steps", "2"])
+    mod.main(["export", "--out", str(tmp_path / "run")])
+    (full, ck_full), (slim, ck_slim) = (mod.load_ema_unet(tmp_path / "run" / f) for f in ("ckpt.pt", "ema.pt"))
+    assert ck_slim["steps"] == ck_full["steps"] == 2 and ck_slim["unet"] == ck_full["unet"]
+    assert "model" not in ck_slim and "optimizer" not in ck_slim
+    assert all(torch.equal(a, b) for a, b in zip(full.state_dict().values(), slim.state_dict().values()))
+    # the EMA differs from the trained weights after 2 steps, so this is the EMA and not the model
+    assert not all(torch.equal(ck_full["model"][k], v) for k, v in ck_slim["ema"].items())
+    assert (tmp_path / "run" / "ema.pt").stat().st_size < (tmp_path / "run" / "ckpt.pt").stat().st_size / 2
+    mod.main(["export", "--out", str(tmp_path / "run"), "--to", str(tmp_path / "elsewhere" / "m.pt")])
+    assert mod.load_ema_unet(tmp_path / "elsewhere" / "m.pt")[1]["steps"] == 2
+    with pytest.raises(SystemExit, match=r"export: no checkpoint at .*none.*ckpt.pt: run `train --out"):
+        mod.main(["export", "--out", str(tmp_path / "none")])
+    assert not (tmp_path / "none").exists()
+
+
 @pytest.mark.parametrize("args, match", [(("eval", "--etas", "0,-1"), "--etas"), (("eval", "--nfe", "5,x"), "--nfe"),
                                          (("eval", "--steps", "10,0"), "--steps"),
                                          (("all", "--resume"), "`train --resume`")])
