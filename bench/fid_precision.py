@@ -96,7 +96,8 @@ def main(argv=None) -> dict:
         widths[name] = tuple(int(w) for w in value.split(",") if w.strip())
     if not args.tiny and not args.ckpt:
         p.error("--ckpt is required (or --tiny)")
-    compile = torch.device(args.device).type == "cuda"
+    device = torch.device(args.device)
+    compile = device.type == "cuda"
     runs = variants(compile, widths["fp8_min_widths"], widths["fp8_max_widths"])
     if args.variants is not None:
         chosen = [v.strip() for v in args.variants.split(",") if v.strip()]
@@ -107,7 +108,6 @@ def main(argv=None) -> dict:
     steps = [int(s) for s in args.steps.split(",")]
     if args.tiny:
         args.samples, args.batch, args.reference, steps = 8, 8, args.reference or 16, [2]
-    device = torch.device(args.device)
     torch.backends.cudnn.benchmark = True
     model, info = load_model(None if args.tiny else args.ckpt)
     model = model.to(device)
