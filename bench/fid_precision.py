@@ -11,7 +11,7 @@ against the training images, and per variant the uint8 pixel differences against
     python bench/fid_precision.py --ckpt run/ckpt.pt ... --fp8-max-widths 16     # the 32x32 blocks kept in bf16
     python bench/fid_precision.py --ckpt run/ckpt.pt ... --fp8-max-widths 16 --variants fp8-max16   # that one only
 
---ckpt is ``scripts/cifar10_gpu.py train``'s ckpt.pt (the U-Net's config and its EMA weights).
+--ckpt is ``scripts/cifar10_gpu.py train``'s ckpt.pt or its ``export``, ema.pt (the U-Net's config and EMA weights).
 """
 from __future__ import annotations
 
@@ -69,7 +69,7 @@ def image_stats(u8: torch.Tensor) -> dict[str, float]:
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", default=None, help="scripts/cifar10_gpu.py's ckpt.pt (required unless --tiny)")
+    p.add_argument("--ckpt", default=None, help="scripts/cifar10_gpu.py's ckpt.pt or ema.pt (required unless --tiny)")
     p.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared/data/cifar10_jpeg_q75.npz"))
     p.add_argument("--weights", default=None, help="Inception weights (ddim.eval.fid.resolve_inception_weights)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -105,7 +105,7 @@ def by_width(rows: list[dict]) -> list[dict]:
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", default=None, help="scripts/cifar10_gpu.py's ckpt.pt (required unless --tiny)")
+    p.add_argument("--ckpt", default=None, help="scripts/cifar10_gpu.py's ckpt.pt or ema.pt (required unless --tiny)")
     p.add_argument("--data", default=None, help="the CIFAR-10 pack (x0 = its first --images training images); "
                                                 "without it x0 is noise")
     p.add_argument("--images", type=int, default=64)

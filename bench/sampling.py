@@ -181,7 +181,7 @@ def parse(argv=None):
     p.add_argument("--variants", default="fp32,fast", help=f"comma list from {list(VARIANTS)}; the first is the reference")
     p.add_argument("--repeats", type=int, default=3, help="timed sampling calls per variant (median reported)")
     p.add_argument("--ckpt", default=None, help="Lightning checkpoint to sample (ddim.lit.load_for_sampling) or "
-                   "scripts/cifar10_gpu.py's ckpt.pt; default: random init")
+                   "scripts/cifar10_gpu.py's ckpt.pt or ema.pt; default: random init")
     p.add_argument("--backend", default="inductor", help="torch.compile backend ('eager' for cheap CPU tests)")
     p.add_argument("--tol-mean", type=float, default=1 * LEVEL, help="allowed mean |diff| vs reference (default one 8-bit level)")
     p.add_argument("--tol-p99", type=float, default=4 * LEVEL, help="allowed 99th-percentile |diff| (default four 8-bit levels)")
