@@ -204,10 +204,13 @@ def test_fid_precision_benchmark_runs_tiny_cpu(tmp_path):
 
     out = tmp_path / "f.json"
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO / "src"), "CUDA_VISIBLE_DEVICES": ""}
-    proc = subprocess.run([sys.executable, str(REPO / "bench" / "fid_precision.py"), "--tiny", "--device", "cpu",
-                           "--no-fid", "--grids", str(tmp_path), "--json", str(out), "--fp8-min-widths", "99",
-                           "--fp8-max-widths", "4"],
-                          env=env, capture_output=True, text=True, timeout=600)
+
+    def fid_precision(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(REPO / "bench" / "fid_precision.py"), "--tiny", "--device", "cpu",
+                               "--no-fid", *args], env=env, capture_output=True, text=True, timeout=600)
+
+    proc = fid_precision("--grids", str(tmp_path), "--json", str(out), "--fp8-min-widths", "99",
+                         "--fp8-max-widths", "4")
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads(out.read_text())["rows"]
     assert [(r["variant"], r["S"]) for r in rows] == [("fp32", 2), ("bf16", 2), ("fp8", 2), ("fp8-w99", 2),
@@ -223,15 +226,13 @@ def test_fid_precision_benchmark_runs_tiny_cpu(tmp_path):
     assert sorted(p.name for p in tmp_path.glob("*_S2.png")) == ["bf16_S2.png", "fp32_S2.png", "fp8-max4_S2.png",
                                                                   "fp8-w99_S2.png", "fp8_S2.png"]
     # one variant alone (a cell the full run did not reach): the same images, no fp32 to compare against
-    only = subprocess.run([sys.executable, str(REPO / "bench" / "fid_precision.py"), "--tiny", "--device", "cpu",
-                           "--no-fid", "--grids", str(tmp_path / "only"), "--json", str(out), "--fp8-max-widths", "4",
-                           "--variants", "fp8-max4"], env=env, capture_output=True, text=True, timeout=600)
+    only = fid_precision("--grids", str(tmp_path / "only"), "--json", str(out), "--fp8-max-widths", "4",
+                         "--variants", "fp8-max4")
     assert only.returncode == 0, only.stderr[-3000:]
     (row,) = json.loads(out.read_text())["rows"]
     assert row["variant"] == "fp8-max4" and "u8_mean_abs_vs_fp32" not in row
     assert (tmp_path / "only" / "fp8-max4_S2.png").read_bytes() == (tmp_path / "fp8-max4_S2.png").read_bytes()
-    bad = subprocess.run([sys.executable, str(REPO / "bench" / "fid_precision.py"), "--tiny", "--device", "cpu",
-                          "--no-fid", "--variants", "fp8-max16"], env=env, capture_output=True, text=True, timeout=600)
+    bad = fid_precision("--variants", "fp8-max16")
     assert bad.returncode == 2 and "--variants 'fp8-max16': allowed ['fp32', 'bf16', 'fp8']" in bad.stderr
 
 
