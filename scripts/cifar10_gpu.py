@@ -116,10 +116,29 @@ def train(args) -> None:
         if device.type == "cuda" and prev["rng"].get("cuda") is not None:
             torch.cuda.set_rng_state(prev["rng"]["cuda"], device)
         log(f"resumed at step {it} ({spent:.0f}s trained) from {out / 'ckpt.pt'}")
-    budget = args.minutes * 60
+    budget, every = args.minutes * 60, args.save_minutes * 60
     start_it = logged_at = it
-    t0 = time.time()
+    t0 = saved_at = time.time()
     loss_acc = torch.zeros((), device=device)
+
+    def save() -> float:
+        """OUT/ckpt.pt with everything ``--resume`` needs; returns the seconds trained so far."""
+        perf.synchronize(device)
+        run_s = time.time() - t0
+        rng = dict(cpu=torch.get_rng_state(), cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+        ckpt = dict(ema={k: v.detach().cpu() for k, v in step.ema.state_dict().items()},
+                    model={k: v.detach().cpu() for k, v in step.model.state_dict().items()},
+                    optimizer=step.optimizer.state_dict(), perm=perm.cpu(), pos=pos, rng=rng,
+                    unet=config, steps=it, train_seconds=spent + run_s, ema_decay=args.ema, lr=args.lr, batch=b,
+                    limit=args.limit, losses=losses, machine=perf.device_info(device))
+        torch.save(ckpt, out / "ckpt.pt.tmp")
+        (out / "ckpt.pt.tmp").replace(out / "ckpt.pt")  # a cut while saving keeps the previous checkpoint
+        json.dump(dict(steps=it, train_seconds=spent + run_s, it_per_s=(it - start_it) / run_s, losses=losses,
+                       batch=b, ema=args.ema, resumed_from=start_it or None, machine=perf.device_info(device),
+                       command=" ".join(sys.argv)),
+                  open(out / "train.json", "w"), indent=1)
+        return run_s
+
     while not (args.max_steps and it >= args.max_steps):
         if pos + b > n:
             perm, pos = torch.randperm(n, device=device), 0
@@ -130,30 +149,21 @@ def train(args) -> None:
         x0 = torch.where(flip, x0.flip(3), x0)
         loss_acc += step(x0)
         it += 1
-        if it % args.log_every == 0 or it == start_it + 1 or it == args.max_steps:
+        now = time.time()  # host clock, no sync: checked every step, so the budget holds to a few steps
+        if it % args.log_every == 0 or it == start_it + 1 or it == args.max_steps or now - t0 > budget:
             mean_loss = (loss_acc / (it - logged_at)).item()  # the steps since the last line; one sync per line
             loss_acc.zero_()
             logged_at = it
             el = time.time() - t0
             losses.append(dict(step=it, loss=mean_loss, seconds=spent + el))
             log(f"step {it} loss {mean_loss:.2f} ({(it - start_it) / el:.1f} it/s)")
-            if el > budget:
-                break
-    perf.synchronize(device)
-    run_s = time.time() - t0
-    train_s = spent + run_s
-    rng = dict(cpu=torch.get_rng_state(), cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
-    ckpt = dict(ema={k: v.detach().cpu() for k, v in step.ema.state_dict().items()},
-                model={k: v.detach().cpu() for k, v in step.model.state_dict().items()},
-                optimizer=step.optimizer.state_dict(), perm=perm.cpu(), pos=pos, rng=rng,
-                unet=config, steps=it, train_seconds=train_s, ema_decay=args.ema, lr=args.lr, batch=b,
-                limit=args.limit, losses=losses, machine=perf.device_info(device))
-    torch.save(ckpt, out / "ckpt.pt.tmp")
-    (out / "ckpt.pt.tmp").replace(out / "ckpt.pt")  # a cut while saving keeps the previous checkpoint
-    json.dump(dict(steps=it, train_seconds=train_s, it_per_s=(it - start_it) / run_s, losses=losses, batch=b,
-                   ema=args.ema, resumed_from=start_it or None, machine=perf.device_info(device),
-                   command=" ".join(sys.argv)),
-              open(out / "train.json", "w"), indent=1)
+        if now - t0 > budget:
+            break
+        if every and now - saved_at > every:  # a run cut from outside (a job's time limit) keeps this much
+            save()
+            saved_at = time.time()
+            log(f"step {it}: saved {out / 'ckpt.pt'}")
+    run_s = save()
     log(f"trained {it - start_it} steps in {run_s:.0f}s ({(it - start_it) / run_s:.1f} it/s), {it} in all; "
         f"saved {out / 'ckpt.pt'}")
 
@@ -462,6 +472,9 @@ def parse(argv=None):
     p.add_argument("--limit", type=int, default=None, help="use only the first N training images")
     p.add_argument("--minutes", type=float, default=7.0, help="training wall-clock budget")
     p.add_argument("--max-steps", type=int, default=0)
+    p.add_argument("--save-minutes", type=float, default=5.0,
+                   help="train: write OUT/ckpt.pt every this many minutes too, so a run cut from outside keeps "
+                        "its training (0: only at the end)")
     p.add_argument("--batch", type=int, default=None, help="train batch (128) / eval batch (1000)")
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--ema", type=float, default=0.9995,

@@ -169,6 +169,47 @@ def test_train_resume_equals_one_uninterrupted_run_and_refuses_other_settings(tm
         mod.main([*common, "--out", str(tmp_path / "none"), "--resume"])
 
 
+@pytest.mark.slow
+def test_train_keeps_periodic_checkpoints_and_stops_on_budget_between_log_lines(tmp_path: Path, monkeypatch) -> None:
+    """A run killed from outside keeps its last periodic checkpoint, which resumes to the weights of an
+    uninterrupted run; and the wall-clock budget stops training at the step it runs out, not at the next log line."""
+    import types
+
+    import torch
+
+    mod, pack = load_script("scripts/cifar10_gpu.py"), tmp_path / "pack.npz"
+    make_pack(pack)
+    common = ["train", "--tiny", "--no-fast", "--device", "cpu", "--data", str(pack), "--batch", "8",
+              "--log-every", "100"]
+    mod.main([*common, "--out", str(tmp_path / "once"), "--max-steps", "6"])
+
+    real_save, saved = torch.save, []
+
+    def killed_after_third_save(obj, path):  # the job's time limit strikes while step 4 is being saved
+        if len(saved) == 3:
+            raise KeyboardInterrupt("killed")
+        saved.append(obj["steps"])
+        real_save(obj, path)
+
+    monkeypatch.setattr(mod.torch, "save", killed_after_third_save)
+    with pytest.raises(KeyboardInterrupt):
+        mod.main([*common, "--out", str(tmp_path / "cut"), "--max-steps", "6", "--save-minutes", "1e-9"])
+    monkeypatch.setattr(mod.torch, "save", real_save)
+    assert saved == [1, 2, 3]
+    assert torch.load(tmp_path / "cut" / "ckpt.pt", weights_only=False)["steps"] == 3
+    mod.main([*common, "--out", str(tmp_path / "cut"), "--max-steps", "6", "--resume"])
+    once, cut = (torch.load(tmp_path / d / "ckpt.pt", weights_only=False) for d in ("once", "cut"))
+    assert cut["steps"] == 6 and all(torch.equal(once["ema"][k], cut["ema"][k]) for k in once["ema"])
+
+    # a clock that moves one second per reading: a 6 s budget runs out within a few steps, long before the
+    # next log line (step 100) or --max-steps
+    ticks = iter(range(10**6))
+    monkeypatch.setattr(mod, "time", types.SimpleNamespace(time=lambda: float(next(ticks)), strftime=mod.time.strftime))
+    mod.main([*common, "--out", str(tmp_path / "budget"), "--max-steps", "50", "--minutes", "0.1"])
+    steps = json.loads((tmp_path / "budget" / "train.json").read_text())["steps"]
+    assert 1 < steps < 10
+
+
 def test_export_keeps_what_sampling_needs(tmp_path: Path) -> None:
     """export writes the EMA weights, config and step count, which load_ema_unet (and so the benchmarks' --ckpt)
     read as from ckpt.pt, in a file without the training weights and Adam moments."""
