@@ -102,7 +102,8 @@ def train(args) -> None:
     torch.manual_seed(args.seed)
     model = UNet(**config).to(device)
     ac = make_alphas_cumprod(beta_schedule("linear", T=1000))
-    step = perf.DiffusionTrainStep(model, ac, lr=args.lr, grad_clip=1.0, ema_decay=args.ema, fast=args.fast,
+    step = perf.DiffusionTrainStep(model, ac, lr=args.lr, grad_clip=1.0, ema_decay=args.ema,
+                                   ema_warmup=args.ema_warmup, fast=args.fast,
                                    backend=args.backend, compile_mode=args.compile_mode or None)
     losses, it, spent = [], 0, 0.0
     perm, pos = torch.randperm(n, device=device), 0
@@ -111,6 +112,7 @@ def train(args) -> None:
         step.ema.load_state_dict(prev["ema"])
         step.optimizer.load_state_dict(prev["optimizer"])
         losses, it, spent = prev["losses"], prev["steps"], prev["train_seconds"]
+        step.ema_updates = it
         perm, pos = prev["perm"].to(device), prev["pos"]
         torch.set_rng_state(prev["rng"]["cpu"])
         if device.type == "cuda" and prev["rng"].get("cuda") is not None:
@@ -129,12 +131,14 @@ def train(args) -> None:
         ckpt = dict(ema={k: v.detach().cpu() for k, v in step.ema.state_dict().items()},
                     model={k: v.detach().cpu() for k, v in step.model.state_dict().items()},
                     optimizer=step.optimizer.state_dict(), perm=perm.cpu(), pos=pos, rng=rng,
-                    unet=config, steps=it, train_seconds=spent + run_s, ema_decay=args.ema, lr=args.lr, batch=b,
+                    unet=config, steps=it, train_seconds=spent + run_s, ema_decay=args.ema,
+                    ema_warmup=args.ema_warmup, lr=args.lr, batch=b,
                     limit=args.limit, losses=losses, machine=perf.device_info(device))
         torch.save(ckpt, out / "ckpt.pt.tmp")
         (out / "ckpt.pt.tmp").replace(out / "ckpt.pt")  # a cut while saving keeps the previous checkpoint
         json.dump(dict(steps=it, train_seconds=spent + run_s, it_per_s=(it - start_it) / run_s, losses=losses,
-                       batch=b, ema=args.ema, resumed_from=start_it or None, machine=perf.device_info(device),
+                       batch=b, ema=args.ema, ema_warmup=args.ema_warmup, resumed_from=start_it or None,
+                       machine=perf.device_info(device),
                        command=" ".join(sys.argv)),
                   open(out / "train.json", "w"), indent=1)
         return run_s
@@ -176,8 +180,10 @@ def resume_training(args, config: dict, batch: int, path: Path) -> dict:
     if "optimizer" not in prev:
         raise SystemExit(f"train --resume: {path} has no optimizer state (written before training could resume); "
                          f"train anew without --resume")
-    want = dict(unet=config, ema_decay=args.ema, lr=args.lr, batch=batch, limit=args.limit)
-    differ = [f"{k}: checkpoint {prev.get(k)!r}, now {v!r}" for k, v in want.items() if prev.get(k) != v]
+    want = dict(unet=config, ema_decay=args.ema, ema_warmup=args.ema_warmup, lr=args.lr, batch=batch,
+                limit=args.limit)
+    had = dict(prev, ema_warmup=prev.get("ema_warmup", False))  # checkpoints from before the option: no warm-up
+    differ = [f"{k}: checkpoint {had.get(k)!r}, now {v!r}" for k, v in want.items() if had.get(k) != v]
     if differ:
         raise SystemExit(f"train --resume: {path} was trained with other settings ({'; '.join(differ)}); "
                          f"give the checkpoint's settings or train anew without --resume")
@@ -440,7 +446,7 @@ def write_markdown(record: dict, etas, steps, path: Path) -> None:
 
 # ----------------------------------------------------------------------------- export
 
-EXPORTED = ("ema", "unet", "steps", "train_seconds", "ema_decay", "lr", "batch", "limit", "machine")
+EXPORTED = ("ema", "unet", "steps", "train_seconds", "ema_decay", "ema_warmup", "lr", "batch", "limit", "machine")
 
 
 def export(args) -> Path:
@@ -479,6 +485,9 @@ def parse(argv=None):
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--ema", type=float, default=0.9995,
                    help="EMA decay; official 0.9999 averages over ~10k steps, too long for a run of minutes")
+    p.add_argument("--ema-warmup", action=argparse.BooleanOptionalAction, default=True,
+                   help="EMA decay min(--ema, (1+n)/(10+n)) (ddim.models.ema.ema_decay_at), so the EMA of a short run "
+                        "holds no random initial weights; --no-ema-warmup: the official rule")
     p.add_argument("--log-every", type=int, default=500)
     p.add_argument("--no-fast", dest="fast", action="store_false", help="fp32 eager instead of the fast path")
     p.add_argument("--backend", default="inductor")

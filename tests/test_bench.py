@@ -95,6 +95,23 @@ def test_train_step_ema_is_the_official_update():
         assert torch.allclose(e, 0.9 * e0 + 0.1 * p.detach(), atol=1e-6)
 
 
+@pytest.mark.parametrize("fast", [False, True])
+def test_train_step_ema_warmup_ramps_the_decay_and_forgets_the_initial_weights(fast):
+    """ema_warmup: update n uses d = min(decay, (1+n)/(10+n)), so 0.1 then 2/11 with decay 0.9999 (without it the
+    shadow would keep 0.9999 ** n of the random initial weights); ema_updates counts the updates."""
+    from ddim.diffusion import alphas_cumprod, beta_schedule
+
+    torch.manual_seed(0)
+    step = perf.DiffusionTrainStep(_unet(attn_resolutions=()), alphas_cumprod(beta_schedule("linear")),
+                                   ema_decay=0.9999, ema_warmup=True, fast=fast, compile=False)
+    for n, d in enumerate([1 / 10, 2 / 11]):
+        ema0 = [e.clone() for e in step.ema_params]
+        step(torch.rand(4, 3, 16, 16) * 2 - 1)
+        assert step.ema_updates == n + 1
+        for e, e0, p in zip(step.ema_params, ema0, step.params):
+            torch.testing.assert_close(e, d * e0 + (1 - d) * p.detach(), rtol=1e-5, atol=1e-6)
+
+
 def test_train_step_rejects_bad_settings():
     from ddim.diffusion import alphas_cumprod, beta_schedule
 

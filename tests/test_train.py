@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -199,6 +200,37 @@ def test_lit_update_ema_is_the_official_rule():
     m.update_ema()
     for e, old, p in zip(m.ema_model.parameters(), before, m.model.parameters()):
         torch.testing.assert_close(e, 0.9 * old + 0.1 * p.detach())
+
+
+def test_lit_ema_warmup_and_the_warning_when_the_ema_still_holds_initial_weights(monkeypatch):
+    """optim.ema_warmup=true: update n uses min(decay, (1+n)/(10+n)); at the end of a fit whose EMA (no warm-up)
+    still holds more than 0.1 % of the initial weights, a warning says how much and what to set."""
+    import torch
+
+    from ddim.lit import DiffusionModule
+
+    model = dict(ch=32, out_ch=1, ch_mult=[1, 2], num_res_blocks=1, attn_resolutions=[4], dropout=0.0,
+                 in_channels=1, resolution=8, resamp_with_conv=True)
+    diffusion = {"beta_schedule": "linear", "num_diffusion_timesteps": 100}
+    m = DiffusionModule(model=model, diffusion=diffusion, optim={"ema_decay": 0.9999, "ema_warmup": True})
+    before = [p.detach().clone() for p in m.ema_model.parameters()]
+    with torch.no_grad():
+        for p in m.model.parameters():
+            p.add_(torch.randn_like(p))
+    m.update_ema(n=2)  # d = 3/12
+    for e, old, p in zip(m.ema_model.parameters(), before, m.model.parameters()):
+        torch.testing.assert_close(e, 0.25 * old + 0.75 * p.detach())
+
+    for optim, steps, warns in (({"ema_decay": 0.9999}, 20_000, "13.5% of the initial"),
+                                ({"ema_decay": 0.9999}, 100_000, None),
+                                ({"ema_decay": 0.9999, "ema_warmup": True}, 20_000, None)):
+        m = DiffusionModule(model=model, diffusion=diffusion, optim=optim)
+        monkeypatch.setattr(DiffusionModule, "global_step", property(lambda self, s=steps: s))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            m.on_train_end()
+        said = [str(w.message) for w in caught if "EMA weights" in str(w.message)]
+        assert (said and warns in said[0] and "optim.ema_warmup=true" in said[0]) if warns else not said, said
 
 
 def test_fast_compiled_training_same_loss_and_checkpoint_keys(tmp_path):

@@ -28,6 +28,7 @@ from lightning.pytorch.strategies import DDPStrategy
 from torch import nn
 from torch.optim.swa_utils import get_ema_multi_avg_fn
 
+from ddim.models.ema import ema_decay_at
 from ddim.perf import (GradientGraph, default_group_norm, default_upsample, swap_group_norm, swap_upsample,
                        to_channels_last)
 
@@ -253,10 +254,7 @@ class DiffusionModule(L.LightningModule):
 
         n: optimizer steps taken before this one (default: global_step, which Lightning's automatic loop
         advances only after the optimizer_step hook returns)."""
-        d = self.ema_decay
-        if self.ema_warmup:
-            n = self.global_step if n is None else n
-            d = min(d, (1 + n) / (10 + n))
+        d = ema_decay_at(self.ema_decay, self.global_step if n is None else n, self.ema_warmup)
         t = self._step_tensors()
         # torch's own EMA rule (one fused _foreach_lerp_), as ddim.models.EMA; built per step because the
         # warm-up changes d. Keeping ema_model a plain module keeps checkpoint keys ("ema_model.*") stable.
@@ -310,6 +308,16 @@ class DiffusionModule(L.LightningModule):
             return opt
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warmup))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def on_train_end(self) -> None:
+        debugging = bool(getattr(self._trainer, "fast_dev_run", False))
+        left = 0.0 if self.ema_warmup or debugging else self.ema_decay ** self.global_step
+        if left > 1e-3:  # 2.9 % made a CIFAR-10 model sample at FID 99 instead of ~20 (ddim.models.ema.ema_decay_at)
+            from lightning.pytorch.utilities import rank_zero_warn
+
+            rank_zero_warn(f"the EMA weights still hold {left:.1%} of the initial (random) weights: optim.ema_decay="
+                           f"{self.ema_decay} ** {self.global_step} steps; sample from them only after longer training, "
+                           f"or train with optim.ema_warmup=true or a smaller optim.ema_decay")
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Also save the RNG states (Lightning does not), so a resumed run draws the same t, ε and dropout.

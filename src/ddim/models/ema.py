@@ -31,9 +31,22 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-__all__ = ["EMA", "DEFAULT_EMA_DECAY"]
+__all__ = ["EMA", "DEFAULT_EMA_DECAY", "ema_decay_at"]
 
 DEFAULT_EMA_DECAY = 0.9999
+
+
+def ema_decay_at(decay: float, n: int, warmup: bool) -> float:
+    """The decay of the EMA update after ``n`` earlier updates: ``decay``, or with ``warmup``
+    ``min(decay, (1 + n) / (10 + n))`` (diffusers' ``EMAModel`` rule).
+
+    Why warm up: a shadow seeded with the initial weights keeps ``decay ** steps`` of them; after 17,772 steps at
+    0.9998 that is 2.9 % of random weights, and such a CIFAR-10 run sampled at FID 99 (10,000 samples, S = 50)
+    where the same script at 0.9995 for 15,000 steps (0.06 % left) gave 22 (docs/results/bench, 18th round).
+    With the warm-up the initial weights are gone after ~100 updates; from ~90,000 updates on at 0.9999 it is
+    the official rule again.
+    """
+    return min(decay, (1 + n) / (10 + n)) if warmup else decay
 
 
 class EMA(AveragedModel):
