@@ -889,3 +889,26 @@ def test_format_table_keeps_pipes_inside_their_cells():
         return re.split(r"(?<!\\)\|", line)[1:-1]
 
     assert len(cells(head)) == len(cells(rule)) == len(cells(row)) == 2
+
+
+def test_ema_warmup_bench_one_step_debiased_is_the_raw_model(tmp_path, capsys):
+    """bench/ema_warmup.py: after one step the official EMA is decay * w_0 + (1 - decay) * w_1, so the debiased
+    average (the initial weights' share taken out) is w_1, the raw model, exactly; the official and warm-up ones
+    are not.  Bad settings are refused by name."""
+    from conftest import load_script
+    from test_cifar10_script import make_pack
+
+    bench, pack = load_script("bench/ema_warmup.py"), tmp_path / "pack.npz"
+    make_pack(pack)
+    common = ["--data", str(pack), "--device", "cpu", "--batch", "4", "--train-images", "8", "--test-images", "4"]
+    rec = bench.main([*common, "--steps", "1", "--decay", "0.9", "--json", str(tmp_path / "e.json")])
+    mse = rec["eps_mse"]
+    assert json.loads((tmp_path / "e.json").read_text())["eps_mse"] == mse
+    assert rec["initial_weights_left"] == pytest.approx(0.9)
+    assert mse["ema debiased"] == pytest.approx(mse["raw"], rel=1e-4)
+    assert mse["ema official"] != pytest.approx(mse["raw"], rel=1e-3)
+    assert mse["ema warm-up"] != pytest.approx(mse["raw"], rel=1e-3)
+    for bad, match in ((["--decay", "1.0"], "--decay 1.0"), (["--steps", "0"], "--steps 0")):
+        with pytest.raises(SystemExit):
+            bench.main([*common, *bad])
+        assert match in capsys.readouterr().err
