@@ -15,7 +15,8 @@ and reports each one's eps-prediction error (the training loss, per dimension) o
 noise, next to the raw weights'.
 
     python bench/ema_warmup.py --device cpu --steps 600 --decay 0.995 --batch 16    # tiny U-Net, ~3 min on 2 cores
-    python bench/ema_warmup.py --data cifar10_jpeg_q75.npz --full --steps 20000 --decay 0.9998 --batch 128  # a GPU
+    python bench/ema_warmup.py --data cifar10_jpeg_q75.npz --full --fast --steps 17772 --decay 0.9998 --batch 128 \
+        --save run/ema     # a GPU; then bench/fid_precision.py --ckpt run/ema/ema_official.pt (and the others)
 """
 from __future__ import annotations
 
@@ -52,7 +53,8 @@ def eps_mse(net: torch.nn.Module, x0: torch.Tensor, eps: torch.Tensor, ac: torch
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10_jpeg_q75.npz"))
+    p.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared" / "data" /
+                                         "cifar10_jpeg_q75.npz"))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--full", action="store_true", help="the official CIFAR-10 U-Net (default: the tiny one)")
     p.add_argument("--steps", type=int, default=600)
@@ -63,6 +65,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--fast", action="store_true", help="the fast training step (bf16, compile; a GPU)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None)
+    p.add_argument("--save", default=None, metavar="DIR",
+                   help="write each average as DIR/<name>.pt (raw, ema_warmup, ema_official, ema_debiased) in the "
+                        "format of scripts/cifar10_gpu.py export, for bench/fid_precision.py --ckpt")
     args = p.parse_args(argv)
     if args.steps < 1 or args.batch < 1:
         p.error(f"--steps {args.steps} and --batch {args.batch} must be at least 1")
@@ -89,11 +94,23 @@ def main(argv: list[str] | None = None) -> dict:
 
     eps = torch.randn(x_test.shape, generator=torch.Generator().manual_seed(args.seed + 1)).to(device)
     ac_f = ac.float().to(device)
+    config = CIFAR10 if args.full else TINY
+
+    def save(name: str, net: torch.nn.Module) -> None:
+        if args.save:
+            Path(args.save).mkdir(parents=True, exist_ok=True)
+            state = {k: v.detach().float().cpu().contiguous() for k, v in net.state_dict().items()}
+            torch.save(dict(ema=state, unet=config, steps=args.steps, ema_decay=args.decay, weights=name),
+                       Path(args.save) / f"{name.replace(' ', '_').replace('-', '')}.pt")
+
     rows = {"raw": eps_mse(step.model.eval(), x_test, eps, ac_f), "ema warm-up": eps_mse(step.ema, x_test, eps, ac_f)}
+    save("raw", step.model)
+    save("ema warm-up", step.ema)
     warm = [p.detach().clone() for p in step.ema_params]
     for name, weights in (("ema official", official), ("ema debiased", debiased)):
         torch._foreach_copy_(step.ema_params, weights)
         rows[name] = eps_mse(step.ema, x_test, eps, ac_f)
+        save(name, step.ema)
     torch._foreach_copy_(step.ema_params, warm)
 
     print(f"{args.steps} steps (batch {args.batch}, {train_s:.0f} s on {device}), decay {args.decay}: the official "

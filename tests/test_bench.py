@@ -908,6 +908,15 @@ def test_ema_warmup_bench_one_step_debiased_is_the_raw_model(tmp_path, capsys):
     assert mse["ema debiased"] == pytest.approx(mse["raw"], rel=1e-4)
     assert mse["ema official"] != pytest.approx(mse["raw"], rel=1e-3)
     assert mse["ema warm-up"] != pytest.approx(mse["raw"], rel=1e-3)
+    # --save: each average in the export format; the debiased one holds the raw weights
+    rec = bench.main([*common, "--steps", "1", "--decay", "0.9", "--save", str(tmp_path / "w")])
+    load_ema_unet = load_script("scripts/cifar10_gpu.py").load_ema_unet
+    nets = {n: load_ema_unet(tmp_path / "w" / f"{n}.pt")[0]
+            for n in ("raw", "ema_warmup", "ema_official", "ema_debiased")}
+    for k, v in nets["raw"].state_dict().items():
+        torch.testing.assert_close(nets["ema_debiased"].state_dict()[k], v, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(nets["ema_official"].conv_in.weight, nets["raw"].conv_in.weight)
+    assert load_ema_unet(tmp_path / "w" / "ema_official.pt")[1]["weights"] == "ema official"
     for bad, match in ((["--decay", "1.0"], "--decay 1.0"), (["--steps", "0"], "--steps 0")):
         with pytest.raises(SystemExit):
             bench.main([*common, *bad])
