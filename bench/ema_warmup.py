@@ -79,7 +79,8 @@ def main(argv: list[str] | None = None) -> dict:
     x_test = to_model(load_split(args.data, "test", args.test_images)).to(device)
     ac = alphas_cumprod(beta_schedule("linear"))
     step = perf.DiffusionTrainStep(UNet(**(CIFAR10 if args.full else TINY)).to(device), ac, ema_decay=args.decay,
-                                   ema_warmup=True, fast=args.fast)
+                                   ema_warmup=True, fast=args.fast,
+                                   compile_mode="reduce-overhead" if args.fast and device.type == "cuda" else None)
     w0 = [p.detach().clone() for p in step.ema_params]
     official = [p.detach().clone() for p in step.ema_params]
     t0 = time.time()
