@@ -42,10 +42,10 @@ def ema_decay_at(decay: float, n: int, warmup: bool) -> float:
 
     Why warm up: a shadow seeded with the initial weights keeps ``decay ** steps`` of them; after 17,772 steps at
     0.9998 that is 2.9 % of random weights, and that CIFAR-10 run sampled at FID 99 (10,000 samples, S = 50) where
-    the same script at 0.9995 for 15,000 steps (0.06 % left) gave 22 (5,000 samples).  Early on the warm-up also averages over
-    fewer steps, while the weights still change fast (``bench/ema_warmup.py``; both in docs/results/bench, 18th
-    round).  The initial weights are gone after ~100 updates; from ~90,000 updates on at 0.9999 it is the
-    official rule again.
+    the same script at 0.9995 for 15,000 steps (0.06 % left) gave 22 (5,000 samples).  Early on, the warm-up
+    also averages over fewer steps while the weights still change fast (``bench/ema_warmup.py``; both in
+    docs/results/bench, 18th round).  The initial weights are gone after ~100 updates; from ~90,000 updates on
+    at 0.9999 it is the official rule again.
     """
     return min(decay, (1 + n) / (10 + n)) if warmup else decay
 
