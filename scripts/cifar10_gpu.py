@@ -6,7 +6,9 @@ Stages (each can run alone, so a run can span several commands of one machine):
             horizontal flips) with the fast step of ``ddim.perf`` (bf16, channels_last, compile, fused
             Adam, foreach EMA), for a fixed wall-clock budget. The data set lives on the GPU as uint8.
             ``--resume`` goes on from OUT/ckpt.pt (weights, Adam state, data order, RNG), so training
-            longer than one command's time limit runs as several commands.
+            longer than one command's time limit runs as several commands; OUT/ckpt.pt is also written every
+            ``--save-minutes`` (5), so a command killed at its limit keeps its training.  The EMA warms up
+            (``ddim.models.ema.ema_decay_at``; ``--no-ema-warmup`` for the official rule).
   eval   -- Table 1: FID of N samples (default 5,000) against the training set for eta in {0, 1, hat}
             and S in {10, 20, 50, 100} (quadratic timesteps as the paper for CIFAR-10, the same x_T for every cell), FID-vs-S plot and
             sample grids; Table 2: reconstruction error of test images encoded to x_T with eta = 0 and
