@@ -188,6 +188,19 @@ def test_ema_matches_official_formula():
         assert ema(x, torch.tensor([1, 2])).shape == x.shape
 
 
+@pytest.mark.parametrize("decay, updates", [(0.9998, 17772), (0.9999, 3), (0.999, 50), (0.5, 7), (0.0, 4), (0.9, 0)])
+def test_ema_initial_share_is_the_product_of_the_decays(decay, updates):
+    """ema_initial_share (closed form) = the product of ema_decay_at over the updates, with and without warm-up."""
+    from ddim.models.ema import ema_decay_at, ema_initial_share
+
+    for warmup in (False, True):
+        prod = 1.0
+        for n in range(updates):
+            prod *= ema_decay_at(decay, n, warmup)
+        assert ema_initial_share(decay, updates, warmup) == pytest.approx(prod, rel=1e-9, abs=1e-300)
+    assert ema_initial_share(0.9998, 17772, False) == pytest.approx(0.0286, rel=1e-2)  # the FID-99 run
+
+
 def test_ema_state_dict_roundtrip_and_official_shadow():
     torch.manual_seed(1)
     model = UNet(**TINY)

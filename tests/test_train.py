@@ -104,8 +104,14 @@ def test_load_for_sampling_and_bad_checkpoints(tmp_path):
                     "trainer.max_steps=3", "optim.ema_decay=0.5", "trainer.enable_progress_bar=false"))
     last = tmp_path / "r" / "checkpoints" / "last.ckpt"
     assert res["last_ckpt"] and os.path.samefile(res["last_ckpt"], last)
-    ema, ac, cfg = load_for_sampling(last)
-    raw, _, _ = load_for_sampling(last, use_ema=False)
+    # 3 steps of warm-up leave 1/10 * 2/11 * 3/12 = 0.45 % of the initial weights in the EMA: said when sampling
+    # from it, not from the raw weights
+    with pytest.warns(UserWarning, match=r"0\.5% of the initial .*ema_decay=0\.5 over 3 steps, with warm-up.*"
+                                         r"use_ema=false"):
+        ema, ac, cfg = load_for_sampling(last)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        raw, _, _ = load_for_sampling(last, use_ema=False)
     assert not ema.training and ac.dtype == torch.float64 and ac.shape == (100,)
     assert cfg["model"]["ch"] == 32 and cfg["data"]["image_size"] == 8 and cfg["global_step"] == 3
     x, t = torch.randn(2, 1, 8, 8), torch.tensor([5, 50])

@@ -28,7 +28,7 @@ from lightning.pytorch.strategies import DDPStrategy
 from torch import nn
 from torch.optim.swa_utils import get_ema_multi_avg_fn
 
-from ddim.models.ema import ema_decay_at
+from ddim.models.ema import ema_decay_at, ema_initial_share
 from ddim.perf import (GradientGraph, default_group_norm, default_upsample, swap_group_norm, swap_upsample,
                        to_channels_last)
 
@@ -310,14 +310,14 @@ class DiffusionModule(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def on_train_end(self) -> None:
-        debugging = bool(getattr(self._trainer, "fast_dev_run", False))
-        left = 0.0 if self.ema_warmup or debugging else self.ema_decay ** self.global_step
-        if left > 1e-3:  # a CIFAR-10 run with 2.9 % left sampled at FID 99 (ddim.models.ema.ema_decay_at)
+        if getattr(self._trainer, "fast_dev_run", False):
+            return
+        warning = ema_warning(self.ema_decay, self.global_step, self.ema_warmup)
+        if warning:
             from lightning.pytorch.utilities import rank_zero_warn
 
-            rank_zero_warn(f"the EMA weights still hold {left:.1%} of the initial (random) weights: optim.ema_decay="
-                           f"{self.ema_decay} ** {self.global_step} steps; sample from them only after longer "
-                           f"training, or train with optim.ema_warmup=true or a smaller optim.ema_decay")
+            rank_zero_warn(f"{warning}; sample from them only after longer training, or train with "
+                           f"optim.ema_warmup=true or a smaller optim.ema_decay")
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Also save the RNG states (Lightning does not), so a resumed run draws the same t, ε and dropout.
@@ -383,6 +383,16 @@ def _torch_load(path: str | Path, map_location: Any) -> dict:
         raise ValueError(f"cannot read checkpoint {path}: not a valid torch checkpoint (corrupt or truncated?): {e}") from e
 
 
+def ema_warning(decay: float, steps: int, warmup: bool) -> str | None:
+    """What to say when an EMA after ``steps`` updates still holds more than 0.1 % of the initial (random) weights
+    (``ddim.models.ema.ema_initial_share``; a CIFAR-10 run with 2.9 % left sampled at FID 99), else None."""
+    left = ema_initial_share(decay, steps, warmup)
+    if left <= 1e-3:
+        return None
+    return (f"the EMA weights still hold {left:.1%} of the initial (random) weights (optim.ema_decay={decay} over "
+            f"{steps} steps{', with' if warmup else ', no'} warm-up)")
+
+
 def load_for_sampling(ckpt_path: str | Path, use_ema: bool = True, map_location: Any = "cpu", *,
                       format: str = "lightning", config: str | dict | None = None
                       ) -> tuple[nn.Module, torch.Tensor, dict]:
@@ -420,6 +430,13 @@ def load_for_sampling(ckpt_path: str | Path, use_ema: bool = True, map_location:
     model = model.to(map_location if map_location is not None else "cpu").eval().requires_grad_(False)
     cfg["global_step"] = ckpt.get("global_step")
     cfg["use_ema"] = use_ema
+    optim = cfg.get("optim") or {}
+    if use_ema and cfg["global_step"] is not None:
+        warning = ema_warning(float(optim.get("ema_decay", 0.9999)), int(cfg["global_step"]),
+                              bool(optim.get("ema_warmup", False)))
+        if warning:
+            warnings.warn(f"{ckpt_path}: {warning}, so its samples and FID are worse than the training reached; "
+                          f"sample the raw weights (evaluate.py use_ema=false) or a later checkpoint", stacklevel=2)
     return model, build_alphas_cumprod(cfg["diffusion"]), cfg
 
 

@@ -25,13 +25,14 @@ sync-free on GPU; keep ``EMA`` on the same device as the model.
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Mapping
 
 import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-__all__ = ["EMA", "DEFAULT_EMA_DECAY", "ema_decay_at"]
+__all__ = ["EMA", "DEFAULT_EMA_DECAY", "ema_decay_at", "ema_initial_share"]
 
 DEFAULT_EMA_DECAY = 0.9999
 
@@ -48,6 +49,24 @@ def ema_decay_at(decay: float, n: int, warmup: bool) -> float:
     at 0.9999 it is the official rule again.
     """
     return min(decay, (1 + n) / (10 + n)) if warmup else decay
+
+
+def ema_initial_share(decay: float, updates: int, warmup: bool) -> float:
+    """The weight the initial (random) weights still have in an EMA after ``updates`` updates of
+    ``ema_decay_at``: the product of the decays, ``decay ** updates`` without warm-up.
+
+    With warm-up the first updates use (1+n)/(10+n) < decay, whose product telescopes to 9! k! / (k+9)!
+    over the first k of them (computed with lgamma); the rest use ``decay``."""
+    if updates <= 0:
+        return 1.0
+    if decay <= 0.0:
+        return 0.0
+    if not warmup:
+        return decay ** updates
+    # (1+n)/(10+n) < decay  <=>  n < (10 decay - 1) / (1 - decay)
+    k = updates if decay >= 1.0 else min(updates, max(0, math.ceil((10 * decay - 1) / (1 - decay))))
+    log_share = math.lgamma(k + 1) + math.lgamma(10) - math.lgamma(k + 10) + (updates - k) * math.log(decay)
+    return math.exp(log_share)
 
 
 class EMA(AveragedModel):
