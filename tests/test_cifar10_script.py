@@ -210,7 +210,7 @@ def test_train_keeps_periodic_checkpoints_and_stops_on_budget_between_log_lines(
     assert 1 < steps < 10
 
 
-def test_export_keeps_what_sampling_needs(tmp_path: Path) -> None:
+def test_export_keeps_what_sampling_needs(tmp_path: Path, capsys) -> None:
     """export writes the EMA weights, config and step count, which load_ema_unet (and so the benchmarks' --ckpt)
     read as from ckpt.pt, in a file without the training weights and Adam moments."""
     import torch
@@ -220,7 +220,10 @@ def test_export_keeps_what_sampling_needs(tmp_path: Path) -> None:
     mod.main(["train", "--tiny", "--no-fast", "--device", "cpu", "--data", str(pack), "--batch", "8",
               "--out", str(tmp_path / "run"), "--max-steps", "2"])
     mod.main(["export", "--out", str(tmp_path / "run")])
+    capsys.readouterr()
     (full, ck_full), (slim, ck_slim) = (mod.load_ema_unet(tmp_path / "run" / f) for f in ("ckpt.pt", "ema.pt"))
+    # two warm-up updates leave 1/10 * 2/11 = 1.8 % of the initial weights: said on loading, from either file
+    assert capsys.readouterr().out.count("still hold 1.8% of the initial (random) weights") == 2
     assert ck_slim["steps"] == ck_full["steps"] == 2 and ck_slim["unet"] == ck_full["unet"]
     assert "model" not in ck_slim and "optimizer" not in ck_slim
     assert all(torch.equal(a, b) for a, b in zip(full.state_dict().values(), slim.state_dict().values()))
