@@ -47,7 +47,7 @@ from ddim.diffusion import alphas_cumprod as make_alphas_cumprod
 from ddim.diffusion import SOLVERS, beta_schedule, encode, sample, solve, steps_for_nfe_on, timesteps
 from ddim.eval.tasks import parse_eta
 from ddim.models import UNet
-from ddim.models.ema import ema_initial_share
+from ddim.models.ema import ema_initial_share_note
 
 CIFAR10 = dict(ch=128, out_ch=3, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(16,),
                dropout=0.1, in_channels=3, resolution=32, resamp_with_conv=True)
@@ -74,12 +74,9 @@ def load_ema_unet(path: str | Path) -> tuple[UNet, dict]:
     model = UNet(**ck["unet"])
     model.load_state_dict(ck["ema"])
     if "ema_decay" in ck:  # runs from before ema_warmup was recorded trained without it
-        left = ema_initial_share(ck["ema_decay"], ck["steps"], ck.get("ema_warmup", False))
-        if left > 1e-3:  # a CIFAR-10 run with 2.9 % left sampled at FID 99 (ddim.models.ema.ema_decay_at)
-            warmup = "on" if ck.get("ema_warmup") else "off"
-            log(f"warning: the EMA weights of {path} still hold {left:.1%} of the initial (random) weights "
-                f"(--ema {ck['ema_decay']} over {ck['steps']} steps, warm-up {warmup}); their samples are worse "
-                f"than the training reached")
+        note = ema_initial_share_note(ck["ema_decay"], ck["steps"], ck.get("ema_warmup", False))
+        if note:
+            log(f"warning: {path}: {note}; its samples are worse than the training reached")
     return model.eval(), ck
 
 

@@ -106,7 +106,7 @@ def test_load_for_sampling_and_bad_checkpoints(tmp_path):
     assert res["last_ckpt"] and os.path.samefile(res["last_ckpt"], last)
     # 3 steps of warm-up leave 1/10 * 2/11 * 3/12 = 0.45 % of the initial weights in the EMA: said when sampling
     # from it, not from the raw weights
-    with pytest.warns(UserWarning, match=r"0\.5% of the initial .*ema_decay=0\.5 over 3 steps, with warm-up.*"
+    with pytest.warns(UserWarning, match=r"0\.5% of the initial .*decay 0\.5 over 3 steps, with warm-up.*"
                                          r"use_ema=false"):
         ema, ac, cfg = load_for_sampling(last)
     with warnings.catch_warnings():

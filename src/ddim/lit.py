@@ -28,7 +28,7 @@ from lightning.pytorch.strategies import DDPStrategy
 from torch import nn
 from torch.optim.swa_utils import get_ema_multi_avg_fn
 
-from ddim.models.ema import ema_decay_at, ema_initial_share
+from ddim.models.ema import ema_decay_at, ema_initial_share_note
 from ddim.perf import (GradientGraph, default_group_norm, default_upsample, swap_group_norm, swap_upsample,
                        to_channels_last)
 
@@ -312,7 +312,7 @@ class DiffusionModule(L.LightningModule):
     def on_train_end(self) -> None:
         if getattr(self._trainer, "fast_dev_run", False):
             return
-        warning = ema_warning(self.ema_decay, self.global_step, self.ema_warmup)
+        warning = ema_initial_share_note(self.ema_decay, self.global_step, self.ema_warmup)
         if warning:
             from lightning.pytorch.utilities import rank_zero_warn
 
@@ -383,16 +383,6 @@ def _torch_load(path: str | Path, map_location: Any) -> dict:
         raise ValueError(f"cannot read checkpoint {path}: not a valid torch checkpoint (corrupt or truncated?): {e}") from e
 
 
-def ema_warning(decay: float, steps: int, warmup: bool) -> str | None:
-    """What to say when an EMA after ``steps`` updates still holds more than 0.1 % of the initial (random) weights
-    (``ddim.models.ema.ema_initial_share``; a CIFAR-10 run with 2.9 % left sampled at FID 99), else None."""
-    left = ema_initial_share(decay, steps, warmup)
-    if left <= 1e-3:
-        return None
-    return (f"the EMA weights still hold {left:.1%} of the initial (random) weights (optim.ema_decay={decay} over "
-            f"{steps} steps{', with' if warmup else ', no'} warm-up)")
-
-
 def load_for_sampling(ckpt_path: str | Path, use_ema: bool = True, map_location: Any = "cpu", *,
                       format: str = "lightning", config: str | dict | None = None
                       ) -> tuple[nn.Module, torch.Tensor, dict]:
@@ -432,8 +422,8 @@ def load_for_sampling(ckpt_path: str | Path, use_ema: bool = True, map_location:
     cfg["use_ema"] = use_ema
     optim = cfg.get("optim") or {}
     if use_ema and cfg["global_step"] is not None:
-        warning = ema_warning(float(optim.get("ema_decay", 0.9999)), int(cfg["global_step"]),
-                              bool(optim.get("ema_warmup", False)))
+        warning = ema_initial_share_note(float(optim.get("ema_decay", 0.9999)), int(cfg["global_step"]),
+                                         bool(optim.get("ema_warmup", False)))
         if warning:
             warnings.warn(f"{ckpt_path}: {warning}, so its samples and FID are worse than the training reached; "
                           f"sample the raw weights (evaluate.py use_ema=false) or a later checkpoint", stacklevel=2)

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-__all__ = ["EMA", "DEFAULT_EMA_DECAY", "ema_decay_at", "ema_initial_share"]
+__all__ = ["EMA", "DEFAULT_EMA_DECAY", "ema_decay_at", "ema_initial_share", "ema_initial_share_note"]
 
 DEFAULT_EMA_DECAY = 0.9999
 
@@ -67,6 +67,16 @@ def ema_initial_share(decay: float, updates: int, warmup: bool) -> float:
     k = updates if decay >= 1.0 else min(updates, max(0, math.ceil((10 * decay - 1) / (1 - decay))))
     log_share = math.lgamma(k + 1) + math.lgamma(10) - math.lgamma(k + 10) + (updates - k) * math.log(decay)
     return math.exp(log_share)
+
+
+def ema_initial_share_note(decay: float, updates: int, warmup: bool) -> str | None:
+    """What to tell the user when an EMA still holds more than 0.1 % of the initial (random) weights (a CIFAR-10 run
+    with 2.9 % left sampled at FID 99), else None; callers add what to do in their own terms."""
+    left = ema_initial_share(decay, updates, warmup)
+    if left <= 1e-3:
+        return None
+    return (f"the EMA weights still hold {left:.1%} of the initial (random) weights (decay {decay} over {updates} "
+            f"steps, {'with' if warmup else 'no'} warm-up)")
 
 
 class EMA(AveragedModel):
