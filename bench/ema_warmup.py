@@ -78,7 +78,8 @@ def main(argv: list[str] | None = None) -> dict:
     x_train = to_model(load_split(args.data, "train", args.train_images)).to(device)
     x_test = to_model(load_split(args.data, "test", args.test_images)).to(device)
     ac = alphas_cumprod(beta_schedule("linear"))
-    step = perf.DiffusionTrainStep(UNet(**(CIFAR10 if args.full else TINY)).to(device), ac, ema_decay=args.decay,
+    config = CIFAR10 if args.full else TINY
+    step = perf.DiffusionTrainStep(UNet(**config).to(device), ac, ema_decay=args.decay,
                                    ema_warmup=True, fast=args.fast,
                                    compile_mode="reduce-overhead" if args.fast and device.type == "cuda" else None)
     w0 = [p.detach().clone() for p in step.ema_params]
@@ -95,13 +96,15 @@ def main(argv: list[str] | None = None) -> dict:
 
     eps = torch.randn(x_test.shape, generator=torch.Generator().manual_seed(args.seed + 1)).to(device)
     ac_f = ac.float().to(device)
-    config = CIFAR10 if args.full else TINY
 
     def save(name: str, net: torch.nn.Module) -> None:
         if args.save:
             Path(args.save).mkdir(parents=True, exist_ok=True)
             state = {k: v.detach().float().cpu().contiguous() for k, v in net.state_dict().items()}
-            torch.save(dict(ema=state, unet=config, steps=args.steps, ema_decay=args.decay, weights=name),
+            # the EMA rule where the file holds an EMA with initial weights in it (load_ema_unet's warning reads it)
+            rule = {"ema official": dict(ema_decay=args.decay, ema_warmup=False),
+                    "ema warm-up": dict(ema_decay=args.decay, ema_warmup=True)}.get(name, {})
+            torch.save(dict(ema=state, unet=config, steps=args.steps, weights=name, **rule),
                        Path(args.save) / f"{name.replace(' ', '_').replace('-', '')}.pt")
 
     rows = {"raw": eps_mse(step.model.eval(), x_test, eps, ac_f), "ema warm-up": eps_mse(step.ema, x_test, eps, ac_f)}
@@ -120,7 +123,7 @@ def main(argv: list[str] | None = None) -> dict:
     print("| --- " * (len(TIMESTEPS) + 2) + "|")
     for name, r in rows.items():
         print(f"| {name} | " + " | ".join(f"{v:.4f}" for v in r) + f" | {sum(r) / len(r):.4f} |")
-    result = dict(benchmark="ema_warmup", command="python " + " ".join([sys.argv[0], *(argv or sys.argv[1:])]),
+    result = dict(benchmark="ema_warmup", command=" ".join(["python", "bench/ema_warmup.py", *(argv or sys.argv[1:])]),
                   steps=args.steps, decay=args.decay, batch=args.batch, initial_weights_left=left,
                   train_seconds=train_s, timesteps=list(TIMESTEPS), eps_mse=rows, machine=perf.device_info(device))
     if args.json:

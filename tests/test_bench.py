@@ -917,6 +917,13 @@ def test_ema_warmup_bench_one_step_debiased_is_the_raw_model(tmp_path, capsys):
         torch.testing.assert_close(nets["ema_debiased"].state_dict()[k], v, rtol=1e-5, atol=1e-6)
     assert not torch.equal(nets["ema_official"].conv_in.weight, nets["raw"].conv_in.weight)
     assert load_ema_unet(tmp_path / "w" / "ema_official.pt")[1]["weights"] == "ema official"
+    # loading warns for the averages that hold initial weights (0.9 of them after one official update, 0.1 after
+    # one warm-up update), not for the raw or debiased weights
+    capsys.readouterr()
+    for name in ("raw", "ema_debiased", "ema_official", "ema_warmup"):
+        load_ema_unet(tmp_path / "w" / f"{name}.pt")
+    said = capsys.readouterr().out
+    assert "90.0% of the initial" in said and "10.0% of the initial" in said and said.count("warning") == 2
     for bad, match in ((["--decay", "1.0"], "--decay 1.0"), (["--steps", "0"], "--steps 0")):
         with pytest.raises(SystemExit):
             bench.main([*common, *bad])
