@@ -31,6 +31,7 @@ import torch
 from ddim import perf
 from ddim.diffusion import alphas_cumprod, beta_schedule
 from ddim.models import UNet
+from ddim.models.ema import ema_initial_share
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 from cifar10_gpu import CIFAR10, TINY, load_split, to_model  # noqa: E402
@@ -91,7 +92,7 @@ def main(argv: list[str] | None = None) -> dict:
             torch._foreach_lerp_(official, step.params, 1.0 - args.decay)
     perf.synchronize(device)
     train_s = time.time() - t0
-    left = args.decay ** args.steps
+    left = ema_initial_share(args.decay, args.steps, warmup=False)
     debiased = [(e - left * w) / (1.0 - left) for e, w in zip(official, w0)]
 
     eps = torch.randn(x_test.shape, generator=torch.Generator().manual_seed(args.seed + 1)).to(device)

@@ -28,7 +28,7 @@ from lightning.pytorch.strategies import DDPStrategy
 from torch import nn
 from torch.optim.swa_utils import get_ema_multi_avg_fn
 
-from ddim.models.ema import ema_decay_at, ema_initial_share_note
+from ddim.models.ema import DEFAULT_EMA_DECAY, ema_decay_at, ema_initial_share_note
 from ddim.perf import (GradientGraph, default_group_norm, default_upsample, swap_group_norm, swap_upsample,
                        to_channels_last)
 
@@ -162,7 +162,7 @@ class DiffusionModule(L.LightningModule):
             v = optim.get(k)
             if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
                 raise ValueError(f"optim.{k} must be a number, got {v!r}")
-        self.ema_decay = float(optim.get("ema_decay", 0.9999))
+        self.ema_decay = float(optim.get("ema_decay", DEFAULT_EMA_DECAY))
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"optim.ema_decay must be in [0, 1), got {self.ema_decay}")
         self.ema_warmup = bool(optim.get("ema_warmup", False))
@@ -420,9 +420,9 @@ def load_for_sampling(ckpt_path: str | Path, use_ema: bool = True, map_location:
     model = model.to(map_location if map_location is not None else "cpu").eval().requires_grad_(False)
     cfg["global_step"] = ckpt.get("global_step")
     cfg["use_ema"] = use_ema
-    optim = cfg.get("optim") or {}
     if use_ema and cfg["global_step"] is not None:
-        warning = ema_initial_share_note(float(optim.get("ema_decay", 0.9999)), int(cfg["global_step"]),
+        optim = cfg.get("optim") or {}
+        warning = ema_initial_share_note(float(optim.get("ema_decay", DEFAULT_EMA_DECAY)), int(cfg["global_step"]),
                                          bool(optim.get("ema_warmup", False)))
         if warning:
             warnings.warn(f"{ckpt_path}: {warning}, so its samples and FID are worse than the training reached; "
