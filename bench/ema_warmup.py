@@ -34,7 +34,7 @@ from ddim.models import UNet
 from ddim.models.ema import ema_initial_share
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-from cifar10_gpu import CIFAR10, TINY, load_split, to_model  # noqa: E402
+from cifar10_gpu import CIFAR10, TINY, generate, load_split, to_model  # noqa: E402
 
 TIMESTEPS = (20, 100, 300, 600, 900)
 
@@ -69,6 +69,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--save", default=None, metavar="DIR",
                    help="write each average as DIR/<name>.pt (raw, ema_warmup, ema_official, ema_debiased) in the "
                         "format of scripts/cifar10_gpu.py export, for bench/fid_precision.py --ckpt")
+    p.add_argument("--grid", default=None, metavar="PNG",
+                   help="also sample 16 images from each weight set (the same x_T; DDIM eta = 0, S = 50, quadratic) "
+                        "and write them as one grid, a row per set in the order of the table")
     args = p.parse_args(argv)
     if args.steps < 1 or args.batch < 1:
         p.error(f"--steps {args.steps} and --batch {args.batch} must be at least 1")
@@ -108,15 +111,29 @@ def main(argv: list[str] | None = None) -> dict:
             torch.save(dict(ema=state, unet=config, steps=args.steps, weights=name, **rule),
                        Path(args.save) / f"{name.replace(' ', '_').replace('-', '')}.pt")
 
-    rows = {"raw": eps_mse(step.model.eval(), x_test, eps, ac_f), "ema warm-up": eps_mse(step.ema, x_test, eps, ac_f)}
-    save("raw", step.model)
-    save("ema warm-up", step.ema)
+    x_T = torch.randn(16, 3, config["resolution"], config["resolution"],
+                      generator=torch.Generator().manual_seed(args.seed + 2)).to(device)
+    grid: list[torch.Tensor] = []
+
+    def measure(name: str, net: torch.nn.Module) -> None:
+        rows[name] = eps_mse(net, x_test, eps, ac_f)
+        save(name, net)
+        if args.grid:
+            grid.append(generate(net, x_T, ac.to(device), 50, 0.0, len(x_T), 0, "quadratic"))
+
+    rows: dict[str, list[float]] = {}
+    measure("raw", step.model.eval())
+    measure("ema warm-up", step.ema)
     warm = [p.detach().clone() for p in step.ema_params]
     for name, weights in (("ema official", official), ("ema debiased", debiased)):
         torch._foreach_copy_(step.ema_params, weights)
-        rows[name] = eps_mse(step.ema, x_test, eps, ac_f)
-        save(name, step.ema)
+        measure(name, step.ema)
     torch._foreach_copy_(step.ema_params, warm)
+    if args.grid:
+        from torchvision.utils import save_image
+
+        Path(args.grid).parent.mkdir(parents=True, exist_ok=True)
+        save_image(torch.cat(grid).float() / 255, args.grid, nrow=len(x_T), padding=1)
 
     print(f"{args.steps} steps (batch {args.batch}, {train_s:.0f} s on {device}), decay {args.decay}: the official "
           f"EMA holds {left:.2%} of the initial weights; eps MSE on {len(x_test)} test images")

@@ -909,7 +909,16 @@ def test_ema_warmup_bench_one_step_debiased_is_the_raw_model(tmp_path, capsys):
     assert mse["ema official"] != pytest.approx(mse["raw"], rel=1e-3)
     assert mse["ema warm-up"] != pytest.approx(mse["raw"], rel=1e-3)
     # --save: each average in the export format; the debiased one holds the raw weights
-    rec = bench.main([*common, "--steps", "1", "--decay", "0.9", "--save", str(tmp_path / "w")])
+    rec = bench.main([*common, "--steps", "1", "--decay", "0.9", "--save", str(tmp_path / "w"),
+                      "--grid", str(tmp_path / "g" / "grid.png")])
+    # --grid: a row of 16 samples per weight set (raw, warm-up, official, debiased), all from the same x_T, so the
+    # debiased row repeats the raw one and the official row does not
+    from torchvision.io import read_image
+
+    grid = read_image(str(tmp_path / "g" / "grid.png")).float()
+    assert grid.shape == (3, 1 + 4 * 33, 1 + 16 * 33)
+    rows = [grid[:, 1 + 33 * r:33 * (r + 1)] for r in range(4)]
+    assert (rows[3] - rows[0]).abs().max() <= 2 and (rows[2] - rows[0]).abs().mean() > 1
     load_ema_unet = load_script("scripts/cifar10_gpu.py").load_ema_unet
     nets = {n: load_ema_unet(tmp_path / "w" / f"{n}.pt")[0]
             for n in ("raw", "ema_warmup", "ema_official", "ema_debiased")}
