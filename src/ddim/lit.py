@@ -165,6 +165,7 @@ class DiffusionModule(L.LightningModule):
         self.ema_decay = float(optim.get("ema_decay", DEFAULT_EMA_DECAY))
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"optim.ema_decay must be in [0, 1), got {self.ema_decay}")
+        # absent: the official rule (train.py's conf/optim sets true; checkpoints from before the option lack it)
         self.ema_warmup = bool(optim.get("ema_warmup", False))
         # fast.step_graph: forward, backward, all-reduce and clipping are one CUDA graph, replayed inside
         # optimizer.step's closure (ddim.perf.GradientGraph); Lightning then only steps Adam, the LR and the EMA
