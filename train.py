@@ -64,6 +64,14 @@ def run(cfg: DictConfig) -> dict:
         if max_steps is not None and max_steps != -1 and step >= max_steps:
             raise ValueError(f"ckpt_path={ckpt_path} is already at step {step}; trainer.max_steps={max_steps} leaves "
                              f"nothing to train (allowed: trainer.max_steps > {step})")
+        # the EMA rule is not part of the architecture but changes the average from here on; checkpoints from
+        # before optim.ema_warmup existed trained with the official rule
+        was = bool(((ckpt.get("hyper_parameters") or {}).get("optim") or {}).get("ema_warmup", False))
+        now = bool(cfg.optim.get("ema_warmup", False))
+        if was != now:
+            log.warning(f"ckpt_path={ckpt_path} trained its EMA with optim.ema_warmup={str(was).lower()}; this run "
+                        f"goes on from step {step} with optim.ema_warmup={str(now).lower()} (set "
+                        f"optim.ema_warmup={str(was).lower()} to keep the checkpoint's rule)")
     trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
 
     out = Path(cfg.paths.output_dir)

@@ -362,6 +362,21 @@ def test_resume_with_nothing_left_to_train_is_an_error(tmp_path):
     assert not (tmp_path / "b" / "checkpoints").exists()
 
 
+def test_resume_says_when_the_ema_rule_changes(tmp_path, caplog):
+    """A checkpoint trained with the official EMA rule (as all did before the warm-up became the default), resumed
+    under the default: the run goes on, and says which rule each side has and how to keep the checkpoint's."""
+    res = _run(_cfg(tmp_path / "a", *RESUME, "trainer.max_steps=3", "optim.ema_warmup=false"))
+    with caplog.at_level("WARNING"):
+        _run(_cfg(tmp_path / "b", *RESUME, "trainer.max_steps=4", f"ckpt_path={res['last_ckpt']}"))
+    assert ("trained its EMA with optim.ema_warmup=false; this run goes on from step 3 with optim.ema_warmup=true "
+            "(set optim.ema_warmup=false to keep the checkpoint's rule)") in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        _run(_cfg(tmp_path / "c", *RESUME, "trainer.max_steps=4", "optim.ema_warmup=false",
+                  f"ckpt_path={res['last_ckpt']}"))
+    assert "ema_warmup" not in caplog.text
+
+
 def test_optim_numbers_are_checked_by_name():
     from ddim.lit import DiffusionModule
 
