@@ -56,7 +56,7 @@ def run(cfg: DictConfig) -> dict:
 
     ckpt_path = cfg.get("ckpt_path")
     if ckpt_path is not None:
-        from ddim.lit import _torch_load, _check_architecture
+        from ddim.lit import _check_architecture, _torch_load, ema_warmup_of
 
         ckpt = _torch_load(ckpt_path, "cpu")
         _check_architecture(ckpt, module.hparams.model)  # clear message before fit
@@ -64,10 +64,8 @@ def run(cfg: DictConfig) -> dict:
         if max_steps is not None and max_steps != -1 and step >= max_steps:
             raise ValueError(f"ckpt_path={ckpt_path} is already at step {step}; trainer.max_steps={max_steps} leaves "
                              f"nothing to train (allowed: trainer.max_steps > {step})")
-        # the EMA rule is not part of the architecture but changes the average from here on; checkpoints from
-        # before optim.ema_warmup existed trained with the official rule
-        was = bool(((ckpt.get("hyper_parameters") or {}).get("optim") or {}).get("ema_warmup", False))
-        now = bool(cfg.optim.get("ema_warmup", False))
+        # the EMA rule is not part of the architecture but changes the average from here on
+        was, now = ema_warmup_of((ckpt.get("hyper_parameters") or {}).get("optim")), ema_warmup_of(cfg.optim)
         if was != now:
             log.warning(f"ckpt_path={ckpt_path} trained its EMA with optim.ema_warmup={str(was).lower()}; this run "
                         f"goes on from step {step} with optim.ema_warmup={str(now).lower()} (set "

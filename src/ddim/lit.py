@@ -165,8 +165,7 @@ class DiffusionModule(L.LightningModule):
         self.ema_decay = float(optim.get("ema_decay", DEFAULT_EMA_DECAY))
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"optim.ema_decay must be in [0, 1), got {self.ema_decay}")
-        # absent: the official rule (train.py's conf/optim sets true; checkpoints from before the option lack it)
-        self.ema_warmup = bool(optim.get("ema_warmup", False))
+        self.ema_warmup = ema_warmup_of(optim)  # train.py's conf/optim sets it (true)
         # fast.step_graph: forward, backward, all-reduce and clipping are one CUDA graph, replayed inside
         # optimizer.step's closure (ddim.perf.GradientGraph); Lightning then only steps Adam, the LR and the EMA
         self.automatic_optimization = not fast["step_graph"]
@@ -358,6 +357,12 @@ class StepGraphDDPStrategy(DDPStrategy):
         super().teardown()
 
 
+def ema_warmup_of(optim: Any) -> bool:
+    """``optim.ema_warmup``; absent (``DiffusionModule`` built without it, checkpoints from before the option):
+    the official rule, no warm-up."""
+    return bool((optim or {}).get("ema_warmup", False))
+
+
 def _check_architecture(checkpoint: dict, model_cfg: dict) -> None:
     saved = checkpoint.get("hyper_parameters", {}).get("model")
     if saved is not None and _plain(saved) != _plain(model_cfg):
@@ -424,7 +429,7 @@ def load_for_sampling(ckpt_path: str | Path, use_ema: bool = True, map_location:
     if use_ema and cfg["global_step"] is not None:
         optim = cfg.get("optim") or {}
         warning = ema_initial_share_note(float(optim.get("ema_decay", DEFAULT_EMA_DECAY)), int(cfg["global_step"]),
-                                         bool(optim.get("ema_warmup", False)))
+                                         ema_warmup_of(optim))
         if warning:
             warnings.warn(f"{ckpt_path}: {warning}, so its samples and FID are worse than the training reached; "
                           f"sample the raw weights (evaluate.py use_ema=false) or a later checkpoint", stacklevel=2)
