@@ -56,7 +56,8 @@ def run(cfg: DictConfig) -> dict:
 
     ckpt_path = cfg.get("ckpt_path")
     if ckpt_path is not None:
-        from ddim.lit import _check_architecture, _torch_load, ema_warmup_of
+        from ddim.lit import _check_architecture, _torch_load
+        from ddim.models.ema import ema_warmup_of
 
         ckpt = _torch_load(ckpt_path, "cpu")
         _check_architecture(ckpt, module.hparams.model)  # clear message before fit

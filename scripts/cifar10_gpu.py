@@ -47,7 +47,7 @@ from ddim.diffusion import alphas_cumprod as make_alphas_cumprod
 from ddim.diffusion import SOLVERS, beta_schedule, encode, sample, solve, steps_for_nfe_on, timesteps
 from ddim.eval.tasks import parse_eta
 from ddim.models import UNet
-from ddim.models.ema import ema_initial_share_note
+from ddim.models.ema import ema_initial_share_note, ema_warmup_of
 
 CIFAR10 = dict(ch=128, out_ch=3, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(16,),
                dropout=0.1, in_channels=3, resolution=32, resamp_with_conv=True)
@@ -74,7 +74,7 @@ def load_ema_unet(path: str | Path) -> tuple[UNet, dict]:
     model = UNet(**ck["unet"])
     model.load_state_dict(ck["ema"])
     if "ema_decay" in ck:  # runs from before ema_warmup was recorded trained without it
-        note = ema_initial_share_note(ck["ema_decay"], ck["steps"], ck.get("ema_warmup", False))
+        note = ema_initial_share_note(ck["ema_decay"], ck["steps"], ema_warmup_of(ck))
         if note:
             log(f"warning: {path}: {note}; its samples are worse than the training reached")
     return model.eval(), ck
@@ -189,7 +189,7 @@ def resume_training(args, config: dict, batch: int, path: Path) -> dict:
                          f"train anew without --resume")
     want = dict(unet=config, ema_decay=args.ema, ema_warmup=args.ema_warmup, lr=args.lr, batch=batch,
                 limit=args.limit)
-    had = dict(prev, ema_warmup=prev.get("ema_warmup", False))  # checkpoints from before the option: no warm-up
+    had = dict(prev, ema_warmup=ema_warmup_of(prev))
     differ = [f"{k}: checkpoint {had.get(k)!r}, now {v!r}" for k, v in want.items() if had.get(k) != v]
     if differ:
         raise SystemExit(f"train --resume: {path} was trained with other settings ({'; '.join(differ)}); "

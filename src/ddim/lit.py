@@ -28,7 +28,7 @@ from lightning.pytorch.strategies import DDPStrategy
 from torch import nn
 from torch.optim.swa_utils import get_ema_multi_avg_fn
 
-from ddim.models.ema import DEFAULT_EMA_DECAY, ema_decay_at, ema_initial_share_note
+from ddim.models.ema import DEFAULT_EMA_DECAY, ema_decay_at, ema_initial_share_note, ema_warmup_of
 from ddim.perf import (GradientGraph, default_group_norm, default_upsample, swap_group_norm, swap_upsample,
                        to_channels_last)
 
@@ -355,12 +355,6 @@ class StepGraphDDPStrategy(DDPStrategy):
         if release is not None:
             release()
         super().teardown()
-
-
-def ema_warmup_of(optim: Any) -> bool:
-    """``optim.ema_warmup``; absent (``DiffusionModule`` built without it, checkpoints from before the option):
-    the official rule, no warm-up."""
-    return bool((optim or {}).get("ema_warmup", False))
 
 
 def _check_architecture(checkpoint: dict, model_cfg: dict) -> None:

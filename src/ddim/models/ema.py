@@ -32,7 +32,8 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-__all__ = ["EMA", "DEFAULT_EMA_DECAY", "ema_decay_at", "ema_initial_share", "ema_initial_share_note"]
+__all__ = ["EMA", "DEFAULT_EMA_DECAY", "ema_decay_at", "ema_initial_share", "ema_initial_share_note",
+           "ema_warmup_of"]
 
 DEFAULT_EMA_DECAY = 0.9999
 
@@ -49,6 +50,12 @@ def ema_decay_at(decay: float, n: int, warmup: bool) -> float:
     again, so long runs end with the same average.
     """
     return min(decay, (1 + n) / (10 + n)) if warmup else decay
+
+
+def ema_warmup_of(settings: Mapping | None) -> bool:
+    """``settings["ema_warmup"]`` (train.py's ``optim``, a ``scripts/cifar10_gpu.py`` checkpoint); absent (settings
+    and checkpoints from before the option): the official rule, no warm-up."""
+    return bool((settings or {}).get("ema_warmup", False))
 
 
 def ema_initial_share(decay: float, updates: int, warmup: bool) -> float:
