@@ -2,8 +2,10 @@
 """FID of one trained model sampled in fp32, bf16 (``sampler.fast``) and fp8 (``ddim.fp8``) from the same x_T.
 
 The speed benchmarks state how far a fast path's samples move from fp32's (bench/sampling.py); this says what
-that does to FID.  DDIM (eta = 0) on the quadratic trajectory (the paper's for CIFAR-10), FID of N samples
-against the training images, and per variant the uint8 pixel differences against the fp32 samples.
+that does to FID.  DDIM (eta = 0) on the quadratic trajectory (the paper's for CIFAR-10; ``--trajectory linear``
+is bench/sampling.py's), FID of N samples against the training images, and per variant the uint8 pixel
+differences against the fp32 samples.  ``--variants fp32,fp32-xT-bf16`` measures how far fp32 moves from x_T
+rounded to bf16: the part of a bf16 path's differences that the sampler's sensitivity to its start explains.
 
     python bench/fid_precision.py --ckpt run/ckpt.pt --data cifar10_jpeg_q75.npz --weights inception.pth
     python bench/fid_precision.py --tiny --device cpu --no-fid     # seconds on a CPU (a random tiny model)
@@ -51,6 +53,9 @@ def variants(compile: bool, fp8_min_widths: tuple[int, ...] = (), fp8_max_widths
     fp8 = dict(compile=compile, fp8=True, compile_mode="reduce-overhead" if compile else None)
     return {
         "fp32": None,
+        # the fp32 model from x_T rounded to bf16: how far the sampler alone carries a change of bf16's size (the
+        # rest of a bf16 path's pixel differences is its arithmetic); run only where --variants names it
+        "fp32-xT-bf16": None,
         "bf16": dict(compile=compile),  # what sampler.fast runs
         "fp8": fp8,
         **{f"fp8-w{w}": dict(fp8, fp8_min_width=w) for w in fp8_min_widths},
@@ -77,6 +82,8 @@ def main(argv=None) -> dict:
     p.add_argument("--reference", type=int, default=None, help="first N training images (default: all)")
     p.add_argument("--steps", default="10,50", help="comma list of trajectory lengths S")
     p.add_argument("--batch", type=int, default=500)
+    p.add_argument("--trajectory", default="quadratic", choices=["linear", "quadratic"],
+                   help="tau: quadratic (the paper's for CIFAR-10) or linear (bench/sampling.py's)")
     p.add_argument("--tiny", action="store_true", help="a random tiny U-Net, 8 samples, S = 2 (CPU smoke test)")
     p.add_argument("--no-fid", action="store_true", help="pixel differences only")
     p.add_argument("--grids", default=None, help="folder for 8x8 sample grids of each variant and S")
@@ -85,7 +92,8 @@ def main(argv=None) -> dict:
     p.add_argument("--fp8-max-widths", default="",
                    help="comma list N: also fp8 with only the blocks on maps <= N wide in e4m3 (variant fp8-maxN)")
     p.add_argument("--variants", default=None,
-                   help="comma list: run only these (default: all); without fp32, no pixel differences")
+                   help="comma list: run only these (default: all but fp32-xT-bf16); without fp32, no pixel "
+                        "differences")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     widths = {}
@@ -105,6 +113,8 @@ def main(argv=None) -> dict:
             p.error(f"--variants {args.variants!r}: allowed {list(runs)} (fp8-wN / fp8-maxN with --fp8-min-widths / "
                     f"--fp8-max-widths N)")
         runs = {k: v for k, v in runs.items() if k in chosen}
+    else:  # a reference for the pixel differences, not a path of its own: only where asked for
+        runs.pop("fp32-xT-bf16")
     steps = [int(s) for s in args.steps.split(",")]
     if args.tiny:
         args.samples, args.batch, args.reference, steps = 8, 8, args.reference or 16, [2]
@@ -118,16 +128,17 @@ def main(argv=None) -> dict:
     command = " ".join(["python", "bench/fid_precision.py", *(argv or sys.argv[1:])])
     record = dict(benchmark="fid_precision", command=command,
                   ckpt=args.ckpt, train_steps=info["steps"], samples=args.samples,
-                  reference=None if ref is None else int(ref.shape[0]), trajectory="quadratic", eta=0.0,
+                  reference=None if ref is None else int(ref.shape[0]), trajectory=args.trajectory, eta=0.0,
                   machine=perf.device_info(device), rows=[])
     fp32_images = {}
     for name, kw in runs.items():
         eps = model if kw is None else perf.prepare_for_inference(model, **kw)
+        start = x_T.bfloat16().float() if name == "fp32-xT-bf16" else x_T
         for S in steps:
-            generate(eps, x_T[:args.batch], ac, S, 0.0, args.batch, 0, "quadratic")  # warm-up (compilation)
+            generate(eps, start[:args.batch], ac, S, 0.0, args.batch, 0, args.trajectory)  # warm-up (compilation)
             perf.synchronize(device)
             t0 = time.perf_counter()
-            u8 = generate(eps, x_T, ac, S, 0.0, args.batch, 0, "quadratic")
+            u8 = generate(eps, start, ac, S, 0.0, args.batch, 0, args.trajectory)
             perf.synchronize(device)
             row = dict(variant=name, S=S, images_per_s=args.samples / (time.perf_counter() - t0), **image_stats(u8))
             if not args.no_fid:

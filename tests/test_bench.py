@@ -229,6 +229,23 @@ def test_sampling_benchmark_loads_the_cifar10_scripts_checkpoint(tmp_path):
         assert torch.equal(a, b)
 
 
+def test_fid_precision_takes_the_trajectory_and_a_bf16_rounded_start(tmp_path):
+    """bench/fid_precision.py --trajectory picks tau; the fp32-xT-bf16 variant samples in fp32 from x_T rounded to
+    bf16, which moves the images, and (on this model) less than computing in bf16 does."""
+    from conftest import load_script
+
+    bench = load_script("bench/fid_precision.py")
+    common = ["--tiny", "--device", "cpu", "--no-fid"]
+    lin = bench.main([*common, "--trajectory", "linear", "--variants", "fp32,fp32-xT-bf16,bf16",
+                      "--grids", str(tmp_path / "lin")])
+    quad = bench.main([*common, "--variants", "fp32", "--grids", str(tmp_path / "quad")])
+    assert (lin["trajectory"], quad["trajectory"]) == ("linear", "quadratic")
+    assert (tmp_path / "lin" / "fp32_S2.png").read_bytes() != (tmp_path / "quad" / "fp32_S2.png").read_bytes()
+    fp32, rounded, bf16 = lin["rows"]
+    assert rounded["variant"] == "fp32-xT-bf16" and bf16["variant"] == "bf16"
+    assert 0 < rounded["u8_mean_abs_vs_fp32"] < bf16["u8_mean_abs_vs_fp32"]
+
+
 def test_batch_places_benchmark_tiny_cpu(tmp_path):
     """bench/batch_places.py: a rerun of the same batches and evaluate's generate() (Trainer.predict over whole
     batches) give exactly the images of the same batches sampled by hand, fp32 and fast."""

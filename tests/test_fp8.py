@@ -233,7 +233,7 @@ def test_fid_precision_benchmark_runs_tiny_cpu(tmp_path):
     assert row["variant"] == "fp8-max4" and "u8_mean_abs_vs_fp32" not in row
     assert (tmp_path / "only" / "fp8-max4_S2.png").read_bytes() == (tmp_path / "fp8-max4_S2.png").read_bytes()
     bad = fid_precision("--variants", "fp8-max16")
-    assert bad.returncode == 2 and "--variants 'fp8-max16': allowed ['fp32', 'bf16', 'fp8']" in bad.stderr
+    assert bad.returncode == 2 and "--variants 'fp8-max16': allowed ['fp32', 'fp32-xT-bf16', 'bf16', 'fp8']" in bad.stderr
 
 
 def test_fid_precision_image_stats_measure_contrast_and_detail():
