@@ -214,7 +214,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     if fast:
         # bf16 autocast + channels_last (+ torch.compile on CUDA): FID-neutral on the CIFAR-10 run of
-        # docs/results/cifar10 (22.36 vs 22.22 fp32), ~3.9x the fp32 throughput on an H100 (docs/results/bench).
+        # docs/results/cifar10 (20.46 vs 20.36 fp32), ~4x the fp32 throughput on an H200 (docs/results/bench).
         # Compiled in Inductor's deterministic mode (prepare_for_inference's default): every process (GPU) and
         # every run picks the same kernels, so the same x_T gives the same images
         # GroupNorm+SiLU as one Triton kernel per sample on CUDA (ddim.groupnorm: +7 % on an H200, deterministic)
