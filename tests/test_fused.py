@@ -37,7 +37,8 @@ def test_conv3x3_fused_matches_torch(n, c, o, h, prologue, per_sample_bias, resi
     torch.manual_seed(0)
     x = (torch.randn(n, c, h, h) * 2 + 0.5).contiguous(memory_format=torch.channels_last)
     w = torch.randn(o, c, 3, 3) * c ** -0.5
-    bias = torch.randn(n, o) if per_sample_bias else torch.randn(o)
+    # a per-sample bias as a view of wider rows, as ResnetBlock.conv1_shift gives it with merged projections
+    bias = torch.randn(n, o + 5)[:, 2:o + 2] if per_sample_bias else torch.randn(o)
     skip = torch.randn(n, o, h, h) if residual else None
     norm = _gn(c, 4)
     kw = {}
@@ -105,6 +106,10 @@ def test_fused_resnet_blocks_give_the_unets_output_with_the_same_keys():
             mp.setattr(fused, "_launch_band", lambda cfg, x, *a: (widths.append(x.shape[-1]), real(cfg, x, *a)))
             assert torch.allclose(band(x, t), ref, atol=1e-4), (band(x, t) - ref).abs().max()
         assert widths and set(widths) == {16}
+        for kind in (True, "band"):  # conv1's shift a view of the merged rows (merge=True), read in place
+            merged = perf.prepare_for_inference(model, dtype="fp32", autocast=False, compile=False, fused=kind,
+                                                merge=True)
+            assert torch.allclose(merged(x, t), ref, atol=1e-4), (kind, (merged(x, t) - ref).abs().max())
         with pytest.raises(ValueError, match=r"fused='tiles' is not supported; allowed: False, True, 'band'"):
             perf.prepare_for_inference(model, dtype="fp32", autocast=False, compile=False, fused="tiles")
     # back to the plain class, buffers gone

@@ -199,6 +199,57 @@ def test_unet_with_kernel_blocks_matches_the_original(launches):
         gnk.swap_kernel_group_norm(fast)(x, t)
 
 
+def _count_ops(fn, names):
+    """How often each aten op of ``names`` ran during ``fn()``."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    counts = dict.fromkeys(names, 0)
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.overloadpacket.__name__
+            if name in counts:
+                counts[name] += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        fn()
+    return counts
+
+
+def test_merged_projections_give_the_same_eps_with_fewer_products(monkeypatch):
+    """merge=True: one matrix product for every ResnetBlock's time embedding, q/k/v concatenated once, each block's
+    shift handed to the GroupNorm kernel as a view of the merged rows (read in place, not copied): the same ε."""
+    from ddim import perf
+    from ddim.models.unet import AttnBlock, ResnetBlock
+
+    model = _unet()
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor([3, 900])
+    plain = perf.prepare_for_inference(model, dtype="fp32", group_norm="kernel", compile=False)
+    merged = perf.prepare_for_inference(model, dtype="fp32", group_norm="kernel", compile=False, merge=True)
+    blocks = [m for m in model.modules() if isinstance(m, ResnetBlock)]
+    n_attn = sum(isinstance(m, AttnBlock) for m in model.modules())
+    widths = sum(b.out_channels for b in blocks)
+    adds = []
+    launch = gnk._launch
+    with torch.no_grad():
+        ref, want = model(x, t), plain(x, t)
+        with monkeypatch.context() as mp:
+            mp.setattr(gnk, "_launch", lambda x, add, *a: (adds.append(add), launch(x, add, *a))[1])
+            got = merged(x, t)
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        ops = ("mm", "addmm", "cat")
+        n_plain, n_merged = _count_ops(lambda: plain(x, t), ops), _count_ops(lambda: merged(x, t), ops)
+    shifts = [a for a in adds if a is not None]
+    assert len(shifts) == len(blocks) and all(a.stride() == (widths, 1) for a in shifts)
+    assert n_merged["mm"] + n_merged["addmm"] == n_plain["mm"] + n_plain["addmm"] - (len(blocks) - 1)
+    assert n_merged["cat"] == n_plain["cat"] - 2 * n_attn
+    assert merged.model.state_dict().keys() == model.state_dict().keys()  # the merged weights are not saved
+    with pytest.raises(ValueError, match=r"'down.0.block.0' is a plain ResnetBlock"):
+        perf.merge_projections(copy.deepcopy(model))
+
+
 def test_prepare_for_inference_group_norm_kernel(launches):
     """prepare_for_inference(group_norm="kernel") gives the original ε; a wrong group_norm names the allowed ones.
     (Compiled, the interpreter's kernels cannot be traced: the next test traces the op, a GPU test in
@@ -293,7 +344,7 @@ def test_inductor_sees_the_kernel_write_only_its_output():
         "    w, b = torch.ones(c), torch.zeros(c)\n"
         "    cbe, cb, cg, pb = gnk._blocks(c, 32, hw)\n"
         "    out = torch.empty_like(x, dtype=torch.float8_e4m3fn if fp8 else x.dtype)\n"
-        "    kw = dict(X=x, ADD=torch.zeros(2, c) if add else w, W=w, B=b, OUT=out, HW=hw, C=c,\n"
+        "    kw = dict(X=x, ADD=torch.zeros(2, c) if add else w, W=w, B=b, OUT=out, HW=hw, C=c, add_stride=c,\n"
         "              eps=1e-6, CBE=cbe, CB=cb, CG=cg, NG=triton.next_power_of_2(cbe // cg), PB=pb, EVEN=hw % pb == 0,\n"
         "              HAS_ADD=add, SILU=True, ONE_PASS=pb >= hw, SAT=gnk._saturation(out.dtype), ROUND_E4M3=False)\n"
         "    acc = identify_accessed_tensors(gnk._group_norm_kernel, kw, {})\n"

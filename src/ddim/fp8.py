@@ -100,8 +100,7 @@ class Fp8ResnetBlock(ResnetBlock):
         require_inference(self)
         if x.shape[-1] < self.min_width or 0 < self.max_width < x.shape[-1]:
             return KernelResnetBlock.forward(self, x, temb_act)
-        bias1 = (self.conv1.bias.float() + self.temb_proj(temb_act).float()).contiguous()  # (N, O)
-        h, _ = conv3x3_fused(group_norm_silu(x, self.norm1, out_dtype=E4M3), self.conv1_q, bias1,
+        h, _ = conv3x3_fused(group_norm_silu(x, self.norm1, out_dtype=E4M3), self.conv1_q, self.conv1_shift(temb_act),
                              w_scale=self.conv1_s, out_dtype=x.dtype, config=self._config(x))
         skip = x if self.nin_shortcut is None else self.nin_shortcut(x)
         out, _ = conv3x3_fused(group_norm_silu(h, self.norm2, out_dtype=E4M3), self.conv2_q,

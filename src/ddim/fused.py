@@ -72,7 +72,7 @@ if triton is not None:
     @triton.jit
     def _conv3x3_kernel(
         X, W, WS, BIAS, SCALE, SHIFT, RES, Y, PART,
-        M, H, WD, CIN, COUT,
+        M, H, WD, CIN, COUT, sbn,
         swk, swn,
         sxn, sxh, sxw, sxc,
         syn, syh, syw, syc,
@@ -137,7 +137,7 @@ if triton is not None:
         if W_SCALED:  # quantised weights (ddim.fp8): w = w_q * scale per output channel
             acc *= tl.load(WS + offs_n, mask=n_ok, other=0.0)[None, :]
         if PER_SAMPLE_BIAS:
-            acc += tl.load(BIAS + n[:, None] * COUT + offs_n[None, :], mask=mask, other=0.0)
+            acc += tl.load(BIAS + n[:, None] * sbn + offs_n[None, :], mask=mask, other=0.0)
         else:
             acc += tl.load(BIAS + offs_n, mask=n_ok, other=0.0)[None, :]
         if RESIDUAL:
@@ -164,7 +164,7 @@ if triton is not None:
     @triton.jit
     def _conv3x3_band_kernel(
         X, W, BIAS, SCALE, SHIFT, RES, Y, PART, SCR,
-        H, WD, CIN, COUT, N_BANDS,
+        H, WD, CIN, COUT, N_BANDS, sbn,
         sxn, sxh, sxw, sxc,
         syn, syh, syw, syc,
         srn, srh, srw, src,
@@ -229,7 +229,7 @@ if triton is not None:
                     w = tl.load(W + (tap * CIN + ck)[:, None] * COUT + offs_n[None, :])
                     acc = tl.dot(a, w, acc)
                 if PER_SAMPLE_BIAS:
-                    acc += tl.load(BIAS + n * COUT + offs_n)[None, :]
+                    acc += tl.load(BIAS + n * sbn + offs_n)[None, :]
                 else:
                     acc += tl.load(BIAS + offs_n)[None, :]
                 if RESIDUAL:
@@ -288,7 +288,7 @@ def _launch(cfg, x, w_kc, bias, scale, shift, residual, y, part, stats_c, fast_s
     _conv3x3_kernel[grid](
         x, w_kc, w_scale if w_scale is not None else dummy, bias, scale if scale is not None else dummy,
         shift if shift is not None else dummy, res, y, part if part is not None else dummy,
-        m, h, wd, cin, cout,
+        m, h, wd, cin, cout, bias.stride(0) if bias.dim() == 2 else 0,
         w_kc.stride(0), w_kc.stride(1),
         x.stride(0), x.stride(2), x.stride(3), x.stride(1),
         y.stride(0), y.stride(2), y.stride(3), y.stride(1),
@@ -347,7 +347,7 @@ def _launch_band(cfg, x, w_kc, bias, scale, shift, residual, y, part, stats_c, f
     _conv3x3_band_kernel[(programs,)](
         x, w_kc, bias, scale if scale is not None else dummy, shift if shift is not None else dummy, res, y,
         part if part is not None else dummy, scratch,
-        h, wd, cin, cout, n_bands,
+        h, wd, cin, cout, n_bands, bias.stride(0) if bias.dim() == 2 else 0,
         x.stride(0), x.stride(2), x.stride(3), x.stride(1),
         y.stride(0), y.stride(2), y.stride(3), y.stride(1),
         res.stride(0), res.stride(2), res.stride(3), res.stride(1),
@@ -397,7 +397,8 @@ def conv3x3_fused(
     """``conv3x3(silu(x * scale + shift)) + bias (+ residual)`` with padding 1, output channels_last.
 
     x: (N, C, H, W), any strides (channels_last reads coalesced).  w_kc: the weight as (9 * C, O),
-    row ``(kh * 3 + kw) * C + c`` (``weight_for_kernel``), x's dtype.  bias: (O,) or (N, O), float32.
+    row ``(kh * 3 + kw) * C + c`` (``weight_for_kernel``), x's dtype.  bias: (O,) or (N, O), float32, unit column
+    stride (an (N, O) view of wider rows is read in place).
     scale/shift: (N, C) float32 or both None (no prologue).  residual: (N, O, H, W) or None.
     stats_groups: also return the output's GroupNorm statistics, (N, stats_groups, 2) [mean, var] in
     float32, else None.  fast_silu: sigmoid through one ``tanh.approx`` (GPU; error ~5e-4 of the
@@ -541,9 +542,8 @@ class FusedResnetBlock(ResnetBlock):
         if x.shape[-1] < self.min_width:
             return KernelResnetBlock.forward(self, x, temb_act)
         scale1, shift1 = group_norm_scale_shift(group_stats(x, self.norm1.num_groups), self.norm1)
-        bias1 = (self.conv1.bias.float() + self.temb_proj(temb_act).float()).contiguous()   # (N, O)
-        h, stats2 = conv3x3_fused(x, self.conv1_kc, bias1, scale=scale1, shift=shift1, stats_groups=self.norm2.num_groups,
-                                  fast_silu=self.fast_silu, band=self.band)
+        h, stats2 = conv3x3_fused(x, self.conv1_kc, self.conv1_shift(temb_act), scale=scale1, shift=shift1,
+                                  stats_groups=self.norm2.num_groups, fast_silu=self.fast_silu, band=self.band)
         scale2, shift2 = group_norm_scale_shift(stats2, self.norm2)
         skip = x if self.nin_shortcut is None else self.nin_shortcut(x)
         out, _ = conv3x3_fused(h, self.conv2_kc, self.conv2.bias.float().contiguous(), scale=scale2, shift=shift2,

@@ -105,8 +105,8 @@ if triton is not None:
             tl.store(OUT + off, y.to(OUT.dtype.element_ty))
 
     @triton.jit
-    def _group_norm_kernel(X, ADD, W, B, OUT, HW, C, eps, CBE: tl.constexpr, CB: tl.constexpr, CG: tl.constexpr,
-                           NG: tl.constexpr, PB: tl.constexpr, EVEN: tl.constexpr, HAS_ADD: tl.constexpr,
+    def _group_norm_kernel(X, ADD, W, B, OUT, HW, C, add_stride, eps, CBE: tl.constexpr, CB: tl.constexpr,
+                           CG: tl.constexpr, NG: tl.constexpr, PB: tl.constexpr, EVEN: tl.constexpr, HAS_ADD: tl.constexpr,
                            SILU: tl.constexpr, ONE_PASS: tl.constexpr, SAT: tl.constexpr, ROUND_E4M3: tl.constexpr):
         # program (channel block, sample): channels [pid * CBE, pid * CBE + CBE), whole groups of CG channels,
         # on CB >= CBE lanes (a power of two); X is (N, HW, C) in memory (channels_last); EVEN: PB divides HW
@@ -119,7 +119,7 @@ if triton is not None:
         p = tl.arange(0, PB)
         base = n.to(tl.int64) * HW * C
         if HAS_ADD:
-            add = tl.load(ADD + n * C + c, mask=on, other=0.0).to(tl.float32)
+            add = tl.load(ADD + n * add_stride + c, mask=on, other=0.0).to(tl.float32)
         else:
             add = tl.zeros([CB], tl.float32)  # not added (HAS_ADD), only passed along
         if ONE_PASS:  # the whole slab is one chunk: read once, kept in registers for the normalise step
@@ -230,7 +230,8 @@ def _launch(x, add, weight, bias, eps, groups, silu, out_dtype=None):
     # the kernel from its own generated code, inside its CUDA graphs too
     # without a shift, ADD gets the weight (never read): passing x twice made Inductor copy x before the launch
     wrap_triton(_group_norm_kernel)[(c // cbe, n)](
-        x, add if add is not None else weight, weight, bias, out, hw, c, eps, CBE=cbe, CB=cb, CG=cg,
+        x, add if add is not None else weight, weight, bias, out, hw, c, add.stride(0) if add is not None else 0, eps,
+        CBE=cbe, CB=cb, CG=cg,
         NG=triton.next_power_of_2(cbe // cg), PB=pb, EVEN=hw % pb == 0, HAS_ADD=add is not None, SILU=silu,
         ONE_PASS=pb >= hw, SAT=_saturation(out.dtype),
         ROUND_E4M3=out.dtype == torch.float8_e4m3fn and os.environ.get("TRITON_INTERPRET") == "1",
@@ -252,7 +253,8 @@ def group_norm_silu(x: torch.Tensor, norm: nn.GroupNorm, *, add: torch.Tensor | 
     """``silu(norm(x + add[:, :, None, None]))`` (``silu=False``: without the SiLU), in x's dtype.
 
     add: (N, C) per-sample, per-channel shift added before normalising (a convolution's bias plus the time
-    embedding).  Statistics and arithmetic in float32.  out_dtype: the output's dtype instead of x's; an fp8
+    embedding); float32 rows with unit column stride (a view of every block's shifts, ``ResnetBlock.conv1_shift``)
+    are read in place.  Statistics and arithmetic in float32.  out_dtype: the output's dtype instead of x's; an fp8
     one (``ddim.fp8``) is saturated at its largest finite value.  The kernel where ``kernel_takes`` says so, else
     the same formula in PyTorch.
     """
@@ -263,7 +265,8 @@ def group_norm_silu(x: torch.Tensor, norm: nn.GroupNorm, *, add: torch.Tensor | 
     if add is not None and add.shape != x.shape[:2]:
         raise ValueError(f"add must be (N, C) = {tuple(x.shape[:2])}, got {tuple(add.shape)}")
     if kernel_takes(x, norm.num_groups):
-        add = None if add is None else add.float().contiguous()
+        if add is not None and (add.dtype != torch.float32 or add.stride(1) != 1):
+            add = add.float().contiguous()
         return torch.ops.ddim.group_norm_silu(x, add, norm.weight, norm.bias, float(norm.eps), norm.num_groups, silu,
                                               out_dtype)
     v = x if add is None else x.float() + add.float()[:, :, None, None]
@@ -290,8 +293,7 @@ class KernelResnetBlock(ResnetBlock):
     def forward(self, x: torch.Tensor, temb_act: torch.Tensor) -> torch.Tensor:
         require_inference(self)
         h = self.conv1._conv_forward(group_norm_silu(x, self.norm1), self.conv1.weight, None)
-        shift = self.conv1.bias.float() + self.temb_proj(temb_act).float()
-        h = self.conv2(group_norm_silu(h, self.norm2, add=shift))
+        h = self.conv2(group_norm_silu(h, self.norm2, add=self.conv1_shift(temb_act)))
         if self.nin_shortcut is not None:
             x = self.nin_shortcut(x)
         return x + h
