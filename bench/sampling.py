@@ -117,7 +117,7 @@ VARIANTS["fast-kgn-realize-phase-det"] = dict(dtype="bf16", channels_last=True, 
 VARIANTS["fast-kgn-thin-phase-det"] = dict(dtype="bf16", channels_last=True, compile=True, group_norm="kernel",
                                            upsample="phases", deterministic=True, thin_convs="matmul")
 # the convolution and linear weights cast to bf16 once (autocast casts them at every call; same numbers);
-# fast-kgn-castw-thin-phase-det is what sampler.fast runs now
+# fast-kgn-castw-thin-phase-det is what sampler.fast ran from the twelfth to the twentieth round
 VARIANTS["fast-kgn-castw-phase-det"] = dict(dtype="bf16", channels_last=True, compile=True, group_norm="kernel",
                                             upsample="phases", deterministic=True, cast_weights=True)
 VARIANTS["fast-kgn-castw-thin-phase-det"] = dict(dtype="bf16", channels_last=True, compile=True,
@@ -164,16 +164,18 @@ for _w in (8, 16):
 VARIANTS["fast-kgn-castw-thin-fp8max16-graphs-phase-det"] = dict(VARIANTS["fast-kgn-castw-thin-fp8-graphs-phase-det"],
                                                                  fp8_max_width=16)
 # every ResnetBlock's time-embedding projection as one matrix product, q/k/v concatenated once (merge, perf.
-# merge_projections): 22 products, their memsets and add kernels fewer per forward of the CIFAR-10 U-Net
+# merge_projections): 22 products, their memsets and add kernels fewer per forward of the CIFAR-10 U-Net;
+# fast-kgn-castw-thin-mp-phase-det is what sampler.fast runs since the twenty-first round
 VARIANTS["fast-kgn-castw-thin-mp-phase-det"] = dict(VARIANTS["fast-kgn-castw-thin-phase-det"], merge=True)
 VARIANTS["fast-kgn-castw-thin-mp-graphs-phase-det"] = dict(VARIANTS["fast-kgn-castw-thin-graphs-phase-det"],
                                                            merge=True)
 VARIANTS["fast-kgn-castw-thin-fp8max16-mp-graphs-phase-det"] = dict(
     VARIANTS["fast-kgn-castw-thin-fp8max16-graphs-phase-det"], merge=True)
-for _kw in VARIANTS.values():  # as measured before the thin convolutions and the cast weights became the default
-    if _kw is not None:
+for _kw in VARIANTS.values():  # as measured before the thin convolutions, the cast weights and the merged
+    if _kw is not None:        # projections became the default
         _kw.setdefault("thin_convs", "cudnn")
         _kw.setdefault("cast_weights", False)
+        _kw.setdefault("merge", False)
 
 LEVEL = 2.0 / 255.0  # one 8-bit level in [-1, 1] units
 

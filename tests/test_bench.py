@@ -397,6 +397,11 @@ def test_compiled_inference_defaults_to_phase_upsampling_thin_matmuls_cast_weigh
     bf16 = [perf.prepare_for_inference(model, compile=c, backend="eager") for c in (False, True)]
     assert [any(isinstance(m, perf.MatmulConv2d) for m in w.modules()) for w in bf16] == [False, True]
     assert [{p.dtype for p in w.model.conv_in.parameters()} for w in bf16] == [{torch.float32}, {torch.bfloat16}]
+    # and, where the GroupNorm kernel's ResnetBlocks are the compiled default, the merged projections
+    from ddim import groupnorm
+    assert [w.model.block_shifts is not None for w in bf16] == [False, groupnorm.available()]
+    plain = perf.prepare_for_inference(model, compile=True, backend="eager", group_norm="channel-stats")
+    assert plain.model.block_shifts is None  # plain ResnetBlocks add the projection themselves
     # "phases-stacked": the same module class with the stacked interleave, undone by swapping back
     ups = [m for m in perf.swap_upsample(copy.deepcopy(model), "phases-stacked").modules()
            if isinstance(m, perf.PhaseUpsample)]
@@ -862,13 +867,15 @@ def test_compiled_train_step_graph_captures_without_recompiling():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="Inductor's Triton kernels need a GPU")
-def test_group_norm_kernel_compiled_by_inductor_gives_the_models_eps():
+@pytest.mark.parametrize("merge", [False, True])
+def test_group_norm_kernel_compiled_by_inductor_gives_the_models_eps(merge):
     """prepare_for_inference(group_norm="kernel") on a GPU (the GroupNorm kernel launched from Inductor's code,
-    deterministic mode) computes the U-Net's ε (fp32 here: summation order and TF32 differ)."""
+    deterministic mode) computes the U-Net's ε (fp32 here: summation order and TF32 differ); so it does with the
+    merged projections (the kernel then reads each block's shift as a view of the merged rows)."""
     torch._dynamo.reset()
     torch.manual_seed(0)
     model = _unet(ch=64).cuda().eval()
-    fast = perf.prepare_for_inference(model, dtype="fp32", group_norm="kernel")
+    fast = perf.prepare_for_inference(model, dtype="fp32", group_norm="kernel", merge=merge)
     assert any(type(m).__name__ == "KernelResnetBlock" for m in fast.modules())
     x, t = torch.randn(4, 3, 16, 16, device="cuda"), torch.tensor([0, 10, 500, 999], device="cuda")
     with torch.no_grad():

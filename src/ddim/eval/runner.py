@@ -219,7 +219,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         # every run picks the same kernels, so the same x_T gives the same images
         # GroupNorm+SiLU as one Triton kernel per sample on CUDA (ddim.groupnorm: +7 % on an H200, deterministic)
         # the first and last convolutions as matrix products, the weights cast to bf16 once, the upsampling's
-        # phase interleave written into the skip concatenation (+2-4 % together, H200)
+        # phase interleave written into the skip concatenation (+2-4 % together, H200), and the ResnetBlocks'
+        # time-embedding projections as one product (the same images bit for bit, +0.1-0.7 %)
         # sampler.fp8: the ResnetBlocks' 3x3 convolutions in e4m3 (ddim.fp8), with CUDA graphs (their custom ops'
         # host work otherwise competes with the device).  In every block: softer samples (FID +2.0 at S = 10 on a
         # 47,000-step CIFAR-10 model, from the 32x32 blocks); those blocks in bf16 (sampler.fp8_max_width=16):
