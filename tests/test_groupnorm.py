@@ -248,6 +248,9 @@ def test_merged_projections_give_the_same_eps_with_fewer_products(monkeypatch):
     assert merged.model.state_dict().keys() == model.state_dict().keys()  # the merged weights are not saved
     with pytest.raises(ValueError, match=r"'down.0.block.0' is a plain ResnetBlock"):
         perf.merge_projections(copy.deepcopy(model))
+    assert not perf.can_merge_projections(model) and perf.can_merge_projections(merged.model)
+    with pytest.raises(ValueError, match=r"takes a model with a UNet, got Linear"):
+        perf.merge_projections(torch.nn.Linear(2, 2))
 
 
 def test_prepare_for_inference_group_norm_kernel(launches):

@@ -329,6 +329,17 @@ class BlockShifts(nn.Module):
         return nn.functional.linear(temb_act, self.weight, self.bias).float() + self.conv1_bias
 
 
+def _plain_resnet_blocks(model: nn.Module) -> list[str]:
+    """Names of ``model``'s ResnetBlocks that add the time-embedding projection themselves (not inference blocks)."""
+    return [name for name, m in model.named_modules()
+            if isinstance(m, ResnetBlock) and type(m).forward is ResnetBlock.forward]
+
+
+def can_merge_projections(model: nn.Module) -> bool:
+    """Whether ``merge_projections`` takes ``model``: a U-Net whose ResnetBlocks all take conv1's shift."""
+    return any(isinstance(m, UNet) for m in model.modules()) and not _plain_resnet_blocks(model)
+
+
 def merge_projections(model: nn.Module) -> nn.Module:
     """Per forward, one matrix product for all ResnetBlocks' time-embedding projections (``BlockShifts``), and the
     attention blocks' q/k/v weights concatenated once instead of at every call (in place; inference copies only:
@@ -340,15 +351,12 @@ def merge_projections(model: nn.Module) -> nn.Module:
     unets = [m for m in model.modules() if isinstance(m, UNet)]
     if not unets:
         raise ValueError(f"merge_projections takes a model with a UNet, got {type(model).__name__}")
+    plain = _plain_resnet_blocks(model)
+    if plain:
+        raise ValueError(f"merge_projections needs inference ResnetBlocks that take conv1's shift (group_norm='kernel', "
+                         f"fp8 or fused); {plain[0]!r} is a plain ResnetBlock")
     for unet in unets:
-        blocks = []
-        for name, m in unet.named_modules():
-            if isinstance(m, ResnetBlock):
-                if type(m).forward is ResnetBlock.forward:
-                    raise ValueError(f"merge_projections needs inference ResnetBlocks that take conv1's shift "
-                                     f"(group_norm='kernel', fp8 or fused); {name!r} is a plain "
-                                     f"{type(m).__name__}")
-                blocks.append(m)
+        blocks = [m for m in unet.modules() if isinstance(m, ResnetBlock)]
         unet.block_shifts = BlockShifts(blocks)
         start = 0
         for m in blocks:
@@ -460,7 +468,7 @@ def prepare_for_inference(
         from ddim.fp8 import swap_fp8_resnet_blocks
         swap_fp8_resnet_blocks(fast, min_width=fp8_min_width, max_width=fp8_max_width, tuned=not deterministic)
     if merge is None:
-        merge = compile and (norm_kind == "kernel" or bool(fused) or fp8)
+        merge = compile and can_merge_projections(fast)
     if merge:
         merge_projections(fast)
     wrapped: nn.Module = CastEpsModel(fast, torch_dtype, autocast=autocast, channels_last=channels_last)
