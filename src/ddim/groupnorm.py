@@ -106,8 +106,9 @@ if triton is not None:
 
     @triton.jit
     def _group_norm_kernel(X, ADD, W, B, OUT, HW, C, add_stride, eps, CBE: tl.constexpr, CB: tl.constexpr,
-                           CG: tl.constexpr, NG: tl.constexpr, PB: tl.constexpr, EVEN: tl.constexpr, HAS_ADD: tl.constexpr,
-                           SILU: tl.constexpr, ONE_PASS: tl.constexpr, SAT: tl.constexpr, ROUND_E4M3: tl.constexpr):
+                           CG: tl.constexpr, NG: tl.constexpr, PB: tl.constexpr, EVEN: tl.constexpr,
+                           HAS_ADD: tl.constexpr, SILU: tl.constexpr, ONE_PASS: tl.constexpr, SAT: tl.constexpr,
+                           ROUND_E4M3: tl.constexpr):
         # program (channel block, sample): channels [pid * CBE, pid * CBE + CBE), whole groups of CG channels,
         # on CB >= CBE lanes (a power of two); X is (N, HW, C) in memory (channels_last); EVEN: PB divides HW
         n = tl.program_id(1)

@@ -313,10 +313,10 @@ class BlockShifts(nn.Module):
     (N, temb_ch) -> (N, sum of the blocks' out_channels), float32, in the blocks' order of ``modules()``.
 
     Why: the time embedding is the same for all blocks, yet each projected it on its own: 22 small matrix products
-    per forward of the CIFAR-10 U-Net, each with a cuBLAS memset and an add kernel beside it (66 of the forward's
-    ~300 kernels).  The arithmetic per element is the same (one product over temb_ch, the bias added, the result
-    in the weights' dtype, then conv1's bias in float32).  The weights are copies made now (non-persistent buffers):
-    merge after loading and casting."""
+    per forward of the CIFAR-10 U-Net, each with a cuBLAS memset and an add kernel beside it; merged, a forward runs
+    263 instead of 296 kernels on an H200.  The arithmetic per element is the same (one product over temb_ch, the
+    bias added, the result in the weights' dtype, then conv1's bias in float32).  The weights are copies made now
+    (non-persistent buffers): merge after loading and casting."""
 
     def __init__(self, blocks: list[ResnetBlock]):
         super().__init__()
@@ -353,8 +353,8 @@ def merge_projections(model: nn.Module) -> nn.Module:
         raise ValueError(f"merge_projections takes a model with a UNet, got {type(model).__name__}")
     plain = _plain_resnet_blocks(model)
     if plain:
-        raise ValueError(f"merge_projections needs inference ResnetBlocks that take conv1's shift (group_norm='kernel', "
-                         f"fp8 or fused); {plain[0]!r} is a plain ResnetBlock")
+        raise ValueError(f"merge_projections needs inference ResnetBlocks that take conv1's shift "
+                         f"(group_norm='kernel', fp8 or fused); {plain[0]!r} is a plain ResnetBlock")
     for unet in unets:
         blocks = [m for m in unet.modules() if isinstance(m, ResnetBlock)]
         unet.block_shifts = BlockShifts(blocks)
