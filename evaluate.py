@@ -3,7 +3,7 @@
     python evaluate.py ckpt_path=outputs/train/digits/.../checkpoints/last.ckpt sampler.eta=0 sampler.steps=20
     python evaluate.py official=cifar10 official_path=model-790000.ckpt task=reconstruction sampler.steps=50
     python evaluate.py -m +sweeps=table1_cifar10 official=cifar10 official_path=...   # the paper's Table 1
-    python -m ddim.eval.aggregate outputs/records                                    # tables + plot
+    python -m ddim.evaluation.aggregate outputs/records                                    # tables + plot
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ def _add_sweeps_to_search_path(argv: list[str]) -> None:
 
 @hydra.main(version_base="1.3", config_path=str(ROOT / "conf"), config_name="evaluate")
 def main(cfg: DictConfig) -> None:
-    from ddim.eval.runner import run
+    from ddim.evaluation.runner import run
 
     run(cfg)
 

@@ -27,7 +27,8 @@ def run(cfg: DictConfig) -> dict:
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
 
     from ddim.data import DiffusionDataModule
-    from ddim.lit import DiffusionModule, log_lightning_once
+    from ddim.config import log_lightning_once
+    from ddim.training.module import DiffusionModule
 
     log_lightning_once()
 
@@ -56,11 +57,12 @@ def run(cfg: DictConfig) -> dict:
 
     ckpt_path = cfg.get("ckpt_path")
     if ckpt_path is not None:
-        from ddim.lit import _check_architecture, _torch_load
+        from ddim.checkpoints import read_checkpoint
+        from ddim.models.build import check_architecture
         from ddim.models.ema import ema_warmup_of
 
-        ckpt = _torch_load(ckpt_path, "cpu")
-        _check_architecture(ckpt, module.hparams.model)  # clear message before fit
+        ckpt = read_checkpoint(ckpt_path, "cpu")
+        check_architecture((ckpt.get("hyper_parameters") or {}).get("model"), module.hparams.model)  # clear message before fit
         step, max_steps = int(ckpt.get("global_step", 0)), cfg.trainer.get("max_steps")
         if max_steps is not None and max_steps != -1 and step >= max_steps:
             raise ValueError(f"ckpt_path={ckpt_path} is already at step {step}; trainer.max_steps={max_steps} leaves "

@@ -1,12 +1,12 @@
 #!/usr/bin/env python
 """Does a sample's image depend on where in which batch it is computed?
 
-Samples the same x_T (``ddim.eval.tasks.latents_and_noise``, as evaluate.py) grouped into batches four ways and
+Samples the same x_T (``ddim.evaluation.tasks.latents_and_noise``, as evaluate.py) grouped into batches four ways and
 counts the images that differ from the one-GPU grouping (batches of consecutive indices):
 - the index shards that Lightning's distributed sampler made on 2 ranks (rank r: r, r + 2, ...), then batched;
 - the same batches in another order (a rerun: must be identical);
 - another batch size;
-- and ``ddim.eval.tasks.generate`` (Trainer.predict over whole batches, what evaluate.py runs).
+- and ``ddim.evaluation.tasks.generate`` (Trainer.predict over whole batches, what evaluate.py runs).
 Each for the fp32 eager network and the fast path (``sampler.fast``: bf16, compiled deterministic on CUDA).
 Motivation and the H200 figures: docs/results/bench/README.md, sixth round.
 
@@ -22,10 +22,10 @@ import time
 
 import torch
 
-from ddim import perf
+from ddim.accel import inference as perf
 from ddim.diffusion import alphas_cumprod as make_alphas_cumprod
 from ddim.diffusion import beta_schedule, timesteps
-from ddim.eval.tasks import generate, latents_and_noise, sample_batch, to_uint8
+from ddim.evaluation.tasks import generate, latents_and_noise, sample_batch, to_uint8
 from ddim.models import UNet, unet_kwargs_from_config
 
 TINY = dict(ch=32, out_ch=3, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), dropout=0.0,

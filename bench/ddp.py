@@ -2,10 +2,10 @@
 """Multi-GPU scaling: DDP training and sharded sampling of the CIFAR-10 U-Net on 1, 2, ... GPUs.
 
 For every world size W (one process per GPU, NCCL; gloo on CPU):
-- training: the official recipe (``ddim.perf.DiffusionTrainStep``, batch ``--batch`` per GPU) with the
+- training: the official recipe (``ddim.accel.inference.DiffusionTrainStep``, batch ``--batch`` per GPU) with the
   network wrapped in DistributedDataParallel; images/s = W x batch x it/s, scaling = that / (W = 1).
 - sampling: DDIM (eta = 0, S = ``--steps``) of ``--samples`` images; batch j of ``--sample-batch``
-  indices runs on rank j % W, x_T of sample i comes from ``ddim.eval.tasks.latents_and_noise`` (seed, i),
+  indices runs on rank j % W, x_T of sample i comes from ``ddim.evaluation.tasks.latents_and_noise`` (seed, i),
   as in ``evaluate.py``. Rank 0 gathers the images; every W is compared with W = 1 (identical uint8?).
 
     python bench/ddp.py --world 1,2                      # GPU: bf16 + channels_last, eager
@@ -28,10 +28,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from ddim import perf
+from ddim.accel import inference as perf
 from ddim.diffusion import alphas_cumprod as make_alphas_cumprod
 from ddim.diffusion import beta_schedule, timesteps
-from ddim.eval.tasks import latents_and_noise, sample_batch, to_uint8
+from ddim.evaluation.tasks import latents_and_noise, sample_batch, to_uint8
 from ddim.models import UNet, unet_kwargs_from_config
 
 CIFAR10 = unet_kwargs_from_config("cifar10")  # the official DDIM/DDPM CIFAR-10 U-Net
@@ -53,7 +53,7 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--compile", action="store_true", help="torch.compile the network (training and sampling)")
     p.add_argument("--step-graph", action="store_true",
                    help="training as train.py's fast.step_graph: no DDP wrapper; loss, backward, one all-reduce and "
-                        "clipping in one CUDA graph (ddim.perf.GradientGraph), then Adam and the EMA")
+                        "clipping in one CUDA graph (ddim.accel.inference.GradientGraph), then Adam and the EMA")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)

@@ -3,7 +3,7 @@
 
 Without a warm-up the EMA starts as the random initial weights and keeps ``decay ** steps`` of them (0.9998 **
 17,772 = 2.9 %: a CIFAR-10 run sampled at FID 99; docs/results/bench, eighteenth round).  This trains one U-Net
-(``ddim.perf.DiffusionTrainStep``) and keeps, from the same steps:
+(``ddim.accel.inference.DiffusionTrainStep``) and keeps, from the same steps:
 
 - ``ema official``: the official rule, seeded with the initial weights (``ema_warmup=False``);
 - ``ema debiased``: the same average with the initial weights' share taken out and the rest renormalised,
@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from ddim import perf
+from ddim.accel import inference as perf
 from ddim.diffusion import alphas_cumprod, beta_schedule
 from ddim.models import UNet
 from ddim.models.ema import ema_initial_share

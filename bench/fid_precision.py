@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""FID of one trained model sampled in fp32, bf16 (``sampler.fast``) and fp8 (``ddim.fp8``) from the same x_T.
+"""FID of one trained model sampled in fp32, bf16 (``sampler.fast``) and fp8 (``ddim.accel.fp8``) from the same x_T.
 
 The speed benchmarks state how far a fast path's samples move from fp32's (bench/sampling.py); this says what
 that does to FID.  DDIM (eta = 0) on the quadratic trajectory (the paper's for CIFAR-10; ``--trajectory linear``
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from ddim import perf
+from ddim.accel import inference as perf
 from ddim.diffusion import alphas_cumprod as make_alphas_cumprod
 from ddim.diffusion import beta_schedule
 
@@ -76,7 +76,7 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", default=None, help="scripts/cifar10_gpu.py's ckpt.pt or ema.pt (required unless --tiny)")
     p.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared/data/cifar10_jpeg_q75.npz"))
-    p.add_argument("--weights", default=None, help="Inception weights (ddim.eval.fid.resolve_inception_weights)")
+    p.add_argument("--weights", default=None, help="Inception weights (ddim.evaluation.fid.resolve_inception_weights)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--samples", type=int, default=5000)
     p.add_argument("--reference", type=int, default=None, help="first N training images (default: all)")
@@ -142,7 +142,7 @@ def main(argv=None) -> dict:
             perf.synchronize(device)
             row = dict(variant=name, S=S, images_per_s=args.samples / (time.perf_counter() - t0), **image_stats(u8))
             if not args.no_fid:
-                from ddim.eval.fid import fid_between
+                from ddim.evaluation.fid import fid_between
 
                 row["fid"] = float(fid_between(u8, ref, ref_key=f"cifar10-train-{ref.shape[0]}",
                                                weights_path=args.weights, device=device, batch_size=args.batch)["fid"])

@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Where e4m3 loses precision in a trained U-Net: per ResnetBlock convolution, the error of its output from
-quantising the activations alone, the weights alone, and both, as ``ddim.fp8`` quantises them.
+quantising the activations alone, the weights alone, and both, as ``ddim.accel.fp8`` quantises them.
 
 FP8 sampling softens the samples (FID +2.0 at S = 10 on a 47,000-step CIFAR-10 model, all of it from the blocks on
 32x32 maps; docs/results/bench, sixteenth round).  This asks why, one layer at a time, in float32 on the inputs each
@@ -26,10 +26,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ddim import perf
+from ddim.accel import inference as perf
 from ddim.diffusion import alphas_cumprod as make_alphas_cumprod
 from ddim.diffusion import beta_schedule
-from ddim.fp8 import E4M3, E4M3_MAX, dequantize_weight, quantize_weight
+from ddim.accel.fp8 import E4M3, E4M3_MAX, dequantize_weight, quantize_weight
 from ddim.models import UNet
 from ddim.models.unet import ResnetBlock
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Per-layer cost of the ResnetBlock convolutions: cuDNN (+ Inductor's GroupNorm passes) vs ddim.fused.
+"""Per-layer cost of the ResnetBlock convolutions: cuDNN (+ Inductor's GroupNorm passes) vs ddim.accel.conv.
 
 For every distinct 3x3 convolution of the CIFAR-10 U-Net's ResnetBlocks at batch 512 (bf16, channels_last)
 prints milliseconds and TFLOP/s of
@@ -7,14 +7,14 @@ prints milliseconds and TFLOP/s of
 * cudnn:        ``F.conv2d`` alone (the matrix work only);
 * cudnn+gn:     ``conv2d(silu(group_norm(x)))`` compiled by Inductor (statistics pass, normalise pass, cuDNN):
                 what the compiled network runs today for that layer;
-* triton:       ``ddim.fused.conv3x3_fused`` without prologue (the kernel's matrix efficiency);
+* triton:       ``ddim.accel.conv.conv3x3_fused`` without prologue (the kernel's matrix efficiency);
 * fused:        with the GroupNorm+SiLU prologue (tanh.approx sigmoid);
 * fused-exact:  the same with exp-based sigmoid;
 * fused+stats:  prologue + the next GroupNorm's statistics from the epilogue;
-* cudnn+kgn:    ``ddim.groupnorm``'s GroupNorm+SiLU kernel, then cuDNN (what the default sampler.fast runs);
+* cudnn+kgn:    ``ddim.accel.groupnorm``'s GroupNorm+SiLU kernel, then cuDNN (what the default sampler.fast runs);
 * band:         the band kernel (each input normalised once into a scratch slot, then the nine taps);
 * band+stats:   the band kernel with the epilogue of fused+stats;
-* fp8:          ``ddim.fp8``'s convolution alone: e4m3 activations and weights (per-channel scales), Triton;
+* fp8:          ``ddim.accel.fp8``'s convolution alone: e4m3 activations and weights (per-channel scales), Triton;
 * kgn+fp8:      the GroupNorm kernel writing e4m3, then that convolution (what ``fp8=True`` runs; conv2 takes
                 the shortcut in its epilogue as well, which the cuDNN cases leave to a separate add).
 
@@ -31,7 +31,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from ddim import fp8, fused, groupnorm, perf
+from ddim.accel import fp8, conv as fused, groupnorm, inference as perf
 from ddim.models import UNet, unet_kwargs_from_config
 
 
@@ -58,7 +58,7 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     device = torch.device(args.device)
     if not fused.available():
-        p.error("ddim.fused needs Triton")
+        p.error("ddim.accel.conv needs Triton")
     kw = dict(ch=32, out_ch=3, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), dropout=0.0,
               in_channels=3, resolution=16) if args.tiny else unet_kwargs_from_config("cifar10")
     model = UNet(**kw)

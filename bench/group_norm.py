@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Per-site cost of the U-Net's GroupNorms: Inductor's two kernels vs ddim.groupnorm's one kernel per sample.
+"""Per-site cost of the U-Net's GroupNorms: Inductor's two kernels vs ddim.accel.groupnorm's one kernel per sample.
 
 The sites are the GroupNorms that ``prepare_for_inference(group_norm="kernel")`` sends to the kernel (both norms of
 every ResnetBlock, the attention norms), found by running the CIFAR-10 U-Net once; each distinct
@@ -7,7 +7,7 @@ every ResnetBlock, the attention norms), found by running the CIFAR-10 U-Net onc
 
 * inductor-det / inductor:  ``silu(ChannelStatGroupNorm(x + shift))`` compiled, Inductor's deterministic mode
                             (what ``sampler.fast`` compiled before the kernel) / configurations chosen by timing;
-* kernel-compiled:          ``ddim.groupnorm.group_norm_silu`` inside ``torch.compile`` (launched from Inductor's
+* kernel-compiled:          ``ddim.accel.groupnorm.group_norm_silu`` inside ``torch.compile`` (launched from Inductor's
                             generated code, as in the network); on a CPU (``kernel``) called directly.
 
 GB/s counts one read and one write of the activation (the least any GroupNorm can do).  GPU only;
@@ -23,8 +23,8 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from ddim import groupnorm as gnk
-from ddim import perf
+from ddim.accel import groupnorm as gnk
+from ddim.accel import inference as perf
 from ddim.models import UNet, unet_kwargs_from_config
 
 TINY = dict(ch=64, out_ch=3, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), dropout=0.0,

@@ -33,7 +33,7 @@ class Target:  # lets Triton lower the kernel to TTIR for Inductor's analysis wi
         return GPUTarget("cuda", 90, 32)
 
 triton.runtime.driver.set_active(Target())
-from ddim import groupnorm as gnk, perf
+from ddim.accel import groupnorm as gnk, inference as perf
 from ddim.models import UNet, unet_kwargs_from_config
 
 # CPU tensors: take the kernel wherever it would take the shape on a GPU

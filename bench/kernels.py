@@ -22,7 +22,7 @@ from collections import defaultdict
 
 import torch
 
-from ddim import perf
+from ddim.accel import inference as perf
 from ddim.diffusion import alphas_cumprod as make_alphas_cumprod
 from ddim.diffusion import beta_schedule, sample, timesteps
 from ddim.models import UNet
@@ -99,7 +99,7 @@ def build_step(args, device):
                 return sample(eps, x, ac.to(device), ts) if args.loop else eps(x, t)
         return step, len(ts) if args.loop else 1
     else:
-        from ddim.perf import DiffusionTrainStep
+        from ddim.accel.inference import DiffusionTrainStep
 
         train = DiffusionTrainStep(model, ac.to(device), backend=args.backend, **TRAINING_VARIANTS[args.variant])
         x0 = torch.randn(args.batch, 3, res, res, device=device)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from ddim import perf
+from ddim.accel import inference as perf
 from ddim.diffusion import alphas_cumprod as make_alphas_cumprod
 from ddim.diffusion import beta_schedule, sample, timesteps
 from ddim.models import UNet, unet_kwargs_from_config
@@ -54,7 +54,7 @@ VARIANTS: dict[str, dict | None] = {
                                options={"freezing": True, "triton.cudagraphs": True}),
     "pure-frozen-graphs": dict(dtype="bf16", autocast=False, channels_last=True, compile=True, group_norm="torch",
                                options={"freezing": True, "triton.cudagraphs": True}),
-    # GroupNorm statistics per channel, pooled per group (ddim.perf.ChannelStatGroupNorm; the default of
+    # GroupNorm statistics per channel, pooled per group (ddim.accel.inference.ChannelStatGroupNorm; the default of
     # prepare_for_inference when compiling)
     "fast-gn": dict(dtype="bf16", channels_last=True, compile=True, group_norm="channel-stats"),
     "fast-gn-graphs": dict(dtype="bf16", channels_last=True, compile=True, group_norm="channel-stats",
@@ -66,13 +66,13 @@ VARIANTS: dict[str, dict | None] = {
     "pure-gn-tuned": dict(dtype="bf16", autocast=False, channels_last=True, compile=True, group_norm="channel-stats",
                           options={"triton.cudagraphs": True, "max_autotune_pointwise": True,
                                    "coordinate_descent_tuning": True}),
-    # the upsampling convolutions on the low-resolution input (ddim.perf.PhaseUpsample: 16/36 of their
+    # the upsampling convolutions on the low-resolution input (ddim.accel.inference.PhaseUpsample: 16/36 of their
     # FLOPs, no upsampled tensor); TFLOP/s columns count the official network's FLOPs
     "fast-gn-phase": dict(dtype="bf16", channels_last=True, compile=True, group_norm="channel-stats",
                           upsample="phases"),
     "pure-gn-graphs-phase": dict(dtype="bf16", autocast=False, channels_last=True, compile=True,
                                  group_norm="channel-stats", compile_mode="reduce-overhead", upsample="phases"),
-    # GroupNorm+SiLU inside Triton 3x3 convolutions (ddim.fused): no separate normalise pass, but the prologue's
+    # GroupNorm+SiLU inside Triton 3x3 convolutions (ddim.accel.conv): no separate normalise pass, but the prologue's
     # 9-fold activation recompute costs more than it saves (342 vs 571 images/s on an H100): kept for kernel work
     "pure-gn-graphs-fused": dict(dtype="bf16", autocast=False, channels_last=True, compile=True,
                                  group_norm="channel-stats", compile_mode="reduce-overhead", fused=True),
@@ -88,10 +88,10 @@ for _kw in VARIANTS.values():  # timed kernel choices, as measured before determ
     if _kw is not None and _kw.get("compile"):
         _kw.setdefault("deterministic", False)
 # what evaluate.py sampler.fast=true ran until the tenth round: fast-gn-phase with kernels chosen without timing, so
-# every process (GPU) and every run gives the same images (ddim.perf.prepare_for_inference's deterministic)
+# every process (GPU) and every run gives the same images (ddim.accel.inference.prepare_for_inference's deterministic)
 VARIANTS["fast-gn-phase-det"] = dict(dtype="bf16", channels_last=True, compile=True, group_norm="channel-stats",
                                      upsample="phases", deterministic=True)
-# GroupNorm(+SiLU) as one Triton kernel per sample, its second read of the activation from L2 (ddim.groupnorm):
+# GroupNorm(+SiLU) as one Triton kernel per sample, its second read of the activation from L2 (ddim.accel.groupnorm):
 # a fixed kernel configuration, so deterministic as is; fast-kgn-phase-det is what sampler.fast ran until the
 # twelfth round
 VARIANTS["fast-kgn-phase-det"] = dict(dtype="bf16", channels_last=True, compile=True, group_norm="kernel",
@@ -113,7 +113,7 @@ VARIANTS["fast-kgn-frozen-graphs-phase-det"] = dict(dtype="bf16", channels_last=
 VARIANTS["fast-kgn-realize-phase-det"] = dict(dtype="bf16", channels_last=True, compile=True, group_norm="kernel",
                                               upsample="phases", deterministic=True,
                                               options={"realize_reads_threshold": 1})
-# the first and last convolutions (3 -> 128, 128 -> 3 channels) as matrix products (ddim.perf.conv3x3_as_matmul)
+# the first and last convolutions (3 -> 128, 128 -> 3 channels) as matrix products (ddim.accel.inference.conv3x3_as_matmul)
 VARIANTS["fast-kgn-thin-phase-det"] = dict(dtype="bf16", channels_last=True, compile=True, group_norm="kernel",
                                            upsample="phases", deterministic=True, thin_convs="matmul")
 # the convolution and linear weights cast to bf16 once (autocast casts them at every call; same numbers);
@@ -136,7 +136,7 @@ VARIANTS["pure-kgn-graphs-phase"] = dict(dtype="bf16", autocast=False, channels_
                                          group_norm="kernel", compile_mode="reduce-overhead", upsample="phases",
                                          deterministic=False)
 # weights in bf16 (no autocast), and the same with the ResnetBlocks' convolutions on maps >= 16 pixels wide by
-# ddim.fused's band kernel: GroupNorm+SiLU applied once per input element while the convolution loads (no separate
+# ddim.accel.conv's band kernel: GroupNorm+SiLU applied once per input element while the convolution loads (no separate
 # normalise pass), the second norm's statistics from the first convolution's epilogue: 507 vs 655 images/s on an
 # H200 (fourteenth round), kept for kernel work
 VARIANTS["pure-kgn-thin-phase-det"] = dict(dtype="bf16", autocast=False, channels_last=True, compile=True,
@@ -145,7 +145,7 @@ VARIANTS["pure-kgn-thin-phase-det"] = dict(dtype="bf16", autocast=False, channel
 VARIANTS["pure-kgn-band-thin-phase-det"] = dict(dtype="bf16", autocast=False, channels_last=True, compile=True,
                                                 group_norm="kernel", upsample="phases", deterministic=True,
                                                 thin_convs="matmul", fused="band")
-# the ResnetBlocks' 3x3 convolutions on e4m3 activations and weights (ddim.fp8): the GroupNorm kernel writes e4m3, a
+# the ResnetBlocks' 3x3 convolutions on e4m3 activations and weights (ddim.accel.fp8): the GroupNorm kernel writes e4m3, a
 # Triton convolution multiplies e4m3 at twice the bf16 rate; bias, time embedding and shortcut in its epilogue
 VARIANTS["fast-kgn-castw-thin-fp8-phase-det"] = dict(dtype="bf16", channels_last=True, compile=True,
                                                      group_norm="kernel", upsample="phases", deterministic=True,
@@ -189,7 +189,7 @@ def parse(argv=None):
     p.add_argument("--eta", type=float, default=0.0)
     p.add_argument("--variants", default="fp32,fast", help=f"comma list from {list(VARIANTS)}; the first is the reference")
     p.add_argument("--repeats", type=int, default=3, help="timed sampling calls per variant (median reported)")
-    p.add_argument("--ckpt", default=None, help="Lightning checkpoint to sample (ddim.lit.load_for_sampling) or "
+    p.add_argument("--ckpt", default=None, help="Lightning checkpoint to sample (ddim.training.module.load_for_sampling) or "
                    "scripts/cifar10_gpu.py's ckpt.pt or ema.pt; default: random init")
     p.add_argument("--backend", default="inductor", help="torch.compile backend ('eager' for cheap CPU tests)")
     p.add_argument("--tol-mean", type=float, default=1 * LEVEL, help="allowed mean |diff| vs reference (default one 8-bit level)")
@@ -216,7 +216,7 @@ def build(args, device):
         return (model.to(device), make_alphas_cumprod(beta_schedule("linear", T=1000)),
                 {"ckpt": args.ckpt, "train_steps": ck["steps"]})
     if args.ckpt:
-        from ddim.lit import load_for_sampling
+        from ddim.checkpoints import load_for_sampling
 
         model, ac, cfg = load_for_sampling(args.ckpt, use_ema=True, map_location="cpu")
         return model.to(device).eval(), ac, {"ckpt": args.ckpt}

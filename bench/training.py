@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from ddim import perf
+from ddim.accel import inference as perf
 from ddim.diffusion import alphas_cumprod as make_alphas_cumprod
 from ddim.diffusion import beta_schedule
 from ddim.models import UNet, unet_kwargs_from_config
@@ -38,11 +38,11 @@ VARIANTS: dict[str, dict] = {
     "fast-cudagraphs": dict(fast=True, dtype="bf16", compile_mode="reduce-overhead", group_norm="torch"),
     "fast-cudagraphs-gn": dict(fast=True, dtype="bf16", compile_mode="reduce-overhead", group_norm="channel-stats"),
     "fast-gn": dict(fast=True, dtype="bf16", group_norm="channel-stats"),
-    # + the upsampling convolutions on the low-resolution input (ddim.perf.PhaseUpsample); TFLOP/s columns
+    # + the upsampling convolutions on the low-resolution input (ddim.accel.inference.PhaseUpsample); TFLOP/s columns
     # count the official network's FLOPs
     "fast-cudagraphs-gn-phase": dict(fast=True, dtype="bf16", compile_mode="reduce-overhead",
                                      group_norm="channel-stats", upsample="phases"),
-    # train.py's fast.step_graph: loss, backward and clipping as one CUDA graph (ddim.perf.GradientGraph), then
+    # train.py's fast.step_graph: loss, backward and clipping as one CUDA graph (ddim.accel.inference.GradientGraph), then
     # fused Adam and the EMA
     "fast-step-graph-gn-phase": dict(fast=True, dtype="bf16", group_norm="channel-stats", upsample="phases",
                                      step_graph=True),

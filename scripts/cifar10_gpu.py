@@ -3,7 +3,7 @@
 
 Stages (each can run alone, so a run can span several commands of one machine):
   train  -- the official CIFAR-10 U-Net and recipe (Adam 2e-4, clip 1.0, batch 128, antithetic t, random
-            horizontal flips) with the fast step of ``ddim.perf`` (bf16, channels_last, compile, fused
+            horizontal flips) with the fast step of ``ddim.accel.inference`` (bf16, channels_last, compile, fused
             Adam, foreach EMA), for a fixed wall-clock budget. The data set lives on the GPU as uint8.
             ``--resume`` goes on from OUT/ckpt.pt (weights, Adam state, data order, RNG), so training
             longer than one command's time limit runs as several commands; OUT/ckpt.pt is also written every
@@ -42,10 +42,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ddim import perf
+from ddim.accel import inference as perf
 from ddim.diffusion import alphas_cumprod as make_alphas_cumprod
 from ddim.diffusion import SOLVERS, beta_schedule, encode, sample, solve, steps_for_nfe_on, timesteps
-from ddim.eval.tasks import parse_eta
+from ddim.evaluation.tasks import parse_eta
 from ddim.models import UNet
 from ddim.models.ema import ema_initial_share_note, ema_warmup_of
 
@@ -206,7 +206,7 @@ def resume_training(args, config: dict, batch: int, path: Path) -> dict:
 def fid_of(images_u8: torch.Tensor, ref_u8: torch.Tensor, args) -> float | None:
     if args.no_fid:
         return None
-    from ddim.eval.fid import fid_between
+    from ddim.evaluation.fid import fid_between
 
     res = fid_between(images_u8, ref_u8, ref_key=args.ref_key, weights_path=args.weights, cache_dir=args.cache,
                       device=args.device)
@@ -510,7 +510,7 @@ def parse(argv=None):
     p.add_argument("--nfe", default="", help="NFE budgets for FID vs NFE of DDIM and the ODE solvers, e.g. 5,10,20,50")
     p.add_argument("--fp32-check", action="store_true")
     p.add_argument("--no-fid", action="store_true")
-    p.add_argument("--weights", default=None, help="Inception weights for ddim.eval.fid")
+    p.add_argument("--weights", default=None, help="Inception weights for ddim.evaluation.fid")
     p.add_argument("--cache", default=None, help="FID cache dir (reference statistics)")
     p.add_argument("--ref-key", default="cifar10_jpeg_q75_train")
     p.add_argument("--seed", type=int, default=0)

@@ -6,7 +6,7 @@
 #
 #   scripts/cifar10_gpu.sh OUT_DIR [DATA_NPZ] [INCEPTION_WEIGHTS]
 #
-# INCEPTION_WEIGHTS: torch-fidelity-format FID Inception weights (see ddim.eval.fid.resolve_inception_weights;
+# INCEPTION_WEIGHTS: torch-fidelity-format FID Inception weights (see ddim.evaluation.fid.resolve_inception_weights;
 # without it that function's own search is used). STEPS (15000, the recorded run) and MINUTES (9) bound training.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -36,7 +36,7 @@ def _model_label(m: dict) -> str:
 
 def collect(records_dir: str | Path) -> list[dict[str, Any]]:
     """One row per η = 0 FID record: dataset, model, trajectory, kind, steps, nfe, budget, fid."""
-    from ddim.eval.records import iter_records
+    from ddim.evaluation.records import iter_records
 
     rows = []
     for r in iter_records(records_dir):
@@ -57,7 +57,7 @@ def collect(records_dir: str | Path) -> list[dict[str, Any]]:
 
 def _paper_ddim(dataset: str) -> list[tuple[int, float]]:
     """The paper's Table 1 DDIM (η = 0) FID as (NFE = S, FID) where it reports this data set."""
-    from ddim.eval.aggregate import TABLE1_STEPS, paper_fid
+    from ddim.evaluation.aggregate import TABLE1_STEPS, paper_fid
 
     pts = [(S, paper_fid(dataset, 0.0, S)) for S in TABLE1_STEPS]
     return [(S, f) for S, f in pts if f is not None]

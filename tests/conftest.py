@@ -12,7 +12,7 @@ SHARED = REPO.parent / "shared"
 PARITY_FIXTURE = SHARED / "fixtures" / "official_ddim_parity.npz"
 
 os.environ.setdefault("WANDB_MODE", "offline")
-# Triton kernels (ddim.fused) run on CPU tensors through Triton's interpreter.  Set before anything imports
+# Triton kernels (ddim.accel.conv) run on CPU tensors through Triton's interpreter.  Set before anything imports
 # Triton: its own library functions (tl.cdiv ...) are compiled or interpreted as decided at import time.
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -30,7 +30,7 @@ def load_script(relpath: str, name: str | None = None):
 
 
 def import_triton_kernels(name: str):
-    """Import the Triton-kernel module ``name`` (ddim.fused, ddim.groupnorm) for tests that run its kernels on CPU
+    """Import the Triton-kernel module ``name`` (ddim.accel.conv, ddim.accel.groupnorm) for tests that run its kernels on CPU
     tensors, or skip the calling test module where Triton or its interpreter is missing."""
     module = pytest.importorskip(name)
     if not module.available():

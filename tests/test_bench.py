@@ -1,4 +1,4 @@
-"""CPU smoke tests of the fast paths (ddim.perf) and of the benchmarks in bench/ at tiny sizes."""
+"""CPU smoke tests of the fast paths (ddim.accel.inference) and of the benchmarks in bench/ at tiny sizes."""
 from __future__ import annotations
 
 import copy
@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ddim import perf
+from ddim.accel import inference as perf
 from ddim.models.unet import ResnetBlock
 
 REPO = Path(__file__).resolve().parents[1]
@@ -398,7 +398,7 @@ def test_compiled_inference_defaults_to_phase_upsampling_thin_matmuls_cast_weigh
     assert [any(isinstance(m, perf.MatmulConv2d) for m in w.modules()) for w in bf16] == [False, True]
     assert [{p.dtype for p in w.model.conv_in.parameters()} for w in bf16] == [{torch.float32}, {torch.bfloat16}]
     # and, where the GroupNorm kernel's ResnetBlocks are the compiled default, the merged projections
-    from ddim import groupnorm
+    from ddim.accel import groupnorm
     assert [w.model.block_shifts is not None for w in bf16] == [False, groupnorm.available()]
     plain = perf.prepare_for_inference(model, compile=True, backend="eager", group_norm="channel-stats")
     assert plain.model.block_shifts is None  # plain ResnetBlocks add the projection themselves
@@ -579,7 +579,7 @@ def test_fast_paths_choose_group_norm_by_compilation_and_use():
     """Compiled inference: the GroupNorm kernel's blocks (where Triton is installed; not with the fused convolutions);
     compiled training (needs a backward): per-channel statistics; eager: torch's GroupNorm."""
     from ddim.diffusion import alphas_cumprod, beta_schedule
-    from ddim import groupnorm
+    from ddim.accel import groupnorm
 
     def kinds(m):
         return {type(x) for x in m.modules() if isinstance(x, nn.GroupNorm)}
@@ -641,7 +641,7 @@ def test_kernel_kinds_of_gpu_kernel_names():
     assert kind_of("triton_poi_fused__to_copy_26") == "triton: other fused element-wise"
     assert kind_of("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16") == "attention"
     assert kind_of("Memset (Device)") == "copy / layout"
-    assert kind_of("_group_norm_kernel").startswith("triton: group norm")  # ddim.groupnorm's
+    assert kind_of("_group_norm_kernel").startswith("triton: group norm")  # ddim.accel.groupnorm's
 
 
 def test_kernel_profile_rejects_unknown_variant():
@@ -746,7 +746,7 @@ def test_gradient_graphs_are_released_before_earlier_exit_handlers(tmp_path):
     script.write_text(
         "import atexit\n"
         "import torch\n"
-        "from ddim import perf\n"
+        "from ddim.accel import inference as perf\n"
         "class Fake:\n"
         "    def reset(self):\n"
         "        print('graph reset', flush=True)\n"

@@ -71,7 +71,7 @@ def test_train_then_eval_writes_tables_plot_and_grids(tmp_path: Path) -> None:
 def tiny_run_with_fid_stand_in(tmp_path: Path, monkeypatch):
     """The script as a module, a tiny CPU model trained 2 steps into tmp_path/run, and its FID replaced by a
     stand-in that returns 11, 12, ... and records the shapes it was given (the real FID needs the
-    Inception weights; ddim.eval.fid is tested elsewhere)."""
+    Inception weights; ddim.evaluation.fid is tested elsewhere)."""
     pack, out = tmp_path / "pack.npz", tmp_path / "run"
     make_pack(pack)
     mod = load_script("scripts/cifar10_gpu.py")

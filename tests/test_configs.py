@@ -27,7 +27,7 @@ OFFICIAL = {  # official DDIM configs/*.yml
 
 @pytest.mark.parametrize("name", sorted(OFFICIAL))
 def test_experiment_preset_composes_and_builds_model(name):
-    from ddim.lit import build_eps_model
+    from ddim.models.build import build_unet as build_eps_model
 
     cfg = _compose(f"experiment={name}")
     want = OFFICIAL[name]
@@ -98,7 +98,7 @@ def test_ddp_trainers_compose_to_their_strategies():
     from hydra.utils import instantiate
     from lightning.pytorch.strategies import DDPStrategy
 
-    from ddim.lit import StepGraphDDPStrategy
+    from ddim.training.module import StepGraphDDPStrategy
 
     strategy = instantiate(_compose("trainer=ddp").trainer.strategy)
     assert type(strategy) is DDPStrategy

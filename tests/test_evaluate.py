@@ -34,7 +34,7 @@ def one_thread():
 @pytest.fixture(scope="session")
 def tiny_ckpt(tmp_path_factory) -> Path:
     """A DiffusionModule checkpoint (random weights) in train.py's format."""
-    from ddim.lit import DiffusionModule
+    from ddim.training.module import DiffusionModule
 
     torch.manual_seed(0)
     m = DiffusionModule(model=TINY_UNET, diffusion=DIFFUSION, optim={"ema_decay": 0.999},
@@ -61,14 +61,14 @@ def run_evaluate(monkeypatch, tmp_path: Path, *overrides: str, multirun: bool = 
 
 
 def records(tmp_path: Path) -> list[dict]:
-    from ddim.eval.records import iter_records
+    from ddim.evaluation.records import iter_records
 
     return iter_records(tmp_path / "records")
 
 
 def pixel_fid(gen, ref, *, ref_key, weights_path, cache_dir, device, batch_size):
     """Fréchet distance between per-channel mean/std features of the two image sets (a stand-in for Inception)."""
-    from ddim.eval.fid import feature_statistics, frechet_distance
+    from ddim.evaluation.fid import feature_statistics, frechet_distance
 
     def feats(imgs):
         x = torch.stack([imgs[i] for i in range(len(imgs))]).float().flatten(2) / 255.0
@@ -82,7 +82,7 @@ def pixel_fid(gen, ref, *, ref_key, weights_path, cache_dir, device, batch_size)
 
 @pytest.fixture
 def fake_inception(monkeypatch, tmp_path):
-    from ddim.eval import tasks
+    from ddim.evaluation import tasks
 
     w = tmp_path / "inception.pth"
     w.write_bytes(b"stand-in")
@@ -106,7 +106,7 @@ def test_fid_task_writes_record_and_rerun_skips(monkeypatch, tmp_path, tiny_ckpt
     assert rec["config"]["sampler"]["steps"] == 3
     mtime = Path(rec["_path"]).stat().st_mtime_ns
 
-    from ddim.eval import tasks
+    from ddim.evaluation import tasks
 
     monkeypatch.setattr(tasks, "sample_batch", lambda *a, **k: pytest.fail("a finished run must not sample again"))
     run_evaluate(monkeypatch, tmp_path, *args)
@@ -147,7 +147,7 @@ def test_fast_sampler_is_close_to_fp32_and_recorded_apart(monkeypatch, tmp_path,
 def test_fast_sampler_deterministic_switch_reaches_the_compiler_and_the_key(monkeypatch, tmp_path, tiny_ckpt):
     """sampler.deterministic (default true) goes to prepare_for_inference; false (timed kernel choices, other
     images) gets its own record key; only true/false are taken."""
-    from ddim import perf
+    from ddim.accel import inference as perf
 
     seen = []
     real = perf.prepare_for_inference
@@ -167,7 +167,7 @@ def test_fast_sampler_deterministic_switch_reaches_the_compiler_and_the_key(monk
 def test_fast_sampler_with_the_group_norm_kernel_is_recorded_apart(monkeypatch, tmp_path, tiny_ckpt):
     """Where the GroupNorm kernel is the compiled default (CUDA with Triton), sampler.fast samples through it and
     marks its record, so fast records made before (per-channel statistics) are kept and not taken for it."""
-    from ddim import perf
+    from ddim.accel import inference as perf
 
     seen = []
     real = perf.prepare_for_inference
@@ -187,7 +187,7 @@ def test_fp8_sampler_reaches_the_compiler_and_the_key(monkeypatch, tmp_path, tin
     here on the CPU under Triton's interpreter), the samples move a little from the bf16 ones, the record has a key
     of its own; without fast, with a bad width, or on a device without FP8 units, a clear error before anything is
     sampled."""
-    from ddim import fp8, perf
+    from ddim.accel import fp8, inference as perf
 
     if not fp8.supported("cpu"):
         pytest.skip("the e4m3 kernels need Triton's interpreter on the CPU (TRITON_INTERPRET=1, tests/conftest.py)")
@@ -225,7 +225,7 @@ def test_fp8_sampler_reaches_the_compiler_and_the_key(monkeypatch, tmp_path, tin
 
 
 def test_index_noise_is_per_sample():
-    from ddim.eval.tasks import latents_and_noise
+    from ddim.evaluation.tasks import latents_and_noise
 
     a, na = latents_and_noise([0, 1, 2], (1, 4, 4), 5, seed=3)
     b, nb = latents_and_noise([2], (1, 4, 4), 5, seed=3)
@@ -237,8 +237,8 @@ def test_index_noise_is_per_sample():
 
 def test_reconstruction_mse(monkeypatch, tmp_path, tiny_ckpt):
     from ddim.data import build_dataset
-    from ddim.eval.tasks import reconstruction_task
-    from ddim.lit import load_for_sampling
+    from ddim.evaluation.tasks import reconstruction_task
+    from ddim.checkpoints import load_for_sampling
 
     run_evaluate(monkeypatch, tmp_path, f"ckpt_path={tiny_ckpt}", "task=reconstruction", "sampler.steps=5",
                  "reconstruction.num_images=6")
@@ -297,7 +297,7 @@ def test_interpolation_and_consistency_grids(monkeypatch, tmp_path, tiny_ckpt):
     ("dataset=cifar10", ValueError, r"dataset=cifar10 has 3-channel 32x32 images but the model takes 1-channel 8x8"),
 ])
 def test_bad_input_fails_before_sampling(monkeypatch, tmp_path, tiny_ckpt, override, error, match):
-    from ddim.eval import tasks
+    from ddim.evaluation import tasks
 
     monkeypatch.setattr(tasks, "sample_batch", lambda *a, **k: pytest.fail("sampling started despite bad input"))
     monkeypatch.setattr(tasks, "_resolve_weights", lambda *a, **k: pytest.fail("weights resolved despite bad input")
@@ -334,7 +334,7 @@ def test_train_checkpoint_given_as_official(monkeypatch, tmp_path, tiny_ckpt):
 
 def test_records_are_readable_by_the_team(monkeypatch, tmp_path):
     """Records follow the umask like every other output (mkstemp alone makes them owner-only)."""
-    from ddim.eval.records import write_record
+    from ddim.evaluation.records import write_record
 
     old = os.umask(0o022)
     try:
@@ -352,8 +352,8 @@ def test_official_checkpoint_missing(monkeypatch, tmp_path):
 def test_solver_kind_dispatches_to_solvers(monkeypatch, tmp_path, tiny_ckpt):
     from ddim.diffusion import timesteps
     from ddim.diffusion.solvers import solve
-    from ddim.eval.tasks import latents_and_noise, to_uint8
-    from ddim.lit import load_for_sampling
+    from ddim.evaluation.tasks import latents_and_noise, to_uint8
+    from ddim.checkpoints import load_for_sampling
 
     with pytest.raises(ValueError, match="deterministic ODE solver; it needs sampler.eta=0"):
         run_evaluate(monkeypatch, tmp_path, f"ckpt_path={tiny_ckpt}", "task=samples", "sampler.kind=heun",
@@ -380,7 +380,7 @@ def test_sample_batches_are_the_same_whatever_the_number_of_ranks(n, batch_size)
     from lightning.pytorch.trainer.connectors.data_connector import _update_dataloader
     from lightning.pytorch.trainer.states import RunningStage
 
-    from ddim.eval.tasks import sample_loader
+    from ddim.evaluation.tasks import sample_loader
 
     want = [tuple(range(s, min(s + batch_size, n))) for s in range(0, n, batch_size)]
     for world in (1, 2, 3):
@@ -421,7 +421,7 @@ def test_two_process_ddp_gives_the_same_images(monkeypatch, tmp_path, tiny_ckpt,
 
 
 def test_sampling_rate_sums_the_ranks_after_their_first_batch():
-    from ddim.eval.tasks import sampling_rate
+    from ddim.evaluation.tasks import sampling_rate
 
     # rank 0: batches end at 2, 3, 4 s (4, 4, 2 images); rank 1: at 2.5, 3.5 s (4, 4 images)
     got = sampling_rate([[(2.0, 4), (3.0, 4), (4.0, 2)], [(2.5, 4), (3.5, 4)]])
@@ -444,7 +444,7 @@ def test_sampling_rate_sums_the_ranks_after_their_first_batch():
      r"consistency.steps entry \(in \[5, 0\]\) must be a positive integer, got 0"),
 ])
 def test_bad_task_settings_fail_before_loading(monkeypatch, tmp_path, tiny_ckpt, overrides, match):
-    from ddim.eval import runner
+    from ddim.evaluation import runner
 
     monkeypatch.setattr(runner, "_load_model", lambda *a, **k: pytest.fail("model loaded despite bad input"))
     with pytest.raises(ValueError, match=match):

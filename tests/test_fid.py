@@ -1,4 +1,4 @@
-"""ddim.eval.fid: offline Inception weights (converted TorchScript), FID values, reference-statistics cache, errors.
+"""ddim.evaluation.fid: offline Inception weights (converted TorchScript), FID values, reference-statistics cache, errors.
 
 Inception at 299x299 on a 2-core CPU costs ~0.1-0.2 s per image, so the sets are small (8 images).
 """
@@ -10,8 +10,8 @@ import scipy.linalg
 import torch
 from torch.utils.data import TensorDataset
 
-from ddim.eval import fid as fidmod
-from ddim.eval import inception_convert
+from ddim.evaluation import fid as fidmod
+from ddim.evaluation import inception_convert
 
 N = 8
 

@@ -1,4 +1,4 @@
-"""ddim.fp8: e4m3 weights and activations in the ResnetBlocks' 3x3 convolutions, run on the CPU by Triton's
+"""ddim.accel.fp8: e4m3 weights and activations in the ResnetBlocks' 3x3 convolutions, run on the CPU by Triton's
 interpreter, against PyTorch on the same quantised values."""
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import torch.nn.functional as F
 
 from conftest import import_triton_kernels, load_script
 
-fused = import_triton_kernels("ddim.fused")
-groupnorm = import_triton_kernels("ddim.groupnorm")
-fp8 = import_triton_kernels("ddim.fp8")
+fused = import_triton_kernels("ddim.accel.conv")
+groupnorm = import_triton_kernels("ddim.accel.groupnorm")
+fp8 = import_triton_kernels("ddim.accel.fp8")
 
 
 def test_quantize_weight_per_output_channel():
@@ -18,7 +18,7 @@ def test_quantize_weight_per_output_channel():
     w = torch.randn(16, 8, 3, 3) * torch.logspace(-3, 0, 16)[:, None, None, None]  # channels of very different size
     w_kc, scale = fp8.quantize_weight(w)
     assert w_kc.dtype == fp8.E4M3 and w_kc.shape == (9 * 8, 16) and w_kc.stride() == (1, 9 * 8)  # K-contiguous
-    # the layout of ddim.fused.weight_for_kernel, the values within e4m3's rounding of each channel's scale
+    # the layout of ddim.accel.conv.weight_for_kernel, the values within e4m3's rounding of each channel's scale
     ref = fused.weight_for_kernel(w)
     deq = w_kc.float() * scale
     assert (deq - ref).abs().le(torch.maximum(ref.abs() * 2 ** -4, scale * 2 ** -9)).all()
@@ -87,7 +87,7 @@ def _quantised_reference(block, x, temb_act):
 
 
 def test_fp8_resnet_blocks_give_the_quantised_unets_output_with_the_same_keys():
-    from ddim import perf
+    from ddim.accel import inference as perf
     from ddim.models import UNet
     from ddim.models.unet import ResnetBlock
 
@@ -180,7 +180,7 @@ def test_kernels_compile_to_e4m3_instructions_for_sm90():
     from test_groupnorm import _sm90_stdout
 
     out = _sm90_stdout(
-        "from ddim import fused, groupnorm as gnk\n"
+        "from ddim.accel import conv as fused, groupnorm as gnk\n"
         "conv = ptx(fused._conv3x3_kernel, {'X': '*fp8e4nv', 'W': '*fp8e4nv', 'WS': '*fp32', 'BIAS': '*fp32',\n"
         "           'SCALE': '*fp32', 'SHIFT': '*fp32', 'RES': '*bf16', 'Y': '*bf16', 'PART': '*fp32'},\n"
         "           dict(PROLOGUE=False, PER_SAMPLE_BIAS=True, RESIDUAL=True, STATS=False, GROUP_C=1, SAMPLE_TILES=True,\n"
@@ -269,7 +269,7 @@ def test_supported_devices(monkeypatch):
 def test_deterministic_blocks_use_fixed_configurations(monkeypatch):
     """Timed configurations may differ between processes, and with them the float32 sums: deterministic inference
     (prepare_for_inference's default) gives every convolution fixed_config's configuration instead."""
-    from ddim import perf
+    from ddim.accel import inference as perf
     from ddim.models import UNet
 
     model = UNet(ch=32, out_ch=3, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), dropout=0.0,

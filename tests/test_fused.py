@@ -1,4 +1,4 @@
-"""ddim.fused: the Triton 3x3 convolution with GroupNorm+SiLU prologue and statistics epilogue, run on the CPU
+"""ddim.accel.conv: the Triton 3x3 convolution with GroupNorm+SiLU prologue and statistics epilogue, run on the CPU
 by Triton's interpreter (float32; its bf16 matrix product is broken), against plain PyTorch."""
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from conftest import REPO, import_triton_kernels
 
-fused = import_triton_kernels("ddim.fused")
+fused = import_triton_kernels("ddim.accel.conv")
 
 
 def _gn(c: int, groups: int) -> torch.nn.GroupNorm:
@@ -81,7 +81,7 @@ def test_band_kernel_leaves_shapes_it_does_not_take_to_the_tile_kernel():
 
 
 def test_fused_resnet_blocks_give_the_unets_output_with_the_same_keys():
-    from ddim import perf
+    from ddim.accel import inference as perf
     from ddim.models import UNet
     from ddim.models.unet import ResnetBlock
 
@@ -119,7 +119,7 @@ def test_fused_resnet_blocks_give_the_unets_output_with_the_same_keys():
 
 
 def test_fused_paths_reject_what_they_cannot_do():
-    from ddim import perf
+    from ddim.accel import inference as perf
     from ddim.models import UNet
 
     model = UNet(ch=32, out_ch=3, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(), resolution=8)

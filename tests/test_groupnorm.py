@@ -1,4 +1,4 @@
-"""ddim.groupnorm: GroupNorm(+SiLU) as one Triton kernel per sample, run on the CPU by Triton's interpreter
+"""ddim.accel.groupnorm: GroupNorm(+SiLU) as one Triton kernel per sample, run on the CPU by Triton's interpreter
 (float32) against torch's GroupNorm, and the U-Net with its blocks swapped against the original."""
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from conftest import REPO, import_triton_kernels
 
-gnk = import_triton_kernels("ddim.groupnorm")
+gnk = import_triton_kernels("ddim.accel.groupnorm")
 
 
 def _gn(c: int, groups: int = 32) -> torch.nn.GroupNorm:
@@ -180,7 +180,7 @@ def _unet():
 
 def test_unet_with_kernel_blocks_matches_the_original(launches):
     """Every ResnetBlock and attention norm through the kernel (eval, fp32): the same ε as the original U-Net."""
-    from ddim import perf
+    from ddim.accel import inference as perf
     from ddim.models.unet import ResnetBlock
 
     model = _unet()
@@ -220,7 +220,7 @@ def _count_ops(fn, names):
 def test_merged_projections_give_the_same_eps_with_fewer_products(monkeypatch):
     """merge=True: one matrix product for every ResnetBlock's time embedding, q/k/v concatenated once, each block's
     shift handed to the GroupNorm kernel as a view of the merged rows (read in place, not copied): the same ε."""
-    from ddim import perf
+    from ddim.accel import inference as perf
     from ddim.models.unet import AttnBlock, ResnetBlock
 
     model = _unet()
@@ -257,7 +257,7 @@ def test_prepare_for_inference_group_norm_kernel(launches):
     """prepare_for_inference(group_norm="kernel") gives the original ε; a wrong group_norm names the allowed ones.
     (Compiled, the interpreter's kernels cannot be traced: the next test traces the op, a GPU test in
     test_bench.py runs it compiled.)"""
-    from ddim import perf
+    from ddim.accel import inference as perf
 
     model = _unet()
     x, t = torch.randn(2, 3, 8, 8), torch.tensor([3, 900])
@@ -277,7 +277,7 @@ def test_the_op_traces_into_a_graph_for_inductor():
     code = (
         "import torch\n"
         "from torch._dynamo.backends.common import aot_autograd\n"
-        "from ddim import groupnorm as gnk\n"
+        "from ddim.accel import groupnorm as gnk\n"
         "gnk.kernel_takes = lambda x, groups: True\n"
         "norm = torch.nn.GroupNorm(32, 384)\n"
         "x = torch.randn(2, 384, 4, 4).contiguous(memory_format=torch.channels_last)\n"
@@ -319,7 +319,7 @@ def test_kernel_arithmetic_stays_float32_when_eps_arrives_as_float64():
     network's GroupNorms 2.5x slower than the same kernel launched directly (10.3 vs 4.2 ms per forward on an H200).
     Compiled ahead of time for sm_90 (no GPU needed), the PTX must hold no fp64 arithmetic."""
     out = _sm90_stdout(
-        "from ddim import groupnorm as gnk\n"
+        "from ddim.accel import groupnorm as gnk\n"
         "cbe, cb, cg, pb = gnk._blocks(128, 32, 32 * 32)  # the first norms of the CIFAR-10 U-Net\n"
         "ptx = ptx(gnk._group_norm_kernel, {'X': '*bf16', 'ADD': '*fp32', 'W': '*fp32', 'B': '*fp32', 'OUT': '*bf16',\n"
         "          'eps': 'fp64'}, dict(CBE=cbe, CB=cb, CG=cg, NG=cbe // cg, PB=pb, EVEN=True, HAS_ADD=True, SILU=True,\n"
@@ -335,12 +335,12 @@ def test_inductor_sees_the_kernel_write_only_its_output():
     """Inductor clones every input its analysis of the kernel's TTIR says is written before launching it (a copy
     of the whole activation per launch); a pointer to X that left a helper function once made X count as written.
     The analysis (lowered for an sm_90 target, no GPU needed) must find OUT alone written, for every kind of tile, in
-    two passes over the slab and in one, and with an e4m3 output (``ddim.fp8``).  (It needs every argument: a constexpr left to its default made it fail
+    two passes over the slab and in one, and with an e4m3 output (``ddim.accel.fp8``).  (It needs every argument: a constexpr left to its default made it fail
     and assume every input written.)"""
     code = (
         SM90_TARGET + "import torch\n"
         "from torch._higher_order_ops.triton_kernel_wrap import identify_accessed_tensors\n"
-        "from ddim import groupnorm as gnk\n"
+        "from ddim.accel import groupnorm as gnk\n"
         "for hw, c, add, fp8 in ((1024, 128, False, 0), (1024, 128, True, 0), (81, 64, False, 0), (16, 384, True, 0),\n"
         "                        (1024, 128, True, 1)):\n"
         "    x = torch.randn(2, c, hw, 1).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)\n"
@@ -373,7 +373,7 @@ def test_inductor_adds_no_copies_around_the_kernel(shift):
     are the input activation's producer and the add after the kernel."""
     code = (
         SM90_TARGET + "import sys, torch\n"
-        "from ddim import groupnorm as gnk\n"
+        "from ddim.accel import groupnorm as gnk\n"
         "gnk.kernel_takes = lambda x, groups: True\n"
         "norm = torch.nn.GroupNorm(32, 128)\n"
         "x = torch.randn(2, 128, 32, 32).contiguous(memory_format=torch.channels_last)\n"

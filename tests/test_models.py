@@ -246,7 +246,7 @@ def test_bf16_autocast_forward():
 
 
 def test_unet_cast_to_bf16_keeps_exact_timestep_phases_and_runs():
-    """A model cast with .to(bfloat16) (the 'pure' low-precision path of ddim.perf) still computes the
+    """A model cast with .to(bfloat16) (the 'pure' low-precision path of ddim.accel.inference) still computes the
     sinusoidal embedding from float32 frequencies (bf16 phases would be off by radians at t ~ 1000) and
     its forward accepts bf16 inputs."""
     from ddim.models import UNet

@@ -296,7 +296,7 @@ def test_fid_vs_nfe_preset_spends_largest_s_within_budget(preset):
 
 
 def test_fid_vs_nfe_aggregate_table_and_plot(tmp_path):
-    from ddim.eval.records import record_path, write_record
+    from ddim.evaluation.records import record_path, write_record
 
     agg = _fid_vs_nfe_module()
     steps = {"ddim": {5: 5, 10: 10}, "plms": {5: 4, 10: 9}, "dpmpp_2m": {5: 5, 10: 10}, "heun": {5: 3, 10: 5}}

@@ -12,7 +12,7 @@ from test_evaluate import fake_inception, one_thread, records, run_evaluate, tin
 
 
 def test_2x2_sweep_resumes_and_aggregates(monkeypatch, tmp_path, tiny_ckpt, fake_inception):  # noqa: F811
-    from ddim.eval import aggregate, tasks
+    from ddim.evaluation import aggregate, tasks
 
     calls = []
     real = tasks.sample_batch
@@ -47,8 +47,8 @@ def test_2x2_sweep_resumes_and_aggregates(monkeypatch, tmp_path, tiny_ckpt, fake
 
 
 def test_aggregate_puts_paper_numbers_beside_ours(tmp_path):
-    from ddim.eval import aggregate
-    from ddim.eval.records import record_path, write_record
+    from ddim.evaluation import aggregate
+    from ddim.evaluation.records import record_path, write_record
 
     def put(task, ds, eta, steps, metric):
         key = {"task": task, "dataset": ds, "model": {"official": "cifar10"}, "seed": 0, "params": {},
@@ -69,8 +69,8 @@ def test_aggregate_puts_paper_numbers_beside_ours(tmp_path):
 def test_aggregate_takes_the_newest_result_of_a_rewritten_checkpoint(tmp_path):
     """last.ckpt evaluated, rewritten, evaluated again: two records (the key holds the file's mtime) with the
     same label and cell; the table shows the later one, whatever order the files are read in."""
-    from ddim.eval import aggregate
-    from ddim.eval.records import record_path, write_record
+    from ddim.evaluation import aggregate
+    from ddim.evaluation.records import record_path, write_record
 
     for mtime, fid, finished in ((2, 30.0, "2026-11-23T10:00:00+0000"), (1, 40.0, "2026-11-22T10:00:00+0000"),
                                  (3, 20.0, "2026-11-24T10:00:00+0000")):
@@ -109,7 +109,7 @@ def test_wandb_sweep_files_are_valid_overrides(name):
     assert spec["program"] == "evaluate.py" and spec["method"] == "grid"
     params = spec["parameters"]
     grids = {k: v["values"] if "values" in v else [v["value"]] for k, v in params.items()}
-    from ddim.eval.tasks import parse_eta
+    from ddim.evaluation.tasks import parse_eta
 
     combos = {tuple(v[0] for v in grids.values())}  # every value of every axis once, the others at their first
     for i, (k, vals) in enumerate(grids.items()):
@@ -125,10 +125,10 @@ def test_wandb_sweep_files_are_valid_overrides(name):
 
 
 def test_aggregate_logs_table_and_plot_to_wandb_offline(tmp_path, monkeypatch):
-    """`python -m ddim.eval.aggregate RECORDS --wandb PROJECT`: one W&B run (offline here) holding the table and
+    """`python -m ddim.evaluation.aggregate RECORDS --wandb PROJECT`: one W&B run (offline here) holding the table and
     the FID-vs-S plot; the run's files are written like any offline run, ready for `wandb sync`."""
-    from ddim.eval import aggregate
-    from ddim.eval.records import record_path, write_record
+    from ddim.evaluation import aggregate
+    from ddim.evaluation.records import record_path, write_record
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))

@@ -88,7 +88,7 @@ def test_resume_matches_uninterrupted_run(tmp_path):
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
     # and the run really moved: weights differ from the step-3 snapshot
-    from ddim.lit import load_for_sampling
+    from ddim.checkpoints import load_for_sampling
 
     m3, _, _ = load_for_sampling(ckpt3, use_ema=False)
     assert not torch.equal(m3.state_dict()[next(iter(m3.state_dict()))], a[f"model.{next(iter(m3.state_dict()))}"])
@@ -98,7 +98,7 @@ def test_resume_matches_uninterrupted_run(tmp_path):
 
 
 def test_load_for_sampling_and_bad_checkpoints(tmp_path):
-    from ddim.lit import load_for_sampling
+    from ddim.checkpoints import load_for_sampling
 
     res = _run(_cfg(tmp_path / "r", "dataset.split=test", "dataset.batch_size=60", "dataset.image_size=8",
                     "trainer.max_steps=3", "optim.ema_decay=0.5", "trainer.enable_progress_bar=false"))
@@ -170,7 +170,7 @@ def test_sample_grid_clip_denoised_keeps_previews_in_range():
 
     import torch
 
-    from ddim.callbacks import SampleGrid
+    from ddim.training.callbacks import SampleGrid
     from ddim.diffusion import alphas_cumprod, beta_schedule, sample, timesteps
 
     class Eps(torch.nn.Module):
@@ -193,7 +193,7 @@ def test_lit_update_ema_is_the_official_rule():
     """DiffusionModule.update_ema: ema <- d ema + (1 - d) param (the official EMAHelper), buffers copied."""
     import torch
 
-    from ddim.lit import DiffusionModule
+    from ddim.training.module import DiffusionModule
 
     model = dict(ch=32, out_ch=1, ch_mult=[1, 2], num_res_blocks=1, attn_resolutions=[4], dropout=0.0,
                  in_channels=1, resolution=8, resamp_with_conv=True)
@@ -213,7 +213,7 @@ def test_lit_ema_warmup_and_the_warning_when_the_ema_still_holds_initial_weights
     still holds more than 0.1 % of the initial weights, a warning says how much and what to set."""
     import torch
 
-    from ddim.lit import DiffusionModule
+    from ddim.training.module import DiffusionModule
 
     model = dict(ch=32, out_ch=1, ch_mult=[1, 2], num_res_blocks=1, attn_resolutions=[4], dropout=0.0,
                  in_channels=1, resolution=8, resamp_with_conv=True)
@@ -243,8 +243,8 @@ def test_fast_compiled_training_same_loss_and_checkpoint_keys(tmp_path):
     """fast.compile=true (eager backend on CPU): channels_last, per-channel GroupNorm statistics, the phase
     upsampling (defaults when compiled) and a compiled view of the U-Net give the plain module's loss, train, and save the same
     checkpoint keys."""
-    from ddim.lit import DiffusionModule
-    from ddim.perf import ChannelStatGroupNorm, PhaseUpsample
+    from ddim.training.module import DiffusionModule
+    from ddim.accel.inference import ChannelStatGroupNorm, PhaseUpsample
 
     plain_res = _run(_cfg(tmp_path / "plain", "trainer.fast_dev_run=2", "dataset.batch_size=8", "dataset.image_size=8"))
     fast_res = _run(_cfg(tmp_path / "fast", "trainer.fast_dev_run=2", "dataset.batch_size=8", "dataset.image_size=8",
@@ -279,7 +279,7 @@ def test_fast_compiled_training_same_loss_and_checkpoint_keys(tmp_path):
 def test_training_step_marks_cuda_graph_steps_for_every_mode_with_graphs(monkeypatch, mode, marks):
     """A compiled step whose mode records CUDA graphs (reduce-overhead, and max-autotune, which includes them) tells
     cudagraph trees that a new step begins, so the last step's graph outputs may be overwritten; others do not."""
-    from ddim.lit import DiffusionModule
+    from ddim.training.module import DiffusionModule
 
     calls = []
     monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: calls.append(mode))
@@ -294,7 +294,7 @@ def test_training_step_marks_cuda_graph_steps_for_every_mode_with_graphs(monkeyp
 
 
 def test_fast_settings_reject_unknown_keys():
-    from ddim.lit import DiffusionModule
+    from ddim.training.module import DiffusionModule
 
     with pytest.raises(ValueError, match=r"unknown fast setting\(s\) \['turbo'\]; allowed"):
         DiffusionModule(model=dict(ch=32, ch_mult=[1], attn_resolutions=[], resolution=8), diffusion={},
@@ -322,7 +322,7 @@ def test_step_rate_logs_training_speed(tmp_path):
 
 
 def test_step_rate_rejects_bad_window():
-    from ddim.callbacks import StepRate
+    from ddim.training.callbacks import StepRate
 
     with pytest.raises(ValueError, match="every_n_steps must be >= 1, got 0"):
         StepRate(every_n_steps=0)
@@ -347,7 +347,7 @@ def test_experiment_settings_for_removed_callbacks_are_ignored(tmp_path, caplog)
 
 @pytest.mark.parametrize("key", ["compile", "channels_last"])
 def test_fast_switches_must_be_booleans(key):
-    from ddim.lit import DiffusionModule
+    from ddim.training.module import DiffusionModule
 
     with pytest.raises(ValueError, match=rf"fast.{key} must be true or false, got 'maybe'"):
         DiffusionModule(model=SMALL_MODEL, diffusion={}, fast={key: "maybe"})
@@ -378,7 +378,7 @@ def test_resume_says_when_the_ema_rule_changes(tmp_path, caplog):
 
 
 def test_optim_numbers_are_checked_by_name():
-    from ddim.lit import DiffusionModule
+    from ddim.training.module import DiffusionModule
 
     with pytest.raises(ValueError, match=r"optim.lr must be a number, got 'abc'"):
         DiffusionModule(model=SMALL_MODEL, diffusion={}, optim={"lr": "abc"})
@@ -398,7 +398,7 @@ def test_train_py_trainer_ddp_on_two_cpu_processes(tmp_path):
 
 
 def test_step_graph_training_equals_the_automatic_path(tmp_path):
-    """fast.step_graph=true (manual optimisation around ddim.perf.GradientGraph; eager on a CPU) takes the same
+    """fast.step_graph=true (manual optimisation around ddim.accel.inference.GradientGraph; eager on a CPU) takes the same
     steps as Lightning's automatic path: same loss, clipping, Adam, LR warm-up, EMA, step count, checkpoint."""
     common = [*RESUME, "trainer.max_steps=4", "optim.grad_clip=0.05"]  # a small clip, so clipping acts
     auto = _run(_cfg(tmp_path / "auto", *common))
@@ -425,7 +425,7 @@ def test_step_graph_training_equals_the_automatic_path(tmp_path):
 
 
 def test_step_graph_bad_settings_are_named(tmp_path):
-    from ddim.lit import DiffusionModule
+    from ddim.training.module import DiffusionModule
 
     with pytest.raises(ValueError, match="fast.step_graph must be true or false, got 'yes'"):
         DiffusionModule(model=SMALL_MODEL, diffusion={}, fast={"step_graph": "yes"})
@@ -439,7 +439,7 @@ def test_step_graph_strategy_frees_the_graph_before_tearing_down(monkeypatch):
     group is destroyed at exit, which hangs while a graph holding its all-reduce lives: two H200s)."""
     from lightning.pytorch.strategies import DDPStrategy
 
-    from ddim.lit import DiffusionModule, StepGraphDDPStrategy
+    from ddim.training.module import DiffusionModule, StepGraphDDPStrategy
 
     module = DiffusionModule(model=SMALL_MODEL, diffusion={"num_diffusion_timesteps": 10}, fast={"step_graph": True})
     graph = module._gradient_graph()
@@ -493,7 +493,7 @@ def test_ddp_ranks_draw_their_own_timesteps_noise_and_dropout():
     """seed_everything seeds every rank alike; at train start each rank of several moves to its own stream."""
     from types import SimpleNamespace
 
-    from ddim.lit import DiffusionModule, rank_seed
+    from ddim.training.module import DiffusionModule, rank_seed
 
     m = DiffusionModule(model=SMALL_MODEL, diffusion={})
 

@@ -3,7 +3,7 @@
 Layers, each usable without the ones above it:
   ddim.diffusion  pure PyTorch math (schedules, trajectories, samplers, inversion, interpolation)
   ddim.models     the DDPM U-Net and EMA
-  ddim.data, ddim.lit, ddim.eval   Lightning data, training module, evaluation
+  ddim.data, ddim.training.module, ddim.evaluation   Lightning data, training module, evaluation
 """
 
 __version__ = "0.1.0"

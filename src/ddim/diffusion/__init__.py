@@ -2,7 +2,7 @@
 from ddim.diffusion.interpolation import slerp
 from ddim.diffusion.samplers import encode, sample
 from ddim.diffusion.solvers import SOLVERS, nfe, solve, nfe_on, steps_for_nfe, steps_for_nfe_on  # higher-order ODE samplers
-from ddim.diffusion.schedules import BETA_SCHEDULES, alphas_cumprod, beta_schedule
+from ddim.diffusion.schedules import BETA_SCHEDULES, alphas_cumprod, alphas_cumprod_from_config, beta_schedule
 from ddim.diffusion.trajectories import TRAJECTORIES, timesteps
 
 __all__ = ["BETA_SCHEDULES", "TRAJECTORIES", "alphas_cumprod", "beta_schedule", "encode", "sample", "slerp",

@@ -54,3 +54,12 @@ def alphas_cumprod(betas: torch.Tensor) -> torch.Tensor:
     if not bool(((betas > 0) & (betas <= 1)).all()):
         raise ValueError(f"betas must lie in (0, 1], got range [{float(betas.min())}, {float(betas.max())}]")
     return torch.cumprod(1 - betas, dim=0)
+
+
+def alphas_cumprod_from_config(diffusion_cfg: dict) -> torch.Tensor:
+    """ᾱ_t (float64, shape (T,)) from ``{"beta_schedule", "beta_start", "beta_end", "num_diffusion_timesteps"}``."""
+    betas = beta_schedule(diffusion_cfg.get("beta_schedule", "linear"),
+                          int(diffusion_cfg.get("num_diffusion_timesteps", 1000)),
+                          beta_start=float(diffusion_cfg.get("beta_start", 1e-4)),
+                          beta_end=float(diffusion_cfg.get("beta_end", 0.02)))
+    return alphas_cumprod(betas).to(torch.float64)

@@ -43,7 +43,7 @@ def _conv1(cin: int, cout: int) -> nn.Conv2d:
 
 def require_inference(block: nn.Module) -> None:
     """Raise unless ``block`` runs for inference (eval mode, no gradients): for the kernel-backed blocks
-    (``ddim.groupnorm``, ``ddim.fused``), whose kernels have no backward and no dropout."""
+    (``ddim.accel.groupnorm``, ``ddim.accel.conv``), whose kernels have no backward and no dropout."""
     if block.training or (torch.is_grad_enabled() and any(p.requires_grad for p in block.parameters())):
         raise RuntimeError(f"{type(block).__name__} is for inference (eval mode, no gradients): its kernels have no "
                            "backward and no dropout")
@@ -52,7 +52,7 @@ def require_inference(block: nn.Module) -> None:
 class ResnetBlock(nn.Module):
     """GN -> swish -> conv, + projected time embedding, GN -> swish -> dropout -> conv, + shortcut."""
 
-    # Inference copies whose U-Net computes every block's conv1 shift at once (``ddim.perf.merge_projections``):
+    # Inference copies whose U-Net computes every block's conv1 shift at once (``ddim.accel.inference.merge_projections``):
     # this block's columns of that (N, sum of out_channels) tensor, which the U-Net then passes instead of temb_act.
     shift_cols: tuple[int, int] | None = None
 
@@ -79,7 +79,7 @@ class ResnetBlock(nn.Module):
 
     def conv1_shift(self, temb_act: torch.Tensor) -> torch.Tensor:
         """conv1's bias + the projected time embedding, (N, out_channels) float32: the per-(sample, channel) shift
-        that the inference blocks (``ddim.groupnorm``, ``ddim.fp8``, ``ddim.fused``) add after a bias-free conv1.
+        that the inference blocks (``ddim.accel.groupnorm``, ``ddim.accel.fp8``, ``ddim.accel.conv``) add after a bias-free conv1.
         Where ``shift_cols`` is set, ``temb_act`` already holds every block's shift and this is a view of it."""
         if self.shift_cols is not None:
             return temb_act[:, self.shift_cols[0]:self.shift_cols[1]]
@@ -114,7 +114,7 @@ class AttnBlock(nn.Module):
 
     def qkv_weight_bias(self) -> tuple[torch.Tensor, torch.Tensor]:
         """q, k, v as one (3C, C) matrix and (3C,) bias; inference copies keep them made once
-        (``ddim.perf.merge_projections``: non-persistent buffers) instead of two concatenations per call."""
+        (``ddim.accel.inference.merge_projections``: non-persistent buffers) instead of two concatenations per call."""
         if "w_qkv" in self._buffers:
             return self._buffers["w_qkv"], self._buffers["b_qkv"]
         return (torch.cat([self.q.weight, self.k.weight, self.v.weight]).flatten(1),
@@ -219,7 +219,7 @@ class UNet(nn.Module):
 
         self.norm_out = _norm(block_in)
         self.conv_out = _conv3(block_in, out_ch)
-        # inference copies only (``ddim.perf.merge_projections``): every ResnetBlock's conv1 shift as one product
+        # inference copies only (``ddim.accel.inference.merge_projections``): every ResnetBlock's conv1 shift as one product
         self.block_shifts: nn.Module | None = None
 
     def timestep_embedding(self, t: torch.Tensor) -> torch.Tensor:

@@ -6,10 +6,10 @@ units multiply e4m3 at twice that rate, and an e4m3 activation is half the bytes
 
 What changes in a ResnetBlock (``Fp8ResnetBlock``):
 
-* ``ddim.groupnorm``'s GroupNorm+SiLU kernel writes its output in e4m3 (saturated at +-448).  SiLU's outputs
+* ``ddim.accel.groupnorm``'s GroupNorm+SiLU kernel writes its output in e4m3 (saturated at +-448).  SiLU's outputs
   of a normalised activation lie in [-0.28, a few tens], inside e4m3's range, so they need no scale;
 * the weights are quantised once per output channel (``quantize_weight``: the largest |w| of a channel maps
-  to 448) and ``ddim.fused``'s tile convolution multiplies e4m3 by e4m3 into float32, then applies the
+  to 448) and ``ddim.accel.conv``'s tile convolution multiplies e4m3 by e4m3 into float32, then applies the
   channel scales, the bias (with the time embedding: per sample) and the shortcut in its epilogue, and
   writes bf16.
 
@@ -31,8 +31,8 @@ import os
 import torch
 from torch import nn
 
-from ddim.fused import available, conv3x3_fused
-from ddim.groupnorm import KernelResnetBlock, group_norm_silu
+from ddim.accel.conv import available, conv3x3_fused
+from ddim.accel.groupnorm import KernelResnetBlock, group_norm_silu
 from ddim.models.unet import ResnetBlock, require_inference
 
 __all__ = ["E4M3", "supported", "fixed_config", "quantize_weight", "dequantize_weight", "Fp8ResnetBlock",
@@ -56,7 +56,7 @@ def supported(device: torch.device | str) -> bool:
 def fixed_config(pixels: int) -> tuple[int, int, int, int, int]:
     """The convolution's (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) for maps of ``pixels`` pixels, without timing.
 
-    A configuration fixes the order of the float32 sums; ``ddim.fused`` otherwise times its candidates in each
+    A configuration fixes the order of the float32 sums; ``ddim.accel.conv`` otherwise times its candidates in each
     process, and two processes (two GPUs of one evaluation) could then choose differently and give different
     images from the same x_T.  These are the choices the timing made on an H200 for every layer of the CIFAR-10
     U-Net at batch 512 (docs/results/bench, fifteenth round)."""
@@ -65,7 +65,7 @@ def fixed_config(pixels: int) -> tuple[int, int, int, int, int]:
 
 def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(O, C, 3, 3) -> (w_kc, scale): ``w_kc`` (9 * C, O) in e4m3, row ``(kh * 3 + kw) * C + c`` as
-    ``ddim.fused.weight_for_kernel``, stored K-contiguous ((O, 9 * C) in memory: the layout Hopper's e4m3
+    ``ddim.accel.conv.weight_for_kernel``, stored K-contiguous ((O, 9 * C) in memory: the layout Hopper's e4m3
     matrix instructions read); ``scale`` (O,) float32 with ``weight ~= w_kc.T * scale`` per output channel."""
     if weight.dim() != 4 or weight.shape[2:] != (3, 3):
         raise ValueError(f"quantize_weight takes (O, C, 3, 3) weights, got shape {tuple(weight.shape)}")
@@ -91,7 +91,7 @@ class Fp8ResnetBlock(ResnetBlock):
 
     min_width: int = 0  # narrower maps run cuDNN in bf16 and the GroupNorm kernel (KernelResnetBlock)
     max_width: int = 0  # so do wider maps (0: none); the 32x32 blocks cost FP8's quality (16th, 17th rounds)
-    tuned: bool = False  # time ddim.fused's configurations per shape (first call) instead of fixed_config's
+    tuned: bool = False  # time ddim.accel.conv's configurations per shape (first call) instead of fixed_config's
 
     def _config(self, x: torch.Tensor) -> tuple[int, ...] | None:
         return None if self.tuned else fixed_config(x.shape[-2] * x.shape[-1])

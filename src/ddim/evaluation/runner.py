@@ -14,8 +14,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ddim.diffusion.solvers import nfe as solver_nfe, nfe_on
-from ddim.eval import records as rec
-from ddim.eval import tasks as T
+from ddim.checkpoints import load_for_sampling
+from ddim.config import as_bool, check_positive_int
+from ddim.evaluation import records as rec
+from ddim.evaluation import tasks as T
 
 # official checkpoint name -> (data set name, image size, LSUN category)
 OFFICIAL_DATA = {"cifar10": ("cifar10", 32, None), "celeba": ("celeba", 64, None),
@@ -47,8 +49,6 @@ def _dataset_cfg(cfg: DictConfig, model_cfg: dict) -> dict:
 
 
 def _load_model(cfg: DictConfig, device: str):
-    from ddim.lit import load_for_sampling
-
     if cfg.get("official"):
         if cfg.get("ckpt_path"):
             raise ValueError(f"two models given: ckpt_path={cfg.ckpt_path} and official={cfg.official}; pass one")
@@ -86,8 +86,6 @@ def _model_id(cfg: DictConfig) -> dict:
 
 def _check_task_settings(cfg: DictConfig, task: str) -> None:
     """The task's own settings, checked before anything is loaded (so a bad sweep entry fails at once)."""
-    from ddim.lit import as_bool  # (lazy: Lightning loads with the model, not with this module)
-
     as_bool(cfg.sampler.get("fast", False), "sampler.fast")
     as_bool(cfg.sampler.get("deterministic", True), "sampler.deterministic")
     if as_bool(cfg.sampler.get("fp8", False), "sampler.fp8") and not as_bool(cfg.sampler.get("fast", False),
@@ -97,24 +95,24 @@ def _check_task_settings(cfg: DictConfig, task: str) -> None:
     if width is not None and (isinstance(width, bool) or not isinstance(width, int) or width < 0):
         raise ValueError(f"sampler.fp8_max_width must be a map width in pixels, an int >= 0 (0 or null: every block "
                          f"in e4m3), got {width!r}")
-    T.check_positive_int(cfg.sampler.batch_size, "sampler.batch_size")
+    check_positive_int(cfg.sampler.batch_size, "sampler.batch_size")
     if task == "samples":
-        T.check_positive_int(cfg.samples.num_samples, "samples.num_samples")
+        check_positive_int(cfg.samples.num_samples, "samples.num_samples")
     elif task == "reconstruction":
-        T.check_positive_int(cfg.reconstruction.num_images, "reconstruction.num_images", allow_none=True)
+        check_positive_int(cfg.reconstruction.num_images, "reconstruction.num_images", allow_none=True)
         if cfg.sampler.kind != "ddim":
             raise ValueError(f"task=reconstruction encodes and decodes with DDIM's η = 0 ODE (the paper's Table 2); "
                              f"sampler.kind={cfg.sampler.kind} is not used there: leave sampler.kind=ddim")
     elif task == "interpolation":
-        T.check_positive_int(cfg.interpolation.num_pairs, "interpolation.num_pairs")
-        T.check_positive_int(cfg.interpolation.num_alphas, "interpolation.num_alphas")
+        check_positive_int(cfg.interpolation.num_pairs, "interpolation.num_pairs")
+        check_positive_int(cfg.interpolation.num_alphas, "interpolation.num_alphas")
     elif task == "consistency":
         steps = list(cfg.consistency.steps or [])
         if not steps:
             raise ValueError("consistency.steps must be a non-empty list of S values, got []")
         for S in steps:
-            T.check_positive_int(S, f"consistency.steps entry (in {steps})")
-        T.check_positive_int(cfg.consistency.num_samples, "consistency.num_samples")
+            check_positive_int(S, f"consistency.steps entry (in {steps})")
+        check_positive_int(cfg.consistency.num_samples, "consistency.num_samples")
     dev = cfg.get("device")
     if dev not in (None, "auto") and str(dev).startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device={dev} but CUDA is not available on this machine; allowed here: auto, cpu")
@@ -139,7 +137,7 @@ def _device_info() -> dict:
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Run ``cfg.task``; returns the record (also written to the records folder unless not rank 0)."""
-    from ddim.lit import log_lightning_once
+    from ddim.config import log_lightning_once
 
     log_lightning_once()
     task = cfg.get("task")
@@ -188,7 +186,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         key["sampler"]["fast"] = True
         if not deterministic:  # timed kernel choices: other images again (absent = deterministic)
             key["sampler"]["deterministic"] = False
-        from ddim import perf
+        from ddim.accel import inference as perf
 
         group_norm = perf.default_inference_group_norm(compiled)
         if group_norm == "kernel":  # its sums differ at the bf16 rounding level (absent = the earlier fast path)
@@ -196,7 +194,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     fp8 = fast and cfg.sampler.get("fp8", False)  # a bool: checked in _check_task_settings
     fp8_max_width = (cfg.sampler.get("fp8_max_width") or 0) if fp8 else 0  # checked there too
     if fp8:
-        from ddim import fp8 as fp8_mod
+        from ddim.accel import fp8 as fp8_mod
 
         if not fp8_mod.supported(device):
             raise ValueError(f"sampler.fp8=true needs a CUDA GPU with FP8 matrix units (compute capability 8.9+: "
@@ -217,11 +215,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         # docs/results/cifar10 (20.46 vs 20.36 fp32), ~4x the fp32 throughput on an H200 (docs/results/bench).
         # Compiled in Inductor's deterministic mode (prepare_for_inference's default): every process (GPU) and
         # every run picks the same kernels, so the same x_T gives the same images
-        # GroupNorm+SiLU as one Triton kernel per sample on CUDA (ddim.groupnorm: +7 % on an H200, deterministic)
+        # GroupNorm+SiLU as one Triton kernel per sample on CUDA (ddim.accel.groupnorm: +7 % on an H200, deterministic)
         # the first and last convolutions as matrix products, the weights cast to bf16 once, the upsampling's
         # phase interleave written into the skip concatenation (+2-4 % together, H200), and the ResnetBlocks'
         # time-embedding projections as one product (the same images bit for bit, +0.1-0.7 %)
-        # sampler.fp8: the ResnetBlocks' 3x3 convolutions in e4m3 (ddim.fp8), with CUDA graphs (their custom ops'
+        # sampler.fp8: the ResnetBlocks' 3x3 convolutions in e4m3 (ddim.accel.fp8), with CUDA graphs (their custom ops'
         # host work otherwise competes with the device).  In every block: softer samples (FID +2.0 at S = 10 on a
         # 47,000-step CIFAR-10 model, from the 32x32 blocks); those blocks in bf16 (sampler.fp8_max_width=16):
         # FID-neutral, 667 vs 637 images/s on an H200 (docs/results/bench, sixteenth and seventeenth rounds)

@@ -21,6 +21,8 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from ddim.config import check_positive_int
+
 EVAL_TASKS: tuple[str, ...] = ("fid", "reconstruction", "interpolation", "consistency", "samples")
 TRAJECTORIES: tuple[str, ...] = ("linear", "quadratic")
 
@@ -43,14 +45,6 @@ def parse_eta(eta: Any) -> float | str:
     if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not math.isfinite(eta) or eta < 0:
         raise ValueError(f"sampler.eta must be a number >= 0 or 'hat', got {eta!r}")
     return float(eta)
-
-
-def check_positive_int(value: Any, name: str, allow_none: bool = False) -> None:
-    """Raise a ValueError naming the setting unless ``value`` is an integer >= 1 (or None when allowed)."""
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer{' or null' if allow_none else ''}, got {value!r}")
 
 
 def check_sampler(*, kind: str, eta: Any, steps: Any, trajectory: str, T: int) -> tuple[float | str, int]:
@@ -279,15 +273,15 @@ class Uint8Images(Dataset):
 
 
 def _fid_between(gen_images: torch.Tensor, ref: Any, **kw: Any) -> dict:
-    """Indirection to ``ddim.eval.fid.fid_between`` (tests swap in a cheap feature extractor here)."""
-    from ddim.eval.fid import fid_between
+    """Indirection to ``ddim.evaluation.fid.fid_between`` (tests swap in a cheap feature extractor here)."""
+    from ddim.evaluation.fid import fid_between
 
     return fid_between(gen_images, ref, **kw)
 
 
 def _resolve_weights(weights_path: str | None, cache_dir: str | None) -> Any:
-    """Indirection to ``ddim.eval.fid.resolve_inception_weights`` (called before any sampling)."""
-    from ddim.eval.fid import resolve_inception_weights
+    """Indirection to ``ddim.evaluation.fid.resolve_inception_weights`` (called before any sampling)."""
+    from ddim.evaluation.fid import resolve_inception_weights
 
     return resolve_inception_weights(weights_path=weights_path, cache_dir=cache_dir)
 

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ddim.eval import inception_convert
+from ddim.evaluation import inception_convert
 
 TORCH_FIDELITY_FILENAME = "weights-inception-2015-12-05-6726825d.pth"
 DOWNLOAD_TIMEOUT_S = 10.0

@@ -1,25 +1,17 @@
-"""Lightning training of the DDPM ε-model (the network DDIM samples from) and loading it back for sampling.
+"""Lightning training of the DDPM ε-model (the network DDIM samples from).
 
 DDIM needs no training of its own: the paper samples models trained with the DDPM objective
 L_γ with γ = 1 (eq. (5)), i.e. ||ε - ε_θ(√ᾱ_t x_0 + √(1-ᾱ_t) ε, t)||².  This module reproduces the
 official recipe: squared error summed over pixels, mean over the batch; antithetic timesteps
 (t and T-1-t in one batch); Adam; gradient-norm clipping; an EMA of the weights that is what
-gets sampled and is saved in every checkpoint.
-
-Checkpoint format (a Lightning ``.ckpt``): ``state_dict`` holds ``model.*`` (raw weights) and
-``ema_model.*`` (EMA weights, same keys after the prefix); ``hyper_parameters`` holds plain dicts
-``model`` (UNet kwargs), ``diffusion`` (beta schedule), ``optim``, ``data`` (name, image_size, channels) and
-``fast`` (speed settings: torch.compile, channels_last, GroupNorm kernel, upsampling order; they change no
-parameter).
+gets sampled and is saved in every checkpoint (format: ``ddim.checkpoints``).
 """
 from __future__ import annotations
 
 import copy
 import math
 import os
-import pickle
 import warnings
-from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -28,42 +20,12 @@ from lightning.pytorch.strategies import DDPStrategy
 from torch import nn
 from torch.optim.swa_utils import get_ema_multi_avg_fn
 
+from ddim.config import as_bool, plain
+from ddim.diffusion.schedules import alphas_cumprod_from_config
+from ddim.models.build import build_unet, check_architecture
 from ddim.models.ema import DEFAULT_EMA_DECAY, ema_decay_at, ema_initial_share_note, ema_warmup_of
-from ddim.perf import (GradientGraph, default_group_norm, default_upsample, swap_group_norm, swap_upsample,
+from ddim.accel.inference import (GradientGraph, default_group_norm, default_upsample, swap_group_norm, swap_upsample,
                        to_channels_last)
-
-
-def _plain(d: Any) -> Any:
-    """OmegaConf / tuples -> plain dicts and lists, so checkpoints load with ``weights_only=True``."""
-    try:
-        from omegaconf import DictConfig, ListConfig, OmegaConf
-
-        if isinstance(d, (DictConfig, ListConfig)):
-            return OmegaConf.to_container(d, resolve=True)
-    except ImportError:  # pragma: no cover
-        pass
-    if isinstance(d, dict):
-        return {str(k): _plain(v) for k, v in d.items()}
-    if isinstance(d, (list, tuple)):
-        return [_plain(v) for v in d]
-    return d
-
-
-def build_eps_model(model_cfg: dict) -> nn.Module:
-    """The DDPM U-Net from its kwargs (``ddim.models.UNet``); unknown keys fail loudly."""
-    from ddim.models import UNet
-
-    return UNet(**{k: tuple(v) if isinstance(v, list) else v for k, v in model_cfg.items()})
-
-
-def build_alphas_cumprod(diffusion_cfg: dict) -> torch.Tensor:
-    """ᾱ_t (float64, shape (T,)) from ``{"beta_schedule", "beta_start", "beta_end", "num_diffusion_timesteps"}``."""
-    from ddim.diffusion import alphas_cumprod, beta_schedule
-
-    betas = beta_schedule(diffusion_cfg.get("beta_schedule", "linear"), int(diffusion_cfg.get("num_diffusion_timesteps", 1000)),
-                          beta_start=float(diffusion_cfg.get("beta_start", 1e-4)),
-                          beta_end=float(diffusion_cfg.get("beta_end", 0.02)))
-    return alphas_cumprod(betas).to(torch.float64)
 
 
 def antithetic_timesteps(n: int, T: int, device: torch.device | str = "cpu", generator: torch.Generator | None = None) -> torch.Tensor:
@@ -89,26 +51,6 @@ def rank_seed(seed: int, rank: int, step: int) -> int:
     import numpy as np
 
     return int(np.random.SeedSequence([int(seed), int(rank), int(step)]).generate_state(1, np.uint64)[0] >> 1)
-
-
-def log_lightning_once() -> None:
-    """Lightning's package logger prints to a console handler of its own *and* propagates to the root logger;
-    under Hydra, which configures the root (console and the run's log file), every INFO line came out twice.
-    With a configured root, Lightning's own console handler is dropped and the root's format is kept."""
-    import logging
-
-    if logging.getLogger().handlers:
-        lg = logging.getLogger("lightning")
-        for h in list(lg.handlers):
-            if type(h) is logging.StreamHandler:
-                lg.removeHandler(h)
-
-
-def as_bool(value: Any, name: str) -> bool:
-    """A config switch: true/false (Hydra's parse) only, so ``fast.compile=maybe`` is an error, not True."""
-    if isinstance(value, bool):
-        return value
-    raise ValueError(f"{name} must be true or false, got {value!r}")
 
 
 FAST_DEFAULTS = {"compile": False, "backend": "inductor", "mode": None, "channels_last": None, "group_norm": None,
@@ -145,18 +87,18 @@ class DiffusionModule(L.LightningModule):
     def __init__(self, model: dict, diffusion: dict, optim: dict | None = None, data: dict | None = None,
                  fast: dict | None = None):
         super().__init__()
-        model, diffusion, optim, data = _plain(model), _plain(diffusion), _plain(optim or {}), _plain(data or {})
-        fast = _fast_settings(_plain(fast or {}))
+        model, diffusion, optim, data = plain(model), plain(diffusion), plain(optim or {}), plain(data or {})
+        fast = _fast_settings(plain(fast or {}))
         self.save_hyperparameters({"model": model, "diffusion": diffusion, "optim": optim, "data": data, "fast": fast})
-        self.model = build_eps_model(model)
+        self.model = build_unet(model)
         if fast["channels_last"]:
             self.model = to_channels_last(self.model)
         swap_group_norm(self.model, fast["group_norm"])  # same parameters and state-dict keys, only the class changes
-        swap_upsample(self.model, fast["upsample"])  # "phases": ddim.perf.PhaseUpsample, same result, fewer FLOPs
+        swap_upsample(self.model, fast["upsample"])  # "phases": ddim.accel.inference.PhaseUpsample, same result, fewer FLOPs
         self.ema_model = copy.deepcopy(self.model).eval().requires_grad_(False)
         swap_group_norm(self.ema_model, "torch")  # the EMA only samples previews, eagerly: torch's kernel
         swap_upsample(self.ema_model, "nearest")
-        self.register_buffer("alphas_cumprod", build_alphas_cumprod(diffusion), persistent=False)
+        self.register_buffer("alphas_cumprod", alphas_cumprod_from_config(diffusion), persistent=False)
         self.num_timesteps = int(self.alphas_cumprod.numel())
         for k in ("lr", "beta1", "eps", "weight_decay", "ema_decay", "grad_clip", "warmup_steps"):
             v = optim.get(k)
@@ -167,7 +109,7 @@ class DiffusionModule(L.LightningModule):
             raise ValueError(f"optim.ema_decay must be in [0, 1), got {self.ema_decay}")
         self.ema_warmup = ema_warmup_of(optim)  # train.py's conf/optim sets it (true)
         # fast.step_graph: forward, backward, all-reduce and clipping are one CUDA graph, replayed inside
-        # optimizer.step's closure (ddim.perf.GradientGraph); Lightning then only steps Adam, the LR and the EMA
+        # optimizer.step's closure (ddim.accel.inference.GradientGraph); Lightning then only steps Adam, the LR and the EMA
         self.automatic_optimization = not fast["step_graph"]
 
     # ------------------------------------------------------------------ training
@@ -285,7 +227,7 @@ class DiffusionModule(L.LightningModule):
             if isinstance(wrapper, DistributedDataParallel):
                 raise ValueError("fast.step_graph=true all-reduces the gradients inside its CUDA graph, and "
                                  "DistributedDataParallel would all-reduce them again: use trainer=ddp_step_graph "
-                                 f"(ddim.lit.StepGraphDDPStrategy), not {type(self.trainer.strategy).__name__}")
+                                 f"(ddim.training.module.StepGraphDDPStrategy), not {type(self.trainer.strategy).__name__}")
 
     def _collect_step_tensors(self) -> dict[str, list[torch.Tensor]]:
         return {"params": list(self.model.parameters()), "ema": list(self.ema_model.parameters()),
@@ -327,7 +269,7 @@ class DiffusionModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Refuse a checkpoint of another architecture with a readable message (not a wall of missing keys)."""
-        _check_architecture(checkpoint, self.hparams.model)
+        check_architecture(checkpoint.get("hyper_parameters", {}).get("model"), self.hparams.model)
         rng = checkpoint.get("rng_states")
         if rng is not None:
             torch.set_rng_state(rng["torch"].cpu())
@@ -338,7 +280,7 @@ class DiffusionModule(L.LightningModule):
 class StepGraphDDPStrategy(DDPStrategy):
     """DDP's processes, process group and data sharding without the DistributedDataParallel wrapper, for
     ``fast.step_graph=true``: its CUDA-graphed step all-reduces the gradients itself, as one collective
-    inside the graph (``ddim.perf.GradientGraph``), instead of DDP's per-bucket hooks between graph pieces."""
+    inside the graph (``ddim.accel.inference.GradientGraph``), instead of DDP's per-bucket hooks between graph pieces."""
 
     def configure_ddp(self) -> None:
         from lightning.pytorch.overrides.distributed import _sync_module_states
@@ -357,105 +299,3 @@ class StepGraphDDPStrategy(DDPStrategy):
         super().teardown()
 
 
-def _check_architecture(checkpoint: dict, model_cfg: dict) -> None:
-    saved = checkpoint.get("hyper_parameters", {}).get("model")
-    if saved is not None and _plain(saved) != _plain(model_cfg):
-        diff = {k: (saved.get(k), model_cfg.get(k)) for k in set(saved) | set(model_cfg) if saved.get(k) != model_cfg.get(k)}
-        raise ValueError(f"checkpoint was trained with a different model architecture; differing keys "
-                         f"(checkpoint, this run): {diff}")
-
-
-def _torch_load(path: str | Path, map_location: Any) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        if "Weights only load failed" in str(e):  # e.g. a logger stored an object; trust local files
-            try:
-                return torch.load(path, map_location=map_location, weights_only=False)
-            except Exception as e2:  # noqa: BLE001
-                raise ValueError(f"cannot read checkpoint {path}: not a valid torch checkpoint (corrupt, truncated or "
-                                 f"another kind of file?): {type(e2).__name__}: {e2}") from e2
-        raise ValueError(f"cannot read checkpoint {path}: not a valid torch checkpoint (corrupt or truncated?): {e}") from e
-    except (RuntimeError, EOFError, OSError) as e:
-        raise ValueError(f"cannot read checkpoint {path}: not a valid torch checkpoint (corrupt or truncated?): {e}") from e
-
-
-def load_for_sampling(ckpt_path: str | Path, use_ema: bool = True, map_location: Any = "cpu", *,
-                      format: str = "lightning", config: str | dict | None = None
-                      ) -> tuple[nn.Module, torch.Tensor, dict]:
-    """(ε-model in eval mode, ᾱ float64 (T,), cfg dict) from a checkpoint.
-
-    format="lightning": a checkpoint written by ``train.py``; use_ema picks ``ema_model.*`` (default)
-    or the raw ``model.*`` weights; cfg is its hyper_parameters (model, diffusion, optim, data).
-    format="official": a checkpoint released with the official DDIM/DDPM code, loaded through
-    ``ddim.models.load_official_unet``; ``config`` is a name in ``ddim.models.OFFICIAL_CONFIGS``
-    (cifar10, celeba, church, bedroom) or an official config dict; the schedule is the official linear
-    one (1e-4..0.02, T=1000) unless the config has a ``diffusion`` entry.  use_ema picks the EMA
-    state when the file holds the official [model, optimizer, epoch, step, ema] list.
-    """
-    if format == "official":
-        return load_official_for_sampling(ckpt_path, config, use_ema=use_ema, map_location=map_location)
-    if format != "lightning":
-        raise ValueError(f"format must be 'lightning' or 'official', got {format!r}")
-    ckpt = _torch_load(ckpt_path, map_location)
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "model" not in ckpt.get("hyper_parameters", {}):
-        raise ValueError(f"{ckpt_path} is not a checkpoint written by train.py (no state_dict/hyper_parameters.model); "
-                         f"for the official released weights use format='official'")
-    cfg = _plain(ckpt["hyper_parameters"])
-    prefix = "ema_model." if use_ema else "model."
-    sd = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
-    if not sd:
-        raise ValueError(f"{ckpt_path} holds no '{prefix}*' weights")
-    model = build_eps_model(cfg["model"])
-    from ddim.models.official import state_dict_mismatch
-
-    mismatch = state_dict_mismatch(model.state_dict(), sd)
-    if mismatch:
-        raise ValueError(f"weights in {ckpt_path} do not fit the model config {cfg['model']} (written by another "
-                         f"version of the U-Net?): {mismatch}")
-    model.load_state_dict(sd)
-    model = model.to(map_location if map_location is not None else "cpu").eval().requires_grad_(False)
-    cfg["global_step"] = ckpt.get("global_step")
-    cfg["use_ema"] = use_ema
-    if use_ema and cfg["global_step"] is not None:
-        optim = cfg.get("optim") or {}
-        warning = ema_initial_share_note(float(optim.get("ema_decay", DEFAULT_EMA_DECAY)), int(cfg["global_step"]),
-                                         ema_warmup_of(optim))
-        if warning:
-            warnings.warn(f"{ckpt_path}: {warning}, so its samples and FID are worse than the training reached; "
-                          f"sample the raw weights (evaluate.py use_ema=false) or a later checkpoint", stacklevel=2)
-    return model, build_alphas_cumprod(cfg["diffusion"]), cfg
-
-
-def load_official_for_sampling(path: str | Path, config: str | dict | None, use_ema: bool = True,
-                               map_location: Any = "cpu") -> tuple[nn.Module, torch.Tensor, dict]:
-    """The official released checkpoints (see ``load_for_sampling(format="official")``)."""
-    from ddim.models import OFFICIAL_CONFIGS, load_official_unet
-
-    if isinstance(config, str):
-        if config not in OFFICIAL_CONFIGS:
-            raise ValueError(f"unknown official config {config!r}; allowed: {sorted(OFFICIAL_CONFIGS)}")
-        name, config = config, OFFICIAL_CONFIGS[config]
-    elif config is None:
-        raise ValueError("format='official' needs config= (a name in OFFICIAL_CONFIGS or the official config dict)")
-    else:
-        name = None
-    obj = _torch_load(path, map_location)
-    if isinstance(obj, (list, tuple)):  # official training state: [model, optimizer, epoch, step, ema]
-        obj = obj[4] if use_ema and len(obj) > 4 else obj[0]
-    if isinstance(obj, dict) and "state_dict" in obj and "hyper_parameters" in obj:
-        raise ValueError(f"{path} is a checkpoint written by train.py, not released official weights: pass it as "
-                         f"ckpt_path= (without official=)")
-    try:
-        model = load_official_unet(obj, config)
-    except ValueError as e:
-        raise ValueError(f"{path}: {e}") from e
-    model = model.to(map_location or "cpu").eval().requires_grad_(False)
-    config = _plain(config)
-    diffusion = config.get("diffusion", {"beta_schedule": "linear", "beta_start": 1e-4, "beta_end": 0.02,
-                                         "num_diffusion_timesteps": 1000})
-    cfg = {"official": name, "model": config, "diffusion": diffusion, "use_ema": use_ema}
-    return model, build_alphas_cumprod(diffusion), cfg

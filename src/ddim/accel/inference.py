@@ -113,12 +113,12 @@ def default_group_norm(kind: str | None, compiled: bool) -> str:
 
 
 def default_inference_group_norm(compiled: bool, fused: bool = False) -> str:
-    """What ``prepare_for_inference`` picks when not told: compiled, the GroupNorm kernel of ``ddim.groupnorm``
+    """What ``prepare_for_inference`` picks when not told: compiled, the GroupNorm kernel of ``ddim.accel.groupnorm``
     (deterministic as is; H200, S = 50: 630 vs 532 images/s; docs/results/bench, tenth and eleventh rounds)
     where Triton is installed and the convolution prologues of ``fused`` do not take the norms; else
     ``default_group_norm``.  On a CPU the kernel's blocks run its formula in PyTorch."""
     if compiled and not fused:
-        from ddim import groupnorm
+        from ddim.accel import groupnorm
         if groupnorm.available():
             return "kernel"
     return default_group_norm(None, compiled)
@@ -345,8 +345,8 @@ def merge_projections(model: nn.Module) -> nn.Module:
     attention blocks' q/k/v weights concatenated once instead of at every call (in place; inference copies only:
     the merged weights are copies, so later changes to the parameters do not reach them).
 
-    The ResnetBlocks must be inference blocks that add conv1's shift themselves (``ddim.groupnorm``'s
-    ``KernelResnetBlock``, ``ddim.fp8``, ``ddim.fused``): a plain ``ResnetBlock`` adds the projection to a biased
+    The ResnetBlocks must be inference blocks that add conv1's shift themselves (``ddim.accel.groupnorm``'s
+    ``KernelResnetBlock``, ``ddim.accel.fp8``, ``ddim.accel.conv``): a plain ``ResnetBlock`` adds the projection to a biased
     conv1 and is refused."""
     unets = [m for m in model.modules() if isinstance(m, UNet)]
     if not unets:
@@ -402,18 +402,18 @@ def prepare_for_inference(
     ``torch.compile`` (Inductor settings; not together with ``compile_mode``).  ``{"freezing": True}`` folds what
     depends on the weights alone into constants (``FreezingCompiled``; for no-grad calls; no faster on an H200).
     group_norm: "torch", "channel-stats" (``ChannelStatGroupNorm``: compiled, ~10% faster sampling than torch's
-    on an H100; eager, torch's kernel is faster) or "kernel" (``ddim.groupnorm``: the ResnetBlock and attention
+    on an H100; eager, torch's kernel is faster) or "kernel" (``ddim.accel.groupnorm``: the ResnetBlock and attention
     GroupNorms as one Triton kernel per sample, ``ChannelStatGroupNorm`` elsewhere and where the kernel does not
     apply; deterministic as is; the compiled default where Triton is installed: 630 vs 532 images/s on an
     H200, see ``default_inference_group_norm``).
     upsample: "nearest" (official order) or "phases" (``PhaseUpsample``: the upsampling convolutions on the
     low-resolution input, 16/36 of their FLOPs; default when compiled: +1 % sampling on an H100).
-    fused: ResnetBlocks as ``ddim.fused.FusedResnetBlock`` (GroupNorm+SiLU in Triton convolutions' prologue);
+    fused: ResnetBlocks as ``ddim.accel.conv.FusedResnetBlock`` (GroupNorm+SiLU in Triton convolutions' prologue);
     needs autocast=False.  Measured SLOWER on an H100 (342 vs 571 images/s): kept for kernel work only.
     ``fused="band"``: the band kernel (each input normalised once), on maps of 16 pixels and wider; also slower
     (H200: 507 vs 655 images/s, docs/results/bench, fourteenth round).
     deterministic: compile with Inductor's deterministic mode, which picks kernel configurations without
-    timing them (and ``fp8``'s convolutions take ``ddim.fp8.fixed_config``).  Timed choices differ between
+    timing them (and ``fp8``'s convolutions take ``ddim.accel.fp8.fixed_config``).  Timed choices differ between
     processes, and so do the bf16 sums they make: without it two processes (two GPUs of one evaluation, or two
     runs) gave different samples from the same x_T (random-init CIFAR-10 U-Net, S = 20: all 512 images differ, up
     to 73/255).  Costs 11-12 % of sampling speed
@@ -422,7 +422,7 @@ def prepare_for_inference(
     default when compiled).  cast_weights: with autocast, the convolution and linear weights cast to ``dtype`` once
     instead of by autocast at every call (``cast_matmul_weights``; default when compiled).  Together +2.2 %
     sampling on an H200 (docs/results/bench, twelfth round).
-    fp8: the ResnetBlocks' 3x3 convolutions on e4m3 activations and weights (``ddim.fp8``; FP8 GPUs: Ada, Hopper
+    fp8: the ResnetBlocks' 3x3 convolutions on e4m3 activations and weights (``ddim.accel.fp8``; FP8 GPUs: Ada, Hopper
     or later); not together with ``fused``.  Opt-in, with CUDA graphs (``compile_mode="reduce-overhead"``).
     fp8_min_width / fp8_max_width: blocks on narrower / wider maps keep bf16 (0: no limit).  On an H200 with a
     48,000-step CIFAR-10 model (S = 50, batch 512; docs/results/bench, sixteenth and seventeenth rounds): every
@@ -448,7 +448,7 @@ def prepare_for_inference(
     fast = copy.deepcopy(model).eval().requires_grad_(False)
     swap_group_norm(fast, "channel-stats" if norm_kind == "kernel" else norm_kind)
     if norm_kind == "kernel":
-        from ddim.groupnorm import swap_kernel_group_norm
+        from ddim.accel.groupnorm import swap_kernel_group_norm
         swap_kernel_group_norm(fast)
     swap_upsample(fast, default_upsample(upsample, compile))
     swap_thin_convs(fast, thin_convs or ("matmul" if compile else "cudnn"))
@@ -462,10 +462,10 @@ def prepare_for_inference(
         if autocast and torch_dtype != torch.float32:
             raise ValueError(f"fused={fused!r} runs the convolutions in the weights' dtype: give autocast=False "
                              f"(weights cast to {dtype}), not autocast")
-        from ddim.fused import swap_resnet_blocks
+        from ddim.accel.conv import swap_resnet_blocks
         swap_resnet_blocks(fast, band=fused == "band", min_width=16 if fused == "band" else 0)
     if fp8:
-        from ddim.fp8 import swap_fp8_resnet_blocks
+        from ddim.accel.fp8 import swap_fp8_resnet_blocks
         swap_fp8_resnet_blocks(fast, min_width=fp8_min_width, max_width=fp8_max_width, tuned=not deterministic)
     if merge is None:
         merge = compile and can_merge_projections(fast)

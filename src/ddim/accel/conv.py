@@ -27,7 +27,7 @@ So it is opt-in (``prepare_for_inference(fused=True)``), a base for kernel work,
 The band kernel (``band=True``; ``prepare_for_inference(fused="band")``) removes the recompute: persistent programs
 normalise the input rows of a band once into a zero-bordered scratch slot (L2-resident), then run the nine taps
 from it.  Measured on an H200 (fourteenth round): the prologue costs 0.05-0.07 ms over the plain Triton convolution
-at 32x32 instead of +0.4, but the layers are still 11 % slower than cuDNN + ``ddim.groupnorm``'s kernel (whose
+at 32x32 instead of +0.4, but the layers are still 11 % slower than cuDNN + ``ddim.accel.groupnorm``'s kernel (whose
 passes cost only 0.8 of 5.1 ms there), and the network runs 507 instead of 655 images/s.  Opt-in as well.
 """
 from __future__ import annotations
@@ -38,9 +38,9 @@ import os
 import torch
 from torch import nn
 
-from ddim.groupnorm import FP8_DTYPES, KernelResnetBlock
+from ddim.accel.groupnorm import FP8_DTYPES, KernelResnetBlock
 from ddim.models.unet import ResnetBlock, require_inference
-from ddim.perf import group_stats_by_channel, pool_mean_var
+from ddim.accel.inference import group_stats_by_channel, pool_mean_var
 
 try:  # the CUDA builds of torch ship Triton; CPU-only installs may not
     import triton
@@ -134,7 +134,7 @@ if triton is not None:
             acc = tl.dot(a, w, acc)
 
         mask = m_ok[:, None] & n_ok[None, :]
-        if W_SCALED:  # quantised weights (ddim.fp8): w = w_q * scale per output channel
+        if W_SCALED:  # quantised weights (ddim.accel.fp8): w = w_q * scale per output channel
             acc *= tl.load(WS + offs_n, mask=n_ok, other=0.0)[None, :]
         if PER_SAMPLE_BIAS:
             acc += tl.load(BIAS + n[:, None] * sbn + offs_n[None, :], mask=mask, other=0.0)
@@ -251,7 +251,7 @@ if triton is not None:
 CONFIGS: tuple[tuple[int, int, int, int, int], ...] = (
     (128, 128, 64, 4, 3), (128, 128, 64, 8, 4), (128, 256, 64, 8, 3), (64, 128, 64, 4, 4), (256, 128, 64, 8, 3),
 )
-# e4m3 inputs (ddim.fp8): 128-byte K slices, as the bf16 configs' 64 channels are
+# e4m3 inputs (ddim.accel.fp8): 128-byte K slices, as the bf16 configs' 64 channels are
 FP8_CONFIGS: tuple[tuple[int, int, int, int, int], ...] = (
     (128, 128, 128, 4, 3), (128, 128, 128, 8, 4), (128, 256, 128, 8, 3), (256, 128, 128, 8, 3), (64, 128, 128, 4, 4),
     (128, 128, 64, 4, 4),
@@ -406,7 +406,7 @@ def conv3x3_fused(
     (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) instead of timing ``CONFIGS`` on the first call.
     band: the band kernel (each input row normalised once into a scratch slot, then the nine taps' products;
     ``config`` then has a sixth entry, programs per SM) where ``band_takes`` the shape, else the tile kernel.
-    w_scale: (O,) float32 per-output-channel scale of quantised weights (``ddim.fp8``: x and w_kc in e4m3, the
+    w_scale: (O,) float32 per-output-channel scale of quantised weights (``ddim.accel.fp8``: x and w_kc in e4m3, the
     products accumulate in float32 and are scaled in the epilogue); tile kernel only.  out_dtype: the output's
     dtype (default x's; bf16 for fp8 inputs).
     A ``torch.library`` custom op, so ``torch.compile`` and CUDA graphs take it as one opaque kernel.
@@ -523,7 +523,7 @@ def group_norm_scale_shift(mean_var: torch.Tensor, norm: nn.GroupNorm) -> tuple[
 
 
 def group_stats(x: torch.Tensor, groups: int) -> torch.Tensor:
-    """(N, G, 2) [mean, var] of x's GroupNorm groups in float32 (``ddim.perf.group_stats_by_channel``:
+    """(N, G, 2) [mean, var] of x's GroupNorm groups in float32 (``ddim.accel.inference.group_stats_by_channel``:
     per-channel statistics pooled exactly, coalesced on channels_last)."""
     return torch.stack(group_stats_by_channel(x, groups), dim=-1)
 

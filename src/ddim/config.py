@@ -1,0 +1,46 @@
+"""Config values as plain Python and the checks every entry point shares (one copy each).
+
+Each check raises a ValueError that names the setting, the value given and what is allowed."""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+
+def plain(d: Any) -> Any:
+    """OmegaConf / tuples -> plain dicts and lists, so checkpoints load with ``weights_only=True``."""
+    if isinstance(d, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(d, resolve=True)
+    if isinstance(d, dict):
+        return {str(k): plain(v) for k, v in d.items()}
+    if isinstance(d, (list, tuple)):
+        return [plain(v) for v in d]
+    return d
+
+
+def as_bool(value: Any, name: str) -> bool:
+    """A config switch: true/false (Hydra's parse) only, so ``fast.compile=maybe`` is an error, not True."""
+    if isinstance(value, bool):
+        return value
+    raise ValueError(f"{name} must be true or false, got {value!r}")
+
+
+def check_positive_int(value: Any, name: str, allow_none: bool = False) -> None:
+    """Raise a ValueError naming the setting unless ``value`` is an integer >= 1 (or None when allowed)."""
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer{' or null' if allow_none else ''}, got {value!r}")
+
+
+def log_lightning_once() -> None:
+    """Lightning's package logger prints to a console handler of its own *and* propagates to the root logger;
+    under Hydra, which configures the root (console and the run's log file), every INFO line came out twice.
+    With a configured root, Lightning's own console handler is dropped and the root's format is kept."""
+    if logging.getLogger().handlers:
+        lg = logging.getLogger("lightning")
+        for h in list(lg.handlers):
+            if type(h) is logging.StreamHandler:
+                lg.removeHandler(h)
