@@ -1,20 +1,19 @@
-"""GroupNorm (+ SiLU) as one Triton kernel per sample, for inference on channels_last activations.
+"""GroupNorm (+ SiLU) as one Triton kernel per sample, and the inference blocks that use it.
 
-Why: compiled, a GroupNorm is two Inductor kernels, one gathering the statistics over the whole batch and
-one normalising it, so at batch 512 every activation (up to 134 MB) streams from HBM twice.  Here one
-program owns one sample and a block of channels.  Where the slab fits its registers (up to 16,384
-elements: 16 channels at 32x32) it reads it once, takes the statistics and normalises it; else it reads it
-in chunks for the statistics (per-channel mean and sum of squared deviations, merged across chunks exactly
-as in Chan et al.'s parallel variance, then pooled per group) and again to normalise, while the slab
-(64-128 KB) is still in L2.  The kernel configuration is fixed by the shapes, so every process computes the
-same sums in the same order: deterministic without Inductor's deterministic mode, whose untimed reduction configurations
-made the two-kernel GroupNorm up to 2x slower (docs/results/bench, ninth round).
+Why: compiled, a GroupNorm is two Inductor kernels, one gathering the statistics over the whole batch and one
+normalising it, so at a large batch every activation streams from HBM twice.  Here one program owns one sample and
+a block of channels.  Where the slab fits its registers (up to 16,384 elements: 16 channels at 32x32) it reads it
+once, takes the statistics and normalises it; else it reads it in chunks for the statistics (per-channel mean and
+sum of squared deviations, merged across chunks exactly as in Chan et al.'s parallel variance, then pooled per
+group) and again to normalise, while the slab is still in L2.  The kernel configuration is fixed by the shapes, so
+every process computes the same sums in the same order: deterministic without Inductor's deterministic mode, whose
+untimed reduction configurations make the two-kernel GroupNorm much slower.
 
-``KernelResnetBlock`` calls it for both norms of a ResnetBlock (the second with the convolution's bias and
-the time embedding folded into a per-(sample, channel) shift, so the convolution writes its output
-once); ``KernelGroupNorm`` is the plain norm (the attention blocks').  What the kernel does not take (groups wider than
-128 channels, CPU tensors outside Triton's interpreter, other layouts) falls back to
-``ChannelStatGroupNorm``'s formula in PyTorch, which torch.compile fuses as before.
+``KernelResnetBlock`` calls it for both norms of a ResnetBlock (the second with conv1's bias and the time embedding
+folded into a per-(sample, channel) shift, so the convolution writes its output once); ``KernelGroupNorm`` is the
+plain norm (the attention blocks').  What the kernel does not take (groups wider than 128 channels, CPU tensors
+outside Triton's interpreter, other layouts) runs ``ddim.accel.layers.channel_stat_group_norm``'s formula in
+PyTorch, which torch.compile fuses.
 """
 from __future__ import annotations
 
@@ -24,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ddim.models.unet import AttnBlock, ResnetBlock, require_inference
-from ddim.accel.inference import ChannelStatGroupNorm
+from ddim.accel.layers import ChannelStatGroupNorm, channel_stat_group_norm, replace_modules
+from ddim.models.unet import AttnBlock, ResnetBlock
 
 try:  # the CUDA builds of torch ship Triton; CPU-only installs may not
     import triton
@@ -33,15 +32,14 @@ try:  # the CUDA builds of torch ship Triton; CPU-only installs may not
 except ImportError:  # pragma: no cover - exercised only without Triton
     triton = None
 
-__all__ = ["available", "group_norm_silu", "kernel_takes", "KernelGroupNorm", "KernelResnetBlock",
-           "swap_kernel_group_norm"]
+__all__ = ["available", "group_norm_silu", "kernel_takes", "check_inference", "KernelGroupNorm", "KernelResnetBlock",
+           "use_group_norm_kernel"]
 
-# A program's tile (lanes x pixels) and warps.  Measured per site on an H200 (batch 512, bf16; docs/results/bench, tenth
-# and eleventh rounds).  Where a program's channels fill its lanes (power-of-two groups) and its whole slab fits
-# ONE_PASS_MAX elements, it reads the slab once: 16 channels x 1,024 pixels at 32x32 (8 warps, 0.92x the two-pass
-# time), 32 x 256 at 16x16 (4 warps, 0.87-0.92x), 64 channels below.  Otherwise it walks chunks of TILE elements
-# twice (statistics, then normalise from L2): 32 channels x 256 pixels above 16x16 (1.3-1.5x faster than the
-# 64 x 64 tile), 64 x 128 up to it.  Pipelined statistics loads (tl.range num_stages 2, 3) were slower on 5 of 6 sites.
+# A program's tile (lanes x pixels) and warps, chosen per site for the CIFAR-10 U-Net at a large batch in bf16.
+# Where a program's channels fill its lanes (power-of-two groups) and its whole slab fits ONE_PASS_MAX elements, it
+# reads the slab once: 16 channels x 1,024 pixels at 32x32 (8 warps), 32 x 256 at 16x16 (4 warps), 64 channels
+# below.  Otherwise it walks chunks of TILE elements twice (statistics, then normalise from L2): 32 channels x 256
+# pixels above 16x16, 64 x 128 up to it.  (Pipelined statistics loads were slower.)
 TILE = 8192
 ONE_PASS_MAX = 16384  # above 256 pixels; 8,192 up to there
 MAX_CHANNELS = 128  # a wider group does not fit a program's registers
@@ -154,7 +152,7 @@ if triton is not None:
         dev = mean - mean_c
         var_g = tl.sum(member * (m2 / HW + dev * dev)[:, None], 0) / CG
         # Inductor passes the Python float eps as fp64: uncast, the whole normalise pass (and the SiLU's exp) would
-        # run in double precision, 2.5x slower (10.3 vs 4.2 ms per forward on an H200)
+        # run in double precision, several times slower
         rstd_g = 1.0 / tl.sqrt(var_g + tl.cast(eps, tl.float32))
         rstd_c = tl.sum(member * rstd_g[None, :], 1)
         scale = rstd_c * tl.load(W + c, mask=on, other=0.0).to(tl.float32)
@@ -254,9 +252,8 @@ def group_norm_silu(x: torch.Tensor, norm: nn.GroupNorm, *, add: torch.Tensor | 
     """``silu(norm(x + add[:, :, None, None]))`` (``silu=False``: without the SiLU), in x's dtype.
 
     add: (N, C) per-sample, per-channel shift added before normalising (a convolution's bias plus the time
-    embedding); float32 rows with unit column stride (a view of every block's shifts, ``ResnetBlock.conv1_shift``)
-    are read in place.  Statistics and arithmetic in float32.  out_dtype: the output's dtype instead of x's; an fp8
-    one (``ddim.accel.fp8``) is saturated at its largest finite value.  The kernel where ``kernel_takes`` says so, else
+    embedding).  Statistics and arithmetic in float32.  out_dtype: the output's dtype instead of x's; an fp8 one
+    (``ddim.accel.fp8``) is saturated at its largest finite value.  The kernel where ``kernel_takes`` says so, else
     the same formula in PyTorch.
     """
     if x.dim() != 4:
@@ -271,7 +268,7 @@ def group_norm_silu(x: torch.Tensor, norm: nn.GroupNorm, *, add: torch.Tensor | 
         return torch.ops.ddim.group_norm_silu(x, add, norm.weight, norm.bias, float(norm.eps), norm.num_groups, silu,
                                               out_dtype)
     v = x if add is None else x.float() + add.float()[:, :, None, None]
-    y = ChannelStatGroupNorm.forward(norm, v)
+    y = channel_stat_group_norm(v, norm)
     sat = _saturation(out_dtype or x.dtype)
     if not sat:
         y = y.to(out_dtype or x.dtype)
@@ -280,35 +277,56 @@ def group_norm_silu(x: torch.Tensor, norm: nn.GroupNorm, *, add: torch.Tensor | 
     return y.clamp(-sat, sat).to(out_dtype)
 
 
+def check_inference(block: nn.Module) -> None:
+    """Raise unless ``block`` runs for inference (eval mode, no gradients): the kernel-backed blocks have no
+    backward and no dropout."""
+    if block.training or (torch.is_grad_enabled() and any(p.requires_grad for p in block.parameters())):
+        raise RuntimeError(f"{type(block).__name__} is for inference (eval mode, no gradients): its kernels have no "
+                           "backward and no dropout")
+
+
 class KernelGroupNorm(ChannelStatGroupNorm):
-    """GroupNorm through ``group_norm_silu`` (no SiLU).  Same parameters and state-dict keys."""
+    """GroupNorm through ``group_norm_silu`` (no SiLU); build it with ``KernelGroupNorm.from_norm(norm)`` (the same
+    Parameters and state-dict keys)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return group_norm_silu(x, self, silu=False)
 
 
-class KernelResnetBlock(ResnetBlock):
-    """``ResnetBlock`` (inference) with both GroupNorm+SiLU from ``group_norm_silu``: conv1 runs without its bias,
-    which joins the time embedding as the second norm's per-sample shift.  Same parameters and state-dict keys."""
+class KernelResnetBlock(nn.Module):
+    """A ``ResnetBlock`` for inference with both GroupNorm+SiLU from ``group_norm_silu``: conv1 runs without its
+    bias, which joins the time embedding as the second norm's per-sample shift (``conv1_shift``).
+
+    It holds the original block's modules (same Parameters, same state-dict keys); the dropout, an identity in eval
+    mode, is left out."""
+
+    def __init__(self, block: ResnetBlock):
+        super().__init__()
+        self.in_channels, self.out_channels = block.in_channels, block.out_channels
+        self.norm1, self.conv1, self.temb_proj = block.norm1, block.conv1, block.temb_proj
+        self.norm2, self.conv2, self.nin_shortcut = block.norm2, block.conv2, block.nin_shortcut
+
+    def conv1_shift(self, temb_act: torch.Tensor) -> torch.Tensor:
+        """conv1's bias + the projected time embedding: the (N, out_channels) float32 shift added after a bias-free
+        conv1."""
+        return self.conv1.bias.float() + self.temb_proj(temb_act).float()
 
     def forward(self, x: torch.Tensor, temb_act: torch.Tensor) -> torch.Tensor:
-        require_inference(self)
-        h = self.conv1._conv_forward(group_norm_silu(x, self.norm1), self.conv1.weight, None)
+        check_inference(self)
+        h = F.conv2d(group_norm_silu(x, self.norm1), self.conv1.weight, None, padding=1)  # the U-Net's 3x3 conv1
         h = self.conv2(group_norm_silu(h, self.norm2, add=self.conv1_shift(temb_act)))
         if self.nin_shortcut is not None:
             x = self.nin_shortcut(x)
         return x + h
 
 
-def swap_kernel_group_norm(model: nn.Module, on: bool = True) -> nn.Module:
-    """Make ``model``'s ResnetBlocks ``KernelResnetBlock``s and its attention blocks' norms ``KernelGroupNorm``s (in
-    place; ``on=False`` swaps back to ``ResnetBlock`` and ``ChannelStatGroupNorm``).  Other GroupNorms (the output
-    norm, followed by a SiLU that torch.compile fuses into it) are left as they are."""
-    if on and not available():
+def use_group_norm_kernel(model: nn.Module) -> nn.Module:
+    """Replace ``model``'s ResnetBlocks by ``KernelResnetBlock``s and its attention blocks' norms by
+    ``KernelGroupNorm``s, in place (an inference copy: the replacements share the originals' Parameters).  Other
+    GroupNorms (the output norm, followed by a SiLU that torch.compile fuses into it) stay as they are."""
+    if not available():
         raise RuntimeError("the GroupNorm kernel needs Triton (shipped with the CUDA builds of torch)")
-    for m in model.modules():
-        if isinstance(m, ResnetBlock):
-            m.__class__ = KernelResnetBlock if on else ResnetBlock
-        elif isinstance(m, AttnBlock) and isinstance(m.norm, nn.GroupNorm):
-            m.norm.__class__ = KernelGroupNorm if on else ChannelStatGroupNorm
+    replace_modules(model, lambda m: isinstance(m, ResnetBlock), KernelResnetBlock)
+    for attn in [m for m in model.modules() if isinstance(m, AttnBlock)]:
+        attn.norm = KernelGroupNorm.from_norm(attn.norm)
     return model

@@ -41,20 +41,8 @@ def _conv1(cin: int, cout: int) -> nn.Conv2d:
     return nn.Conv2d(cin, cout, kernel_size=1)
 
 
-def require_inference(block: nn.Module) -> None:
-    """Raise unless ``block`` runs for inference (eval mode, no gradients): for the kernel-backed blocks
-    (``ddim.accel.groupnorm``, ``ddim.accel.conv``), whose kernels have no backward and no dropout."""
-    if block.training or (torch.is_grad_enabled() and any(p.requires_grad for p in block.parameters())):
-        raise RuntimeError(f"{type(block).__name__} is for inference (eval mode, no gradients): its kernels have no "
-                           "backward and no dropout")
-
-
 class ResnetBlock(nn.Module):
     """GN -> swish -> conv, + projected time embedding, GN -> swish -> dropout -> conv, + shortcut."""
-
-    # Inference copies whose U-Net computes every block's conv1 shift at once (``ddim.accel.inference.merge_projections``):
-    # this block's columns of that (N, sum of out_channels) tensor, which the U-Net then passes instead of temb_act.
-    shift_cols: tuple[int, int] | None = None
 
     def __init__(self, in_channels: int, out_channels: int, temb_channels: int, dropout: float):
         super().__init__()
@@ -77,14 +65,6 @@ class ResnetBlock(nn.Module):
             x = self.nin_shortcut(x)
         return x + h
 
-    def conv1_shift(self, temb_act: torch.Tensor) -> torch.Tensor:
-        """conv1's bias + the projected time embedding, (N, out_channels) float32: the per-(sample, channel) shift
-        that the inference blocks (``ddim.accel.groupnorm``, ``ddim.accel.fp8``, ``ddim.accel.conv``) add after a bias-free conv1.
-        Where ``shift_cols`` is set, ``temb_act`` already holds every block's shift and this is a view of it."""
-        if self.shift_cols is not None:
-            return temb_act[:, self.shift_cols[0]:self.shift_cols[1]]
-        return self.conv1.bias.float() + self.temb_proj(temb_act).float()
-
 
 class AttnBlock(nn.Module):
     """Single-head self-attention over pixels, q/k/v/proj_out as 1x1 convs (official naming)."""
@@ -106,19 +86,12 @@ class AttnBlock(nn.Module):
         # matters too: SDPA's flash/cuDNN kernels take 4-d inputs only; 3-d ones fall back to the math path
         # (fp32 matrix products under autocast).
         tokens = self.norm(x).permute(0, 2, 3, 1).reshape(b, hgt * wid, c)
-        w_qkv, b_qkv = self.qkv_weight_bias()
+        w_qkv = torch.cat([self.q.weight, self.k.weight, self.v.weight]).flatten(1)
+        b_qkv = torch.cat([self.q.bias, self.k.bias, self.v.bias])
         q, k, v = F.linear(tokens, w_qkv, b_qkv).unsqueeze(1).chunk(3, dim=-1)
         out = F.scaled_dot_product_attention(q, k, v, scale=int(c) ** (-0.5)).squeeze(1)
         out = F.linear(out, self.proj_out.weight.flatten(1), self.proj_out.bias)
         return x + out.reshape(b, hgt, wid, c).permute(0, 3, 1, 2)
-
-    def qkv_weight_bias(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """q, k, v as one (3C, C) matrix and (3C,) bias; inference copies keep them made once
-        (``ddim.accel.inference.merge_projections``: non-persistent buffers) instead of two concatenations per call."""
-        if "w_qkv" in self._buffers:
-            return self._buffers["w_qkv"], self._buffers["b_qkv"]
-        return (torch.cat([self.q.weight, self.k.weight, self.v.weight]).flatten(1),
-                torch.cat([self.q.bias, self.k.bias, self.v.bias]))
 
 
 class Downsample(nn.Module):
@@ -219,8 +192,6 @@ class UNet(nn.Module):
 
         self.norm_out = _norm(block_in)
         self.conv_out = _conv3(block_in, out_ch)
-        # inference copies only (``ddim.accel.inference.merge_projections``): every ResnetBlock's conv1 shift as one product
-        self.block_shifts: nn.Module | None = None
 
     def timestep_embedding(self, t: torch.Tensor) -> torch.Tensor:
         """Official sinusoidal embedding: [sin(t f), cos(t f)] in float32, zero-padded if ch is odd."""
@@ -239,8 +210,6 @@ class UNet(nn.Module):
         emb = self.timestep_embedding(t).to(self.temb.dense[0].weight.dtype)  # no-op unless the weights were cast
         temb = self.temb.dense[1](F.silu(self.temb.dense[0](emb)))
         temb = F.silu(temb)  # every ResnetBlock applies swish before temb_proj; do it once
-        if self.block_shifts is not None:  # then each block takes its columns (ResnetBlock.conv1_shift)
-            temb = self.block_shifts(temb)
 
         hs = [self.conv_in(x)]
         for level, down in enumerate(self.down):
