@@ -22,6 +22,7 @@ import os
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.library import triton_op, wrap_triton
 
 from ddim.accel.layers import ChannelStatGroupNorm, channel_stat_group_norm, replace_modules
 from ddim.models.unet import AttnBlock, ResnetBlock
@@ -239,7 +240,6 @@ def _launch(x, add, weight, bias, eps, groups, silu, out_dtype=None):
 
 
 if triton is not None:
-    from torch.library import triton_op, wrap_triton
 
     @triton_op("ddim::group_norm_silu", mutates_args=())
     def _group_norm_op(x: torch.Tensor, add: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor,
