@@ -149,8 +149,17 @@ def worker(rank: int, world: int, args: argparse.Namespace, port: int, out_file:
 
 
 def run_world(world: int, args: argparse.Namespace, tmp: str) -> dict:
+    """Rank 0's results for ``world`` processes; one process runs in this one (no process start to pay)."""
     out_file = str(Path(tmp) / f"w{world}.pt")
-    mp.spawn(worker, args=(world, args, free_port(), out_file), nprocs=world, join=True)
+    if world == 1:
+        saved = dict(os.environ)
+        try:
+            worker(0, 1, args, free_port(), out_file)
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
+    else:
+        mp.spawn(worker, args=(world, args, free_port(), out_file), nprocs=world, join=True)
     return torch.load(out_file, weights_only=False)
 
 
