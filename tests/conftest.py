@@ -1,6 +1,7 @@
 """Shared pytest fixtures."""
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -22,8 +23,6 @@ if not torch.cuda.is_available():
 def load_script(relpath: str, name: str | None = None):
     """A script of the repository (``evaluate.py``, ``sweeps/fid_vs_nfe.py``, ...) imported as a module, so tests
     call its functions; ``name`` defaults to the file's stem."""
-    import importlib.util
-
     path = REPO / relpath
     spec = importlib.util.spec_from_file_location(name or path.stem, path)
     module = importlib.util.module_from_spec(spec)
