@@ -1,170 +1,121 @@
 #!/usr/bin/env python
-"""Training-step throughput of the CIFAR-10 U-Net with the official recipe (batch 128, Adam 2e-4,
-gradient clip 1.0, EMA 0.9999, antithetic t): fast path vs the plain fp32 eager path.
+"""Training throughput of train.py's LightningModule: the fast options against the plain fp32 module.
 
-Per variant: iterations/s (median over timed windows), achieved TFLOP/s (forward + backward FLOPs from
-FlopCounterMode; the optimizer, clip and EMA are not counted), share of the measured bf16 matmul peak,
-peak GPU memory, and whether a step ran with no host synchronisation (checked with
-``torch.cuda.set_sync_debug_mode("error")`` on one step after warm-up). Inputs are random images
-already on the device: the data loader is not part of the step.
+Both rows run ``ddim.training.module.DiffusionModule`` (official recipe: Adam 2e-4, grad clip 1.0, EMA, antithetic
+t) through a Lightning Trainer for ``--warmup`` + ``--steps`` steps on the same data; only the timed steps count.
+The first row is the paper's setup (fp32, eager), the second the fast path (bf16-mixed, ``fast.compile``,
+``fast.step_graph``: the whole step one CUDA graph), with its it/s over the first row's.
 
-    python bench/training.py                        # GPU: batch 128
-    python bench/training.py --tiny --device cpu    # seconds on a CPU (CI smoke test)
+    python bench/training.py                              # GPU: batch 128, synthetic images already in memory
+    python bench/training.py --data cifar10 --data-root data   # real CIFAR-10 through ddim.data
+    python bench/training.py --tiny --device cpu          # a CPU smoke run (seconds; bf16-mixed, eager)
 """
 from __future__ import annotations
 
 import argparse
-import copy
-import gc
-import statistics
-import sys
-import time
 
+import lightning as L
 import torch
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from ddim.accel import inference as perf
-from ddim.diffusion import alphas_cumprod as make_alphas_cumprod
-from ddim.diffusion import beta_schedule
-from ddim.models import UNet, unet_kwargs_from_config
+from harness import (StepTimer, add_ratios, command_line, default_device, device_info, format_table, peak_memory_gib,
+                     reset_peak_memory, unet_config, write_json)
+from ddim.data import build_dataset
+from ddim.training.module import DiffusionModule
 
-CIFAR10 = unet_kwargs_from_config("cifar10")  # the official DDIM/DDPM CIFAR-10 U-Net
-TINY = dict(ch=32, out_ch=3, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,),
-            dropout=0.1, in_channels=3, resolution=16, resamp_with_conv=True)
-
-# name -> DiffusionTrainStep kwargs
-VARIANTS: dict[str, dict] = {
-    "fp32": dict(fast=False),
-    "fast": dict(fast=True, dtype="bf16", group_norm="torch"),
-    "fast-cudagraphs": dict(fast=True, dtype="bf16", compile_mode="reduce-overhead", group_norm="torch"),
-    "fast-cudagraphs-gn": dict(fast=True, dtype="bf16", compile_mode="reduce-overhead", group_norm="channel-stats"),
-    "fast-gn": dict(fast=True, dtype="bf16", group_norm="channel-stats"),
-    # + the upsampling convolutions on the low-resolution input (ddim.accel.inference.PhaseUpsample); TFLOP/s columns
-    # count the official network's FLOPs
-    "fast-cudagraphs-gn-phase": dict(fast=True, dtype="bf16", compile_mode="reduce-overhead",
-                                     group_norm="channel-stats", upsample="phases"),
-    # train.py's fast.step_graph: loss, backward and clipping as one CUDA graph (ddim.accel.inference.GradientGraph), then
-    # fused Adam and the EMA
-    "fast-step-graph-gn-phase": dict(fast=True, dtype="bf16", group_norm="channel-stats", upsample="phases",
-                                     step_graph=True),
-    "fast-max": dict(fast=True, dtype="bf16", compile_mode="max-autotune-no-cudagraphs", group_norm="torch"),
-    "bf16-eager": dict(fast=True, dtype="bf16", compile=False),
-}
+DIFFUSION = dict(beta_schedule="linear", beta_start=1e-4, beta_end=0.02, num_diffusion_timesteps=1000)
+OPTIM = dict(lr=2e-4, beta1=0.9, eps=1e-8, weight_decay=0.0, grad_clip=1.0, ema_decay=0.9999, ema_warmup=True)
+DATA_SETS = ("synthetic", "cifar10", "image_folder")
 
 
-def parse(argv=None):
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--tiny", action="store_true", help="tiny U-Net at 16x16, batch 4 (CPU smoke test)")
+    p.add_argument("--device", default=default_device())
+    p.add_argument("--tiny", action="store_true", help="a tiny U-Net at 16x16, batch 4 (CPU smoke run)")
     p.add_argument("--batch", type=int, default=None, help="batch size (128; tiny: 4)")
-    p.add_argument("--steps", type=int, default=None, help="steps per timed window (50; tiny: 3)")
-    p.add_argument("--windows", type=int, default=3, help="timed windows per variant (median reported)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed steps first (compilation, autotuning; 5; tiny: 1)")
-    p.add_argument("--variants", default="fp32,fast", help=f"comma list from {list(VARIANTS)}; the first is the reference")
-    p.add_argument("--backend", default="inductor", help="torch.compile backend ('eager' for cheap CPU tests)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps per row (200; tiny: 3)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps first: compilation, graph capture (30; tiny: 1)")
+    p.add_argument("--data", default="synthetic", choices=DATA_SETS,
+                   help="synthetic images in memory, or a data set of ddim.data read from --data-root")
+    p.add_argument("--data-root", default="data")
+    p.add_argument("--num-workers", type=int, default=None, help="data loader workers (8 for real data on CUDA, else 0)")
+    p.add_argument("--precision", default="bf16-mixed", help="the fast row's Lightning precision")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="fast.compile of the fast row (default: on CUDA)")
+    p.add_argument("--step-graph", action=argparse.BooleanOptionalAction, default=None,
+                   help="fast.step_graph of the fast row (default: on CUDA)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", default=None)
+    p.add_argument("--json", default=None, help="write the record here")
     a = p.parse_args(argv)
-    for name in a.variants.split(","):
-        if name not in VARIANTS:
-            p.error(f"unknown variant {name!r}; allowed: {list(VARIANTS)}")
+    cuda = a.device.startswith("cuda")
     a.batch = a.batch or (4 if a.tiny else 128)
-    a.steps = a.steps or (3 if a.tiny else 50)
-    a.warmup = a.warmup if a.warmup is not None else (1 if a.tiny else 5)
-    if a.batch < 2 or a.steps < 1 or a.windows < 1:
-        p.error("--batch must be >= 2, --steps and --windows >= 1")
+    a.steps = a.steps or (3 if a.tiny else 200)
+    a.warmup = a.warmup if a.warmup is not None else (1 if a.tiny else 30)
+    a.compile = cuda if a.compile is None else a.compile
+    a.step_graph = cuda if a.step_graph is None else a.step_graph
+    a.num_workers = a.num_workers if a.num_workers is not None else (8 if cuda and a.data != "synthetic" else 0)
+    if a.batch < 2 or a.steps < 1 or a.warmup < 0:
+        p.error(f"--batch must be >= 2 (antithetic t pairs), --steps >= 1, --warmup >= 0; got {a.batch}, {a.steps}, "
+                f"{a.warmup}")
     return a
 
 
-def check_sync_free(step, x0, device) -> bool | None:
-    """True if one step runs with no host synchronisation (CUDA only)."""
-    if device.type != "cuda":
-        return None
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        step(x0)
-        ok = True
-    except RuntimeError as e:
-        print(f"  host sync in step: {str(e).splitlines()[0]}")
-        ok = False
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    torch.cuda.synchronize()
-    return ok
+def training_data(args: argparse.Namespace, resolution: int) -> Dataset:
+    """Random images in [-1, 1] (the data loader then costs nothing), or a data set as train.py reads it."""
+    if args.data == "synthetic":
+        gen = torch.Generator().manual_seed(args.seed)
+        return TensorDataset(torch.randn(8 * args.batch, 3, resolution, resolution, generator=gen).clamp(-1, 1))
+    return build_dataset(args.data, root=args.data_root, image_size=resolution, split="train", random_flip=True)
 
 
-def main(argv=None) -> dict:
-    args = parse(argv)
+def fit_rate(module: DiffusionModule, data: Dataset, args: argparse.Namespace, *, precision: str, devices: int = 1,
+             strategy: object = "auto") -> dict:
+    """it/s of ``module``'s timed steps through a Lightning Trainer, its peak memory and last loss."""
     device = torch.device(args.device)
-    torch.backends.cudnn.benchmark = True
-    flags = perf.backend_flags()
-    config = TINY if args.tiny else CIFAR10
+    timer = StepTimer(args.warmup)
+    trainer = L.Trainer(accelerator="gpu" if device.type == "cuda" else "cpu", devices=devices, strategy=strategy,
+                        precision=precision, max_steps=args.warmup + args.steps, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        benchmark=True, callbacks=[timer])
+    loader = DataLoader(data, batch_size=args.batch, shuffle=True, drop_last=True, num_workers=args.num_workers,
+                        persistent_workers=args.num_workers > 0, pin_memory=device.type == "cuda")
+    reset_peak_memory(device)
+    trainer.fit(module, loader)
+    loss = trainer.callback_metrics.get("train/loss")
+    return dict(it_per_s=timer.it_per_s, images_per_s=timer.it_per_s * args.batch * devices,
+                peak_mem_gib=peak_memory_gib(device), loss=None if loss is None else float(loss),
+                steps=trainer.global_step)
+
+
+def make_module(args: argparse.Namespace, fast: dict) -> DiffusionModule:
+    """The LightningModule of train.py with the same seeded initial weights for every row."""
     torch.manual_seed(args.seed)
-    base = UNet(**config).to(device)
-    n_params = sum(p.numel() for p in base.parameters())
-    ac = make_alphas_cumprod(beta_schedule("linear", T=1000))
-    res = config["resolution"]
+    return DiffusionModule(model=unet_config(args.tiny) | {"dropout": 0.1}, diffusion=DIFFUSION, optim=OPTIM,
+                           data={"batch_size": args.batch}, fast=fast)
 
-    counter_step = perf.DiffusionTrainStep(copy.deepcopy(base), ac, fast=False)
-    x1 = torch.randn(1 * 2, 3, res, res, device=device)
-    flops_step = perf.count_flops(lambda: counter_step._loss(x1, counter_step.sample_t(2, device),
-                                                             torch.randn_like(x1)).backward()) / 2
-    del counter_step
-    gen = torch.Generator(device="cpu").manual_seed(args.seed)
-    batches = [torch.randn(args.batch, 3, res, res, generator=gen).clamp(-1, 1).to(device) for _ in range(4)]
-    peak = perf.matmul_tflops(device)
 
+def main(argv: list[str] | None = None) -> dict:
+    args = parse(argv)
+    L.seed_everything(args.seed, verbose=False)
+    data = training_data(args, unet_config(args.tiny)["resolution"])
+    runs = [("fp32", dict(compile=False, step_graph=False), "32-true"),
+            ("fast", dict(compile=args.compile, step_graph=args.step_graph), args.precision)]
     rows = []
-    for name in args.variants.split(","):
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-        perf.reset_peak_memory(device)
-        torch.manual_seed(args.seed)
-        # official upsampling order unless the variant names "phases" (the library's compiled default)
-        step = perf.DiffusionTrainStep(copy.deepcopy(base), ac, backend=args.backend,
-                                       **{"upsample": "nearest", **VARIANTS[name]})
-        t0 = time.perf_counter()
-        for i in range(args.warmup):
-            loss = step(batches[i % 4])
-        perf.synchronize(device)
-        warmup_s = time.perf_counter() - t0
-        sync_free = check_sync_free(step, batches[0], device)
-        warmup_peak = perf.peak_memory_gib(device)  # compilation and cuDNN's algorithm search kept apart
-        perf.reset_peak_memory(device)
-        losses = []
-
-        def window():
-            for i in range(args.steps):
-                losses.append(step(batches[i % 4]))
-
-        times = perf.timed(window, device, args.windows)
-        med = statistics.median(times)
-        last = torch.stack(losses[-args.steps:]).float().mean().item()
-        row = dict(variant=name, config=VARIANTS[name], seconds=times, warmup_s=warmup_s,
-                   it_per_s=args.steps / med, tflops=flops_step * args.batch * args.steps / med / 1e12,
-                   peak_mem_gib=perf.peak_memory_gib(device), peak_mem_warmup_gib=warmup_peak, sync_free=sync_free,
-                   loss=last, loss_finite=bool(torch.isfinite(torch.tensor(last))))
-        row["share_of_peak"] = row["tflops"] / peak if peak else None
-        rows.append(row)
-        del step, losses, loss
-    for r in rows:
-        r["speedup"] = r["it_per_s"] / rows[0]["it_per_s"]
-
-    info = perf.device_info(device)
-    record = dict(benchmark="training", command=" ".join(["python", "bench/training.py", *(argv if argv is not None else sys.argv[1:])]),
-                  batch=args.batch, steps_per_window=args.steps, windows=args.windows, params=n_params,
-                  gflop_per_step_per_image=flops_step / 1e9, matmul_peak_tflops=peak, flags=flags,
-                  recipe=dict(optimizer="Adam", lr=2e-4, betas=(0.9, 0.999), eps=1e-8, grad_clip=1.0, ema=0.9999),
-                  unet={k: list(v) if isinstance(v, tuple) else v for k, v in config.items()}, machine=info, rows=rows)
-    print(f"# DDIM training step, {info.get('gpu') or 'CPU'}: batch {args.batch}; {n_params / 1e6:.2f}M params, "
-          f"{flops_step / 1e9:.2f} GFLOP per image (fwd+bwd); measured bf16 matmul peak {peak or float('nan'):.0f} TFLOP/s")
-    print(perf.format_table(rows, [("variant", "variant", ""), ("it_per_s", "it/s", ".2f"), ("speedup", "x fp32", ".2f"),
-                                   ("tflops", "TFLOP/s", ".1f"), ("share_of_peak", "of peak", ".1%"),
-                                   ("peak_mem_gib", "peak GiB", ".2f"),
-                                   ("peak_mem_warmup_gib", "warm-up peak GiB", ".2f"), ("warmup_s", "warm-up s", ".1f"),
-                                   ("sync_free", "no host sync", ""), ("loss", "loss", ".1f")]))
-    perf.write_json(record, args.json)
+    for name, fast, precision in runs:
+        row = fit_rate(make_module(args, fast), data, args, precision=precision)
+        rows.append(dict(row=name, precision=precision, **fast, **row))
+    add_ratios(rows, "it_per_s")
+    info = device_info(args.device)
+    record = dict(benchmark="training", command=command_line("training.py", argv), batch=args.batch,
+                  timed_steps=args.steps, warmup_steps=args.warmup, data=args.data, optim=OPTIM, machine=info,
+                  rows=rows)
+    print(f"# DiffusionModule training on {info.get('gpu') or 'CPU'}: batch {args.batch}, {args.data} data, "
+          f"{args.steps} timed steps after {args.warmup}; ratio = it/s over fp32 in this run")
+    print(format_table(rows, [("row", "row", ""), ("precision", "precision", ""), ("compile", "compile", ""),
+                              ("step_graph", "step graph", ""), ("it_per_s", "it/s", ".2f"),
+                              ("ratio", "x fp32", ".2f"), ("images_per_s", "images/s", ".0f"),
+                              ("peak_mem_gib", "peak GiB", ".2f"), ("loss", "loss", ".1f")]))
+    write_json(record, args.json)
     return record
 
 

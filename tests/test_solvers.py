@@ -1,6 +1,6 @@
 """Higher-order samplers (ddim.diffusion.solvers): diffusers parity, convergence order, NFE accounting, bad input.
 
-Everything runs on the closed-form ε of Gaussian data x_0 ~ N(mu, s^2 I) (see ../shared/fixtures/README.md):
+Everything runs on the closed-form ε of Gaussian data x_0 ~ N(mu, s^2 I) (see tests/fixtures/README.md):
 eps*(x, t) = sqrt(1-a) (x - sqrt(a) mu) / (a s^2 + 1 - a). In x̄ = x / sqrt(a), σ = sqrt((1-a)/a) coordinates the
 probability-flow ODE dx̄/dσ = σ (x̄ - mu) / (s^2 + σ^2) has the exact solution
 x̄(σ) - mu = (x̄(σ_T) - mu) sqrt(s^2 + σ^2) / sqrt(s^2 + σ_T^2), so x_0 = x̄(0) is known in closed form.
