@@ -704,3 +704,130 @@ def test_cifar10_quick_trains_and_resumes_across_commands(tmp_path):
     assert int(opt_state["step"]) == 4  # Adam went on from the saved moments, not from scratch
     ended = resumed["module"].state_dict()
     assert not torch.equal(ended["ema_model.conv_in.weight"], saved["state_dict"]["ema_model.conv_in.weight"])
+
+
+# ----------------------------------------------------------------------------- GradientGraph (fast.step_graph)
+
+def _graph_loss_and_params(seed=0):
+    from ddim.models.unet import UNet
+
+    torch.manual_seed(seed)
+    model = UNet(ch=32, out_ch=3, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), dropout=0.0,
+                 in_channels=3, resolution=16).to(memory_format=torch.channels_last).train()
+    x = torch.randn(4, 3, 16, 16).contiguous(memory_format=torch.channels_last)
+    t = torch.tensor([0, 10, 50, 99])
+    return model, (lambda x0: (model(x0, t) - x0).square().sum(dim=(1, 2, 3)).mean()), x, t
+
+
+@pytest.mark.parametrize("clip", [None, 1e-3])
+def test_gradient_graph_gives_the_plain_gradients_in_one_buffer(clip):
+    """(eager on a CPU) the loss, the pre-clip norm and clip_grad_norm_'s clipped gradients, as views of one flat
+    fp32 buffer in each parameter's strides; zeroed every call; views dropped by zero_grad are bound again."""
+    import copy
+
+    from ddim.training.step_graph import GradientGraph
+
+    model, loss_fn, x, t = _graph_loss_and_params()
+    ref_model = copy.deepcopy(model)
+    ref_loss = (ref_model(x, t) - x).square().sum(dim=(1, 2, 3)).mean()
+    ref_loss.backward()
+    ref_norm = torch.nn.utils.clip_grad_norm_(ref_model.parameters(), clip if clip else float("inf"))
+    graph = GradientGraph(loss_fn, list(model.parameters()), grad_clip=clip)
+    for _ in range(2):  # the buffer is zeroed each call: gradients do not accumulate across steps
+        loss, norm = graph(x)
+    torch.testing.assert_close(loss, ref_loss.detach())
+    torch.testing.assert_close(norm, ref_norm, rtol=1e-5, atol=0)
+    for p, q in zip(model.parameters(), ref_model.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7)
+        assert p.grad.stride() == p.stride()
+    assert model.conv_in.weight.grad.is_contiguous(memory_format=torch.channels_last)
+    model.zero_grad(set_to_none=True)
+    graph(x)
+    assert all(p.grad is not None for p in model.parameters())
+    with pytest.raises(ValueError, match="grad_clip must be positive or None, got 0"):
+        GradientGraph(loss_fn, list(model.parameters()), grad_clip=0)
+    with pytest.raises(ValueError, match="fp32 gradients; got a torch.bfloat16 parameter"):
+        GradientGraph(loss_fn, [torch.nn.Parameter(torch.zeros(2, dtype=torch.bfloat16))])
+
+
+class _FakeGraph:
+    def __init__(self):
+        self.resets = 0
+
+    def reset(self):
+        self.resets += 1
+
+
+def test_gradient_graph_release_resets_every_captured_graph():
+    """release() frees every captured graph once and forgets it; release_gradient_graphs() frees all live ones."""
+    from ddim.training.step_graph import GradientGraph, release_gradient_graphs
+
+    model, loss_fn, x, _ = _graph_loss_and_params()
+    graph = GradientGraph(loss_fn, list(model.parameters()))
+    fakes = [_FakeGraph(), _FakeGraph()]
+    graph._graphs = {("a",): (fakes[0], None, None, None), ("b",): (fakes[1], None, None, None)}
+    graph.release()
+    graph.release()  # idempotent: nothing is reset twice
+    assert [f.resets for f in fakes] == [1, 1] and graph._graphs == {}
+    assert torch.isfinite(graph(x)[0])  # and it still steps (eagerly on a CPU)
+    late = _FakeGraph()
+    graph._graphs = {("c",): (late, None, None, None)}
+    release_gradient_graphs()
+    assert late.resets == 1 and graph._graphs == {}
+
+
+def test_gradient_graphs_are_released_before_earlier_exit_handlers(tmp_path):
+    """At exit the graphs are freed before handlers registered earlier run, such as the one Lightning registers
+    at init_process_group to destroy the process group (which hangs while a graph holding its all-reduce lives)."""
+    script = tmp_path / "exit.py"
+    script.write_text(
+        "import atexit\n"
+        "import torch\n"
+        "from ddim.training.step_graph import GradientGraph\n"
+        "class Fake:\n"
+        "    def reset(self):\n"
+        "        print('graph reset', flush=True)\n"
+        "atexit.register(lambda: print('process group destroyed', flush=True))  # as at init_process_group\n"
+        "p = torch.nn.Parameter(torch.zeros(2))\n"
+        "g = GradientGraph(lambda x: (p * x).sum(), [p])\n"
+        "g._graphs = {('k',): (Fake(), None, None, None)}\n")
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(REPO / "src")})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split("\n")[:2] == ["graph reset", "process group destroyed"]
+
+
+def _gradient_graph_rank(rank, world, init, out):
+    import torch.distributed as dist
+
+    from ddim.training.step_graph import GradientGraph, broadcast_module_states
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    model, loss_fn, _, _ = _graph_loss_and_params(seed=rank)  # different weights per rank, until broadcast
+    broadcast_module_states(model)
+    torch.save(model.conv_in.weight.detach().clone(), f"{out}/w{rank}.pt")
+    x = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(rank))  # different data
+    graph = GradientGraph(loss_fn, list(model.parameters()))
+    assert graph.all_reduce
+    graph(x)
+    torch.save(graph.flat.clone(), f"{out}/flat{rank}.pt")
+    graph.all_reduce = False
+    graph(x)
+    torch.save(graph.flat.clone(), f"{out}/local{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_gradient_graph_all_reduces_the_mean_over_ranks(tmp_path):
+    """Two gloo processes: StepGraphDDPStrategy's broadcast gives both rank 0's weights; the graph's gradient is the
+    mean of the ranks' own gradients, the same on both."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_gradient_graph_rank, args=(2, f"file://{tmp_path}/store", str(tmp_path)), nprocs=2, join=True)
+    w0, w1 = (torch.load(tmp_path / f"w{r}.pt") for r in range(2))
+    f0, f1 = (torch.load(tmp_path / f"flat{r}.pt") for r in range(2))
+    l0, l1 = (torch.load(tmp_path / f"local{r}.pt") for r in range(2))
+    torch.testing.assert_close(w0, w1, rtol=0, atol=0)
+    assert not torch.allclose(l0, l1)
+    torch.testing.assert_close(f0, f1, rtol=0, atol=0)
+    torch.testing.assert_close(f0, (l0 + l1) / 2, rtol=1e-5, atol=1e-7)
