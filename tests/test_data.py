@@ -81,6 +81,28 @@ def test_missing_data_names_the_path(tmp_path, name):
     assert str(missing) in str(e.value)
 
 
+def test_cifar10_from_decoded_arrays(tmp_path):
+    """<root>/cifar10_<split>.npz (x uint8 NHWC, y): images in [-1, 1] as (C, H, W), flips only with random_flip;
+    a wrong image_size or missing arrays are named."""
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
+    np.savez(tmp_path / "cifar10_test.npz", x=x, y=np.arange(5, dtype=np.uint8))
+    ds = build_dataset("cifar10", root=tmp_path, image_size=32, split="test", random_flip=False)
+    img, label = ds[3]
+    assert len(ds) == 5 and label == 3 and img.shape == (3, 32, 32)
+    torch.testing.assert_close(img, torch.from_numpy(x[3]).permute(2, 0, 1).float() / 127.5 - 1.0)
+    flipped = build_dataset("cifar10", root=tmp_path, image_size=32, split="test", random_flip=True)
+    seen = {bool(torch.equal(flipped[3][0], img.flip(-1))) for _ in range(40)}
+    assert seen == {True, False}
+    with pytest.raises(ValueError, match=r"holds 32x32 images; dataset.image_size=16 \(allowed here: 32\)"):
+        build_dataset("cifar10", root=tmp_path, image_size=16, split="test")
+    with pytest.raises(FileNotFoundError, match=r"neither .*cifar-10-batches-py nor .*cifar10_train.npz"):
+        build_dataset("cifar10", root=tmp_path, image_size=32, split="train")
+    np.savez(tmp_path / "cifar10_train.npz", images=x)
+    with pytest.raises(ValueError, match=r"must hold arrays x .* and y .*; it has \['images'\]"):
+        build_dataset("cifar10", root=tmp_path, image_size=32, split="train")
+
+
 def test_unknown_dataset():
     with pytest.raises(ValueError, match="unknown dataset 'mnist'.*digits"):
         build_dataset("mnist", root=".", image_size=32)

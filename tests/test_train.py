@@ -7,6 +7,7 @@ import subprocess
 import sys
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
@@ -71,7 +72,7 @@ def test_last_checkpoint_holds_the_step_training_ended_at(tmp_path):
     res = _run(_cfg(tmp_path, *RESUME, "trainer.max_steps=4"))
     ckpts = tmp_path / "checkpoints"
     assert sorted(p.name for p in ckpts.iterdir()) == ["last.ckpt", "step_0000003.ckpt", "step_0000004.ckpt"]
-    last = torch.load(ckpts / "last.ckpt", map_location="cpu", weights_only=False)
+    last = torch.load(ckpts / "last.ckpt", map_location="cpu", weights_only=True)
     assert last["global_step"] == 4 == res["trainer"].global_step
     w = next(k for k in last["state_dict"] if k.startswith("model."))
     torch.testing.assert_close(last["state_dict"][w], res["module"].state_dict()[w], rtol=0, atol=0)
@@ -132,8 +133,10 @@ def test_load_for_sampling_and_bad_checkpoints(tmp_path):
                   "model.ch=64", "trainer.max_steps=4", f"ckpt_path={last}"))
     with pytest.raises(FileNotFoundError, match="nope.ckpt"):
         load_for_sampling(tmp_path / "nope.ckpt")
+    with pytest.raises(ValueError, match="use_ema must be true or false, got 'no'"):
+        load_for_sampling(last, use_ema="no")
     # weights of another U-Net version (renamed keys): a short account, not torch's list of every key
-    ck = torch.load(last, map_location="cpu", weights_only=False)
+    ck = torch.load(last, map_location="cpu", weights_only=True)
     ck["state_dict"] = {k.replace("ema_model.conv_in.", "ema_model.cin."): v for k, v in ck["state_dict"].items()}
     renamed = tmp_path / "renamed.ckpt"
     torch.save(ck, renamed)
@@ -239,24 +242,32 @@ def test_lit_ema_warmup_and_the_warning_when_the_ema_still_holds_initial_weights
         assert (said and warns in said[0] and "optim.ema_warmup=true" in said[0]) if warns else not said, said
 
 
-def test_fast_compiled_training_same_loss_and_checkpoint_keys(tmp_path):
-    """fast.compile=true (eager backend on CPU): channels_last, per-channel GroupNorm statistics, the phase
-    upsampling (defaults when compiled) and a compiled view of the U-Net give the plain module's loss, train, and save the same
-    checkpoint keys."""
-    from ddim.training.module import DiffusionModule
+@pytest.fixture
+def eager_compile(monkeypatch):
+    """torch.compile with the eager backend: the compiled path's code without building C++ kernels on a CPU."""
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: compile_(model, **{**kw, "backend": "eager"}))
+
+
+def test_fast_compiled_training_same_loss_and_checkpoint_keys(tmp_path, eager_compile):
+    """fast.compile=true: the trained network is prepared by ddim.accel.prepare_for_training (channels_last,
+    ChannelStatGroupNorm, PhaseUpsample) and compiled; the EMA copy stays the plain U-Net in the same memory layout;
+    the loss, the checkpoint keys and the weights' names are the plain module's."""
     from ddim.accel.inference import ChannelStatGroupNorm, PhaseUpsample
+    from ddim.models.unet import UNet
 
     plain_res = _run(_cfg(tmp_path / "plain", "trainer.fast_dev_run=2", "dataset.batch_size=8", "dataset.image_size=8"))
     fast_res = _run(_cfg(tmp_path / "fast", "trainer.fast_dev_run=2", "dataset.batch_size=8", "dataset.image_size=8",
-                         "fast.compile=true", "fast.backend=eager"))
+                         "fast.compile=true"))
     plain, fast = plain_res["module"], fast_res["module"]
-    assert fast_res["trainer"].global_step == 2 and fast.hparams.fast["group_norm"] == "channel-stats"
-    assert fast.hparams.fast["upsample"] == "phases" and plain.hparams.fast["upsample"] == "nearest"  # follow compile
-    assert not any(isinstance(m, PhaseUpsample) for m in plain.model.modules())
+    assert fast_res["trainer"].global_step == 2 and fast.hparams.fast == {"compile": True, "mode": None,
+                                                                         "step_graph": False}
+    assert not any(isinstance(m, (ChannelStatGroupNorm, PhaseUpsample)) for m in plain.model.modules())
     assert any(isinstance(m, ChannelStatGroupNorm) for m in fast.model.modules())
-    assert not any(isinstance(m, ChannelStatGroupNorm) for m in fast.ema_model.modules())
     assert any(isinstance(m, PhaseUpsample) for m in fast.model.modules())
-    assert not any(isinstance(m, PhaseUpsample) for m in fast.ema_model.modules())
+    assert type(fast.ema_model) is UNet
+    assert not any(isinstance(m, (ChannelStatGroupNorm, PhaseUpsample)) for m in fast.ema_model.modules())
+    assert [e.stride() for e in fast.ema_model.parameters()] == [p.stride() for p in fast.model.parameters()]
     assert "_compiled_model" in fast.__dict__ and fast.state_dict().keys() == plain.state_dict().keys()
     # clipping and the EMA used the tensors listed at train start: the live parameters of model and EMA
     lists = fast.__dict__["_step_tensor_lists"]
@@ -276,7 +287,7 @@ def test_fast_compiled_training_same_loss_and_checkpoint_keys(tmp_path):
 
 @pytest.mark.parametrize("mode, marks", [(None, 0), ("reduce-overhead", 1), ("max-autotune", 1),
                                          ("max-autotune-no-cudagraphs", 0)])
-def test_training_step_marks_cuda_graph_steps_for_every_mode_with_graphs(monkeypatch, mode, marks):
+def test_training_step_marks_cuda_graph_steps_for_every_mode_with_graphs(monkeypatch, eager_compile, mode, marks):
     """A compiled step whose mode records CUDA graphs (reduce-overhead, and max-autotune, which includes them) tells
     cudagraph trees that a new step begins, so the last step's graph outputs may be overwritten; others do not."""
     from ddim.training.module import DiffusionModule
@@ -286,25 +297,24 @@ def test_training_step_marks_cuda_graph_steps_for_every_mode_with_graphs(monkeyp
     m = DiffusionModule(model=dict(ch=32, out_ch=1, ch_mult=[1], num_res_blocks=1, attn_resolutions=[], dropout=0.0,
                                    in_channels=1, resolution=8, resamp_with_conv=True),
                         diffusion={"beta_schedule": "linear", "num_diffusion_timesteps": 100},
-                        fast={"compile": True, "backend": "eager", "mode": mode})
+                        fast={"compile": True, "mode": mode})
     m.log = lambda *a, **k: None
     m.train()
     m.training_step(torch.rand(2, 1, 8, 8) * 2 - 1, 0)
     assert len(calls) == marks
 
 
-def test_fast_settings_reject_unknown_keys():
+@pytest.mark.parametrize("fast, message", [
+    ({"turbo": True}, r"unknown fast setting\(s\) \['turbo'\]; allowed: \['compile', 'mode', 'step_graph'\]"),
+    ({"channels_last": True}, r"unknown fast setting\(s\) \['channels_last'\]"),
+    ({"compile": True, "mode": "fastest"}, r"fast.mode must be null or one of default, reduce-overhead, .*'fastest'"),
+    ({"mode": "reduce-overhead"}, r"fast.mode='reduce-overhead' is a torch.compile mode: it needs fast.compile=true"),
+])
+def test_fast_settings_reject_unknown_keys_and_values(fast, message):
     from ddim.training.module import DiffusionModule
 
-    with pytest.raises(ValueError, match=r"unknown fast setting\(s\) \['turbo'\]; allowed"):
-        DiffusionModule(model=dict(ch=32, ch_mult=[1], attn_resolutions=[], resolution=8), diffusion={},
-                        fast={"turbo": True})
-    with pytest.raises(ValueError, match="'layer'.*allowed"):
-        DiffusionModule(model=dict(ch=32, ch_mult=[1], attn_resolutions=[], resolution=8), diffusion={},
-                        fast={"group_norm": "layer"})
-    with pytest.raises(ValueError, match="'bilinear'.*allowed"):
-        DiffusionModule(model=dict(ch=32, ch_mult=[1], attn_resolutions=[], resolution=8), diffusion={},
-                        fast={"upsample": "bilinear"})
+    with pytest.raises(ValueError, match=message):
+        DiffusionModule(model=SMALL_MODEL, diffusion={}, fast=fast)
 
 
 def test_step_rate_logs_training_speed(tmp_path):
@@ -345,7 +355,7 @@ def test_experiment_settings_for_removed_callbacks_are_ignored(tmp_path, caplog)
     # default ModelCheckpoint when none is configured)
 
 
-@pytest.mark.parametrize("key", ["compile", "channels_last"])
+@pytest.mark.parametrize("key", ["compile", "step_graph"])
 def test_fast_switches_must_be_booleans(key):
     from ddim.training.module import DiffusionModule
 
@@ -393,12 +403,12 @@ def test_train_py_trainer_ddp_on_two_cpu_processes(tmp_path):
             "trainer.enable_progress_bar=false", "hydra.run.dir=" + str(tmp_path / "run")]
     out = subprocess.run(args, capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
-    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert ckpt["global_step"] == 3
 
 
 def test_step_graph_training_equals_the_automatic_path(tmp_path):
-    """fast.step_graph=true (manual optimisation around ddim.accel.inference.GradientGraph; eager on a CPU) takes the same
+    """fast.step_graph=true (manual optimisation around GradientGraph; eager on a CPU) takes the same
     steps as Lightning's automatic path: same loss, clipping, Adam, LR warm-up, EMA, step count, checkpoint."""
     common = [*RESUME, "trainer.max_steps=4", "optim.grad_clip=0.05"]  # a small clip, so clipping acts
     auto = _run(_cfg(tmp_path / "auto", *common))
@@ -413,7 +423,7 @@ def test_step_graph_training_equals_the_automatic_path(tmp_path):
     assert opt_b.param_groups[0]["lr"] == opt_a.param_groups[0]["lr"]  # warm-up stepped once per step
     torch.testing.assert_close(opt_b.state_dict()["state"][0]["exp_avg"], opt_a.state_dict()["state"][0]["exp_avg"],
                                rtol=1e-4, atol=1e-8)
-    ck_a, ck_b = (torch.load(tmp_path / r / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    ck_a, ck_b = (torch.load(tmp_path / r / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
                   for r in ("auto", "graph"))
     assert ck_b["global_step"] == ck_a["global_step"] == 4  # every 3 steps, and where training ended
     assert ck_b["hyper_parameters"]["fast"]["step_graph"] is True
@@ -427,8 +437,6 @@ def test_step_graph_training_equals_the_automatic_path(tmp_path):
 def test_step_graph_bad_settings_are_named(tmp_path):
     from ddim.training.module import DiffusionModule
 
-    with pytest.raises(ValueError, match="fast.step_graph must be true or false, got 'yes'"):
-        DiffusionModule(model=SMALL_MODEL, diffusion={}, fast={"step_graph": "yes"})
     with pytest.raises(ValueError, match="fast.step_graph=true captures.*fast.mode='reduce-overhead'"):
         DiffusionModule(model=SMALL_MODEL, diffusion={},
                         fast={"step_graph": True, "compile": True, "mode": "reduce-overhead"})
@@ -439,7 +447,8 @@ def test_step_graph_strategy_frees_the_graph_before_tearing_down(monkeypatch):
     group is destroyed at exit, which hangs while a graph holding its all-reduce lives: two H200s)."""
     from lightning.pytorch.strategies import DDPStrategy
 
-    from ddim.training.module import DiffusionModule, StepGraphDDPStrategy
+    from ddim.training.module import DiffusionModule
+    from ddim.training.step_graph import StepGraphDDPStrategy
 
     module = DiffusionModule(model=SMALL_MODEL, diffusion={"num_diffusion_timesteps": 10}, fast={"step_graph": True})
     graph = module._gradient_graph()
@@ -459,7 +468,7 @@ def test_step_graph_strategy_frees_the_graph_before_tearing_down(monkeypatch):
     (["trainer=ddp_step_graph"], "StepGraphDDPStrategy.*needs fast.step_graph=true"),
     (["trainer=ddp", "fast.step_graph=true"], "DistributedDataParallel would all-reduce them again: use "
                                               "trainer=ddp_step_graph"),
-    (["trainer=ddp", "fast.compile=true", "fast.backend=eager", "fast.mode=reduce-overhead",
+    (["trainer=ddp", "fast.compile=true", "fast.mode=reduce-overhead",
       "trainer.strategy.gradient_as_bucket_view=true"],
      "gradient_as_bucket_view=true and fast.mode='reduce-overhead' \\(CUDA graphs\\) trains on wrong gradients"),
 ])
@@ -485,7 +494,7 @@ def test_train_py_ddp_step_graph_on_two_cpu_processes(tmp_path):
             "hydra.run.dir=" + str(tmp_path / "run")]
     out = subprocess.run(args, capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
-    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert ckpt["global_step"] == 3
 
 
@@ -493,7 +502,8 @@ def test_ddp_ranks_draw_their_own_timesteps_noise_and_dropout():
     """seed_everything seeds every rank alike; at train start each rank of several moves to its own stream."""
     from types import SimpleNamespace
 
-    from ddim.training.module import DiffusionModule, rank_seed
+    from ddim.training.module import DiffusionModule
+    from ddim.training.objective import rank_seed
 
     m = DiffusionModule(model=SMALL_MODEL, diffusion={})
 
@@ -511,3 +521,313 @@ def test_ddp_ranks_draw_their_own_timesteps_noise_and_dropout():
     assert torch.equal(draws(1, 2), draws(1, 2)) and not torch.equal(draws(1, 2), draws(1, 2, step=3))  # per resume
     assert len({rank_seed(0, r, s) for r in range(8) for s in (0, 1000)}) == 16
     m._trainer = None
+
+
+class MarkerPayload:
+    """Unpickling this object creates ``path`` (what a malicious checkpoint's code could do instead)."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+def test_checkpoint_that_needs_full_unpickling_is_refused_and_runs_no_code(tmp_path):
+    """A pickle payload renamed .ckpt (plain pickle, or inside a torch.save'd dict) is refused with a message that says
+    why and names the opt-in, by load_for_sampling, the official loader and train.py's resume; its code never runs."""
+    import pickle
+
+    from ddim.checkpoints import load_for_sampling, read_checkpoint
+
+    marker = tmp_path / "marker"
+    plain_pickle, in_torch_file = tmp_path / "payload.ckpt", tmp_path / "payload2.ckpt"
+    plain_pickle.write_bytes(pickle.dumps(MarkerPayload(marker)))
+    torch.save({"state_dict": {}, "x": MarkerPayload(marker)}, in_torch_file)
+    assert not marker.exists()
+    for path, what in ((plain_pickle, "Unsupported operand"), (in_torch_file, "GLOBAL io.open")):
+        refused = rf"refused to open .*{path.name}: it holds more than tensors .*\(.*{what}.*can run code.*trust_checkpoint=true"
+        with pytest.raises(ValueError, match=refused):
+            read_checkpoint(path)
+        with pytest.raises(ValueError, match=refused):
+            load_for_sampling(path)
+        with pytest.raises(ValueError, match=refused):
+            load_for_sampling(path, format="official", config="cifar10")
+    with pytest.raises(ValueError, match="refused to open .*payload2.ckpt"):
+        _run(_cfg(tmp_path / "run", "dataset.split=test", "dataset.batch_size=60", "dataset.image_size=8",
+                  "trainer.max_steps=2", f"ckpt_path={in_torch_file}"))
+    assert not marker.exists()
+    control = tmp_path / "control"  # the payload does run when fully unpickled: the check above can fail
+    pickle.loads(pickle.dumps(MarkerPayload(control))).close()
+    assert control.exists()
+
+
+def test_trusted_checkpoint_with_other_objects_loads(tmp_path):
+    """trust=True (trust_checkpoint=true) opens a file of the user's own that holds more than tensors: a harmless
+    Fraction here; without it the same file is refused."""
+    from fractions import Fraction
+
+    from ddim.checkpoints import read_checkpoint
+
+    path = tmp_path / "own.ckpt"
+    torch.save({"w": torch.ones(2), "note": Fraction(1, 3)}, path)
+    with pytest.raises(ValueError, match="fractions.Fraction.*trust_checkpoint=true"):
+        read_checkpoint(path)
+    obj = read_checkpoint(path, trust=True)
+    assert obj["note"] == Fraction(1, 3) and torch.equal(obj["w"], torch.ones(2))
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("text", r"not a valid torch checkpoint \(corrupt, truncated or another kind of file"),
+    ("empty", r"not a valid torch checkpoint"),
+    ("tensor", r"holds a single tensor of shape \(3,\), not a checkpoint written by train.py"),
+    ("state_dict", r"is a bare state dict \(2 tensors, e.g. 'conv.weight'\).*format='official'"),
+    ("list", r"holds a list .*official=<name>"),
+    ("directory", r"is a directory; give the checkpoint file itself \(it holds last.ckpt\)"),
+    ("other_dict", r"not a checkpoint written by train.py \(no state_dict/hyper_parameters.model; keys: \['epoch'\]"),
+])
+def test_files_that_are_not_checkpoints_get_clear_messages(tmp_path, kind, message):
+    """For sampling and for train.py's resume alike: what the file is, not a KeyError or AttributeError."""
+    from ddim.checkpoints import load_for_sampling
+
+    path = tmp_path / "x.ckpt"
+    if kind == "text":
+        path.write_text("hello, this is text\n")
+    elif kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "tensor":
+        torch.save(torch.zeros(3), path)
+    elif kind == "state_dict":
+        torch.save({"conv.weight": torch.zeros(1), "conv.bias": torch.zeros(1)}, path)
+    elif kind == "list":
+        torch.save([{"a": torch.zeros(1)}, {}], path)
+    elif kind == "directory":
+        path.mkdir()
+        (path / "last.ckpt").write_bytes(b"")
+    else:
+        torch.save({"epoch": 3}, path)
+    with pytest.raises(ValueError, match=message):
+        load_for_sampling(path)
+    with pytest.raises(ValueError, match=message):
+        _run(_cfg(tmp_path / "run", "dataset.split=test", "dataset.batch_size=60", "dataset.image_size=8",
+                  "trainer.max_steps=2", f"ckpt_path={path}"))
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+TINY_UNET = dict(ch=32, out_ch=3, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(16,), dropout=0.1,
+                 in_channels=3, resolution=32, resamp_with_conv=True)
+
+
+def write_ema_export(path, steps=1200):
+    """An ema.pt as the former CIFAR-10 script's ``export`` wrote it: the EMA state dict, the U-Net config (tuples),
+    the step count and the run's settings, with torch's version string in ``machine``."""
+    from ddim.models.unet import UNet
+
+    torch.manual_seed(0)
+    model = UNet(**TINY_UNET)
+    torch.save({"ema": model.state_dict(), "unet": dict(TINY_UNET), "steps": steps, "train_seconds": 12.5,
+                "ema_decay": 0.9995, "ema_warmup": True, "lr": 2e-4, "batch": 128, "limit": None,
+                "machine": {"torch": torch.__version__, "device": "cuda:0", "gpu": "test"}}, path)
+    return model
+
+
+def test_convert_ema_export_gives_a_checkpoint_evaluate_reads(tmp_path):
+    """ema.pt: refused by load_for_sampling with the convert command named; converted (CLI), it samples the export's
+    weights (EMA and raw alike) under the script's schedule, and train.py refuses to resume it."""
+    from ddim.checkpoints import load_for_sampling
+
+    ema_pt, out = tmp_path / "ema.pt", tmp_path / "conv" / "ema.ckpt"
+    model = write_ema_export(ema_pt)
+    with pytest.raises(ValueError, match=r"ema.pt export .*python -m ddim.checkpoints convert-ema .*ema\.pt <out>\.ckpt"):
+        load_for_sampling(ema_pt)
+    done = subprocess.run([sys.executable, "-m", "ddim.checkpoints", "convert-ema", str(ema_pt), str(out)],
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(REPO / "src")})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"wrote {out}" in done.stdout and not list(out.parent.glob(".*tmp*"))
+    ema, ac, cfg = load_for_sampling(out)
+    raw, _, _ = load_for_sampling(out, use_ema=False)
+    assert cfg["global_step"] == 1200 and cfg["model"]["ch_mult"] == [1, 2] and cfg["data"]["image_size"] == 32
+    assert cfg["optim"]["ema_decay"] == 0.9995 and cfg["optim"]["ema_warmup"] is True
+    assert ac.shape == (1000,) and ac[0].item() == pytest.approx(1 - 1e-4)
+    x, t = torch.randn(2, 3, 32, 32), torch.tensor([10, 900])
+    with torch.no_grad():
+        want = model.eval()(x, t)
+        torch.testing.assert_close(ema(x, t), want, rtol=0, atol=0)
+        torch.testing.assert_close(raw(x, t), want, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="no training state .* cannot be resumed"):
+        _run(_cfg(tmp_path / "run", "dataset=cifar10", "model=cifar10", "model.ch_mult=[1,2]",
+                  "model.attn_resolutions=[16]", "model.dropout=0.1", f"ckpt_path={out}", "trainer.max_steps=1300"))
+
+
+def test_convert_ema_rejects_other_files(tmp_path):
+    from ddim.checkpoints import convert_ema_export, main
+
+    other = tmp_path / "other.pt"
+    torch.save({"weights": torch.zeros(1)}, other)
+    with pytest.raises(ValueError, match=r"is not an ema.pt export \(needs keys ema, unet, steps; has \['weights'\]\)"):
+        convert_ema_export(other, tmp_path / "o.ckpt")
+    with pytest.raises(SystemExit) as e:
+        main(["convert-ema", str(other), str(tmp_path / "o.ckpt")])
+    assert e.value.code == 2 and not (tmp_path / "o.ckpt").exists()
+
+
+def make_cifar10_arrays(root, n=16, size=8):
+    """cifar10_train.npz as the data module reads decoded CIFAR-10: x uint8 (N, H, W, 3), y labels."""
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    np.savez(root / "cifar10_train.npz", x=rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8),
+             y=rng.integers(0, 10, n, dtype=np.uint8))
+    return root
+
+
+def test_cifar10_quick_trains_and_resumes_across_commands(tmp_path):
+    """experiment=cifar10_quick (bf16-mixed, step graph, EMA warm-up; compiling is tested above and left out here for
+    time) on decoded arrays, shrunk to a tiny U-Net: 2 steps, then a second command with ckpt_path=last.ckpt goes on
+    to 4 from the saved weights, optimizer and EMA (exact resume itself: test_resume_matches_uninterrupted_run)."""
+    data = make_cifar10_arrays(tmp_path / "data")
+    quick = ["experiment=cifar10_quick", f"dataset.root={data}", "dataset.image_size=8", "dataset.batch_size=8",
+             "model.ch_mult=[1,2]", "model.attn_resolutions=[]", "trainer.enable_progress_bar=false",
+             "callbacks.model_checkpoint.every_n_train_steps=2", "callbacks.sample_grid.every_n_steps=0"]
+    preset = _cfg(tmp_path / "a", *quick)
+    assert preset.fast.compile and preset.fast.step_graph and preset.trainer.precision == "bf16-mixed"
+    assert preset.trainer.max_steps == 15000 and preset.optim.ema_warmup
+    assert preset.callbacks.model_checkpoint.save_last and preset.callbacks.sample_grid.every_n_steps == 0
+    quick += ["fast.compile=false", "trainer.precision=32-true"]  # bf16 on a CPU: slow
+    _run(_cfg(tmp_path / "a", *quick, "trainer.max_steps=2"))
+    last = tmp_path / "a" / "checkpoints" / "last.ckpt"
+    saved = torch.load(last, map_location="cpu", weights_only=True)
+    assert saved["global_step"] == 2 and saved["hyper_parameters"]["fast"]["step_graph"] is True
+    resumed = _run(_cfg(tmp_path / "b", *quick, "trainer.max_steps=4", f"ckpt_path={last}"))
+    assert resumed["trainer"].global_step == 4
+    opt_state = resumed["trainer"].optimizers[0].state_dict()["state"][0]
+    assert int(opt_state["step"]) == 4  # Adam went on from the saved moments, not from scratch
+    ended = resumed["module"].state_dict()
+    assert not torch.equal(ended["ema_model.conv_in.weight"], saved["state_dict"]["ema_model.conv_in.weight"])
+
+
+# ----------------------------------------------------------------------------- GradientGraph (fast.step_graph)
+
+def _graph_loss_and_params(seed=0):
+    from ddim.models.unet import UNet
+
+    torch.manual_seed(seed)
+    model = UNet(ch=32, out_ch=3, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), dropout=0.0,
+                 in_channels=3, resolution=16).to(memory_format=torch.channels_last).train()
+    x = torch.randn(4, 3, 16, 16).contiguous(memory_format=torch.channels_last)
+    t = torch.tensor([0, 10, 50, 99])
+    return model, (lambda x0: (model(x0, t) - x0).square().sum(dim=(1, 2, 3)).mean()), x, t
+
+
+@pytest.mark.parametrize("clip", [None, 1e-3])
+def test_gradient_graph_gives_the_plain_gradients_in_one_buffer(clip):
+    """(eager on a CPU) the loss, the pre-clip norm and clip_grad_norm_'s clipped gradients, as views of one flat
+    fp32 buffer in each parameter's strides; zeroed every call; views dropped by zero_grad are bound again."""
+    import copy
+
+    from ddim.training.step_graph import GradientGraph
+
+    model, loss_fn, x, t = _graph_loss_and_params()
+    ref_model = copy.deepcopy(model)
+    ref_loss = (ref_model(x, t) - x).square().sum(dim=(1, 2, 3)).mean()
+    ref_loss.backward()
+    ref_norm = torch.nn.utils.clip_grad_norm_(ref_model.parameters(), clip if clip else float("inf"))
+    graph = GradientGraph(loss_fn, list(model.parameters()), grad_clip=clip)
+    for _ in range(2):  # the buffer is zeroed each call: gradients do not accumulate across steps
+        loss, norm = graph(x)
+    torch.testing.assert_close(loss, ref_loss.detach())
+    torch.testing.assert_close(norm, ref_norm, rtol=1e-5, atol=0)
+    for p, q in zip(model.parameters(), ref_model.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7)
+        assert p.grad.stride() == p.stride()
+    assert model.conv_in.weight.grad.is_contiguous(memory_format=torch.channels_last)
+    model.zero_grad(set_to_none=True)
+    graph(x)
+    assert all(p.grad is not None for p in model.parameters())
+    with pytest.raises(ValueError, match="grad_clip must be positive or None, got 0"):
+        GradientGraph(loss_fn, list(model.parameters()), grad_clip=0)
+    with pytest.raises(ValueError, match="fp32 gradients; got a torch.bfloat16 parameter"):
+        GradientGraph(loss_fn, [torch.nn.Parameter(torch.zeros(2, dtype=torch.bfloat16))])
+
+
+class _FakeGraph:
+    def __init__(self):
+        self.resets = 0
+
+    def reset(self):
+        self.resets += 1
+
+
+def test_gradient_graph_release_resets_every_captured_graph():
+    """release() frees every captured graph once and forgets it; release_gradient_graphs() frees all live ones."""
+    from ddim.training.step_graph import GradientGraph, release_gradient_graphs
+
+    model, loss_fn, x, _ = _graph_loss_and_params()
+    graph = GradientGraph(loss_fn, list(model.parameters()))
+    fakes = [_FakeGraph(), _FakeGraph()]
+    graph._graphs = {("a",): (fakes[0], None, None, None), ("b",): (fakes[1], None, None, None)}
+    graph.release()
+    graph.release()  # idempotent: nothing is reset twice
+    assert [f.resets for f in fakes] == [1, 1] and graph._graphs == {}
+    assert torch.isfinite(graph(x)[0])  # and it still steps (eagerly on a CPU)
+    late = _FakeGraph()
+    graph._graphs = {("c",): (late, None, None, None)}
+    release_gradient_graphs()
+    assert late.resets == 1 and graph._graphs == {}
+
+
+def test_gradient_graphs_are_released_before_earlier_exit_handlers(tmp_path):
+    """At exit the graphs are freed before handlers registered earlier run, such as the one Lightning registers
+    at init_process_group to destroy the process group (which hangs while a graph holding its all-reduce lives)."""
+    script = tmp_path / "exit.py"
+    script.write_text(
+        "import atexit\n"
+        "import torch\n"
+        "from ddim.training.step_graph import GradientGraph\n"
+        "class Fake:\n"
+        "    def reset(self):\n"
+        "        print('graph reset', flush=True)\n"
+        "atexit.register(lambda: print('process group destroyed', flush=True))  # as at init_process_group\n"
+        "p = torch.nn.Parameter(torch.zeros(2))\n"
+        "g = GradientGraph(lambda x: (p * x).sum(), [p])\n"
+        "g._graphs = {('k',): (Fake(), None, None, None)}\n")
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(REPO / "src")})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split("\n")[:2] == ["graph reset", "process group destroyed"]
+
+
+def _gradient_graph_rank(rank, world, init, out):
+    import torch.distributed as dist
+
+    from ddim.training.step_graph import GradientGraph, broadcast_module_states
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    model, loss_fn, _, _ = _graph_loss_and_params(seed=rank)  # different weights per rank, until broadcast
+    broadcast_module_states(model)
+    torch.save(model.conv_in.weight.detach().clone(), f"{out}/w{rank}.pt")
+    x = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(rank))  # different data
+    graph = GradientGraph(loss_fn, list(model.parameters()))
+    assert graph.all_reduce
+    graph(x)
+    torch.save(graph.flat.clone(), f"{out}/flat{rank}.pt")
+    graph.all_reduce = False
+    graph(x)
+    torch.save(graph.flat.clone(), f"{out}/local{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_gradient_graph_all_reduces_the_mean_over_ranks(tmp_path):
+    """Two gloo processes: StepGraphDDPStrategy's broadcast gives both rank 0's weights; the graph's gradient is the
+    mean of the ranks' own gradients, the same on both."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_gradient_graph_rank, args=(2, f"file://{tmp_path}/store", str(tmp_path)), nprocs=2, join=True)
+    w0, w1 = (torch.load(tmp_path / f"w{r}.pt") for r in range(2))
+    f0, f1 = (torch.load(tmp_path / f"flat{r}.pt") for r in range(2))
+    l0, l1 = (torch.load(tmp_path / f"local{r}.pt") for r in range(2))
+    torch.testing.assert_close(w0, w1, rtol=0, atol=0)
+    assert not torch.allclose(l0, l1)
+    torch.testing.assert_close(f0, f1, rtol=0, atol=0)
+    torch.testing.assert_close(f0, (l0 + l1) / 2, rtol=1e-5, atol=1e-7)

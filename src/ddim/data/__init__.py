@@ -14,6 +14,10 @@ from typing import Any, Callable
 import lightning as L
 import numpy as np
 import torch
+import torchvision
+import torchvision.transforms as T
+from PIL import Image
+from sklearn.datasets import load_digits
 from torch.utils.data import DataLoader, Dataset
 
 DATASETS = ("digits", "cifar10", "celeba", "lsun", "image_folder")
@@ -52,8 +56,6 @@ class DigitsDataset(Dataset):
 
     def __init__(self, image_size: int = 16, channels: int = 1, split: str = "train", random_flip: bool = False,
                  uniform_dequantization: bool = False):
-        from sklearn.datasets import load_digits
-
         if channels not in (1, 3):
             raise ValueError(f"digits: channels must be 1 or 3, got {channels}")
         d = load_digits()
@@ -83,6 +85,61 @@ class DigitsDataset(Dataset):
         return _to_model_range(x, self.uniform_dequantization), int(self.labels[i])
 
 
+class ArrayImages(Dataset):
+    """Images held in memory as one uint8 (N, H, W, C) array, with labels: a decoded data set (e.g. the JPEG
+    CIFAR-10 copy decoded once), so a step reads no files and decodes nothing."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, random_flip: bool = True,
+                 uniform_dequantization: bool = False):
+        if images.ndim != 4 or images.dtype != np.uint8:
+            raise ValueError(f"expected uint8 images of shape (N, H, W, C), got {images.dtype} {images.shape}")
+        self.images = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)  # (N, C, H, W) view
+        self.labels = torch.from_numpy(np.asarray(labels).astype(np.int64))
+        self.random_flip = random_flip
+        self.uniform_dequantization = uniform_dequantization
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int):
+        x = self.images[i].float() / 255.0
+        if self.random_flip and torch.rand(()) < 0.5:
+            x = x.flip(-1)
+        return _to_model_range(x, self.uniform_dequantization), int(self.labels[i])
+
+
+CIFAR10_HELP = ("Set dataset.download=true where the internet is reachable (torchvision's cifar-10-batches-py), or "
+                "put decoded arrays there: cifar10_train.npz / cifar10_test.npz with x (uint8, N x 32 x 32 x 3) and y "
+                "(labels), e.g. a JPEG copy of CIFAR-10 decoded once")
+
+
+def cifar10_dataset(root: Path, split: str, image_size: int, random_flip: bool, uniform_dequantization: bool,
+                    download: bool) -> Dataset:
+    """CIFAR-10 from ``root``: decoded arrays ``cifar10_<split>.npz`` (x uint8 NHWC, y) when present, else
+    torchvision's ``cifar-10-batches-py`` (downloaded with ``download``)."""
+    if split not in ("train", "test"):
+        raise ValueError(f"cifar10: split must be 'train' or 'test', got {split!r}")
+    arrays = root / f"cifar10_{split}.npz"
+    if arrays.is_file():
+        with np.load(arrays) as d:
+            if "x" not in d or "y" not in d:
+                raise ValueError(f"{arrays} must hold arrays x (uint8, N x H x W x 3) and y (labels); it has "
+                                 f"{sorted(d.files)}")
+            images, labels = d["x"], d["y"]
+        if images.shape[1:3] != (image_size, image_size):
+            raise ValueError(f"{arrays} holds {images.shape[1]}x{images.shape[2]} images; dataset.image_size="
+                             f"{image_size} (allowed here: {images.shape[1]})")
+        return ArrayImages(images, labels, random_flip, uniform_dequantization)
+    if not (root / "cifar-10-batches-py").is_dir() and not download:
+        raise FileNotFoundError(f"CIFAR-10 not found: neither {root / 'cifar-10-batches-py'} nor {arrays} exists. "
+                                f"{CIFAR10_HELP}.")
+    try:
+        base = torchvision.datasets.CIFAR10(str(root), train=split == "train", download=download)
+    except Exception as e:  # noqa: BLE001 - network errors come in many types
+        raise RuntimeError(f"CIFAR-10 download into {root} failed ({e}); no internet? {CIFAR10_HELP}.") from e
+    return _Transformed(base, _default_transform(image_size, random_flip, crop=False), uniform_dequantization)
+
+
 class ImageFolderFlat(Dataset):
     """Every image file under ``root`` (recursively, sorted); label = index of its parent folder name."""
 
@@ -97,8 +154,6 @@ class ImageFolderFlat(Dataset):
         return len(self.files)
 
     def __getitem__(self, i: int):
-        from PIL import Image
-
         p = self.files[i]
         with Image.open(p) as im:
             img = im.convert("RGB")
@@ -137,8 +192,6 @@ def _celeba_files(root: Path, split: str) -> list[Path]:
 
 def celeba_transform(image_size: int, random_flip: bool) -> Callable:
     """The official crop: the 128x128 box around (cx=89, cy=121) of the 178x218 aligned image, then resize."""
-    import torchvision.transforms as T
-
     cx, cy = 89, 121
     top, left = cy - 64, cx - 64
     steps: list[Any] = [T.Lambda(lambda im: im.crop((left, top, left + 128, top + 128))), T.Resize(image_size)]
@@ -149,8 +202,6 @@ def celeba_transform(image_size: int, random_flip: bool) -> Callable:
 
 
 def _default_transform(image_size: int, random_flip: bool, crop: bool) -> Callable:
-    import torchvision.transforms as T
-
     steps: list[Any] = [T.Resize(image_size)]
     if crop:
         steps.append(T.CenterCrop(image_size))
@@ -165,7 +216,8 @@ def build_dataset(name: str, *, root: str | Path = "data", image_size: int = 32,
                   channels: int = 3, category: str = "church_outdoor", **unused: Any) -> Dataset:
     """A Dataset of (image in [-1, 1], label) for ``name`` in DATASETS.
 
-    root: folder holding the data (cifar10: torchvision's ``cifar-10-batches-py`` lives in it; celeba:
+    root: folder holding the data (cifar10: decoded arrays ``cifar10_<split>.npz`` or torchvision's
+    ``cifar-10-batches-py``; celeba:
     ``root/celeba/img_align_celeba``; lsun: ``root/<category>_<split>_lmdb`` or an image folder
     ``root/<category>``; image_folder: the images themselves, any depth).
     split: "train" or "test" ("valid" for celeba/lsun val).  channels: digits only (1 or 3).
@@ -175,21 +227,7 @@ def build_dataset(name: str, *, root: str | Path = "data", image_size: int = 32,
         return DigitsDataset(image_size=image_size, channels=channels, split=split, random_flip=random_flip,
                              uniform_dequantization=uniform_dequantization)
     if name == "cifar10":
-        import torchvision
-
-        if split not in ("train", "test"):
-            raise ValueError(f"cifar10: split must be 'train' or 'test', got {split!r}")
-        if not (root / "cifar-10-batches-py").is_dir() and not download:
-            raise FileNotFoundError(
-                f"CIFAR-10 not found: {root / 'cifar-10-batches-py'} does not exist. Set dataset.download=true "
-                f"where the internet is reachable, or unpack the local JPEG copy with "
-                f"`python ../shared/tools/cifar10_jpeg.py` and use dataset=image_folder dataset.root=<that folder>.")
-        try:
-            base = torchvision.datasets.CIFAR10(str(root), train=split == "train", download=download)
-        except Exception as e:  # noqa: BLE001 - network errors come in many types
-            raise RuntimeError(f"CIFAR-10 download into {root} failed ({e}); no internet? Put "
-                               f"cifar-10-batches-py under {root} or use dataset=image_folder.") from e
-        return _Transformed(base, _default_transform(image_size, random_flip, crop=False), uniform_dequantization)
+        return cifar10_dataset(root, split, image_size, random_flip, uniform_dequantization, download)
     if name == "celeba":
         files = _celeba_files(root, split)
         return _Transformed(ImageFolderFlat(root, files), celeba_transform(image_size, random_flip),
@@ -199,8 +237,6 @@ def build_dataset(name: str, *, root: str | Path = "data", image_size: int = 32,
         folder = root / category
         tf = _default_transform(image_size, random_flip, crop=True)
         if lmdb_dir.is_dir():
-            import torchvision
-
             base = torchvision.datasets.LSUN(str(root), classes=[lmdb_dir.name[:-5]])
             return _Transformed(base, tf, uniform_dequantization)
         if folder.is_dir():
@@ -211,7 +247,7 @@ def build_dataset(name: str, *, root: str | Path = "data", image_size: int = 32,
     if name == "image_folder":
         if not root.is_dir():
             raise FileNotFoundError(f"image folder not found: {root}. Point dataset.root at a folder of images "
-                                    f"(e.g. the CIFAR-10 copy unpacked with ../shared/tools/cifar10_jpeg.py).")
+                                    f"(any depth, e.g. <root>/<class>/<image>.jpg).")
         base = ImageFolderFlat(root)
         if len(base) == 0:
             raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {root}")

@@ -32,8 +32,10 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from ddim.models.official import official_state_dict
+
 __all__ = ["EMA", "DEFAULT_EMA_DECAY", "ema_decay_at", "ema_initial_share", "ema_initial_share_note",
-           "ema_warmup_of"]
+           "ema_warmup_of", "lerp_ema_"]
 
 DEFAULT_EMA_DECAY = 0.9999
 
@@ -43,18 +45,25 @@ def ema_decay_at(decay: float, n: int, warmup: bool) -> float:
     ``min(decay, (1 + n) / (10 + n))`` (diffusers' ``EMAModel`` rule).
 
     Why warm up: a shadow seeded with the initial weights keeps ``decay ** steps`` of them, and early on it
-    averages over weights that still change fast.  One 12,000-step CIFAR-10 run at 0.9997 (2.7 % left) sampled
-    at FID 79 from the official average, 36 with the initial weights' share taken out, 30.5 from the raw weights
-    and 19.6 with the warm-up (10,000 samples, S = 50; ``bench/ema_warmup.py``, docs/results/bench, 19th round).
-    The initial weights are gone after ~100 updates; from ~90,000 updates on at 0.9999 it is the official rule
+    averages over weights that still change fast, so a short run's EMA samples worse than its raw weights
+    (docs/performance.md has the measured FIDs).  With the warm-up the initial weights are gone after ~100 updates; from ~90,000 updates on at 0.9999 it is the official rule
     again, so long runs end with the same average.
     """
     return min(decay, (1 + n) / (10 + n)) if warmup else decay
 
 
+@torch.no_grad()
+def lerp_ema_(ema_tensors: list[torch.Tensor], tensors: list[torch.Tensor], decay: float) -> None:
+    """The EMA update, in place: ``ema <- decay * ema + (1 - decay) * tensor`` for every pair (torch's own
+    ``get_ema_multi_avg_fn``: one fused ``_foreach_lerp_`` when the pairs share dtype, device and strides).
+
+    Every EMA in the project updates through this function (``EMA.update``, the training module)."""
+    get_ema_multi_avg_fn(decay)(ema_tensors, tensors, None)
+
+
 def ema_warmup_of(settings: Mapping | None) -> bool:
-    """``settings["ema_warmup"]`` (train.py's ``optim``, a ``scripts/cifar10_gpu.py`` checkpoint); absent (settings
-    and checkpoints from before the option): the official rule, no warm-up."""
+    """``settings["ema_warmup"]`` (train.py's ``optim``, an exported ``ema.pt``); absent (settings and checkpoints
+    from before the option): the official rule, no warm-up."""
     return bool((settings or {}).get("ema_warmup", False))
 
 
@@ -77,8 +86,8 @@ def ema_initial_share(decay: float, updates: int, warmup: bool) -> float:
 
 
 def ema_initial_share_note(decay: float, updates: int, warmup: bool) -> str | None:
-    """What to tell the user when an EMA still holds more than 0.1 % of the initial (random) weights (a CIFAR-10 run
-    with 2.9 % left sampled at FID 99), else None; callers add what to do in their own terms."""
+    """What to tell the user when an EMA still holds more than 0.1 % of the initial (random) weights (enough to spoil
+    its samples), else None; callers add what to do in their own terms."""
     left = ema_initial_share(decay, updates, warmup)
     if left <= 1e-3:
         return None
@@ -123,7 +132,7 @@ class EMA(AveragedModel):
             g[0].append(e)
             g[1].append(c)
         for e_list, c_list in groups.values():
-            self.multi_avg_fn(e_list, c_list, self.n_averaged)
+            lerp_ema_(e_list, c_list, self.decay)
         self.n_averaged.add_(1)
         for b_ema, b in zip(self.module.buffers(), model.buffers(), strict=True):
             b_ema.copy_(b)
@@ -132,8 +141,6 @@ class EMA(AveragedModel):
     def load_shadow(self, shadow: Mapping[str, torch.Tensor]) -> None:
         """Load averaged weights given as a plain model state dict or an official ``EMAHelper.shadow``
         (parameter names, maybe ``module.``-prefixed; parameters only)."""
-        from ddim.models.official import official_state_dict
-
         sd = official_state_dict(dict(shadow), source="EMA shadow")
         own = dict(self.module.named_parameters())
         missing = sorted(set(own) - set(sd))

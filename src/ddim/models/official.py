@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from omegaconf import OmegaConf
 
 from ddim.models.unet import UNet, timestep_embedding_frequencies
 
@@ -60,14 +61,8 @@ _IGNORED_MODEL_KEYS = ("type", "var_type", "ema_rate", "ema")
 
 
 def _plain(obj: Any) -> Any:
-    try:  # OmegaConf DictConfig/ListConfig without importing omegaconf when not needed
-        from omegaconf import OmegaConf
-
-        if OmegaConf.is_config(obj):
-            return OmegaConf.to_container(obj, resolve=True)
-    except ImportError:  # pragma: no cover
-        pass
-    return obj
+    """An OmegaConf DictConfig/ListConfig as plain containers; anything else as given."""
+    return OmegaConf.to_container(obj, resolve=True) if OmegaConf.is_config(obj) else obj
 
 
 def unet_kwargs_from_config(config: Mapping | str) -> dict:

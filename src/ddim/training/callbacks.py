@@ -2,15 +2,19 @@
 training speed in steps and images per second, and checkpoints that include the step training ended at."""
 from __future__ import annotations
 
+import math
+import time
 from pathlib import Path
 from typing import Any
 
-import time
-
 import lightning as L
 import torch
+import torchvision
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
+
+from ddim.diffusion import sample, timesteps
 
 
 class FinalStepCheckpoint(ModelCheckpoint):
@@ -63,8 +67,6 @@ class SampleGrid(L.Callback):
     @torch.no_grad()
     def sample(self, pl_module: L.LightningModule) -> torch.Tensor:
         """x_0 in [-1, 1] from the fixed noise."""
-        from ddim.diffusion import sample, timesteps
-
         model = pl_module.ema_model if self.use_ema else pl_module.model
         was_training = model.training
         model.eval()
@@ -78,10 +80,6 @@ class SampleGrid(L.Callback):
 
     @rank_zero_only
     def write(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Path:
-        import math
-
-        import torchvision
-
         x = self.sample(pl_module)
         size = self.display_size or max(32, x.shape[-1])
         if size > x.shape[-1]:
@@ -148,8 +146,6 @@ class StepRate(L.Callback):
 
 
 def _log_image(logger: Any, grid: torch.Tensor, step: int) -> None:
-    from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
-
     if isinstance(logger, WandbLogger):
         logger.log_image(key="samples", images=[grid.cpu()], step=step)
     elif isinstance(logger, TensorBoardLogger):

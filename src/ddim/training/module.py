@@ -1,10 +1,15 @@
 """Lightning training of the DDPM ε-model (the network DDIM samples from).
 
 DDIM needs no training of its own: the paper samples models trained with the DDPM objective
-L_γ with γ = 1 (eq. (5)), i.e. ||ε - ε_θ(√ᾱ_t x_0 + √(1-ᾱ_t) ε, t)||².  This module reproduces the
-official recipe: squared error summed over pixels, mean over the batch; antithetic timesteps
-(t and T-1-t in one batch); Adam; gradient-norm clipping; an EMA of the weights that is what
-gets sampled and is saved in every checkpoint (format: ``ddim.checkpoints``).
+L_γ with γ = 1 (eq. (5); ``ddim.training.objective``).  This module reproduces the official recipe: squared error
+summed over pixels, mean over the batch; antithetic timesteps (t and T-1-t in one batch); Adam; gradient-norm
+clipping; an EMA of the weights that is what gets sampled and is saved in every checkpoint (format:
+``ddim.checkpoints``).
+
+Speed options (``fast``), none of which changes the parameters, the loss or the checkpoint keys:
+``compile`` (``ddim.accel.prepare_for_training`` and ``torch.compile`` on the trained network), ``mode`` (the
+``torch.compile`` mode) and ``step_graph`` (forward, backward, all-reduce and clipping as one CUDA graph,
+``ddim.training.step_graph.GradientGraph``).
 """
 from __future__ import annotations
 
@@ -16,100 +21,89 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
-from torch.optim.swa_utils import get_ema_multi_avg_fn
+from torch.nn.parallel import DistributedDataParallel
 
+from ddim.accel import prepare_for_training
 from ddim.config import as_bool, plain
 from ddim.diffusion.schedules import alphas_cumprod_from_config
 from ddim.models.build import build_unet, check_architecture
-from ddim.models.ema import DEFAULT_EMA_DECAY, ema_decay_at, ema_initial_share_note, ema_warmup_of
-from ddim.accel.inference import (GradientGraph, default_group_norm, default_upsample, swap_group_norm, swap_upsample,
-                       to_channels_last)
+from ddim.models.ema import DEFAULT_EMA_DECAY, ema_decay_at, ema_initial_share_note, ema_warmup_of, lerp_ema_
+from ddim.training.objective import antithetic_timesteps, eps_loss, rank_seed
+from ddim.training.step_graph import GradientGraph
+
+FAST_DEFAULTS = {"compile": False, "mode": None, "step_graph": False}
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+OPTIM_NUMBERS = ("lr", "beta1", "eps", "weight_decay", "ema_decay", "grad_clip", "warmup_steps")
 
 
-def antithetic_timesteps(n: int, T: int, device: torch.device | str = "cpu", generator: torch.Generator | None = None) -> torch.Tensor:
-    """t ~ U{0..T-1} for half the batch and T-1-t for the other half (official variance reduction)."""
-    t = torch.randint(0, T, (n // 2 + 1,), device=device, generator=generator)
-    return torch.cat([t, T - t - 1])[:n]
-
-
-def eps_loss(eps_model: nn.Module, x0: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor,
-             noise: torch.Tensor | None = None) -> torch.Tensor:
-    """Official DDPM/DDIM loss: ||ε - ε_θ(x_t, t)||² summed over pixels, averaged over the batch."""
-    e = torch.randn_like(x0) if noise is None else noise
-    a = alphas_cumprod.to(device=x0.device, dtype=x0.dtype).index_select(0, t).view(-1, *([1] * (x0.dim() - 1)))
-    x_t = x0 * a.sqrt() + e * (1.0 - a).sqrt()
-    return (e - eps_model(x_t, t)).square().flatten(1).sum(1).mean()
-
-
-def rank_seed(seed: int, rank: int, step: int) -> int:
-    """The seed of one DDP rank's t, ε and dropout draws from optimizer step ``step`` on.
-
-    ``seed_everything`` gives every rank the same generator, so without this all ranks drew the same t and ε
-    each step (for different images) and the same dropout masks.  Mixed by numpy's SeedSequence."""
-    import numpy as np
-
-    return int(np.random.SeedSequence([int(seed), int(rank), int(step)]).generate_state(1, np.uint64)[0] >> 1)
-
-
-FAST_DEFAULTS = {"compile": False, "backend": "inductor", "mode": None, "channels_last": None, "group_norm": None,
-                 "upsample": None, "step_graph": False}
-
-
-def _mode_has_cuda_graphs(mode: str | None) -> bool:
+def mode_has_cuda_graphs(mode: str | None) -> bool:
     """Whether torch.compile's ``mode`` wraps the compiled regions in CUDA graphs (cudagraph trees)."""
-    return bool(mode) and ("reduce-overhead" in mode or mode == "max-autotune")
+    return mode in ("reduce-overhead", "max-autotune")
 
 
-def _fast_settings(fast: dict) -> dict:
-    """Fill in the speed settings: channels_last, per-channel GroupNorm statistics and phase upsampling follow
-    ``compile`` (they pay off compiled, on a GPU: docs/results/bench); none changes parameters or checkpoints."""
+def fast_settings(fast: dict) -> dict:
+    """``fast`` checked and filled in with ``FAST_DEFAULTS``; every bad value is named with what is allowed."""
     unknown = sorted(set(fast) - set(FAST_DEFAULTS))
     if unknown:
         raise ValueError(f"unknown fast setting(s) {unknown}; allowed: {sorted(FAST_DEFAULTS)}")
     out = {**FAST_DEFAULTS, **fast}
     out["compile"] = as_bool(out["compile"], "fast.compile")
-    out["channels_last"] = out["compile"] if out["channels_last"] is None else as_bool(out["channels_last"],
-                                                                                        "fast.channels_last")
-    out["group_norm"] = default_group_norm(out["group_norm"], out["compile"])  # checked by swap_group_norm
-    out["upsample"] = default_upsample(out["upsample"], out["compile"])  # checked by swap_upsample
     out["step_graph"] = as_bool(out["step_graph"], "fast.step_graph")
-    if out["step_graph"] and _mode_has_cuda_graphs(out["mode"]):
+    if out["mode"] is not None and out["mode"] not in COMPILE_MODES:
+        raise ValueError(f"fast.mode must be null or one of {', '.join(COMPILE_MODES)}, got {out['mode']!r}")
+    if out["mode"] is not None and not out["compile"]:
+        raise ValueError(f"fast.mode={out['mode']!r} is a torch.compile mode: it needs fast.compile=true")
+    if out["step_graph"] and mode_has_cuda_graphs(out["mode"]):
         raise ValueError(f"fast.step_graph=true captures the whole step in one CUDA graph, which cannot hold the CUDA "
                          f"graphs of fast.mode={out['mode']!r}: use fast.mode=null (or max-autotune-no-cudagraphs)")
     return out
 
 
+def check_optim(optim: dict) -> float:
+    """Refuse non-numbers among the optimiser settings by name; returns the checked EMA decay."""
+    for key in OPTIM_NUMBERS:
+        value = optim.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise ValueError(f"optim.{key} must be a number, got {value!r}")
+    decay = float(optim.get("ema_decay", DEFAULT_EMA_DECAY))
+    if not 0.0 <= decay < 1.0:
+        raise ValueError(f"optim.ema_decay must be in [0, 1), got {decay}")
+    return decay
+
+
+def match_layout(copy_of: nn.Module, model: nn.Module) -> None:
+    """Give ``copy_of``'s parameters the memory layout (strides) of ``model``'s, values kept: the EMA update's
+    fused lerp needs pairs of equal strides, and ``prepare_for_training`` makes most weights channels_last."""
+    with torch.no_grad():
+        for mine, theirs in zip(copy_of.parameters(), model.parameters(), strict=True):
+            if mine.stride() != theirs.stride():
+                mine.data = torch.empty_like(theirs).copy_(mine)
+
+
 class DiffusionModule(L.LightningModule):
-    """Trains ``model`` (UNet kwargs) under ``diffusion`` (beta schedule) with ``optim`` (Adam + clip + EMA)."""
+    """Trains ``model`` (UNet kwargs) under ``diffusion`` (beta schedule) with ``optim`` (Adam + clip + EMA);
+    ``data`` (name, image_size, channels) is kept for sampling, ``fast`` holds the speed options."""
 
     def __init__(self, model: dict, diffusion: dict, optim: dict | None = None, data: dict | None = None,
                  fast: dict | None = None):
         super().__init__()
         model, diffusion, optim, data = plain(model), plain(diffusion), plain(optim or {}), plain(data or {})
-        fast = _fast_settings(plain(fast or {}))
+        fast = fast_settings(plain(fast or {}))
+        self.ema_decay = check_optim(optim)
+        self.ema_warmup = ema_warmup_of(optim)  # train.py's conf/optim sets it (true)
         self.save_hyperparameters({"model": model, "diffusion": diffusion, "optim": optim, "data": data, "fast": fast})
         self.model = build_unet(model)
-        if fast["channels_last"]:
-            self.model = to_channels_last(self.model)
-        swap_group_norm(self.model, fast["group_norm"])  # same parameters and state-dict keys, only the class changes
-        swap_upsample(self.model, fast["upsample"])  # "phases": ddim.accel.inference.PhaseUpsample, same result, fewer FLOPs
+        # copied before any fast-path change: the EMA stays the plain U-Net, which samples the preview grids eagerly
         self.ema_model = copy.deepcopy(self.model).eval().requires_grad_(False)
-        swap_group_norm(self.ema_model, "torch")  # the EMA only samples previews, eagerly: torch's kernel
-        swap_upsample(self.ema_model, "nearest")
+        if fast["compile"]:
+            prepare_for_training(self.model)  # in place: same parameters and state-dict keys
+            match_layout(self.ema_model, self.model)
         self.register_buffer("alphas_cumprod", alphas_cumprod_from_config(diffusion), persistent=False)
         self.num_timesteps = int(self.alphas_cumprod.numel())
-        for k in ("lr", "beta1", "eps", "weight_decay", "ema_decay", "grad_clip", "warmup_steps"):
-            v = optim.get(k)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
-                raise ValueError(f"optim.{k} must be a number, got {v!r}")
-        self.ema_decay = float(optim.get("ema_decay", DEFAULT_EMA_DECAY))
-        if not 0.0 <= self.ema_decay < 1.0:
-            raise ValueError(f"optim.ema_decay must be in [0, 1), got {self.ema_decay}")
-        self.ema_warmup = ema_warmup_of(optim)  # train.py's conf/optim sets it (true)
         # fast.step_graph: forward, backward, all-reduce and clipping are one CUDA graph, replayed inside
-        # optimizer.step's closure (ddim.accel.inference.GradientGraph); Lightning then only steps Adam, the LR and the EMA
+        # optimizer.step's closure (GradientGraph); Lightning then only steps Adam, the LR and the EMA
         self.automatic_optimization = not fast["step_graph"]
 
     # ------------------------------------------------------------------ training
@@ -123,18 +117,17 @@ class DiffusionModule(L.LightningModule):
         if not fast["compile"]:
             return self.model
         if self.__dict__.get("_compiled_model") is None:
-            self.__dict__["_compiled_model"] = torch.compile(self.model, backend=fast["backend"], mode=fast["mode"],
-                                                             dynamic=False)
+            self.__dict__["_compiled_model"] = torch.compile(self.model, mode=fast["mode"], dynamic=False)
         return self.__dict__["_compiled_model"]
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x0 = batch[0] if isinstance(batch, (list, tuple)) else batch
         fast = self.hparams.fast
-        if fast["channels_last"]:
+        if fast["compile"]:
             x0 = x0.contiguous(memory_format=torch.channels_last)  # x_t and ε inherit the layout
         if fast["step_graph"]:
             return self._graphed_training_step(x0)
-        if fast["compile"] and _mode_has_cuda_graphs(fast["mode"]):  # max-autotune's CUDA graphs too
+        if fast["compile"] and mode_has_cuda_graphs(fast["mode"]):
             torch.compiler.cudagraph_mark_step_begin()
         t = antithetic_timesteps(x0.shape[0], self.num_timesteps, device=x0.device)
         loss = eps_loss(self._train_eps(), x0, t, self.alphas_cumprod.float())
@@ -142,23 +135,23 @@ class DiffusionModule(L.LightningModule):
         return loss
 
     def _gradient_graph(self) -> GradientGraph:
-        g = self.__dict__.get("_gradient_graph_obj")
-        if g is None:
+        graph = self.__dict__.get("_gradient_graph_obj")
+        if graph is None:
             eps, ac, T = self._train_eps(), self.alphas_cumprod.float(), self.num_timesteps
 
             def loss_fn(x0: torch.Tensor) -> torch.Tensor:  # the automatic path's loss, drawn inside the graph
                 return eps_loss(eps, x0, antithetic_timesteps(x0.shape[0], T, device=x0.device), ac)
 
             clip = self.hparams.optim.get("grad_clip", 1.0)
-            g = GradientGraph(loss_fn, self._step_tensors()["params"], grad_clip=float(clip) if clip else None)
-            self.__dict__["_gradient_graph_obj"] = g
-        return g
+            graph = GradientGraph(loss_fn, self._step_tensors()["params"], grad_clip=float(clip) if clip else None)
+            self.__dict__["_gradient_graph_obj"] = graph
+        return graph
 
     def release_step_graph(self) -> None:
         """Free fast.step_graph's CUDA graph (``GradientGraph.release``); the next step captures it again."""
-        g = self.__dict__.get("_gradient_graph_obj")
-        if g is not None:
-            g.release()
+        graph = self.__dict__.get("_gradient_graph_obj")
+        if graph is not None:
+            graph.release()
 
     def _graphed_training_step(self, x0: torch.Tensor) -> torch.Tensor:
         """The automatic path's step (loss, clip, Adam, LR warm-up, EMA) with the loss and gradients from one
@@ -192,50 +185,51 @@ class DiffusionModule(L.LightningModule):
 
     @torch.no_grad()
     def update_ema(self, n: int | None = None) -> None:
-        """θ_ema <- d θ_ema + (1-d) θ; with ema_warmup, d = min(decay, (1+n)/(10+n)) so short runs are usable.
+        """θ_ema <- d θ_ema + (1-d) θ with d = ``ddim.models.ema.ema_decay_at`` (the warm-up when optim.ema_warmup);
+        buffers copied.  The EMA stays a plain module, so checkpoint keys ("ema_model.*") are stable.
 
         n: optimizer steps taken before this one (default: global_step, which Lightning's automatic loop
         advances only after the optimizer_step hook returns)."""
-        d = ema_decay_at(self.ema_decay, self.global_step if n is None else n, self.ema_warmup)
-        t = self._step_tensors()
-        # torch's own EMA rule (one fused _foreach_lerp_), as ddim.models.EMA; built per step because the
-        # warm-up changes d. Keeping ema_model a plain module keeps checkpoint keys ("ema_model.*") stable.
-        get_ema_multi_avg_fn(d)(t["ema"], t["params"], None)
-        for b_ema, b in zip(t["ema_buffers"], t["buffers"]):
+        tensors = self._step_tensors()
+        lerp_ema_(tensors["ema"], tensors["params"],
+                  ema_decay_at(self.ema_decay, self.global_step if n is None else n, self.ema_warmup))
+        for b_ema, b in zip(tensors["ema_buffers"], tensors["buffers"]):
             b_ema.copy_(b)
 
     def on_train_start(self) -> None:
         # listed once per fit, after the move to the device and any checkpoint restore (both keep the tensors)
         self.__dict__["_step_tensor_lists"] = self._collect_step_tensors()
-        from torch.nn.parallel import DistributedDataParallel
-
         if self.trainer.world_size > 1:  # after any checkpoint restore, which brings rank 0's generator state
             torch.manual_seed(rank_seed(int(os.environ.get("PL_GLOBAL_SEED", 0)), self.trainer.global_rank,
                                         self.global_step))
-        fast, wrapper = self.hparams.fast, self.trainer.strategy.model
-        graphs = fast["compile"] and _mode_has_cuda_graphs(fast["mode"])
-        if graphs and isinstance(wrapper, DistributedDataParallel) and wrapper.gradient_as_bucket_view:
-            raise ValueError(f"DDP with gradient_as_bucket_view=true and fast.mode={fast['mode']!r} (CUDA graphs) trains "
-                             "on wrong gradients (one H200, CIFAR-10: grad norm ~15,000 from the first step against "
-                             "~1,200, loss behind; docs/results/bench): set trainer.strategy.gradient_as_bucket_view="
-                             "false, or use trainer=ddp_step_graph fast.step_graph=true")
-        if fast["step_graph"]:
-            # Lightning warns that manual optimisation checkpoints hold the state after the optimizer step; so do
-            # the automatic path's (ModelCheckpoint runs after the step in both), so the warning says nothing here
-            warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
+        self._check_strategy()
 
-            if isinstance(wrapper, DistributedDataParallel):
-                raise ValueError("fast.step_graph=true all-reduces the gradients inside its CUDA graph, and "
-                                 "DistributedDataParallel would all-reduce them again: use trainer=ddp_step_graph "
-                                 f"(ddim.training.module.StepGraphDDPStrategy), not {type(self.trainer.strategy).__name__}")
+    def _check_strategy(self) -> None:
+        """Refuse the DDP pairings that train on wrong gradients, before the first step."""
+        fast, wrapper = self.hparams.fast, self.trainer.strategy.model
+        ddp = isinstance(wrapper, DistributedDataParallel)
+        if ddp and fast["compile"] and mode_has_cuda_graphs(fast["mode"]) and wrapper.gradient_as_bucket_view:
+            raise ValueError(f"DDP with gradient_as_bucket_view=true and fast.mode={fast['mode']!r} (CUDA graphs) trains "
+                             "on wrong gradients: set trainer.strategy.gradient_as_bucket_view=false, or use "
+                             "trainer=ddp_step_graph fast.step_graph=true")
+        if not fast["step_graph"]:
+            return
+        # Lightning warns that manual optimisation checkpoints hold the state after the optimizer step; so do
+        # the automatic path's (ModelCheckpoint runs after the step in both), so the warning says nothing here
+        warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
+        if ddp:
+            raise ValueError("fast.step_graph=true all-reduces the gradients inside its CUDA graph, and "
+                             "DistributedDataParallel would all-reduce them again: use trainer=ddp_step_graph "
+                             f"(ddim.training.step_graph.StepGraphDDPStrategy), not "
+                             f"{type(self.trainer.strategy).__name__}")
 
     def _collect_step_tensors(self) -> dict[str, list[torch.Tensor]]:
         return {"params": list(self.model.parameters()), "ema": list(self.ema_model.parameters()),
                 "buffers": list(self.model.buffers()), "ema_buffers": list(self.ema_model.buffers())}
 
     def _step_tensors(self) -> dict[str, list[torch.Tensor]]:
-        """The tensors clipping and the EMA touch every step.  Walking the 250-module tree for them three times
-        a step is host time that the GPU waits for once the step is CUDA graphs (docs/results/bench)."""
+        """The tensors clipping and the EMA touch every step.  Walking the module tree for them every step is
+        host time that the GPU waits for once the step is CUDA graphs."""
         lists = self.__dict__.get("_step_tensor_lists")
         return lists if lists is not None else self._collect_step_tensors()
 
@@ -256,8 +250,6 @@ class DiffusionModule(L.LightningModule):
             return
         warning = ema_initial_share_note(self.ema_decay, self.global_step, self.ema_warmup)
         if warning:
-            from lightning.pytorch.utilities import rank_zero_warn
-
             rank_zero_warn(f"{warning}; sample from them only after longer training, or train with "
                            f"optim.ema_warmup=true or a smaller optim.ema_decay")
 
@@ -275,27 +267,3 @@ class DiffusionModule(L.LightningModule):
             torch.set_rng_state(rng["torch"].cpu())
             if rng.get("cuda") and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
                 torch.cuda.set_rng_state_all(rng["cuda"])
-
-
-class StepGraphDDPStrategy(DDPStrategy):
-    """DDP's processes, process group and data sharding without the DistributedDataParallel wrapper, for
-    ``fast.step_graph=true``: its CUDA-graphed step all-reduces the gradients itself, as one collective
-    inside the graph (``ddim.accel.inference.GradientGraph``), instead of DDP's per-bucket hooks between graph pieces."""
-
-    def configure_ddp(self) -> None:
-        from lightning.pytorch.overrides.distributed import _sync_module_states
-
-        if self.lightning_module.automatic_optimization:
-            raise ValueError("StepGraphDDPStrategy (trainer=ddp_step_graph) does not all-reduce gradients itself: it "
-                             "needs fast.step_graph=true, whose graphed step does; use trainer=ddp otherwise")
-        _sync_module_states(self.model)  # every replica starts from rank 0's weights, as DDP's constructor does
-
-    def teardown(self) -> None:
-        # before Lightning's exit handler destroys the process group, which hangs while a graph holding its
-        # all-reduce lives (GradientGraph.release); the trainer tears the strategy down after errors too
-        release = getattr(self.lightning_module, "release_step_graph", None)
-        if release is not None:
-            release()
-        super().teardown()
-
-
