@@ -32,12 +32,12 @@ OFFICIAL_DATASETS = {"CIFAR10": "cifar10", "CELEBA": "celeba", "LSUN": "lsun"}
 REMOVED_SAMPLER_OPTIONS = ("fast", "fp8", "fp8_max_width")
 
 
-def resolve_device(name: Any) -> str:
+def resolve_device(name: Any, setting: str = "device") -> str:
     """``auto`` / null: cuda when available, else cpu; a CUDA device on a machine without CUDA is refused."""
     if name in (None, "auto"):
         return "cuda" if torch.cuda.is_available() else "cpu"
     if str(name).startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device={name} but CUDA is not available on this machine; allowed here: auto, cpu")
+        raise ValueError(f"{setting}={name} but CUDA is not available on this machine; allowed here: auto, cpu")
     return str(name)
 
 
@@ -141,7 +141,8 @@ def validate(cfg: DictConfig) -> Settings:
     if task in ETA_ZERO_TASKS and eta != 0.0:
         print(f"note: task={task} decodes with η = 0 (deterministic DDIM); sampler.eta={sampler.eta} is not used")
     fid = OmegaConf.to_container(cfg.fid, resolve=True)
-    fid["device"] = resolve_device(fid.get("device"))
+    if task == "fid":
+        fid["device"] = resolve_device(fid.get("device"), "fid.device")  # Inception's device
     section = cfg.get(task)
     return Settings(
         task=task, kind=sampler.kind, eta=eta, steps=int(sampler.steps), trajectory=sampler.get("trajectory"),
@@ -188,9 +189,10 @@ def check_image_shape(eps_model: nn.Module, data: dict) -> tuple[int, int, int]:
 
 def check_steps_fit(s: Settings, T: int) -> None:
     """S (and every consistency S) within the model's T diffusion steps."""
-    steps = [int(S) for S in s.params["steps"]] if s.task == "consistency" else [s.steps]
-    name = "consistency.steps entry" if s.task == "consistency" else "sampler.steps"
-    for S in steps:
+    steps = [("sampler.steps", s.steps)]
+    if s.task == "consistency":
+        steps += [("consistency.steps entry", int(S)) for S in s.params["steps"]]
+    for name, S in steps:
         if S > T:
             raise ValueError(f"{name}={S} exceeds the model's T={T} diffusion steps (allowed: 1..{T})")
         if s.kind != "ddim":
