@@ -6,7 +6,6 @@ the real Inception FID is tested in test_fid.py.
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
