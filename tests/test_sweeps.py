@@ -103,8 +103,11 @@ def _compose(*overrides):
     ("table1_cifar10_quick", "fid", {"sampler.eta": "0.0,1.0,hat", "sampler.steps": "10,20,50,100"}),
     ("table1_celeba", "fid", {"sampler.eta": "0.0,0.2,0.5,1.0,hat", "sampler.steps": "10,20,50,100,1000"}),
     ("table2_cifar10", "reconstruction", {"sampler.steps": "10,20,50,100,200,500,1000"}),
+    ("table2_cifar10_quick", "reconstruction", {"sampler.steps": "10,20,50,100,200,500,1000"}),
     ("fid_vs_nfe_cifar10", "fid", {"sampler.kind": "ddim,plms,dpmpp_2m,heun",
                                    "fid_vs_nfe.budget": "nfe5,nfe10,nfe20,nfe50,nfe100"}),
+    ("fid_vs_nfe_cifar10_quick", "fid", {"sampler.kind": "ddim,plms,dpmpp_2m,heun",
+                                         "fid_vs_nfe.budget": "nfe5,nfe10,nfe20,nfe50,nfe100"}),
 ])
 def test_sweep_presets(preset, task, grid, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # found from any working directory
@@ -112,9 +115,13 @@ def test_sweep_presets(preset, task, grid, tmp_path, monkeypatch):
     assert cfg.task == task
     assert dict(cfg.hydra.sweeper.params) == grid
     assert cfg.sampler.trajectory == {"table1_cifar10": "quadratic", "table1_cifar10_quick": "quadratic",
-                                      "table1_celeba": "linear", "fid_vs_nfe_cifar10": "quadratic"}.get(preset)
-    quick = preset == "table1_cifar10_quick"
-    assert (cfg.sampler.precision, cfg.fid.num_samples) == (("bf16", 5000) if quick else ("fp32", 50000))
+                                      "table1_celeba": "linear", "fid_vs_nfe_cifar10": "quadratic",
+                                      "fid_vs_nfe_cifar10_quick": "quadratic"}.get(preset)
+    quick_fid = preset in ("table1_cifar10_quick", "fid_vs_nfe_cifar10_quick")
+    assert (cfg.sampler.precision, cfg.fid.num_samples) == (("bf16", 5000) if quick_fid else ("fp32", 50000))
+    assert cfg.reconstruction.num_images == (1000 if preset == "table2_cifar10_quick" else None)
+    if preset.startswith("fid_vs_nfe"):  # the S of each (sampler, budget) resolves from the preset's table
+        assert cfg.sampler.steps == cfg.fid_vs_nfe.steps.ddim.nfe10 == 10
     slurm = _compose(f"+sweeps={preset}", "+sweeps/launcher=slurm")
     assert "submitit" in slurm.hydra.launcher._target_ and slurm.hydra.launcher.gpus_per_node == 1
 
@@ -201,8 +208,11 @@ def test_fid_vs_nfe_aggregate_table_and_plot(tmp_path):
     assert f"| plms | {fids[('plms', 5, 0.0)]:.2f} | {fids[('plms', 10, 0.0)]:.2f} |" in md
     assert "| ddim (paper) | – | 13.36 |" in md  # Table 1, cifar10, eta 0, S = 10
     assert res["fid_vs_nfe_png"].stat().st_size > 1000 and len(res["fid_vs_nfe_csv"].read_text().splitlines()) == 9
-    t1 = res["table1_md"].read_text()  # only the η = 0.5 runs (not of the NFE sweep)
-    assert "| 0.5 |" in t1 and "| 0.0 |" not in t1
+    # Table 1 holds the η = 0.5 runs; the sweep's DDIM runs fill its η = 0 cells, its solvers add no block
+    t1 = res["table1_md"].read_text()
+    assert "| η \\ S | 5 | 10 | 20 | 50 | 100 | 1000 |" in t1 and "plms" not in t1
+    assert f"| 0.0 | {fids[('ddim', 5, 0.0)]:.2f} | {fids[('ddim', 10, 0.0)]:.2f} (13.36) | – (6.84) |" in t1
+    assert f"| 0.5 | {fids[('ddim', 5, 0.5)]:.2f} | {fids[('ddim', 10, 0.5)]:.2f} (16.66) |" in t1
 
 
 def test_table1_keeps_precisions_and_sample_counts_apart(tmp_path):

@@ -6,7 +6,7 @@ against the number of network evaluations (NFE) for the ODE samplers.
 Writes, for the records found:
 
 * ``table1.md`` / ``.csv``: FID, rows η, columns S, cells ``ours (paper)``; one block per data set, model, sampler,
-  trajectory and setting (number of samples, precision).  Runs of the FID-against-NFE sweep are left out.
+  trajectory and setting (number of samples, precision).  Runs of the FID-against-NFE sweep only fill its cells.
 * ``table2.md`` / ``.csv``: reconstruction MSE per S, with the paper's row.
 * ``fid_vs_nfe.md`` / ``.csv``: every η = 0 FID record, rows sampler, columns the NFE budget (the preset's
   ``fid_vs_nfe.budget``, else the NFE the run spent); a cell reads ``FID @n`` where the run spent n < budget.
@@ -126,12 +126,32 @@ def collect(records_dir: str | Path) -> list[dict]:
     return rows
 
 
+def group_key(row: dict, fields: tuple[str, ...]) -> tuple:
+    return tuple(row[f] for f in fields) + (_setting_label(row),)
+
+
 def group_rows(rows: list[dict], fields: tuple[str, ...]) -> dict[tuple, list[dict]]:
     """Rows grouped by ``fields`` (plus the setting label), groups in a stable order."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in rows:
-        groups[tuple(r[f] for f in fields) + (_setting_label(r),)].append(r)
+        groups[group_key(r, fields)].append(r)
     return dict(sorted(groups.items(), key=lambda kv: tuple(map(str, kv[0]))))
+
+
+TABLE1_FIELDS = ("dataset", "model", "kind", "trajectory")
+
+
+def table1_rows(fid_rows: list[dict]) -> list[dict]:
+    """Table 1's rows: the FID runs outside the FID-against-NFE sweep, and the sweep's runs only where they fill
+    a cell of those blocks (the same record answers both sweeps, so a run done by one is skipped by the other;
+    the sweep's other S values add no column)."""
+    own = [r for r in fid_rows if not r["nfe_sweep"]]
+    columns = set()
+    for key, rs in group_rows(own, TABLE1_FIELDS).items():
+        paper_steps = TABLE1_STEPS if paper_dataset(key[0]) and key[2] == "ddim" else ()
+        columns |= {key + (S,) for S in {r["steps"] for r in rs} | set(paper_steps)}
+    fill = [r for r in fid_rows if r["nfe_sweep"] and group_key(r, TABLE1_FIELDS) + (r["steps"],) in columns]
+    return sorted(own + fill, key=lambda r: r["finished"])
 
 
 def _title(group: tuple, trajectory_at: int) -> str:
@@ -166,7 +186,7 @@ def _order_eta(e: Any) -> tuple:
 def table1_markdown(rows: list[dict]) -> str:
     """FID blocks in the paper's layout: rows η (σ̂ last), columns S; cells 'ours (paper)'."""
     out = ["# Table 1: FID (ours (paper))", ""]
-    for group, rs in group_rows(rows, ("dataset", "model", "kind", "trajectory")).items():
+    for group, rs in group_rows(rows, TABLE1_FIELDS).items():
         ds, kind = group[0], group[2]
         steps = sorted({r["steps"] for r in rs} | (set(TABLE1_STEPS) if paper_dataset(ds) and kind == "ddim" else set()))
         cell = {(r["eta"], r["steps"]): r["value"] for r in rs}
@@ -271,7 +291,7 @@ def _draw_fid_vs_nfe(ax: Any, group: tuple, rs: list[dict]) -> None:
 
 def plot_fid_vs_steps(rows: list[dict], path: Path) -> Path | None:
     """FID against S, one colour per η; ours solid with markers, the paper's dashed."""
-    return _plot(group_rows(rows, ("dataset", "model", "kind", "trajectory")), path, "S (sampling steps)",
+    return _plot(group_rows(rows, TABLE1_FIELDS), path, "S (sampling steps)",
                  _draw_fid_vs_steps, 3)
 
 
@@ -286,17 +306,17 @@ def aggregate(records_dir: str | Path, out_dir: str | Path | None = None, *, wan
     rows = collect(records_dir)
     out = Path(out_dir) if out_dir is not None else Path(records_dir) / "tables"
     out.mkdir(parents=True, exist_ok=True)
-    table1_rows = [r for r in rows if r["task"] == "fid" and not r["nfe_sweep"]]
-    table2_rows = [r for r in rows if r["task"] == "reconstruction"]
+    t1_rows = table1_rows([r for r in rows if r["task"] == "fid"])
+    t2_rows = [r for r in rows if r["task"] == "reconstruction"]
     nfe_rows = [r for r in rows if r["task"] == "fid" and r["eta"] == 0.0]
     res: dict[str, Any] = {"rows": rows}
-    if table1_rows:
-        (out / "table1.md").write_text(table1_markdown(table1_rows))
-        res.update(table1_md=out / "table1.md", table1_csv=write_csv(table1_rows, CSV_COLUMNS, out / "table1.csv"),
-                   fid_vs_steps_png=plot_fid_vs_steps(table1_rows, out / "fid_vs_steps.png"))
-    if table2_rows:
-        (out / "table2.md").write_text(table2_markdown(table2_rows))
-        res.update(table2_md=out / "table2.md", table2_csv=write_csv(table2_rows, CSV_COLUMNS, out / "table2.csv"))
+    if t1_rows:
+        (out / "table1.md").write_text(table1_markdown(t1_rows))
+        res.update(table1_md=out / "table1.md", table1_csv=write_csv(t1_rows, CSV_COLUMNS, out / "table1.csv"),
+                   fid_vs_steps_png=plot_fid_vs_steps(t1_rows, out / "fid_vs_steps.png"))
+    if t2_rows:
+        (out / "table2.md").write_text(table2_markdown(t2_rows))
+        res.update(table2_md=out / "table2.md", table2_csv=write_csv(t2_rows, CSV_COLUMNS, out / "table2.csv"))
     if nfe_rows:
         (out / "fid_vs_nfe.md").write_text(fid_vs_nfe_markdown(nfe_rows))
         ordered = sorted(nfe_rows, key=lambda r: tuple(str(r[c]) for c in NFE_CSV_COLUMNS[:5]) + (r["kind"], r["nfe"]))
