@@ -93,6 +93,13 @@ def _fmt(x: float | None, digits: int = 2) -> str:
     return f"{x:.{digits}f}" if digits else f"{x:.2g}"
 
 
+def _precision(sampler_key: dict) -> str:
+    """The key's precision; records made before sampler.precision say ``fast`` (bf16) and ``fp8`` instead."""
+    if sampler_key.get("precision"):
+        return sampler_key["precision"]
+    return "fp8" if sampler_key.get("fp8") else "bf16" if sampler_key.get("fast") else "fp32"
+
+
 def _row(r: dict) -> dict | None:
     """One flat row of a FID or reconstruction record, None for other records."""
     k, task, metric = r.get("key", {}), r.get("task"), r.get("metric", {})
@@ -110,7 +117,7 @@ def _row(r: dict) -> dict | None:
         spent = real_nfe(kind, s["steps"], s["trajectory"], int(sweep.get("T", 1000)))
     budget = sweep.get("budget")
     return {"task": task, "dataset": k["dataset"], "model": _model_label(k), "kind": kind, "eta": _eta_key(s["eta"]),
-            "steps": int(s["steps"]), "trajectory": s.get("trajectory"), "precision": s.get("precision", "fp32"),
+            "steps": int(s["steps"]), "trajectory": s.get("trajectory"), "precision": _precision(s),
             "value": float(value), "paper": paper, "num_samples": r.get("num_samples"), "nfe": spent,
             "budget": int(str(budget).removeprefix("nfe")) if budget else spent, "nfe_sweep": bool(sweep),
             "wall_time_s": r.get("wall_time_s"), "gpu": r.get("device", {}).get("gpu", "cpu"),
