@@ -1,12 +1,11 @@
 """evaluate.py end to end on CPU: a tiny random ε-model on 8x8 digits, tiny sample counts.
 
-FID here swaps the Inception network for cheap per-channel pixel statistics (``tasks._fid_between``);
+FID here swaps the Inception network for cheap per-channel pixel statistics (``tasks.fid_between``);
 the real Inception FID is tested in test_fid.py.
 """
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -54,7 +53,6 @@ def run_evaluate(monkeypatch, tmp_path: Path, *overrides: str, multirun: bool = 
     argv = ["evaluate.py"] + (["-m"] if multirun else []) + [
         f"paths.log_dir={tmp_path}", "trainer.enable_progress_bar=false", "device=cpu", "trainer.accelerator=cpu",
         *overrides]
-    mod._add_sweeps_to_search_path(argv)
     monkeypatch.setattr(sys, "argv", argv)
     monkeypatch.setenv("HYDRA_FULL_ERROR", "1")  # let the original exception through
     mod.main()
@@ -86,8 +84,8 @@ def fake_inception(monkeypatch, tmp_path):
 
     w = tmp_path / "inception.pth"
     w.write_bytes(b"stand-in")
-    monkeypatch.setattr(tasks, "_fid_between", pixel_fid)
-    monkeypatch.setattr(tasks, "_resolve_weights", lambda weights_path, cache_dir: weights_path or w)
+    monkeypatch.setattr(tasks, "fid_between", pixel_fid)
+    monkeypatch.setattr(tasks, "resolve_inception_weights", lambda weights_path, cache_dir: weights_path or w)
     return w
 
 
@@ -106,9 +104,10 @@ def test_fid_task_writes_record_and_rerun_skips(monkeypatch, tmp_path, tiny_ckpt
     assert rec["config"]["sampler"]["steps"] == 3
     mtime = Path(rec["_path"]).stat().st_mtime_ns
 
-    from ddim.evaluation import tasks
+    from ddim.evaluation import runner, sampling
 
-    monkeypatch.setattr(tasks, "sample_batch", lambda *a, **k: pytest.fail("a finished run must not sample again"))
+    monkeypatch.setattr(sampling, "sample_batch", lambda *a, **k: pytest.fail("a finished run must not sample again"))
+    monkeypatch.setattr(runner, "prepare_for_inference", lambda *a, **k: pytest.fail("a finished run must not prepare"))
     run_evaluate(monkeypatch, tmp_path, *args)
     assert "skipped: already done" in capsys.readouterr().out
     assert Path(rec["_path"]).stat().st_mtime_ns == mtime
@@ -129,103 +128,90 @@ def test_samples_identical_across_batchings(monkeypatch, tmp_path, tiny_ckpt):
     assert len({outs[0][i].tobytes() for i in range(7)}) == 7  # and different samples differ
 
 
-def test_fast_sampler_is_close_to_fp32_and_recorded_apart(monkeypatch, tmp_path, tiny_ckpt):
-    """sampler.fast=true (bf16 autocast + channels_last; compiled on CUDA) gives nearly the fp32 images, and
-    its record has its own key, so a fast sweep never skips over (or is skipped by) an fp32 one."""
+def test_bf16_sampler_is_close_to_fp32_and_recorded_apart(monkeypatch, tmp_path, tiny_ckpt):
+    """sampler.precision=bf16 (ddim.accel's bf16 preset) gives nearly the fp32 images, and its record has its own
+    key, so a bf16 sweep never skips over (or is skipped by) an fp32 one; fp32 records carry no precision entry."""
     outs = {}
-    for fast in ("false", "true"):
-        out = tmp_path / f"fast_{fast}"
+    for precision in ("fp32", "bf16"):
+        out = tmp_path / precision
         run_evaluate(monkeypatch, tmp_path, f"ckpt_path={tiny_ckpt}", "task=samples", "samples.num_samples=6",
-                     "samples.save_npz=true", "sampler.steps=5", f"sampler.fast={fast}", f"output_dir={out}")
-        outs[fast] = np.load(out / "samples.npz")["arr_0"].astype(np.int16)
-    diff = np.abs(outs["true"] - outs["false"])
+                     "samples.save_npz=true", "sampler.steps=5", f"sampler.precision={precision}", f"output_dir={out}")
+        outs[precision] = np.load(out / "samples.npz")["arr_0"].astype(np.int16)
+    diff = np.abs(outs["bf16"] - outs["fp32"])
     assert diff.mean() < 2.0 and diff.max() > 0  # a few 8-bit levels apart, not the same computation
     recs = records(tmp_path)
-    assert len(recs) == 2 and sorted(str(r["key"]["sampler"].get("fast")) for r in recs) == ["None", "True"]
+    assert sorted(str(r["key"]["sampler"].get("precision")) for r in recs) == ["None", "bf16"]
 
 
-def test_fast_sampler_deterministic_switch_reaches_the_compiler_and_the_key(monkeypatch, tmp_path, tiny_ckpt):
-    """sampler.deterministic (default true) goes to prepare_for_inference; false (timed kernel choices, other
-    images) gets its own record key; only true/false are taken."""
-    from ddim.accel import inference as perf
+def test_precision_and_deterministic_reach_the_fast_path_and_the_key(monkeypatch, tmp_path, tiny_ckpt):
+    """bf16 / fp8 go to ddim.accel.prepare_for_inference as its preset, with sampler.deterministic; fp32 never
+    calls it.  The key holds precision (not fp32) and deterministic (only false)."""
+    from ddim.evaluation import runner
 
     seen = []
-    real = perf.prepare_for_inference
-    monkeypatch.setattr(perf, "prepare_for_inference", lambda m, **kw: seen.append(kw) or real(m, **kw))
-    for det in ("true", "false"):
+    monkeypatch.setattr(runner, "fp8_supported", lambda device: True)  # the fp8 preset itself: tests of ddim.accel
+    monkeypatch.setattr(runner, "prepare_for_inference",
+                        lambda model, preset, *, deterministic: seen.append((preset, deterministic)) or model)
+    for i, over in enumerate((["sampler.precision=fp32", "sampler.deterministic=false"], ["sampler.precision=bf16"],
+                              ["sampler.precision=bf16", "sampler.deterministic=false"], ["sampler.precision=fp8"])):
         run_evaluate(monkeypatch, tmp_path, f"ckpt_path={tiny_ckpt}", "task=samples", "samples.num_samples=2",
-                     "sampler.steps=2", "sampler.fast=true", f"sampler.deterministic={det}",
-                     f"output_dir={tmp_path / det}")
-    assert [kw["deterministic"] for kw in seen] == [True, False]
-    keys = sorted(str(r["key"]["sampler"].get("deterministic")) for r in records(tmp_path))
-    assert keys == ["False", "None"]
-    with pytest.raises(ValueError, match=r"sampler.deterministic must be true or false, got 'sometimes'"):
-        run_evaluate(monkeypatch, tmp_path, f"ckpt_path={tiny_ckpt}", "task=samples", "sampler.fast=true",
-                     "sampler.deterministic=sometimes")
-
-
-def test_fast_sampler_with_the_group_norm_kernel_is_recorded_apart(monkeypatch, tmp_path, tiny_ckpt):
-    """Where the GroupNorm kernel is the compiled default (CUDA with Triton), sampler.fast samples through it and
-    marks its record, so fast records made before (per-channel statistics) are kept and not taken for it."""
-    from ddim.accel import inference as perf
-
-    seen = []
-    real = perf.prepare_for_inference
-    monkeypatch.setattr(perf, "prepare_for_inference", lambda m, **kw: seen.append(kw) or real(m, **kw))
-    run_evaluate(monkeypatch, tmp_path, f"ckpt_path={tiny_ckpt}", "task=samples", "samples.num_samples=2",
-                 "sampler.steps=2", "sampler.fast=true", f"output_dir={tmp_path / 'before'}")
-    monkeypatch.setattr(perf, "default_inference_group_norm", lambda compiled, fused=False: "kernel")
-    run_evaluate(monkeypatch, tmp_path, f"ckpt_path={tiny_ckpt}", "task=samples", "samples.num_samples=2",
-                 "sampler.steps=2", "sampler.fast=true", f"output_dir={tmp_path / 'kernel'}")
-    assert [kw["group_norm"] for kw in seen] == ["torch", "kernel"]
-    recs = records(tmp_path)
-    assert sorted(str(r["key"]["sampler"].get("group_norm")) for r in recs) == ["None", "kernel"]
-
-
-def test_fp8_sampler_reaches_the_compiler_and_the_key(monkeypatch, tmp_path, tiny_ckpt):
-    """sampler.fp8=true (with fast): prepare_for_inference gets fp8 and fp8_max_width (the e4m3 ResnetBlocks run
-    here on the CPU under Triton's interpreter), the samples move a little from the bf16 ones, the record has a key
-    of its own; without fast, with a bad width, or on a device without FP8 units, a clear error before anything is
-    sampled."""
-    from ddim.accel import fp8, inference as perf
-
-    if not fp8.supported("cpu"):
-        pytest.skip("the e4m3 kernels need Triton's interpreter on the CPU (TRITON_INTERPRET=1, tests/conftest.py)")
-    seen = []
-    real = perf.prepare_for_inference
-    monkeypatch.setattr(perf, "prepare_for_inference", lambda m, **kw: seen.append(kw) or real(m, **kw))
-    outs = {}
-    # the tiny model's maps are 8 and 4 wide: the default fp8_max_width (16) puts every block in e4m3, 4 keeps the
-    # blocks on 8x8 maps in bf16
-    for name, over in (("bf16", ["sampler.fp8=false"]), ("fp8", ["sampler.fp8=true"]),
-                       ("fp8max4", ["sampler.fp8=true", "sampler.fp8_max_width=4"])):
-        out = tmp_path / name
-        run_evaluate(monkeypatch, tmp_path, f"ckpt_path={tiny_ckpt}", "task=samples", "samples.num_samples=2",
-                     "samples.save_npz=true", "sampler.steps=2", "sampler.fast=true", *over, f"output_dir={out}")
-        outs[name] = np.load(out / "samples.npz")["arr_0"].astype(np.int16)
-    assert [(kw["fp8"], kw["fp8_max_width"]) for kw in seen] == [(False, 0), (True, 16), (True, 4)]
-    assert 0 < np.abs(outs["fp8"] - outs["bf16"]).mean() < 8  # a few 8-bit levels, not other images
-    assert 0 < np.abs(outs["fp8max4"] - outs["fp8"]).mean() < 8  # the 8x8 blocks' e4m3 rounding gone
-    keys = sorted((str(r["key"]["sampler"].get("fp8")), str(r["key"]["sampler"].get("fp8_max_width")))
+                     "sampler.steps=2", *over, f"output_dir={tmp_path / f'run{i}'}")
+    assert seen == [("bf16", True), ("bf16", False), ("fp8", True)]
+    keys = sorted((str(r["key"]["sampler"].get("precision")), str(r["key"]["sampler"].get("deterministic")))
                   for r in records(tmp_path))
-    assert keys == [("None", "None"), ("True", "16"), ("True", "4")]
-    for bad in ("-1", "wide", "1.5"):
-        with pytest.raises(ValueError, match=rf"sampler.fp8_max_width must be a map width in pixels, an int >= 0 "
-                                             rf".*got '?{re.escape(bad)}'?$"):
-            run_evaluate(monkeypatch, tmp_path, f"ckpt_path={tiny_ckpt}", "task=samples", "sampler.fast=true",
-                         "sampler.fp8=true", f"sampler.fp8_max_width={bad}", f"output_dir={tmp_path / 'bad'}")
-    assert not (tmp_path / "bad").exists()
-    with pytest.raises(ValueError, match=r"sampler.fp8=true is a variant of the fast path: give sampler.fast=true"):
-        run_evaluate(monkeypatch, tmp_path, f"ckpt_path={tiny_ckpt}", "task=samples", "sampler.fp8=true")
-    monkeypatch.setattr(fp8, "supported", lambda device: False)
-    with pytest.raises(ValueError, match=r"sampler.fp8=true needs a CUDA GPU with FP8 matrix units .* device cpu"):
-        run_evaluate(monkeypatch, tmp_path, f"ckpt_path={tiny_ckpt}", "task=samples", "samples.num_samples=2",
-                     "sampler.steps=2", "sampler.fast=true", "sampler.fp8=true", f"output_dir={tmp_path / 'refused'}")
-    assert not (tmp_path / "refused").exists()
+    assert keys == [("None", "None"), ("bf16", "False"), ("bf16", "None"), ("fp8", "None")]
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (["sampler.precision=fp16"], r"sampler.precision must be one of fp32, bf16, fp8, got 'fp16'"),
+    (["sampler.precision=true"], r"sampler.precision must be one of fp32, bf16, fp8, got True"),
+    (["sampler.precision=bf16", "sampler.deterministic=sometimes"],
+     r"sampler.deterministic must be true or false, got 'sometimes'"),
+    (["+sampler.fast=true"], r"sampler.fast was replaced by sampler.precision \(fp32 \| bf16 \| fp8\)"),
+    (["sampler.precision=fp8"], r"sampler.precision=fp8 needs a CUDA GPU with FP8 matrix units .* device cpu has "
+                                r"none: use sampler.precision=bf16"),
+])
+def test_bad_precision_fails_before_loading(monkeypatch, tmp_path, tiny_ckpt, overrides, match):
+    from ddim.evaluation import runner
+
+    monkeypatch.setattr(runner, "fp8_supported", lambda device: False)
+    monkeypatch.setattr(runner, "load_for_sampling", lambda *a, **k: pytest.fail("model loaded despite bad input"))
+    with pytest.raises(ValueError, match=match):
+        run_evaluate(monkeypatch, tmp_path, f"ckpt_path={tiny_ckpt}", "task=samples", *overrides,
+                     f"output_dir={tmp_path / 'bad'}")
+    assert not (tmp_path / "bad").exists() and not (tmp_path / "records").exists()
+
+
+def test_official_model_is_checked_against_the_data_set(monkeypatch, tmp_path):
+    """The channel / resolution check holds for official weights too (their config is the nested official one):
+    a tiny stand-in under the name cifar10 (8x8, 1 channel) is refused against CIFAR-10 and dataset=cifar10, and
+    samples against dataset=digits (1-channel 8x8)."""
+    import copy
+
+    from ddim.models import OFFICIAL_CONFIGS, UNet
+
+    tiny = copy.deepcopy(OFFICIAL_CONFIGS["cifar10"])
+    tiny["model"].update(ch=32, in_channels=1, out_ch=1, ch_mult=[1], num_res_blocks=1, attn_resolutions=[])
+    tiny["data"]["image_size"] = 8
+    monkeypatch.setitem(OFFICIAL_CONFIGS, "cifar10", tiny)
+    torch.manual_seed(0)
+    path = tmp_path / "official-tiny.ckpt"
+    torch.save(UNet(**{**TINY_UNET, "dropout": 0.1}).state_dict(), path)
+    model = ("official=cifar10", f"official_path={path}", "task=samples", "samples.num_samples=2", "sampler.steps=2")
+    with pytest.raises(ValueError, match=r"dataset=cifar10 has 3-channel 8x8 images but the model takes 1-channel "
+                                         r"8x8 ones"):
+        run_evaluate(monkeypatch, tmp_path, *model)
+    with pytest.raises(ValueError, match=r"dataset=cifar10 has 3-channel 32x32 images but the model takes 1-channel"):
+        run_evaluate(monkeypatch, tmp_path, *model, "dataset=cifar10")
+    assert not (tmp_path / "records").exists()
+    run_evaluate(monkeypatch, tmp_path, *model, "dataset=digits", f"output_dir={tmp_path / 'digits'}")
+    assert (tmp_path / "digits" / "samples.png").is_file()
+    (rec,) = records(tmp_path)
+    assert rec["key"]["dataset"] == "digits-8" and rec["key"]["model"]["official"] == "cifar10"
 
 
 def test_index_noise_is_per_sample():
-    from ddim.evaluation.tasks import latents_and_noise
+    from ddim.evaluation.sampling import latents_and_noise
 
     a, na = latents_and_noise([0, 1, 2], (1, 4, 4), 5, seed=3)
     b, nb = latents_and_noise([2], (1, 4, 4), 5, seed=3)
@@ -236,9 +222,9 @@ def test_index_noise_is_per_sample():
 
 
 def test_reconstruction_mse(monkeypatch, tmp_path, tiny_ckpt):
-    from ddim.data import build_dataset
-    from ddim.evaluation.tasks import reconstruction_task
     from ddim.checkpoints import load_for_sampling
+    from ddim.data import build_dataset
+    from ddim.evaluation.tasks import reconstruction_mse
 
     run_evaluate(monkeypatch, tmp_path, f"ckpt_path={tiny_ckpt}", "task=reconstruction", "sampler.steps=5",
                  "reconstruction.num_images=6")
@@ -259,7 +245,7 @@ def test_reconstruction_mse(monkeypatch, tmp_path, tiny_ckpt):
         x0_hat = sample(eps, encode(eps, x0, ac, seq), ac, seq, eta=0.0)
     ref = ((x0 + 1) / 2 - (x0_hat.clamp(-1, 1) + 1) / 2).double().square().mean().item()
     assert mse == pytest.approx(ref, rel=1e-5)
-    assert reconstruction_task(eps, ac, seq, ds, num_images=6, batch_size=4)["mse"] == pytest.approx(ref, rel=1e-5)
+    assert reconstruction_mse(eps, ac, seq, ds, num_images=6, batch_size=4)["mse"] == pytest.approx(ref, rel=1e-5)
 
 
 def test_interpolation_and_consistency_grids(monkeypatch, tmp_path, tiny_ckpt):
@@ -297,11 +283,11 @@ def test_interpolation_and_consistency_grids(monkeypatch, tmp_path, tiny_ckpt):
     ("dataset=cifar10", ValueError, r"dataset=cifar10 has 3-channel 32x32 images but the model takes 1-channel 8x8"),
 ])
 def test_bad_input_fails_before_sampling(monkeypatch, tmp_path, tiny_ckpt, override, error, match):
-    from ddim.evaluation import tasks
+    from ddim.evaluation import sampling, tasks
 
-    monkeypatch.setattr(tasks, "sample_batch", lambda *a, **k: pytest.fail("sampling started despite bad input"))
-    monkeypatch.setattr(tasks, "_resolve_weights", lambda *a, **k: pytest.fail("weights resolved despite bad input")
-                        if "weights_path" not in override else None)
+    monkeypatch.setattr(sampling, "sample_batch", lambda *a, **k: pytest.fail("sampling started despite bad input"))
+    monkeypatch.setattr(tasks, "resolve_inception_weights",
+                        lambda *a, **k: pytest.fail("weights resolved despite bad input"))
     with pytest.raises(error, match=match):
         run_evaluate(monkeypatch, tmp_path, f"ckpt_path={tiny_ckpt}", "task=fid", "fid.num_samples=4", "sampler.steps=3",
                      override)
@@ -352,8 +338,9 @@ def test_official_checkpoint_missing(monkeypatch, tmp_path):
 def test_solver_kind_dispatches_to_solvers(monkeypatch, tmp_path, tiny_ckpt):
     from ddim.diffusion import timesteps
     from ddim.diffusion.solvers import solve
-    from ddim.evaluation.tasks import latents_and_noise, to_uint8
     from ddim.checkpoints import load_for_sampling
+    from ddim.evaluation.images import to_uint8
+    from ddim.evaluation.sampling import latents_and_noise
 
     with pytest.raises(ValueError, match="deterministic ODE solver; it needs sampler.eta=0"):
         run_evaluate(monkeypatch, tmp_path, f"ckpt_path={tiny_ckpt}", "task=samples", "sampler.kind=heun",
@@ -380,7 +367,7 @@ def test_sample_batches_are_the_same_whatever_the_number_of_ranks(n, batch_size)
     from lightning.pytorch.trainer.connectors.data_connector import _update_dataloader
     from lightning.pytorch.trainer.states import RunningStage
 
-    from ddim.evaluation.tasks import sample_loader
+    from ddim.evaluation.sampling import sample_loader
 
     want = [tuple(range(s, min(s + batch_size, n))) for s in range(0, n, batch_size)]
     for world in (1, 2, 3):
@@ -421,7 +408,7 @@ def test_two_process_ddp_gives_the_same_images(monkeypatch, tmp_path, tiny_ckpt,
 
 
 def test_sampling_rate_sums_the_ranks_after_their_first_batch():
-    from ddim.evaluation.tasks import sampling_rate
+    from ddim.evaluation.sampling import sampling_rate
 
     # rank 0: batches end at 2, 3, 4 s (4, 4, 2 images); rank 1: at 2.5, 3.5 s (4, 4 images)
     got = sampling_rate([[(2.0, 4), (3.0, 4), (4.0, 2)], [(2.5, 4), (3.5, 4)]])
@@ -434,7 +421,11 @@ def test_sampling_rate_sums_the_ranks_after_their_first_batch():
 @pytest.mark.parametrize("overrides, match", [
     (("task=samples", "samples.num_samples=0"), r"samples.num_samples must be a positive integer, got 0"),
     (("task=samples", "sampler.batch_size=0"), r"sampler.batch_size must be a positive integer, got 0"),
-    (("task=samples", "sampler.fast=maybe"), r"sampler.fast must be true or false, got 'maybe'"),
+    (("task=samples", "use_ema=maybe"), r"use_ema must be true or false, got 'maybe'"),
+    (("task=samples", "seed=abc"), r"seed must be an integer, got 'abc'"),
+    (("task=fid", "fid.num_samples=1"), r"fid.num_samples must be >= 2 \(FID needs a covariance\), got 1"),
+    (("task=consistency", "consistency.steps=[5,5000]"),
+     r"consistency.steps entry=5000 exceeds the model's T=1000 diffusion steps"),
     (("task=reconstruction", "reconstruction.num_images=-2"),
      r"reconstruction.num_images must be a positive integer or null, got -2"),
     (("task=reconstruction", "sampler.kind=plms"), r"task=reconstruction encodes .*sampler.kind=plms is not used"),
@@ -446,7 +437,9 @@ def test_sampling_rate_sums_the_ranks_after_their_first_batch():
 def test_bad_task_settings_fail_before_loading(monkeypatch, tmp_path, tiny_ckpt, overrides, match):
     from ddim.evaluation import runner
 
-    monkeypatch.setattr(runner, "_load_model", lambda *a, **k: pytest.fail("model loaded despite bad input"))
+    if "consistency.steps=[5,5000]" not in overrides:  # S against T: checked right after loading, before sampling
+        monkeypatch.setattr(runner, "load_for_sampling", lambda *a, **k: pytest.fail("model loaded despite bad input"))
+    monkeypatch.setattr(runner, "TASKS", {})
     with pytest.raises(ValueError, match=match):
         run_evaluate(monkeypatch, tmp_path, f"ckpt_path={tiny_ckpt}", "sampler.steps=3", *overrides)
     assert not (tmp_path / "records").exists()
@@ -484,16 +477,13 @@ def test_rewritten_checkpoint_is_not_answered_from_the_old_record(monkeypatch, t
     assert len(recs) == 2 and len({r["key"]["model"]["mtime_ns"] for r in recs}) == 2
 
 
-def test_hydra_flags_after_the_overrides(tmp_path):
-    """The sweeps search path joins the user's overrides, so a trailing -m / --cfg job / --info still parses."""
-    mod = _evaluate_module()
-    for argv, at in ((["evaluate.py", "-m", "+sweeps=table1_cifar10", "a=1"], 2),
-                     (["evaluate.py", "task=samples", "--cfg", "job"], 1),
-                     (["evaluate.py", "--info"], 1),
-                     (["evaluate.py", "--config-name", "evaluate", "task=fid", "-m"], 3)):
-        mod._add_sweeps_to_search_path(argv)
-        assert argv[at].startswith("hydra.searchpath=[file://") and sum("hydra.searchpath" in a for a in argv) == 1
-    proc = subprocess.run([sys.executable, str(REPO / "evaluate.py"), f"paths.log_dir={tmp_path}", "task=samples",
-                           "sampler.steps=7", "--cfg", "job"], capture_output=True, text=True, timeout=120)
+def test_sweep_presets_are_found_from_any_working_directory(tmp_path):
+    """`python /path/to/evaluate.py +sweeps=<preset>` from another folder: the search-path plugin (installed with
+    the project as hydra_plugins.ddim_sweeps) finds sweeps/ beside conf/, and a trailing --cfg job still parses."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, str(REPO / "evaluate.py"), f"paths.log_dir={tmp_path}",
+                           "+sweeps=table1_cifar10_quick", "sampler.steps=7", "--cfg", "job"],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "task: samples" in proc.stdout and "steps: 7" in proc.stdout
+    assert "task: fid" in proc.stdout and "steps: 7" in proc.stdout and "precision: bf16" in proc.stdout
+    assert "num_samples: 5000" in proc.stdout and "trajectory: quadratic" in proc.stdout

@@ -224,3 +224,21 @@ def test_bad_images_rejected(weights, bad, match):
 def test_bad_metric_rejected(weights, set_a):
     with pytest.raises(ValueError, match="metrics"):
         fidmod.fid_between(set_a, set_a, weights_path=weights, metrics=("fid", "psnr"))
+
+
+def test_to_uint8_rounds_as_save_image_and_checks_range_on_request(tmp_path):
+    """The one uint8 conversion (samples, grids, FID input): the PNG that torchvision's save_image writes holds the
+    same values; samples overshooting [-1, 1] are clamped, images given to FID out of range are refused."""
+    from PIL import Image
+    import torchvision
+
+    from ddim.evaluation.images import to_uint8
+
+    x = torch.rand(3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    torchvision.utils.save_image((x + 1) / 2, tmp_path / "x.png")
+    png = torch.from_numpy(np.asarray(Image.open(tmp_path / "x.png"))).permute(2, 0, 1)
+    torch.testing.assert_close(to_uint8(x), png, atol=0, rtol=0)
+    assert to_uint8(torch.tensor([0.0])).item() == 128  # 127.5 rounds up
+    assert to_uint8(torch.tensor([-1.3, 1.2])).tolist() == [0, 255]
+    with pytest.raises(ValueError, match=r"float images must lie in \[-1, 1\], got values in \[-1.300, 1.200\]"):
+        to_uint8(torch.tensor([-1.3, 1.2]), check_range=True)

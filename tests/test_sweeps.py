@@ -12,17 +12,20 @@ from test_evaluate import fake_inception, one_thread, records, run_evaluate, tin
 
 
 def test_2x2_sweep_resumes_and_aggregates(monkeypatch, tmp_path, tiny_ckpt, fake_inception):  # noqa: F811
-    from ddim.evaluation import aggregate, tasks
+    """The quick Table 1 preset (bf16, quadratic τ) with its grid cut to 2x2 on the command line: one record per
+    entry, a re-run redoes only what is missing, the aggregator writes Table 1 and FID against NFE."""
+    from ddim.evaluation import aggregate, sampling
 
     calls = []
-    real = tasks.sample_batch
-    monkeypatch.setattr(tasks, "sample_batch", lambda *a, **k: calls.append(1) or real(*a, **k))
-    sweep = (f"ckpt_path={tiny_ckpt}", "task=fid", "fid.num_samples=6", "sampler.batch_size=6",
+    real = sampling.sample_batch
+    monkeypatch.setattr(sampling, "sample_batch", lambda *a, **k: calls.append(1) or real(*a, **k))
+    sweep = ("+sweeps=table1_cifar10_quick", f"ckpt_path={tiny_ckpt}", "fid.num_samples=6", "sampler.batch_size=6",
              "sampler.eta=0.0,hat", "sampler.steps=2,4")
     run_evaluate(monkeypatch, tmp_path, *sweep, multirun=True)
     recs = records(tmp_path)
     assert sorted((str(r["key"]["sampler"]["eta"]), r["key"]["sampler"]["steps"]) for r in recs) == \
         [("0.0", 2), ("0.0", 4), ("hat", 2), ("hat", 4)]
+    assert {(r["key"]["sampler"]["precision"], r["key"]["sampler"]["trajectory"]) for r in recs} == {("bf16", "quadratic")}
     assert len(calls) == 4
     mtimes = {r["_path"]: Path(r["_path"]).stat().st_mtime_ns for r in recs}
 
@@ -37,13 +40,17 @@ def test_2x2_sweep_resumes_and_aggregates(monkeypatch, tmp_path, tiny_ckpt, fake
 
     res = aggregate.main([str(tmp_path / "records"), "--out", str(tmp_path / "tables")])
     md = Path(res["table1_md"]).read_text()
+    assert "## digits-8, tiny.ckpt, ddim, quadratic trajectory, 6 samples, bf16" in md
     assert "| η \\ S | 2 | 4 |" in md and "| 0.0 |" in md and "| σ̂ |" in md
     fids = {(r["key"]["sampler"]["eta"], r["key"]["sampler"]["steps"]): r["metric"]["fid"] for r in recs}
     assert f"{fids[(0.0, 2)]:.2f}" in md
     with open(res["table1_csv"]) as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 4 and {r["eta"] for r in rows} == {"0.0", "hat"}
-    assert Path(res["plot"]).stat().st_size > 1000
+    assert Path(res["fid_vs_steps_png"]).stat().st_size > 1000
+    # the η = 0 runs also make the FID-against-NFE table, in columns of the NFE each spent (2 and 4)
+    nfe_md = Path(res["fid_vs_nfe_md"]).read_text()
+    assert "| sampler \\ NFE | 2 | 4 |" in nfe_md and f"| ddim | {fids[(0.0, 2)]:.2f} | {fids[(0.0, 4)]:.2f} |" in nfe_md
 
 
 def test_aggregate_puts_paper_numbers_beside_ours(tmp_path):
@@ -83,33 +90,51 @@ def test_aggregate_takes_the_newest_result_of_a_rewritten_checkpoint(tmp_path):
 
 
 def _compose(*overrides):
+    """evaluate.py's config as Hydra composes it: ``sweeps/`` comes from the search-path plugin (no searchpath
+    override), whatever the working directory."""
     from hydra import compose, initialize_config_dir
 
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        return compose("evaluate", overrides=[f"hydra.searchpath=[file://{REPO}]", *overrides], return_hydra_config=True)
+        return compose("evaluate", overrides=list(overrides), return_hydra_config=True)
 
 
 @pytest.mark.parametrize("preset, task, grid", [
     ("table1_cifar10", "fid", {"sampler.eta": "0.0,0.2,0.5,1.0,hat", "sampler.steps": "10,20,50,100,1000"}),
+    ("table1_cifar10_quick", "fid", {"sampler.eta": "0.0,1.0,hat", "sampler.steps": "10,20,50,100"}),
     ("table1_celeba", "fid", {"sampler.eta": "0.0,0.2,0.5,1.0,hat", "sampler.steps": "10,20,50,100,1000"}),
     ("table2_cifar10", "reconstruction", {"sampler.steps": "10,20,50,100,200,500,1000"}),
+    ("table2_cifar10_quick", "reconstruction", {"sampler.steps": "10,20,50,100,200,500,1000"}),
+    ("fid_vs_nfe_cifar10", "fid", {"sampler.kind": "ddim,plms,dpmpp_2m,heun",
+                                   "fid_vs_nfe.budget": "nfe5,nfe10,nfe20,nfe50,nfe100"}),
+    ("fid_vs_nfe_cifar10_quick", "fid", {"sampler.kind": "ddim,plms,dpmpp_2m,heun",
+                                         "fid_vs_nfe.budget": "nfe5,nfe10,nfe20,nfe50,nfe100"}),
 ])
-def test_sweep_presets(preset, task, grid):
+def test_sweep_presets(preset, task, grid, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # found from any working directory
     cfg = _compose(f"+sweeps={preset}")
     assert cfg.task == task
     assert dict(cfg.hydra.sweeper.params) == grid
-    assert cfg.sampler.trajectory == {"table1_cifar10": "quadratic", "table1_celeba": "linear"}.get(preset)
+    assert cfg.sampler.trajectory == {"table1_cifar10": "quadratic", "table1_cifar10_quick": "quadratic",
+                                      "table1_celeba": "linear", "fid_vs_nfe_cifar10": "quadratic",
+                                      "fid_vs_nfe_cifar10_quick": "quadratic"}.get(preset)
+    quick_fid = preset in ("table1_cifar10_quick", "fid_vs_nfe_cifar10_quick")
+    assert (cfg.sampler.precision, cfg.fid.num_samples) == (("bf16", 5000) if quick_fid else ("fp32", 50000))
+    assert cfg.reconstruction.num_images == (1000 if preset == "table2_cifar10_quick" else None)
+    if preset.startswith("fid_vs_nfe"):  # the S of each (sampler, budget) resolves from the preset's table
+        assert cfg.sampler.steps == cfg.fid_vs_nfe.steps.ddim.nfe10 == 10
     slurm = _compose(f"+sweeps={preset}", "+sweeps/launcher=slurm")
     assert "submitit" in slurm.hydra.launcher._target_ and slurm.hydra.launcher.gpus_per_node == 1
 
 
 @pytest.mark.parametrize("name", ["table1_cifar10", "table1_celeba", "table2_cifar10"])
 def test_wandb_sweep_files_are_valid_overrides(name):
+    """Every value of each W&B grid axis composes to a valid evaluate config (option names as evaluate.py has
+    them: a renamed option would fail to compose)."""
     spec = yaml.safe_load((REPO / "sweeps" / "wandb" / f"{name}.yaml").read_text())
     assert spec["program"] == "evaluate.py" and spec["method"] == "grid"
     params = spec["parameters"]
     grids = {k: v["values"] if "values" in v else [v["value"]] for k, v in params.items()}
-    from ddim.evaluation.tasks import parse_eta
+    from ddim.evaluation.settings import parse_eta
 
     combos = {tuple(v[0] for v in grids.values())}  # every value of every axis once, the others at their first
     for i, (k, vals) in enumerate(grids.items()):
@@ -152,5 +177,57 @@ def test_aggregate_logs_table_and_plot_to_wandb_offline(tmp_path, monkeypatch):
     aggregate.main([str(tmp_path / "rec"), "--out", str(tmp_path / "out"), "--wandb", "ddim-test"])
     table = next(d["results"] for d in logged if "results" in d)
     assert isinstance(table, wandb.Table) and len(table.data) == 3
-    assert any("fid_vs_steps" in d for d in logged)
+    assert any("fid_vs_steps" in d for d in logged) and any("fid_vs_nfe" in d for d in logged)
     assert list(tmp_path.glob("wandb/offline-run-*/run-*.wandb"))
+
+
+def test_fid_vs_nfe_aggregate_table_and_plot(tmp_path):
+    """The FID-against-NFE sweep's records: rows sampler, columns budget, 'FID @n' where a run spent less; its
+    runs stay out of Table 1; η ≠ 0 runs stay out of this table."""
+    from ddim.evaluation import aggregate
+    from ddim.evaluation.records import record_path, write_record
+
+    steps = {"ddim": {5: 5, 10: 10}, "plms": {5: 4, 10: 9}, "dpmpp_2m": {5: 5, 10: 10}, "heun": {5: 3, 10: 5}}
+    fids = {}
+    for i, (kind, table) in enumerate(steps.items()):
+        for budget, S in table.items():
+            for eta in (0.0, 0.5) if kind == "ddim" else (0.0,):
+                key = {"task": "fid", "dataset": "cifar10-32", "model": {"official": "cifar10", "path": "x"},
+                       "seed": 0, "params": {"num_samples": 100},
+                       "sampler": {"kind": kind, "eta": eta, "steps": S, "trajectory": "quadratic"}}
+                fid = 100.0 / budget + i + (50 if eta else 0)
+                fids[(kind, budget, eta)] = fid
+                sweep = {} if eta else {"fid_vs_nfe": {"T": 1000, "budget": f"nfe{budget}"}}
+                write_record(record_path(tmp_path / "records", key),
+                             {"task": "fid", "key": key, "metric": {"fid": fid}, "num_samples": 100, "config": sweep})
+    res = aggregate.main([str(tmp_path / "records"), "--out", str(tmp_path / "tables")])
+    md = res["fid_vs_nfe_md"].read_text()
+    assert "## cifar10-32, official cifar10, quadratic trajectory, 100 samples" in md
+    assert "| sampler \\ NFE | 5 | 10 |" in md
+    assert f"| heun | {fids[('heun', 5, 0.0)]:.2f} | {fids[('heun', 10, 0.0)]:.2f} @9 |" in md  # 2*5-1 = 9 < 10
+    assert f"| plms | {fids[('plms', 5, 0.0)]:.2f} | {fids[('plms', 10, 0.0)]:.2f} |" in md
+    assert "| ddim (paper) | – | 13.36 |" in md  # Table 1, cifar10, eta 0, S = 10
+    assert res["fid_vs_nfe_png"].stat().st_size > 1000 and len(res["fid_vs_nfe_csv"].read_text().splitlines()) == 9
+    # Table 1 holds the η = 0.5 runs; the sweep's DDIM runs fill its η = 0 cells, its solvers add no block
+    t1 = res["table1_md"].read_text()
+    assert "| η \\ S | 5 | 10 | 20 | 50 | 100 | 1000 |" in t1 and "plms" not in t1
+    assert f"| 0.0 | {fids[('ddim', 5, 0.0)]:.2f} | {fids[('ddim', 10, 0.0)]:.2f} (13.36) | – (6.84) |" in t1
+    assert f"| 0.5 | {fids[('ddim', 5, 0.5)]:.2f} | {fids[('ddim', 10, 0.5)]:.2f} (16.66) |" in t1
+
+
+def test_table1_keeps_precisions_and_sample_counts_apart(tmp_path):
+    """A bf16 5,000-sample run and an fp32 50,000-sample run of the same cell are two blocks, not one overwritten."""
+    from ddim.evaluation import aggregate
+    from ddim.evaluation.records import record_path, write_record
+
+    for precision, n, fid in (("fp32", 50000, 4.5), ("bf16", 5000, 9.5)):
+        sampler = {"kind": "ddim", "eta": 0.0, "steps": 10, "trajectory": "quadratic"}
+        if precision != "fp32":
+            sampler["precision"] = precision
+        key = {"task": "fid", "dataset": "cifar10-32", "model": {"ckpt": "/runs/last.ckpt"}, "seed": 0,
+               "params": {"num_samples": n}, "sampler": sampler}
+        write_record(record_path(tmp_path, key), {"task": "fid", "key": key, "metric": {"fid": fid}, "num_samples": n})
+    t1 = aggregate.aggregate(tmp_path, tmp_path / "out")["table1_md"].read_text()
+    assert "## cifar10-32, last.ckpt, ddim, quadratic trajectory, 5000 samples, bf16" in t1
+    assert "## cifar10-32, last.ckpt, ddim, quadratic trajectory, 50000 samples\n" in t1
+    assert "9.50 (13.36)" in t1 and "4.50 (13.36)" in t1

@@ -1,10 +1,17 @@
-"""Collect evaluation records into the paper's Table 1 / Table 2 layouts, beside the published numbers.
+"""Collect evaluation records into the paper's Table 1 / Table 2 layouts beside the published numbers, and FID
+against the number of network evaluations (NFE) for the ODE samplers.
 
-    python -m ddim.evaluation.aggregate outputs/records [--out outputs/tables] [--wandb]
+    python -m ddim.evaluation.aggregate outputs/records [--out outputs/records/tables] [--wandb PROJECT]
 
-Writes ``table1.md`` / ``table1.csv`` (FID, rows η, columns S, one block per data set and model),
-``table2.md`` / ``table2.csv`` (reconstruction MSE per S) and ``fid_vs_steps.png`` (FID against S, one
-line per η; the paper's values dashed). Cells read ``ours (paper)``.
+Writes, for the records found:
+
+* ``table1.md`` / ``.csv``: FID, rows η, columns S, cells ``ours (paper)``; one block per data set, model, sampler,
+  trajectory and setting (number of samples, precision).  Runs of the FID-against-NFE sweep only fill its cells.
+* ``table2.md`` / ``.csv``: reconstruction MSE per S, with the paper's row.
+* ``fid_vs_nfe.md`` / ``.csv``: every η = 0 FID record, rows sampler, columns the NFE budget (the preset's
+  ``fid_vs_nfe.budget``, else the NFE the run spent); a cell reads ``FID @n`` where the run spent n < budget.
+* ``fid_vs_steps.png`` (FID against S, one line per η) and ``fid_vs_nfe.png`` (FID against NFE, one line per
+  sampler), log-log, the paper's values dashed.
 """
 from __future__ import annotations
 
@@ -13,13 +20,15 @@ import csv
 import math
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
+from ddim.diffusion.solvers import SOLVERS, nfe_on
 from ddim.evaluation.records import iter_records
 
 ETAS = (0.0, 0.2, 0.5, 1.0, "hat")
 TABLE1_STEPS = (10, 20, 50, 100, 1000)
 TABLE2_STEPS = (10, 20, 50, 100, 200, 500, 1000)
+ODE_KINDS = ("ddim", *SOLVERS)  # the η = 0 samplers of the FID-against-NFE table, in its row order
 
 # Song, Meng & Ermon (2020), arXiv 2010.02502, Table 1: FID (CIFAR-10 32x32 and CelebA 64x64, 50k samples).
 PAPER_TABLE1: dict[str, dict[Any, tuple[float, ...]]] = {
@@ -59,11 +68,23 @@ def paper_mse(dataset_key: str, steps: int) -> float | None:
     return PAPER_TABLE2[ds][TABLE2_STEPS.index(steps)]
 
 
+def real_nfe(kind: str, steps: int, trajectory: str, T: int = 1000) -> int:
+    """Network evaluations a run with ``sampler.kind/steps/trajectory`` spends on a T-step model (after the
+    trajectory's repeat removal)."""
+    return nfe_on(kind, int(steps), T, trajectory)
+
+
 def _model_label(key: dict) -> str:
     m = key.get("model", {})
     if m.get("official"):
         return f"official {m['official']}"
     return Path(m.get("ckpt", "?")).name if "ckpt" in m else "?"
+
+
+def _setting_label(row: dict) -> str:
+    """What else sets a result apart: the number of samples and a precision other than fp32."""
+    parts = [f"{row['num_samples']} samples"] if row.get("num_samples") else []
+    return ", ".join(parts + ([row["precision"]] if row["precision"] != "fp32" else []))
 
 
 def _fmt(x: float | None, digits: int = 2) -> str:
@@ -72,38 +93,97 @@ def _fmt(x: float | None, digits: int = 2) -> str:
     return f"{x:.{digits}f}" if digits else f"{x:.2g}"
 
 
+def _precision(sampler_key: dict) -> str:
+    """The key's precision; records made before sampler.precision say ``fast`` (bf16) and ``fp8`` instead."""
+    if sampler_key.get("precision"):
+        return sampler_key["precision"]
+    return "fp8" if sampler_key.get("fp8") else "bf16" if sampler_key.get("fast") else "fp32"
+
+
+def _row(r: dict) -> dict | None:
+    """One flat row of a FID or reconstruction record, None for other records."""
+    k, task, metric = r.get("key", {}), r.get("task"), r.get("metric", {})
+    s = k.get("sampler", {})
+    kind = s.get("kind", "ddim")
+    if task == "fid" and "fid" in metric:
+        value, paper = metric["fid"], (paper_fid(k["dataset"], s["eta"], s["steps"]) if kind == "ddim" else None)
+    elif task == "reconstruction" and "mse" in metric:
+        value, paper = metric["mse"], paper_mse(k["dataset"], s["steps"])
+    else:
+        return None
+    sweep = (r.get("config") or {}).get("fid_vs_nfe") or {}
+    spent = r.get("nfe") if task == "fid" and r.get("nfe") else None
+    if task == "fid" and spent is None:  # records without the field: computed as evaluate.py does
+        spent = real_nfe(kind, s["steps"], s["trajectory"], int(sweep.get("T", 1000)))
+    budget = sweep.get("budget")
+    return {"task": task, "dataset": k["dataset"], "model": _model_label(k), "kind": kind, "eta": _eta_key(s["eta"]),
+            "steps": int(s["steps"]), "trajectory": s.get("trajectory"), "precision": _precision(s),
+            "value": float(value), "paper": paper, "num_samples": r.get("num_samples"), "nfe": spent,
+            "budget": int(str(budget).removeprefix("nfe")) if budget else spent, "nfe_sweep": bool(sweep),
+            "wall_time_s": r.get("wall_time_s"), "gpu": r.get("device", {}).get("gpu", "cpu"),
+            "finished": r.get("finished_at") or ""}
+
+
 def collect(records_dir: str | Path) -> list[dict]:
-    """Flat rows (task, dataset, model, kind, eta, steps, trajectory, value, paper, n, wall) from the records."""
-    rows = []
-    for r in iter_records(records_dir):
-        k, task = r.get("key", {}), r.get("task")
-        s = k.get("sampler", {})
-        if task == "fid" and "fid" in r["metric"]:
-            value, paper = r["metric"]["fid"], (paper_fid(k["dataset"], s["eta"], s["steps"]) if s.get("kind") == "ddim" else None)
-        elif task == "reconstruction" and "mse" in r["metric"]:
-            value, paper = r["metric"]["mse"], paper_mse(k["dataset"], s["steps"])
-        else:
-            continue
-        rows.append({"task": task, "dataset": k["dataset"], "model": _model_label(k), "kind": s.get("kind", "ddim"),
-                     "eta": _eta_key(s["eta"]), "steps": int(s["steps"]), "trajectory": s.get("trajectory"),
-                     "value": float(value), "paper": paper, "num_samples": r.get("num_samples"),
-                     "wall_time_s": r.get("wall_time_s"), "gpu": r.get("device", {}).get("gpu", "cpu"),
-                     "_finished": r.get("finished_at") or ""})
-    # oldest first, so that where a checkpoint was rewritten and evaluated again the newest result fills the cell
-    rows.sort(key=lambda row: row["_finished"])
-    for row in rows:
-        del row["_finished"]
+    """Flat rows (task, dataset, model, kind, eta, steps, trajectory, precision, value, paper, num_samples, nfe,
+    budget, ...) of the FID and reconstruction records, oldest first: where a checkpoint was rewritten and evaluated
+    again, the newest result fills the cell."""
+    rows = [row for row in map(_row, iter_records(records_dir)) if row is not None]
+    rows.sort(key=lambda row: row["finished"])
     return rows
 
 
-def _write_csv(rows: list[dict], path: Path) -> None:
-    cols = ["task", "dataset", "model", "kind", "eta", "steps", "trajectory", "value", "paper", "num_samples",
-            "wall_time_s", "gpu"]
+def group_key(row: dict, fields: tuple[str, ...]) -> tuple:
+    return tuple(row[f] for f in fields) + (_setting_label(row),)
+
+
+def group_rows(rows: list[dict], fields: tuple[str, ...]) -> dict[tuple, list[dict]]:
+    """Rows grouped by ``fields`` (plus the setting label), groups in a stable order."""
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in rows:
+        groups[group_key(r, fields)].append(r)
+    return dict(sorted(groups.items(), key=lambda kv: tuple(map(str, kv[0]))))
+
+
+TABLE1_FIELDS = ("dataset", "model", "kind", "trajectory")
+
+
+def table1_rows(fid_rows: list[dict]) -> list[dict]:
+    """Table 1's rows: the FID runs outside the FID-against-NFE sweep, and the sweep's runs only where they fill
+    a cell of those blocks (the same record answers both sweeps, so a run done by one is skipped by the other;
+    the sweep's other S values add no column)."""
+    own = [r for r in fid_rows if not r["nfe_sweep"]]
+    columns = set()
+    for key, rs in group_rows(own, TABLE1_FIELDS).items():
+        paper_steps = TABLE1_STEPS if paper_dataset(key[0]) and key[2] == "ddim" else ()
+        columns |= {key + (S,) for S in {r["steps"] for r in rs} | set(paper_steps)}
+    fill = [r for r in fid_rows if r["nfe_sweep"] and group_key(r, TABLE1_FIELDS) + (r["steps"],) in columns]
+    return sorted(own + fill, key=lambda r: r["finished"])
+
+
+def _title(group: tuple, trajectory_at: int) -> str:
+    parts = [str(v) + (" trajectory" if i == trajectory_at else "") for i, v in enumerate(group) if v]
+    return ", ".join(parts)
+
+
+def markdown_table(header: list[Any], body: list[list[Any]]) -> list[str]:
+    """A Markdown table's lines: the header row, the rule, one line per body row."""
+    return (["| " + " | ".join(map(str, header)) + " |", "|---" * len(header) + "|"]
+            + ["| " + " | ".join(map(str, row)) + " |" for row in body])
+
+
+def write_csv(rows: list[dict], columns: list[str], path: Path) -> Path:
     with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=cols)
+        w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         w.writeheader()
-        for r in rows:
-            w.writerow({c: r.get(c) for c in cols})
+        w.writerows(rows)
+    return path
+
+
+CSV_COLUMNS = ["task", "dataset", "model", "kind", "eta", "steps", "trajectory", "precision", "value", "paper",
+               "num_samples", "wall_time_s", "gpu"]
+NFE_CSV_COLUMNS = ["dataset", "model", "trajectory", "precision", "num_samples", "kind", "steps", "nfe", "budget",
+                   "value"]
 
 
 def _order_eta(e: Any) -> tuple:
@@ -113,75 +193,79 @@ def _order_eta(e: Any) -> tuple:
 def table1_markdown(rows: list[dict]) -> str:
     """FID blocks in the paper's layout: rows η (σ̂ last), columns S; cells 'ours (paper)'."""
     out = ["# Table 1: FID (ours (paper))", ""]
-    groups: dict[tuple, list[dict]] = defaultdict(list)
-    for r in rows:
-        groups[(r["dataset"], r["model"], r["kind"], r["trajectory"])].append(r)
-    for (ds, model, kind, traj), rs in sorted(groups.items(), key=lambda kv: tuple(map(str, kv[0]))):
+    for group, rs in group_rows(rows, TABLE1_FIELDS).items():
+        ds, kind = group[0], group[2]
         steps = sorted({r["steps"] for r in rs} | (set(TABLE1_STEPS) if paper_dataset(ds) and kind == "ddim" else set()))
-        etas = sorted({r["eta"] for r in rs}, key=_order_eta)
         cell = {(r["eta"], r["steps"]): r["value"] for r in rs}
-        out += [f"## {ds}, {model}, {kind}, {traj} trajectory", "",
-                "| η \\ S | " + " | ".join(map(str, steps)) + " |", "|---" * (len(steps) + 1) + "|"]
-        for e in etas:
-            label = "σ̂" if e == "hat" else f"{e:.1f}"
+        body = []
+        for e in sorted({r["eta"] for r in rs}, key=_order_eta):
             cells = []
             for S in steps:
                 ours, paper = cell.get((e, S)), paper_fid(ds, e, S) if kind == "ddim" else None
                 cells.append(f"{_fmt(ours)} ({_fmt(paper)})" if paper is not None else _fmt(ours))
-            out.append(f"| {label} | " + " | ".join(cells) + " |")
-        out.append("")
+            body.append(["σ̂" if e == "hat" else f"{e:.1f}", *cells])
+        out += [f"## {_title(group, 3)}", "", *markdown_table(["η \\ S", *steps], body), ""]
     return "\n".join(out)
 
 
 def table2_markdown(rows: list[dict]) -> str:
     """Reconstruction MSE per S: one 'ours' row and the paper's row per data set and model."""
     out = ["# Table 2: reconstruction error (per-dimension MSE on [0, 1])", ""]
-    groups: dict[tuple, list[dict]] = defaultdict(list)
-    for r in rows:
-        groups[(r["dataset"], r["model"], r["trajectory"])].append(r)
-    for (ds, model, traj), rs in sorted(groups.items(), key=lambda kv: tuple(map(str, kv[0]))):
+    for group, rs in group_rows(rows, ("dataset", "model", "trajectory")).items():
+        ds = group[0]
         steps = sorted({r["steps"] for r in rs} | (set(TABLE2_STEPS) if paper_dataset(ds) in PAPER_TABLE2 else set()))
         cell = {r["steps"]: r["value"] for r in rs}
-        out += [f"## {ds}, {model}, {traj} trajectory", "", "| S | " + " | ".join(map(str, steps)) + " |",
-                "|---" * (len(steps) + 1) + "|",
-                "| ours | " + " | ".join(f"{cell[S]:.4g}" if S in cell else "–" for S in steps) + " |"]
+        body = [["ours", *(f"{cell[S]:.4g}" if S in cell else "–" for S in steps)]]
         if paper_dataset(ds) in PAPER_TABLE2:
-            out.append("| paper | " + " | ".join(f"{paper_mse(ds, S):g}" if paper_mse(ds, S) is not None else "–"
-                                               for S in steps) + " |")
-        out.append("")
+            body.append(["paper", *(f"{paper_mse(ds, S):g}" if paper_mse(ds, S) is not None else "–" for S in steps)])
+        out += [f"## {_title(group, 2)}", "", *markdown_table(["S", *steps], body), ""]
     return "\n".join(out)
 
 
-def plot_fid_vs_steps(rows: list[dict], path: Path) -> Path | None:
-    """FID against S (log-log), one colour per η; ours solid with markers, the paper's dashed."""
-    if not rows:
+def _paper_ddim(dataset_key: str) -> list[tuple[int, float]]:
+    """The paper's Table 1 DDIM (η = 0) FID as (NFE = S, FID) where it reports this data set."""
+    pts = [(S, paper_fid(dataset_key, 0.0, S)) for S in TABLE1_STEPS]
+    return [(S, f) for S, f in pts if f is not None]
+
+
+def _kinds(rs: list[dict]) -> list[str]:
+    return [k for k in ODE_KINDS if any(r["kind"] == k for r in rs)] + sorted({r["kind"] for r in rs} - set(ODE_KINDS))
+
+
+def fid_vs_nfe_markdown(rows: list[dict]) -> str:
+    """Rows sampler, columns NFE budget; 'FID @n' where the run spent n < budget; the paper's DDIM row."""
+    out = ["# FID against NFE (network evaluations); 'FID @n': the run spent n < budget", ""]
+    for group, rs in group_rows(rows, ("dataset", "model", "trajectory")).items():
+        budgets = sorted({r["budget"] for r in rs})
+        cell = {(r["kind"], r["budget"]): r for r in rs}
+        body = [[kind, *("–" if (kind, b) not in cell else f"{cell[kind, b]['value']:.2f}"
+                         + ("" if cell[kind, b]["nfe"] == b else f" @{cell[kind, b]['nfe']}") for b in budgets)]
+                for kind in _kinds(rs)]
+        paper = dict(_paper_ddim(group[0]))
+        if any(b in paper for b in budgets):
+            body.append(["ddim (paper)", *(f"{paper[b]:.2f}" if b in paper else "–" for b in budgets)])
+        out += [f"## {_title(group, 2)}", "", *markdown_table(["sampler \\ NFE", *budgets], body), ""]
+    return "\n".join(out)
+
+
+def _plot(groups: dict[tuple, list[dict]], path: Path, xlabel: str, draw: Callable[[Any, tuple, list], None],
+          trajectory_at: int) -> Path | None:
+    """One log-log FID panel per group, drawn by ``draw(ax, group, rows)``."""
+    if not groups:
         return None
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    groups: dict[tuple, list[dict]] = defaultdict(list)
-    for r in rows:
-        groups[(r["dataset"], r["model"], r["kind"], r["trajectory"])].append(r)
     fig, axes = plt.subplots(1, len(groups), figsize=(5.5 * len(groups), 4.2), squeeze=False)
-    for ax, ((ds, model, kind, traj), rs) in zip(axes[0], sorted(groups.items(), key=lambda kv: tuple(map(str, kv[0])))):
-        etas = sorted({r["eta"] for r in rs}, key=_order_eta)
-        for j, e in enumerate(etas):
-            color = f"C{j}"
-            label = "σ̂" if e == "hat" else f"η = {e:g}"
-            pts = sorted((r["steps"], r["value"]) for r in rs if r["eta"] == e)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color=color, label=f"{label} (ours)")
-            paper = [(S, paper_fid(ds, e, S)) for S in TABLE1_STEPS] if kind == "ddim" else []
-            paper = [p for p in paper if p[1] is not None]
-            if paper:
-                ax.plot([p[0] for p in paper], [p[1] for p in paper], "--", color=color, alpha=0.6,
-                        label=f"{label} (paper)")
+    for ax, (group, rs) in zip(axes[0], groups.items()):
+        draw(ax, group, rs)
         ax.set_xscale("log")
         ax.set_yscale("log")
-        ax.set_xlabel("S (sampling steps)")
+        ax.set_xlabel(xlabel)
         ax.set_ylabel("FID")
-        ax.set_title(f"{ds}: {model} ({kind}, {traj})", fontsize=9)
+        ax.set_title(_title(group, trajectory_at), fontsize=9)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
@@ -191,23 +275,61 @@ def plot_fid_vs_steps(rows: list[dict], path: Path) -> Path | None:
     return path
 
 
+def _draw_fid_vs_steps(ax: Any, group: tuple, rs: list[dict]) -> None:
+    ds, kind = group[0], group[2]
+    for j, e in enumerate(sorted({r["eta"] for r in rs}, key=_order_eta)):
+        label = "σ̂" if e == "hat" else f"η = {e:g}"
+        pts = sorted((r["steps"], r["value"]) for r in rs if r["eta"] == e)
+        ax.plot(*zip(*pts), "o-", color=f"C{j}", label=f"{label} (ours)")
+        paper = [(S, paper_fid(ds, e, S)) for S in TABLE1_STEPS] if kind == "ddim" else []
+        paper = [p for p in paper if p[1] is not None]
+        if paper:
+            ax.plot(*zip(*paper), "--", color=f"C{j}", alpha=0.6, label=f"{label} (paper)")
+
+
+def _draw_fid_vs_nfe(ax: Any, group: tuple, rs: list[dict]) -> None:
+    for j, kind in enumerate(_kinds(rs)):
+        pts = sorted((r["nfe"], r["value"]) for r in rs if r["kind"] == kind)
+        ax.plot(*zip(*pts), "o-", color=f"C{j}", label=kind)
+    paper = _paper_ddim(group[0])
+    if paper:
+        ax.plot(*zip(*paper), "--", color="C0", alpha=0.6, label="ddim (paper)")
+
+
+def plot_fid_vs_steps(rows: list[dict], path: Path) -> Path | None:
+    """FID against S, one colour per η; ours solid with markers, the paper's dashed."""
+    return _plot(group_rows(rows, TABLE1_FIELDS), path, "S (sampling steps)",
+                 _draw_fid_vs_steps, 3)
+
+
+def plot_fid_vs_nfe(rows: list[dict], path: Path) -> Path | None:
+    """FID against the NFE spent, one line per sampler; the paper's DDIM dashed."""
+    return _plot(group_rows(rows, ("dataset", "model", "trajectory")), path, "NFE (network evaluations)",
+                 _draw_fid_vs_nfe, 2)
+
+
 def aggregate(records_dir: str | Path, out_dir: str | Path | None = None, *, wandb_project: str | None = None) -> dict:
-    """Write the tables (Markdown + CSV) and the plot; returns their paths and the rows."""
+    """Write the tables (Markdown + CSV) and the plots; returns their paths and the rows."""
     rows = collect(records_dir)
     out = Path(out_dir) if out_dir is not None else Path(records_dir) / "tables"
     out.mkdir(parents=True, exist_ok=True)
-    fid_rows = [r for r in rows if r["task"] == "fid"]
-    rec_rows = [r for r in rows if r["task"] == "reconstruction"]
+    t1_rows = table1_rows([r for r in rows if r["task"] == "fid"])
+    t2_rows = [r for r in rows if r["task"] == "reconstruction"]
+    nfe_rows = [r for r in rows if r["task"] == "fid" and r["eta"] == 0.0]
     res: dict[str, Any] = {"rows": rows}
-    if fid_rows:
-        (out / "table1.md").write_text(table1_markdown(fid_rows))
-        _write_csv(fid_rows, out / "table1.csv")
-        res.update(table1_md=out / "table1.md", table1_csv=out / "table1.csv",
-                   plot=plot_fid_vs_steps(fid_rows, out / "fid_vs_steps.png"))
-    if rec_rows:
-        (out / "table2.md").write_text(table2_markdown(rec_rows))
-        _write_csv(rec_rows, out / "table2.csv")
-        res.update(table2_md=out / "table2.md", table2_csv=out / "table2.csv")
+    if t1_rows:
+        (out / "table1.md").write_text(table1_markdown(t1_rows))
+        res.update(table1_md=out / "table1.md", table1_csv=write_csv(t1_rows, CSV_COLUMNS, out / "table1.csv"),
+                   fid_vs_steps_png=plot_fid_vs_steps(t1_rows, out / "fid_vs_steps.png"))
+    if t2_rows:
+        (out / "table2.md").write_text(table2_markdown(t2_rows))
+        res.update(table2_md=out / "table2.md", table2_csv=write_csv(t2_rows, CSV_COLUMNS, out / "table2.csv"))
+    if nfe_rows:
+        (out / "fid_vs_nfe.md").write_text(fid_vs_nfe_markdown(nfe_rows))
+        ordered = sorted(nfe_rows, key=lambda r: tuple(str(r[c]) for c in NFE_CSV_COLUMNS[:5]) + (r["kind"], r["nfe"]))
+        res.update(fid_vs_nfe_md=out / "fid_vs_nfe.md",
+                   fid_vs_nfe_csv=write_csv(ordered, NFE_CSV_COLUMNS, out / "fid_vs_nfe.csv"),
+                   fid_vs_nfe_png=plot_fid_vs_nfe(nfe_rows, out / "fid_vs_nfe.png"))
     if wandb_project and rows:
         _to_wandb(rows, res, wandb_project)
     return res
@@ -216,29 +338,34 @@ def aggregate(records_dir: str | Path, out_dir: str | Path | None = None, *, wan
 def _to_wandb(rows: list[dict], res: dict, project: str) -> None:
     import wandb
 
-    cols = ["task", "dataset", "model", "kind", "eta", "steps", "trajectory", "value", "paper", "num_samples"]
+    cols = ["task", "dataset", "model", "kind", "eta", "steps", "trajectory", "precision", "value", "paper",
+            "num_samples", "nfe"]
     run = wandb.init(project=project, job_type="aggregate", name="paper-tables")
     run.log({"results": wandb.Table(columns=cols, data=[[str(r[c]) if c == "eta" else r[c] for c in cols] for r in rows])})
-    if res.get("plot"):
-        run.log({"fid_vs_steps": wandb.Image(str(res["plot"]))})
+    for name in ("fid_vs_steps", "fid_vs_nfe"):
+        if res.get(f"{name}_png"):
+            run.log({name: wandb.Image(str(res[f"{name}_png"]))})
     run.finish()
+
+
+OUTPUTS = ("table1", "table2", "fid_vs_nfe")
 
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("records_dir", nargs="?", default="outputs/records")
     p.add_argument("--out", default=None, help="output folder (default: <records_dir>/tables)")
-    p.add_argument("--wandb", metavar="PROJECT", default=None, help="also log the table and plot to this W&B project")
+    p.add_argument("--wandb", metavar="PROJECT", default=None, help="also log the table and plots to this W&B project")
     a = p.parse_args(argv)
     if not Path(a.records_dir).is_dir():
         raise SystemExit(f"no records folder: {a.records_dir}")
     res = aggregate(a.records_dir, a.out, wandb_project=a.wandb)
     if not res["rows"]:
         print(f"no FID or reconstruction records under {a.records_dir}")
-    for k in ("table1_md", "table2_md"):
-        if res.get(k):
-            print(Path(res[k]).read_text())
-    for k in ("table1_csv", "table2_csv", "plot"):
+    for name in OUTPUTS:
+        if res.get(f"{name}_md"):
+            print(Path(res[f"{name}_md"]).read_text())
+    for k in ("table1_csv", "table2_csv", "fid_vs_nfe_csv", "fid_vs_steps_png", "fid_vs_nfe_png"):
         if res.get(k):
             print(f"{k}: {res[k]}")
     return res

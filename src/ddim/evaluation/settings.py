@@ -1,0 +1,104 @@
+"""What one ``evaluate.py`` run was asked to do (``Settings``, every value checked) and what it loaded (``Loaded``).
+
+``ddim.evaluation.runner.validate`` builds the first from the Hydra config before any file is read,
+``runner.load`` the second; the tasks and the record read these two, never the raw config.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ddim.accel import INFERENCE_PRESETS
+from ddim.diffusion import TRAJECTORIES as TRAJECTORY_ALIASES
+
+EVAL_TASKS: tuple[str, ...] = ("fid", "reconstruction", "interpolation", "consistency", "samples")
+# the canonical names only (records and tables are keyed by them; ddim.diffusion also takes aliases)
+TRAJECTORIES: tuple[str, ...] = tuple(sorted(set(TRAJECTORY_ALIASES.values())))
+# fp32: the plain model (the exact reference); bf16 / fp8: ddim.accel.prepare_for_inference with that preset
+PRECISIONS: tuple[str, ...] = ("fp32", *INFERENCE_PRESETS)
+# tasks that decode with the deterministic DDIM (η = 0) whatever sampler.eta says
+ETA_ZERO_TASKS: tuple[str, ...] = ("reconstruction", "interpolation", "consistency")
+
+
+def default_trajectory(dataset_name: str | None) -> str:
+    """The paper's choice (Appendix D.2): quadratic τ for CIFAR-10, linear for the other data sets."""
+    return "quadratic" if dataset_name == "cifar10" else "linear"
+
+
+def parse_eta(eta: Any) -> float | str:
+    """η as a float >= 0, or the string ``"hat"`` for the DDPM σ̂ (the paper's Table 1 last row)."""
+    if isinstance(eta, str):
+        if eta.strip().lower() in ("hat", "sigma_hat", "σ̂"):
+            return "hat"
+        try:
+            eta = float(eta)
+        except ValueError:
+            raise ValueError(f"sampler.eta must be a number >= 0 or 'hat', got {eta!r}") from None
+    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not math.isfinite(eta) or eta < 0:
+        raise ValueError(f"sampler.eta must be a number >= 0 or 'hat', got {eta!r}")
+    return float(eta)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The checked settings of one run; sections (``params``, ``fid``, ``trainer``) as plain dicts."""
+
+    task: str
+    kind: str                    # ddim | plms | dpmpp_2m | heun
+    eta: float | str             # float >= 0 or "hat"
+    steps: int                   # S
+    trajectory: str | None       # None: the data set's default (resolved by load)
+    batch_size: int
+    precision: str               # fp32 | bf16 | fp8
+    deterministic: bool
+    seed: int
+    device: str                  # where single-device tasks run and the model is loaded
+    use_ema: bool
+    ckpt_path: str | None
+    official: str | None
+    official_path: str | None
+    dataset: dict | None         # dataset= override, else None (the checkpoint's own)
+    data_dir: str
+    params: dict                 # the task's own config section (reconstruction, samples, ...)
+    fid: dict
+    trainer: dict
+    records_dir: str
+    skip_done: bool
+    output_dir: str
+    loggers: dict
+    config: dict                 # the whole resolved config, kept in the record
+
+
+@dataclass
+class Loaded:
+    """The model and what follows from it: the data set, the image shape and the sampler's checked timesteps."""
+
+    eps_model: nn.Module
+    alphas_cumprod: torch.Tensor
+    model_cfg: dict
+    data: dict                   # name, image_size, channels, category, root, ...
+    shape: tuple[int, int, int]  # (C, H, W)
+    trajectory: str
+    seq: torch.Tensor            # the decode's timesteps τ
+
+    @property
+    def num_timesteps(self) -> int:
+        return int(self.alphas_cumprod.numel())
+
+    @property
+    def dataset_key(self) -> str:
+        """``cifar10-32``, ``lsun-church_outdoor-256``: the data set as records and reference statistics name it."""
+        d = self.data
+        return f"{d['name']}{'-' + d['category'] if d.get('category') else ''}-{d['image_size']}"
+
+
+@dataclass
+class TaskResult:
+    metric: dict[str, float]
+    num_images: int
+    nfe: int                     # network evaluations per image
+    outputs: dict[str, Any]
