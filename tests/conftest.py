@@ -21,7 +21,7 @@ if not torch.cuda.is_available():
 
 
 def load_script(relpath: str, name: str | None = None):
-    """A script of the repository (``evaluate.py``, ``sweeps/fid_vs_nfe.py``, ...) imported as a module, so tests
+    """A script of the repository (``evaluate.py``, ``bench/sampling.py``, ...) imported as a module, so tests
     call its functions; ``name`` defaults to the file's stem."""
     path = REPO / relpath
     spec = importlib.util.spec_from_file_location(name or path.stem, path)

@@ -270,56 +270,24 @@ def test_too_few_steps_fails_before_sampling(gauss, kind):
 
 # ---------------------------------------------------------------- the FID-against-NFE sweep
 
-def _fid_vs_nfe_module():
-    from conftest import load_script
-
-    return load_script("sweeps/fid_vs_nfe.py")
-
-
 @pytest.mark.parametrize("preset", ["fid_vs_nfe_cifar10", "fid_vs_nfe_celeba"])
 def test_fid_vs_nfe_preset_spends_largest_s_within_budget(preset):
     """Each (kind, budget) of the preset resolves to the largest S whose real NFE fits the budget."""
     hydra = pytest.importorskip("hydra")
     from conftest import REPO
 
-    real_nfe = _fid_vs_nfe_module().real_nfe
+    from ddim.evaluation.aggregate import real_nfe
+
     with hydra.initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         for kind in ("ddim",) + SOLVERS:
             for budget in (5, 10, 20, 50, 100):
-                cfg = hydra.compose("evaluate", overrides=[f"+sweeps={preset}", f"hydra.searchpath=[file://{REPO}]",
+                cfg = hydra.compose("evaluate", overrides=[f"+sweeps={preset}",
                                                            f"sampler.kind={kind}", f"fid_vs_nfe.budget=nfe{budget}"])
                 S, traj, T_ = cfg.sampler.steps, cfg.sampler.trajectory, cfg.fid_vs_nfe.T
                 assert cfg.task == "fid" and cfg.sampler.eta == 0.0
                 assert min(budget, 3 if kind != "ddim" else 1) <= real_nfe(kind, S, traj, T_) <= budget, (kind, budget, S)
                 for larger in range(S + 1, 2 * budget + 3):
                     assert real_nfe(kind, larger, traj, T_) > budget, (kind, budget, S, larger)
-
-
-def test_fid_vs_nfe_aggregate_table_and_plot(tmp_path):
-    from ddim.evaluation.records import record_path, write_record
-
-    agg = _fid_vs_nfe_module()
-    steps = {"ddim": {5: 5, 10: 10}, "plms": {5: 4, 10: 9}, "dpmpp_2m": {5: 5, 10: 10}, "heun": {5: 3, 10: 5}}
-    fids = {}
-    for i, (kind, table) in enumerate(steps.items()):
-        for budget, S in table.items():
-            for eta in (0.0, 0.5) if kind == "ddim" else (0.0,):
-                key = {"task": "fid", "dataset": "cifar10-32", "model": {"official": "cifar10", "path": "x", "use_ema": True},
-                       "seed": 0, "params": {"num_samples": 100},
-                       "sampler": {"kind": kind, "eta": eta, "steps": S, "trajectory": "quadratic"}}
-                fid = 100.0 / budget + i + (50 if eta else 0)
-                fids[(kind, budget, eta)] = fid
-                write_record(record_path(tmp_path / "records", key),
-                             {"task": "fid", "key": key, "metric": {"fid": fid}, "num_samples": 100,
-                              "config": {"fid_vs_nfe": {"T": 1000, "budget": f"nfe{budget}"}}})
-    res = agg.aggregate(tmp_path / "records", tmp_path / "tables")
-    assert len(res["rows"]) == 8  # the eta = 0.5 DDIM runs are not ODE samples and are left out
-    md = res["md"].read_text()
-    assert "| sampler \\ NFE | 5 | 10 |" in md
-    assert f"| heun | {fids[('heun', 5, 0.0)]:.2f} | {fids[('heun', 10, 0.0)]:.2f} @9 |" in md  # 2*5-1 = 9 < 10
-    assert f"| plms | {fids[('plms', 5, 0.0)]:.2f} | {fids[('plms', 10, 0.0)]:.2f} |" in md
-    assert "| ddim (paper) | – | 13.36 |" in md  # Table 1, cifar10, eta 0, S = 10
-    assert res["plot"].stat().st_size > 1000 and len(res["csv"].read_text().splitlines()) == 9
 
 
 def test_fid_vs_nfe_wandb_sweep_composes():
@@ -337,7 +305,7 @@ def test_fid_vs_nfe_wandb_sweep_composes():
     with hydra.initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         for kind in grid["sampler.kind"]:
             for budget in (grid["fid_vs_nfe.budget"] if kind == "heun" else grid["fid_vs_nfe.budget"][:1]):
-                cfg = hydra.compose("evaluate", overrides=[f"hydra.searchpath=[file://{REPO}]", *fixed,
+                cfg = hydra.compose("evaluate", overrides=[*fixed,
                                                            f"sampler.kind={kind}", f"fid_vs_nfe.budget={budget}"])
                 assert cfg.task == "fid" and cfg.official == "cifar10"
                 assert cfg.sampler.steps == cfg.fid_vs_nfe.steps[kind][budget]

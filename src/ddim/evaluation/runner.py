@@ -119,7 +119,7 @@ def check_model_source(cfg: DictConfig) -> None:
     if not path:
         raise ValueError("no model given: pass ckpt_path=<checkpoint written by train.py> "
                          "or official=<cifar10|celeba|church|bedroom> official_path=<file>")
-    if not Path(path).is_file():
+    if not Path(path).exists():
         raise FileNotFoundError(f"checkpoint not found: ckpt_path={path}")
 
 
@@ -138,6 +138,7 @@ def validate(cfg: DictConfig) -> Settings:
     if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int):
         raise ValueError(f"seed must be an integer, got {cfg.seed!r}")
     use_ema = as_bool(cfg.use_ema, "use_ema")
+    trust = as_bool(cfg.get("trust_checkpoint", False), "trust_checkpoint")
     check_model_source(cfg)
     if task in ETA_ZERO_TASKS and eta != 0.0:
         print(f"note: task={task} decodes with η = 0 (deterministic DDIM); sampler.eta={sampler.eta} is not used")
@@ -149,7 +150,7 @@ def validate(cfg: DictConfig) -> Settings:
         task=task, kind=sampler.kind, eta=eta, steps=int(sampler.steps), trajectory=sampler.get("trajectory"),
         batch_size=int(sampler.batch_size), precision=precision, deterministic=deterministic, seed=int(cfg.seed),
         device=device, use_ema=use_ema, ckpt_path=cfg.get("ckpt_path"), official=cfg.get("official"),
-        official_path=cfg.get("official_path"),
+        official_path=cfg.get("official_path"), trust_checkpoint=trust,
         dataset=OmegaConf.to_container(cfg.dataset, resolve=True) if cfg.get("dataset") is not None else None,
         data_dir=str(cfg.paths.data_dir),
         params=OmegaConf.to_container(section, resolve=True) if section is not None else {},
@@ -204,9 +205,11 @@ def load(s: Settings) -> Loaded:
     """The ε-model (fp32, as saved), ᾱ and the data set, checked against each other and against the sampler."""
     if s.official:
         eps_model, alphas_cumprod, model_cfg = load_for_sampling(
-            s.official_path, use_ema=s.use_ema, map_location=s.device, format="official", config=s.official)
+            s.official_path, use_ema=s.use_ema, map_location=s.device, format="official", config=s.official,
+            trust=s.trust_checkpoint)
     else:
-        eps_model, alphas_cumprod, model_cfg = load_for_sampling(s.ckpt_path, use_ema=s.use_ema, map_location=s.device)
+        eps_model, alphas_cumprod, model_cfg = load_for_sampling(s.ckpt_path, use_ema=s.use_ema, map_location=s.device,
+                                                                  trust=s.trust_checkpoint)
     data = dataset_config(s, model_cfg)
     shape = check_image_shape(eps_model, data)
     T = int(alphas_cumprod.numel())
