@@ -34,7 +34,8 @@ from harness import (add_ratios, command_line, default_device, device_info, form
 from training import fit_rate, make_module, training_data
 from ddim.accel import prepare_for_inference
 from ddim.diffusion import alphas_cumprod, beta_schedule, sample, timesteps
-from ddim.evaluation.tasks import latents_and_noise, to_uint8
+from ddim.evaluation.images import to_uint8
+from ddim.evaluation.sampling import latents_and_noise
 from ddim.models import UNet
 
 TRAINER_CONF = Path(__file__).resolve().parents[1] / "conf" / "trainer"

@@ -21,9 +21,13 @@ has no ε-evaluation), i.e. it returns the x_0-prediction at τ_1 updated with t
 """
 from __future__ import annotations
 
+import math
+import warnings
 from typing import Callable
 
 import torch
+
+from ddim.diffusion.trajectories import timesteps
 
 EpsModel = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -66,10 +70,6 @@ def _check_budget(kind: str, nfe_budget: int) -> None:
 def nfe_on(kind: str, S: int, T: int, trajectory: str = "linear") -> int:
     """Network evaluations ``kind`` spends on ``timesteps(T, S, trajectory)``: its real length, which the
     official rules make differ from S (linear range(0, T, T // S) can be longer, quadratic drops repeats)."""
-    import warnings
-
-    from ddim.diffusion.trajectories import timesteps
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "trajectory has N distinct steps": exactly what is counted here
         return nfe(kind, len(timesteps(T, int(S), trajectory)))
@@ -171,8 +171,6 @@ def solve(
                 e_hat = (55 * ets[-1] - 59 * ets[-2] + 37 * ets[-3] - 9 * ets[-4]) / 24
             xbar = xbar + (sig[i + 1] - sig[i]) * e_hat
     else:  # dpmpp_2m: data prediction D = x̄ - σ ε; one step x̄_s = r x̄_t + (1 - r) D̂, r = σ_s / σ_t.
-        import math
-
         D_prev = None
         for i in range(S):
             D = xbar - sig[i] * eps(xbar, i)
