@@ -149,6 +149,7 @@ def test_precision_and_deterministic_reach_the_fast_path_and_the_key(monkeypatch
     from ddim.evaluation import runner
 
     seen = []
+    monkeypatch.setattr(runner, "PREPARED", {})  # no copy of an earlier test's model
     monkeypatch.setattr(runner, "fp8_supported", lambda device: True)  # the fp8 preset itself: tests of ddim.accel
     monkeypatch.setattr(runner, "prepare_for_inference",
                         lambda model, preset, *, deterministic: seen.append((preset, deterministic)) or model)
@@ -160,6 +161,23 @@ def test_precision_and_deterministic_reach_the_fast_path_and_the_key(monkeypatch
     keys = sorted((str(r["key"]["sampler"].get("precision")), str(r["key"]["sampler"].get("deterministic")))
                   for r in records(tmp_path))
     assert keys == [("None", "None"), ("bf16", "False"), ("bf16", "None"), ("fp8", "None")]
+
+
+def test_a_sweeps_runs_share_one_inference_copy(monkeypatch, tmp_path, tiny_ckpt):
+    """Runs of one process on the same model file and settings reuse the prepared (compiled) copy; another
+    precision or determinism prepares anew."""
+    from ddim.evaluation import runner
+
+    seen = []
+    monkeypatch.setattr(runner, "PREPARED", {})
+    monkeypatch.setattr(runner, "prepare_for_inference",
+                        lambda model, preset, *, deterministic: seen.append((preset, deterministic)) or model)
+    for i, over in enumerate((["sampler.steps=2"], ["sampler.steps=3"], ["sampler.steps=2", "sampler.eta=1.0"],
+                              ["sampler.steps=2", "sampler.deterministic=false"])):
+        run_evaluate(monkeypatch, tmp_path, f"ckpt_path={tiny_ckpt}", "task=samples", "samples.num_samples=2",
+                     "sampler.precision=bf16", *over, f"output_dir={tmp_path / f'run{i}'}")
+    assert seen == [("bf16", True), ("bf16", False)]
+    assert len(records(tmp_path)) == 4
 
 
 @pytest.mark.parametrize("overrides, match", [

@@ -253,7 +253,7 @@ def test_fast_compiled_training_same_loss_and_checkpoint_keys(tmp_path, eager_co
     """fast.compile=true: the trained network is prepared by ddim.accel.prepare_for_training (channels_last,
     ChannelStatGroupNorm, PhaseUpsample) and compiled; the EMA copy stays the plain U-Net in the same memory layout;
     the loss, the checkpoint keys and the weights' names are the plain module's."""
-    from ddim.accel.inference import ChannelStatGroupNorm, PhaseUpsample
+    from ddim.accel.layers import ChannelStatGroupNorm, PhaseUpsample
     from ddim.models.unet import UNet
 
     plain_res = _run(_cfg(tmp_path / "plain", "trainer.fast_dev_run=2", "dataset.batch_size=8", "dataset.image_size=8"))

@@ -71,6 +71,11 @@ def read_checkpoint(path: str | Path, map_location: Any = "cpu", *, trust: bool 
                          + (f" (it holds {', '.join(inside)})" if inside else ""))
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not (head.startswith(b"PK\x03\x04") or head.startswith(b"\x80")):  # torch.save's zip, or a legacy pickle
+        raise ValueError(f"cannot read checkpoint {path}: not a valid torch checkpoint (corrupt, truncated or another "
+                         f"kind of file, e.g. text?): it starts with {head!r}")
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
             return torch.load(path, map_location=map_location, weights_only=True)

@@ -221,7 +221,7 @@ def load(s: Settings) -> Loaded:
 
 # One inference copy per process: a multirun sweep (Table 1's twelve cells in one process) compiles the model once,
 # not once per cell.  Keyed by the model file and the settings that shape the copy; one model at a time is kept.
-_PREPARED: dict[str, nn.Module] = {}
+PREPARED: dict[str, nn.Module] = {}
 
 
 def for_precision(eps_model: nn.Module, s: Settings, model_key: dict) -> nn.Module:
@@ -230,10 +230,10 @@ def for_precision(eps_model: nn.Module, s: Settings, model_key: dict) -> nn.Modu
     if s.precision == "fp32":
         return eps_model
     cache_key = json.dumps([model_key, s.precision, s.deterministic, str(s.device)], sort_keys=True, default=str)
-    if cache_key not in _PREPARED:
-        _PREPARED.clear()
-        _PREPARED[cache_key] = prepare_for_inference(eps_model, s.precision, deterministic=s.deterministic)
-    return _PREPARED[cache_key]
+    if cache_key not in PREPARED:
+        PREPARED.clear()
+        PREPARED[cache_key] = prepare_for_inference(eps_model, s.precision, deterministic=s.deterministic)
+    return PREPARED[cache_key]
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
