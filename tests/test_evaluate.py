@@ -1,6 +1,7 @@
 """evaluate.py end to end on CPU: a tiny random ε-model on 8x8 digits, tiny sample counts.
 
-FID here swaps the Inception network for cheap per-channel pixel statistics (``tasks.fid_between``);
+FID here swaps the Inception network for cheap per-channel pixel statistics (``tasks.reference_statistics``,
+``tasks.fid_between``);
 the real Inception FID is tested in test_fid.py.
 """
 from __future__ import annotations
@@ -64,18 +65,27 @@ def records(tmp_path: Path) -> list[dict]:
     return iter_records(tmp_path / "records")
 
 
-def pixel_fid(gen, ref, *, ref_key, weights_path, cache_dir, device, batch_size):
-    """Fréchet distance between per-channel mean/std features of the two image sets (a stand-in for Inception)."""
+def pixel_features(imgs) -> torch.Tensor:
+    """Per-channel mean and std of uint8 RGB images: a stand-in for Inception's 2048 features."""
+    x = torch.stack([imgs[i] for i in range(len(imgs))])
+    assert x.dtype == torch.uint8 and x.shape[1] == 3
+    x = x.float().flatten(2) / 255.0
+    return torch.cat([x.mean(-1), x.std(-1)], dim=1)
+
+
+def pixel_reference_statistics(ref, *, ref_key, weights_path, cache_dir, device, batch_size):
+    from ddim.evaluation.fid import feature_statistics
+
+    mu, sigma = feature_statistics(pixel_features(ref))
+    return {"mu": mu, "sigma": sigma, "cache_hit": False}
+
+
+def pixel_fid(gen, ref_stats, *, weights_path, device, batch_size):
+    """Fréchet distance of the pixel features against statistics computed before sampling."""
     from ddim.evaluation.fid import feature_statistics, frechet_distance
 
-    def feats(imgs):
-        x = torch.stack([imgs[i] for i in range(len(imgs))]).float().flatten(2) / 255.0
-        return torch.cat([x.mean(-1), x.std(-1)], dim=1)
-
-    assert gen.dtype == torch.uint8 and gen.shape[1] == 3
-    m1, s1 = feature_statistics(feats(gen))
-    m2, s2 = feature_statistics(feats(ref))
-    return {"fid": frechet_distance(m1, s1, m2, s2), "ref_cache_hit": False}
+    m1, s1 = feature_statistics(pixel_features(gen))
+    return {"fid": frechet_distance(m1, s1, ref_stats["mu"], ref_stats["sigma"]), "ref_cache_hit": False}
 
 
 @pytest.fixture
@@ -85,6 +95,7 @@ def fake_inception(monkeypatch, tmp_path):
     w = tmp_path / "inception.pth"
     w.write_bytes(b"stand-in")
     monkeypatch.setattr(tasks, "fid_between", pixel_fid)
+    monkeypatch.setattr(tasks, "reference_statistics", pixel_reference_statistics)
     monkeypatch.setattr(tasks, "resolve_inception_weights", lambda weights_path, cache_dir: weights_path or w)
     return w
 

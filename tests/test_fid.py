@@ -141,6 +141,58 @@ def test_fid_self_zero_cache_hit_and_equals_scipy(weights, set_a, set_b, feats, 
     assert second["fid"] == pytest.approx(direct, rel=1e-6)
 
 
+def test_precomputed_reference_statistics_give_the_same_fid(weights, set_a, set_b, tmp_path):
+    """evaluate.py computes the reference statistics before sampling and passes them in: same FID as the images."""
+    stats = fidmod.reference_statistics(set_a, ref_key=None, weights_path=weights, cache_dir=tmp_path)
+    direct = fidmod.fid_between(set_b, set_a, weights_path=weights)
+    assert fidmod.fid_between(set_b, stats, weights_path=weights)["fid"] == pytest.approx(direct["fid"], rel=1e-9)
+    with pytest.raises(ValueError, match="KID needs the reference features"):
+        fidmod.fid_between(set_b, stats, weights_path=weights, metrics=("kid",))
+
+
+class _Files(torch.utils.data.Dataset):
+    """An image-folder-like data set: ``files`` plus items that fail to decode for one of them."""
+
+    def __init__(self, files):
+        self.files = files
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        if self.files[i].endswith("bad.jpg"):
+            raise OSError("image file is truncated (3 bytes not processed)")
+        return torch.zeros(3, 8, 8, dtype=torch.uint8), 0
+
+
+class _Wrapped(torch.utils.data.Dataset):
+    def __init__(self, base):
+        self.base = base
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, i):
+        return self.base[i]
+
+
+def test_unreadable_image_is_named_by_index_and_file(weights):
+    ds = _Wrapped(_Files(["a/ok.png", "a/bad.jpg", "b/ok.png"]))
+    with pytest.raises(ValueError, match=r"image 1 of 3 \(a/bad.jpg\) cannot be read: OSError: image file is trunc"):
+        fidmod.inception_features(ds, weights_path=weights, batch_size=2)
+    with pytest.raises(ValueError, match=r"image 0 of 1 \(a/bad.jpg\) cannot be read"):  # also the cache lookup
+        fidmod.reference_statistics(_Files(["a/bad.jpg"]), ref_key="x", weights_path=weights, cache_dir="unused")
+
+
+def test_unwritable_cache_warns_and_keeps_the_statistics(weights, set_a, tmp_path):
+    """A read-only (shared) cache costs only the next run's recomputation, never this run's result."""
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    with pytest.warns(UserWarning, match="reference statistics not cached"):
+        stats = fidmod.reference_statistics(set_a[:4], ref_key="unit-ro", weights_path=weights, cache_dir=blocker)
+    assert stats["mu"].shape == (2048,) and stats["cache_path"] is None
+
+
 def test_frechet_distance_equals_scipy_sqrtm(feats):
     """The formula itself against scipy.linalg.sqrtm on a full-rank block of the same features."""
     d = N - 2

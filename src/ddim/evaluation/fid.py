@@ -13,6 +13,7 @@ import json
 import os
 import socket
 import tempfile
+import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -156,12 +157,42 @@ def _first_tensor(item):
     return item[0] if isinstance(item, (tuple, list)) else item
 
 
+def image_file(dataset: Dataset, i: int) -> Path | None:
+    """The file behind item ``i`` of a (wrapped) image-folder data set, found through ``base`` / ``dataset``
+    wrappers down to a ``files`` list; None for data sets not read from single files (npz arrays, lmdb)."""
+    ds = dataset
+    while ds is not None:
+        files = getattr(ds, "files", None)
+        if isinstance(files, Sequence) and len(files) == len(dataset):
+            return Path(files[i])
+        ds = getattr(ds, "base", None) or getattr(ds, "dataset", None)
+    return None
+
+
+class NamedFailures(Dataset):
+    """A data set whose unreadable items (a truncated JPEG in an image folder) fail with their index and file."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        try:
+            return self.dataset[i]
+        except Exception as e:  # noqa: BLE001 - any decode error: say which image it was
+            name = image_file(self.dataset, i)
+            raise ValueError(f"image {i} of {len(self.dataset)}{f' ({name})' if name else ''} cannot be read: "
+                             f"{type(e).__name__}: {e}; remove or replace the file") from e
+
+
 def _batches(images: ImageSource, batch_size: int) -> Iterable[torch.Tensor]:
     if torch.is_tensor(images):
         for i in range(0, len(images), batch_size):
             yield _check_batch(images[i:i + batch_size])
     elif isinstance(images, Dataset):
-        loader = DataLoader(images, batch_size=batch_size, shuffle=False, num_workers=0,
+        loader = DataLoader(NamedFailures(images), batch_size=batch_size, shuffle=False, num_workers=0,
                             collate_fn=lambda items: torch.stack([_first_tensor(it) for it in items]))
         for x in loader:
             yield _check_batch(x)
@@ -171,7 +202,7 @@ def _batches(images: ImageSource, batch_size: int) -> Iterable[torch.Tensor]:
 
 def _describe(images: ImageSource) -> tuple[int, tuple[int, int]]:
     """(number of images, (H, W)) without iterating the whole source."""
-    first = images[0] if torch.is_tensor(images) else _first_tensor(images[0])
+    first = images[0] if torch.is_tensor(images) else _first_tensor(NamedFailures(images)[0])
     if first.dim() != 3 or first.shape[0] != 3:
         raise ValueError(f"each image must have shape (3, H, W), got {tuple(first.shape)}")
     return len(images), (int(first.shape[-2]), int(first.shape[-1]))
@@ -273,18 +304,25 @@ def reference_statistics(ref: ImageSource, *, ref_key: str | None, weights_path=
     mu, sigma = feature_statistics(feats)
     if cache_path is not None:
         extra = dict(features=feats.numpy()) if keep_features else {}
-        _atomic_save_npz(cache_path, mu=mu, sigma=sigma, **extra)
-        cache_path.with_suffix(".json").write_text(json.dumps(
-            dict(ref_key=ref_key, n=int(len(feats)), weights=str(path), weights_sha1=weights_sha1(path)), indent=1))
+        try:
+            _atomic_save_npz(cache_path, mu=mu, sigma=sigma, **extra)
+            cache_path.with_suffix(".json").write_text(json.dumps(
+                dict(ref_key=ref_key, n=int(len(feats)), weights=str(path), weights_sha1=weights_sha1(path)), indent=1))
+        except OSError as e:  # a read-only shared cache: the statistics are here, only the next run recomputes them
+            warnings.warn(f"reference statistics not cached ({cache_path}: {e}); set fid.cache_dir to a writable "
+                          f"folder to keep them")
+            cache_path = None
     return dict(mu=mu, sigma=sigma, features=feats if keep_features else None, cache_path=cache_path, cache_hit=False)
 
 
-def fid_between(gen_images: ImageSource, ref: ImageSource, *, ref_key: str | None = None, weights_path=None,
+def fid_between(gen_images: ImageSource, ref: ImageSource | dict, *, ref_key: str | None = None, weights_path=None,
                 cache_dir=None, device: str | torch.device = "cpu", batch_size: int = 64,
                 metrics: Sequence[str] = ("fid",), kid_subset_size: int = 1000, kid_subsets: int = 100) -> dict:
     """FID (and optionally KID, Inception Score) of generated images against a reference set.
 
     Images: uint8 (N, 3, H, W) tensors, [-1, 1] float tensors, or Datasets yielding either (or (image, label)).
+    ``ref`` may also be ``reference_statistics``'s result, computed earlier (evaluate.py does so before sampling,
+    so an unreadable reference image fails before the expensive part).
     The reference statistics are cached under ``ref_key`` (None: no cache). Returns ``dict(fid=...)`` plus
     ``kid_mean``/``kid_std`` and ``isc_mean``/``isc_std`` when asked for, and ``ref_cache_hit``.
     """
@@ -298,8 +336,13 @@ def fid_between(gen_images: ImageSource, ref: ImageSource, *, ref_key: str | Non
                            "torch-fidelity's original weights to compute Inception Score.")
     want = ("2048", "logits_unbiased") if "isc" in metrics else ("2048",)
     gen = inception_features(gen_images, weights_path=path, device=device, batch_size=batch_size, features=want)
-    ref_stats = reference_statistics(ref, ref_key=ref_key, weights_path=path, cache_dir=cache_dir, device=device,
-                                     batch_size=batch_size, keep_features="kid" in metrics)
+    if isinstance(ref, dict):
+        ref_stats = ref
+        if "kid" in metrics and ref_stats.get("features") is None:
+            raise ValueError("KID needs the reference features: compute reference_statistics(keep_features=True)")
+    else:
+        ref_stats = reference_statistics(ref, ref_key=ref_key, weights_path=path, cache_dir=cache_dir, device=device,
+                                         batch_size=batch_size, keep_features="kid" in metrics)
     out: dict = {}
     if "fid" in metrics:
         mu, sigma = feature_statistics(gen["2048"])

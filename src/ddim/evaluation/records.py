@@ -21,7 +21,7 @@ from hydra.utils import instantiate
 
 from ddim.evaluation.settings import ETA_ZERO_TASKS, Loaded, Settings, TaskResult
 
-# settings that change only speed or where files go: not part of the key
+# settings that change only speed or which files a run writes (``missing_outputs`` checks those): not in the key
 NOT_IN_KEY = ("batch_size", "device", "cache_dir", "weights_path", "save_npz", "save_grid", "nrow")
 
 
@@ -83,6 +83,25 @@ def load_record(path: str | Path) -> dict[str, Any] | None:
     except (FileNotFoundError, json.JSONDecodeError):
         return None
     return rec if isinstance(rec, dict) and "metric" in rec else None
+
+
+def missing_outputs(s: Settings, done: dict[str, Any]) -> list[str]:
+    """The files this run asks for that the finished record ``done`` has not got (never made, or deleted since):
+    options such as ``samples.save_npz`` change what a run writes, not its result, so they are not in the key."""
+    outputs = done.get("outputs") or {}
+    wanted: list[tuple[str, str]] = []
+    if s.task in ("samples", "interpolation", "consistency"):
+        wanted.append(("grid", "the grid PNG"))
+    if s.task == "samples" and s.params.get("save_npz"):
+        wanted.append(("npz", "samples.npz (samples.save_npz=true)"))
+    if s.task == "fid" and s.fid.get("save_grid"):
+        wanted.append(("grid", "the grid PNG of the first samples (fid.save_grid=true)"))
+    missing = [what for name, what in wanted if not outputs.get(name) or not Path(outputs[name]).is_file()]
+    if s.task == "samples" and outputs.get("grid") and Path(outputs["grid"]).is_file():
+        old_nrow = ((done.get("config") or {}).get("samples") or {}).get("nrow")
+        if old_nrow != s.params.get("nrow"):
+            missing.append(f"a grid with samples.nrow={s.params.get('nrow')} (the recorded one has nrow={old_nrow})")
+    return missing
 
 
 def _umask() -> int:

@@ -1,13 +1,14 @@
 """What ``evaluate.py`` does with its Hydra config: validate, skip if done, load, run one task, record.
 
-Everything that can be wrong with the input (task, η, S, trajectory, precision, counts, device, checkpoint
-path, Inception weights) is checked by ``validate`` before any file is read; ``load`` checks the rest against the
-model (S against its T, its image shape against the data set) before the first network evaluation, so a bad
-sweep entry fails in seconds, not hours.
+Everything that can be wrong with the input (task, η, S, trajectory, precision, counts, switches, device,
+checkpoint path, Inception weights, the folders results go to) is checked by ``validate`` before any file is
+read; ``load`` checks the rest against the model (S against its T, its image shape against the data set) before
+the first network evaluation, so a bad sweep entry fails in seconds, not hours.
 """
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ from ddim.diffusion.solvers import SOLVERS, nfe
 from ddim.evaluation import records
 from ddim.evaluation.settings import (ETA_ZERO_TASKS, EVAL_TASKS, PRECISIONS, TRAJECTORIES, Loaded, Settings,
                                       default_trajectory, parse_eta)
-from ddim.evaluation.tasks import TASKS
+from ddim.evaluation.tasks import TASKS, fid_grid
 from ddim.models import OFFICIAL_CONFIGS
 
 SAMPLER_KINDS: tuple[str, ...] = ("ddim",) + tuple(SOLVERS)
@@ -72,6 +73,20 @@ def check_precision(sampler: DictConfig, device: str) -> tuple[str, bool]:
     return precision, deterministic
 
 
+def check_writable_dir(path: Any, setting: str) -> None:
+    """``path`` is a folder this process can write into, or can create: checked before the model is loaded, so
+    a run never computes results it then cannot save.  Nothing is created here."""
+    target = Path(str(path)).expanduser().absolute()
+    existing = target
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"{setting}={path} cannot be a folder: {existing} is a file; choose another {setting}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{setting}={path} is not writable: no write permission in {existing}; choose a folder "
+                         f"you can write to (or fix its permissions)")
+
+
 def check_task_settings(task: str, cfg: DictConfig) -> None:
     """The task's own config section (and fid's Inception weights), checked before anything is loaded."""
     if task == "fid":
@@ -82,9 +97,11 @@ def check_task_settings(task: str, cfg: DictConfig) -> None:
         weights = cfg.fid.get("weights_path")
         if weights and not Path(weights).is_file():
             raise FileNotFoundError(f"Inception weights not found: fid.weights_path={weights}")
+        as_bool(cfg.fid.get("save_grid", False), "fid.save_grid")
     elif task == "samples":
         check_positive_int(cfg.samples.num_samples, "samples.num_samples")
         check_positive_int(cfg.samples.get("nrow"), "samples.nrow", allow_none=True)
+        as_bool(cfg.samples.get("save_npz", False), "samples.save_npz")
     elif task == "reconstruction":
         check_positive_int(cfg.reconstruction.num_images, "reconstruction.num_images", allow_none=True)
         if cfg.sampler.kind != "ddim":
@@ -139,6 +156,8 @@ def validate(cfg: DictConfig) -> Settings:
         raise ValueError(f"seed must be an integer, got {cfg.seed!r}")
     use_ema = as_bool(cfg.use_ema, "use_ema")
     trust = as_bool(cfg.get("trust_checkpoint", False), "trust_checkpoint")
+    check_writable_dir(cfg.records_dir, "records_dir")
+    check_writable_dir(cfg.output_dir, "output_dir")
     check_model_source(cfg)
     if task in ETA_ZERO_TASKS and eta != 0.0:
         print(f"note: task={task} decodes with η = 0 (deterministic DDIM); sampler.eta={sampler.eta} is not used")
@@ -238,20 +257,38 @@ def for_precision(eps_model: nn.Module, s: Settings, model_key: dict) -> nn.Modu
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Run ``cfg.task``; returns the record (also written to the records folder), ``{"rank0": False}`` on other
-    ranks, or the earlier record with ``skipped`` when this configuration was done before."""
+    ranks, or the earlier record with ``skipped`` when this configuration was done before and has every output
+    asked for now (else the missing ones are made, and the message says which)."""
     log_lightning_once()
     settings = validate(cfg)
     loaded = load(settings)
     key = records.record_key(settings, loaded)
     path = records.record_path(settings.records_dir, key)
-    if settings.skip_done:
-        done = records.load_record(path)
-        if done is not None:
-            print(f"skipped: already done ({path})")
-            return {**done, "skipped": True}
+    done = records.load_record(path) if settings.skip_done else None
+    missing = records.missing_outputs(settings, done) if done is not None else []
+    if done is not None and not missing:
+        print(f"skipped: already done ({path})")
+        return {**done, "skipped": True}
     loaded.eps_model = for_precision(loaded.eps_model, settings, key["model"])
+    if done is not None:
+        print(f"{path} is done, but lacks what this run asks for: {'; '.join(missing)}. "
+              + ("Writing the grid (no new FID run)" if settings.task == "fid" else "Running it again (same seed: "
+                 "the same images)") + f" into {settings.output_dir}")
+        if settings.task == "fid":
+            return add_fid_grid(settings, loaded, done, path)
     t0 = time.time()
     result = TASKS[settings.task](settings, loaded)
     if result is None:  # not rank 0: rank 0 merges, scores and records
         return {"rank0": False}
     return records.record(settings, key, path, result, time.time() - t0)
+
+
+def add_fid_grid(s: Settings, loaded: Loaded, done: dict[str, Any], path: Path) -> dict[str, Any]:
+    """A finished FID record made without ``fid.save_grid``: its grid, added to the record; the FID stays."""
+    grid = fid_grid(s, loaded)
+    if grid is None:
+        return {"rank0": False}
+    done["outputs"] = {**(done.get("outputs") or {}), **grid}
+    records.write_record(path, done)
+    print(f"fid: grid {grid['grid']} added to {path}")
+    return {**done, "record_path": str(path)}

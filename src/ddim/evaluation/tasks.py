@@ -13,12 +13,13 @@ from typing import Callable
 
 import numpy as np
 import torch
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from ddim.data import build_dataset
 from ddim.diffusion import encode, slerp, timesteps
 from ddim.diffusion.solvers import nfe, nfe_on
-from ddim.evaluation.fid import fid_between, resolve_inception_weights
+from ddim.evaluation.fid import fid_between, reference_statistics, resolve_inception_weights
 from ddim.evaluation.images import Uint8Images, save_grid, to_rgb
 from ddim.evaluation.sampling import decode, generate, latents_and_noise, sample_batch
 from ddim.evaluation.settings import Loaded, Settings, TaskResult
@@ -54,22 +55,36 @@ def write_samples(images: torch.Tensor, out_dir: Path, *, nrow: int | None = Non
 
 
 def fid_task(s: Settings, m: Loaded) -> TaskResult | None:
-    """Table 1: FID of ``fid.num_samples`` samples against the data set's ``fid.ref_split`` images."""
+    """Table 1: FID of ``fid.num_samples`` samples against the data set's ``fid.ref_split`` images.
+
+    The reference statistics (cached, else one Inception pass over the reference set) come first, on rank 0: an
+    unreadable reference image fails before hours of sampling, not after."""
     weights = resolve_inception_weights(weights_path=s.fid.get("weights_path"), cache_dir=s.fid.get("cache_dir"))
     ref_split = s.fid.get("ref_split", "train")
-    reference = Uint8Images(evaluation_dataset(m.data, ref_split))
+    fid_device = s.fid.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
+    fid_batch = int(s.fid["batch_size"])
+    ref_stats = None
+    if rank_zero_only.rank == 0:  # the other ranks only sample; rank 0 scores
+        reference = Uint8Images(evaluation_dataset(m.data, ref_split))
+        ref_stats = reference_statistics(reference, ref_key=f"{m.dataset_key}-{ref_split}", weights_path=weights,
+                                         cache_dir=s.fid.get("cache_dir"), device=fid_device, batch_size=fid_batch)
     n = int(s.fid["num_samples"])
     sampling: dict = {}
     images = generate_for(s, m, n, sampling)
     if images is None:  # not rank 0: rank 0 merges, scores and records
         return None
-    fid_device = s.fid.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
-    res = fid_between(to_rgb(images), reference, ref_key=f"{m.dataset_key}-{ref_split}", weights_path=weights,
-                      cache_dir=s.fid.get("cache_dir"), device=fid_device, batch_size=int(s.fid["batch_size"]))
+    res = fid_between(to_rgb(images), ref_stats, weights_path=weights, device=fid_device, batch_size=fid_batch)
     outputs = {"sampling": sampling, "fid_details": {k: v for k, v in res.items() if isinstance(v, (int, float, str))}}
     if s.fid.get("save_grid"):
         outputs.update(write_samples(images[:FID_GRID_SIZE], Path(s.output_dir)))
     return TaskResult({"fid": float(res["fid"])}, n, nfe(s.kind, len(m.seq)), outputs)
+
+
+def fid_grid(s: Settings, m: Loaded) -> dict | None:
+    """The grid ``fid.save_grid`` asks for (the first samples, by index the same as the FID run's), without the
+    FID run: for a finished record made with ``fid.save_grid=false``. None on ranks other than 0."""
+    images = generate_for(s, m, min(FID_GRID_SIZE, int(s.fid["num_samples"])), {})
+    return None if images is None else write_samples(images, Path(s.output_dir))
 
 
 def samples_task(s: Settings, m: Loaded) -> TaskResult | None:
