@@ -110,22 +110,26 @@ def _weights(res) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in res["module"].state_dict().items()}
 
 
-@pytest.mark.parametrize("stop_at, num_workers", [(4, 0), (13, 2)])
-def test_stop_mid_epoch_and_resume_equals_the_uninterrupted_run(tmp_path, stop_at, num_workers):
-    """9 steps per epoch; stopped at step 4 (first epoch) or 13 (second, with 2 workers fetching ahead) and
-    resumed from last.ckpt to step 16: model, EMA and Adam state equal the uninterrupted 16 steps bit for bit."""
+@pytest.mark.parametrize("stop_at, num_workers, saved_by", [(4, 0, "step"), (13, 2, "stop")])
+def test_stop_mid_epoch_and_resume_equals_the_uninterrupted_run(tmp_path, stop_at, num_workers, saved_by):
+    """9 steps per epoch; resumed at step 4 (first epoch) from the step file the uninterrupted run wrote there (as
+    after a kill), or at step 13 (second epoch, 2 workers fetching ahead) from the last.ckpt of a run stopped by
+    trainer.max_steps=13; on to step 16: model, EMA and Adam state equal the uninterrupted run's bit for bit."""
     assert stop_at % 9
     common = [*SMALL, "logger=none", "model.dropout=0.1", "optim.ema_decay=0.9", "optim.warmup_steps=3",
-              f"dataset.num_workers={num_workers}"]
+              f"dataset.num_workers={num_workers}", f"callbacks.model_checkpoint.every_n_train_steps={stop_at}"]
     full = run(compose_train(tmp_path / "full", *common, "trainer.max_steps=16"))
-    stopped = run(compose_train(tmp_path / "part", *common, f"trainer.max_steps={stop_at}"))
-    last = tmp_path / "part" / "checkpoints" / "last.ckpt"
-    saved = read_checkpoint(last)
+    if saved_by == "stop":
+        run(compose_train(tmp_path / "part", *common, f"trainer.max_steps={stop_at}"))
+        ckpt = tmp_path / "part" / "checkpoints" / "last.ckpt"
+    else:
+        ckpt = tmp_path / "full" / "checkpoints" / f"step_{stop_at:07d}.ckpt"
+    saved = read_checkpoint(ckpt)
     assert saved["global_step"] == stop_at
     (position,) = saved["loops"]["fit_loop"]["state_dict"]["combined_loader"]
     assert position["epoch"] == stop_at // 9 and position["consumed"] == 20 * (stop_at % 9)
-    resumed = run(compose_train(tmp_path / "resumed", *common, "trainer.max_steps=16", f"ckpt_path={last}"))
-    assert resumed["trainer"].global_step == 16 and stopped["trainer"].global_step == stop_at
+    resumed = run(compose_train(tmp_path / "resumed", *common, "trainer.max_steps=16", f"ckpt_path={ckpt}"))
+    assert resumed["trainer"].global_step == 16
     a, b = _weights(full), _weights(resumed)
     assert a.keys() == b.keys() and any(k.startswith("ema_model.") for k in a)
     different = [k for k in a if not torch.equal(a[k], b[k])]

@@ -54,6 +54,11 @@ def _unpickling_reason(error: pickle.UnpicklingError) -> str | None:
     return reason or "an object type outside the allowed tensors and containers"
 
 
+def _starts_as_pickle(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(1) == b"\x80"
+
+
 def _not_a_checkpoint(path: Path, error: BaseException) -> ValueError:
     return ValueError(f"cannot read checkpoint {path}: not a valid torch checkpoint (corrupt, truncated or another "
                       f"kind of file, e.g. text?): {type(error).__name__}: {error}")
@@ -77,8 +82,9 @@ def read_checkpoint(path: str | Path, map_location: Any = "cpu", *, trust: bool 
             return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         reason = _unpickling_reason(e)
-        # an opcode the weights-only unpickler lacks: usually bytes that are no pickle at all (text: "operand 110")
-        if reason is None or (not trust and reason.startswith("Unsupported operand")):
+        # an opcode the weights-only unpickler lacks in a file that does not start as a pickle (protocol >= 2:
+        # byte 0x80) is no pickle at all, e.g. text ("Unsupported operand 110")
+        if reason is None or (reason.startswith("Unsupported operand") and not _starts_as_pickle(path)):
             raise _not_a_checkpoint(path, e) from None
         if not trust:
             raise ValueError(f"refused to open {path}: it holds more than tensors and plain containers ({reason}), "
