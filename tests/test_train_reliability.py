@@ -221,7 +221,7 @@ def test_sigkill_during_saves_never_breaks_last_ckpt(tmp_path):
     a checkpoint temporary exists) and restarted from last.ckpt: after every kill last.ckpt loads, and the next
     start removes the temporaries the kill left."""
     run_dir, tmpdir = tmp_path / "run", _other_file_system_tmpdir(tmp_path)
-    ckpts, rng, kills, steps = run_dir / "checkpoints", random.Random(0), [], []
+    ckpts, rng, kills, steps, strays = run_dir / "checkpoints", random.Random(0), [], [], []
     run_dir.mkdir()
     deadline = time.monotonic() + 35
     try:
@@ -230,6 +230,7 @@ def test_sigkill_during_saves_never_breaks_last_ckpt(tmp_path):
             stray_before = [n for n in os.listdir(ckpts) if TEMPORARY_PATTERN.match(n)] if ckpts.is_dir() else []
             kills.append(_kill_during_a_save(proc, ckpts, rng, deadline + 30))
             left = {n for n in os.listdir(ckpts) if TEMPORARY_PATTERN.match(n)}
+            strays.append(len(left))
             assert not left & set(stray_before), f"temporaries of an earlier kill survived a start: {left}"
             steps.append(read_checkpoint(ckpts / "last.ckpt")["global_step"])  # loads after every kill
         assert list(tmpdir.iterdir()) == []  # nothing was staged in $TMPDIR
@@ -238,7 +239,7 @@ def test_sigkill_during_saves_never_breaks_last_ckpt(tmp_path):
             p.unlink()
         tmpdir.rmdir()
     print(f"{len(kills)} kills ({kills.count('during a save')} during a save); last.ckpt loaded after each, at steps "
-          f"{steps}")
+          f"{steps}; temporaries left by each kill: {strays}")
     assert len(kills) >= 2 and steps == sorted(steps) and steps[0] >= 1
 
 
