@@ -15,22 +15,25 @@ from pathlib import Path
 import hydra
 import lightning as L
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import ProgressBar
+from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar
+from lightning.pytorch.plugins.io import CheckpointIO
 from omegaconf import DictConfig, OmegaConf
 
-from ddim.checkpoints import check_train_checkpoint, read_checkpoint
+from ddim.checkpoints import check_train_checkpoint, check_writable_directory, read_checkpoint
 from ddim.config import as_bool, log_lightning_once
 from ddim.data import DiffusionDataModule
 from ddim.models.build import check_architecture
 from ddim.models.ema import ema_warmup_of
+from ddim.training.checkpoint_io import AtomicCheckpointIO
 from ddim.training.module import DiffusionModule
 
 log = logging.getLogger(__name__)
 
 
-def build_callbacks(cfg: DictConfig) -> list:
+def build_callbacks(cfg: DictConfig, has_logger: bool = True) -> list:
     """The configured callbacks; entries without ``_target_`` (settings for a callback that the chosen
-    ``callbacks`` group does not have) are skipped with a warning."""
+    ``callbacks`` group does not have) are skipped with a warning, and without a logger (``logger=none``) the
+    learning-rate monitor, which only logs, is left out."""
     cb_cfg = cfg.get("callbacks") or {}
     partial = [name for name, c in cb_cfg.items() if c is not None and "_target_" not in c]
     if partial:  # e.g. an experiment's settings for callbacks that callbacks=none removed
@@ -39,7 +42,57 @@ def build_callbacks(cfg: DictConfig) -> list:
     callbacks = [instantiate(c) for c in cb_cfg.values() if c is not None and "_target_" in c]
     if not cfg.trainer.get("enable_progress_bar", True):
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
+    if not has_logger:
+        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     return callbacks
+
+
+def check_training_length(trainer_cfg: DictConfig) -> None:
+    """Refuse settings under which the Trainer would stop at once, having trained nothing, and exit as if done."""
+    if trainer_cfg.get("fast_dev_run"):
+        return
+    steps, epochs = trainer_cfg.get("max_steps", -1), trainer_cfg.get("max_epochs", -1)
+    if isinstance(steps, bool) or not isinstance(steps, int) or (steps < 1 and steps != -1):
+        raise ValueError(f"trainer.max_steps must be a positive integer (optimizer steps to train; -1: as many as "
+                         f"trainer.max_epochs allows), got {steps!r}")
+    if steps == -1 and (isinstance(epochs, bool) or not isinstance(epochs, int) or epochs == 0 or epochs < -1):
+        raise ValueError(f"trainer.max_steps=-1 trains for trainer.max_epochs, which must then be a positive integer "
+                         f"(or -1: no limit), got {epochs!r}")
+
+
+def check_data_fits_model(dm: DiffusionDataModule, model_cfg: dict) -> None:
+    """Compare one training image with the U-Net's input (``model.in_channels``, ``model.resolution``) and output,
+    so a mismatch is named here instead of surfacing as a convolution shape error in the first step."""
+    dm.setup("fit")
+    x = dm.dataset[0][0]
+    size = model_cfg.get("resolution")
+    wanted = (model_cfg.get("in_channels", 3), size, size)
+    h = dm.hparams
+    if tuple(x.shape) != wanted:
+        raise ValueError(f"the {h.name} data gives images of shape {tuple(x.shape)} (channels, height, width) but the "
+                         f"model takes {wanted} (model.in_channels, model.resolution): dataset.channels={h.channels}, "
+                         f"dataset.image_size={h.image_size}; allowed: the data's own channels (image_folder, celeba, "
+                         f"lsun, cifar10: 3; digits: 1 or 3) and a model that matches them")
+    if model_cfg.get("out_ch", wanted[0]) != wanted[0]:
+        raise ValueError(f"model.out_ch={model_cfg.get('out_ch')} must equal the image channels ({wanted[0]}): the "
+                         f"model predicts the noise added to the image")
+
+
+def check_output_folders(cfg: DictConfig) -> None:
+    """The run's folder and every folder a callback writes to must be writable now, not at the first save."""
+    check_writable_directory(cfg.paths.output_dir, "paths.output_dir")
+    for name, cb in (cfg.get("callbacks") or {}).items():
+        if cb is not None and "_target_" in cb and cb.get("dirpath"):
+            check_writable_directory(cb.dirpath, f"callbacks.{name}.dirpath")
+
+
+def trainer_plugins(trainer_cfg: DictConfig) -> list:
+    """The configured plugins plus ``AtomicCheckpointIO`` (crash-safe checkpoint files), unless one of them already
+    is a CheckpointIO."""
+    plugins = list(instantiate(trainer_cfg.get("plugins") or []))
+    if not any(isinstance(p, CheckpointIO) for p in plugins):
+        plugins.append(AtomicCheckpointIO())
+    return plugins
 
 
 def check_resume(cfg: DictConfig, module: DiffusionModule, trust: bool) -> None:
@@ -70,6 +123,8 @@ def run(cfg: DictConfig) -> dict:
     log_lightning_once()
     trust = as_bool(cfg.get("trust_checkpoint", False), "trust_checkpoint")
 
+    check_training_length(cfg.trainer)
+
     L.seed_everything(cfg.seed, workers=True)
     data_cfg = OmegaConf.to_container(cfg.dataset, resolve=True)
     dm = DiffusionDataModule(**data_cfg, seed=cfg.seed)
@@ -78,10 +133,14 @@ def run(cfg: DictConfig) -> dict:
                              fast=cfg.get("fast"))
     if cfg.get("ckpt_path") is not None:
         check_resume(cfg, module, trust)
+    check_data_fits_model(dm, module.hparams.model)
+    check_output_folders(cfg)
 
-    callbacks = build_callbacks(cfg)
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    callbacks = build_callbacks(cfg, has_logger=bool(loggers))
+    # the data module shards the data over ranks itself (a resumable sampler), so Lightning must not swap it
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
+                                     plugins=trainer_plugins(cfg.trainer), use_distributed_sampler=False)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     for lg in loggers:
         lg.log_hyperparams(resolved)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import os
 import pickle
+import re
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -53,6 +54,11 @@ def _unpickling_reason(error: pickle.UnpicklingError) -> str | None:
     return reason or "an object type outside the allowed tensors and containers"
 
 
+def _starts_as_pickle(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(1) == b"\x80"
+
+
 def _not_a_checkpoint(path: Path, error: BaseException) -> ValueError:
     return ValueError(f"cannot read checkpoint {path}: not a valid torch checkpoint (corrupt, truncated or another "
                       f"kind of file, e.g. text?): {type(error).__name__}: {error}")
@@ -81,8 +87,10 @@ def read_checkpoint(path: str | Path, map_location: Any = "cpu", *, trust: bool 
             return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         reason = _unpickling_reason(e)
-        if reason is None:
-            raise _not_a_checkpoint(path, e) from e
+        # an opcode the weights-only unpickler lacks in a file that does not start as a pickle (protocol >= 2:
+        # byte 0x80) is no pickle at all, e.g. text ("Unsupported operand 110")
+        if reason is None or (reason.startswith("Unsupported operand") and not _starts_as_pickle(path)):
+            raise _not_a_checkpoint(path, e) from None
         if not trust:
             raise ValueError(f"refused to open {path}: it holds more than tensors and plain containers ({reason}), "
                              f"and unpickling such a file can run code stored in it. If you made this file yourself "
@@ -201,12 +209,36 @@ def load_official_for_sampling(path: str | Path, config: str | dict | None, use_
     return model, alphas_cumprod_from_config(diffusion), cfg
 
 
+def _temporary_name(dst: Path) -> Path:
+    return dst.with_name(f".{dst.name}.tmp{os.getpid()}")
+
+
+# ``save_atomically``'s temporaries: ".<target name>.tmp<pid>"
+TEMPORARY_PATTERN = re.compile(r"^\..+\.tmp\d+$")
+
+
+def fsync_directory(path: str | Path) -> None:
+    """Flush a directory's entries (a rename in it) to disk; a no-op where directories cannot be opened."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # e.g. Windows
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def save_atomically(obj: Any, dst: str | Path) -> Path:
-    """``torch.save`` to a temporary file next to ``dst``, flushed to disk, then renamed over it: a kill at any
-    moment leaves either the old file or the new one, never a partial file."""
+    """``torch.save`` to a temporary file in ``dst``'s own directory (never ``$TMPDIR``: a rename across file
+    systems is a copy), flushed and fsynced, ``os.replace``d over ``dst``, then the directory fsynced: a kill or
+    power loss at any moment leaves either the old file or the new one, never a partial file.  A kill can leave
+    the temporary behind; ``remove_stray_temporaries`` clears them."""
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".{dst.name}.tmp{os.getpid()}")
+    tmp = _temporary_name(dst)
     try:
         with open(tmp, "wb") as f:
             torch.save(obj, f)
@@ -215,7 +247,34 @@ def save_atomically(obj: Any, dst: str | Path) -> Path:
         os.replace(tmp, dst)
     finally:
         tmp.unlink(missing_ok=True)
+    fsync_directory(dst.parent)
     return dst
+
+
+def check_writable_directory(directory: str | Path, setting: str) -> Path:
+    """Create ``directory`` if needed and prove a file can be written there, so that a run fails at its start,
+    not at its first save hours later; the ValueError names ``setting`` and the folder."""
+    directory = Path(directory)
+    probe = directory / f".write_test.tmp{os.getpid()}"
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ValueError(f"{setting}={directory} is not a writable folder ({type(e).__name__}: {e.strerror or e}); "
+                         f"allowed: a folder this user can create and write in") from None
+    return directory
+
+
+def remove_stray_temporaries(directory: str | Path) -> list[Path]:
+    """Delete the temporaries that killed ``save_atomically`` calls left in ``directory``; returns them."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    stray = [p for p in directory.iterdir() if TEMPORARY_PATTERN.match(p.name) and p.is_file()]
+    for p in stray:
+        p.unlink(missing_ok=True)
+    return stray
 
 
 def convert_ema_export(src: str | Path, dst: str | Path, *, trust: bool = False) -> Path:

@@ -8,6 +8,7 @@ resize, random horizontal flip, optional uniform dequantisation, x -> 2x - 1.
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -19,6 +20,8 @@ import torchvision.transforms as T
 from PIL import Image
 from sklearn.datasets import load_digits
 from torch.utils.data import DataLoader, Dataset
+
+from ddim.config import check_positive_int
 
 DATASETS = ("digits", "cifar10", "celeba", "lsun", "image_folder")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
@@ -256,33 +259,90 @@ def build_dataset(name: str, *, root: str | Path = "data", image_size: int = 32,
 
 
 class EpochSeededSampler(torch.utils.data.Sampler[int]):
-    """A random permutation drawn from (seed, epoch): Lightning calls ``set_epoch``, so a run resumed at
-    epoch k sees exactly the order the uninterrupted run saw (a plain seeded generator would restart)."""
+    """A random permutation drawn from (seed, epoch), this rank's share of it, from a resumable position.
 
-    def __init__(self, n: int, seed: int = 0):
-        self.n, self.seed, self.epoch = n, int(seed), 0
+    The sampler counts its own epochs and position: ``advance`` (called by ``DiffusionDataModule`` for each batch
+    a training step takes, not for batches that workers fetch ahead) moves the position on and starts the next
+    epoch once less than a batch is left.  ``state_dict`` holds (epoch, position), so a run resumed at any step
+    goes on with the next unseen sample of the same order (Lightning's epoch number is not used: in a checkpoint
+    written when training ended mid-epoch it already counts the next epoch).  Under several processes each rank
+    takes every ``num_replicas``-th index of the permutation (the tail that does not divide evenly is dropped, as
+    DistributedSampler's drop_last does), so every rank has the same number of batches."""
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
+    def __init__(self, n: int, seed: int = 0, num_replicas: int = 1, rank: int = 0, batch_size: int = 1):
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank must be in [0, num_replicas={num_replicas}), got {rank}")
+        self.n, self.seed = n, int(seed)
+        self.num_replicas, self.rank, self.batch_size = int(num_replicas), int(rank), int(batch_size)
+        self.epoch, self.consumed = 0, 0
+
+    def seek(self, epoch: int, consumed: int = 0) -> None:
+        """Go to sample ``consumed`` (of this rank's share) of epoch ``epoch``."""
+        self.epoch, self.consumed = int(epoch), int(consumed)
+
+    def advance(self, count: int) -> None:
+        """``count`` more samples were taken by training; past the last whole batch, the next epoch begins."""
+        self.consumed += int(count)
+        if len(self) - self.consumed < self.batch_size:
+            self.seek(self.epoch + 1)
 
     def __len__(self) -> int:
-        return self.n
+        """This rank's samples in a whole epoch (Lightning counts an epoch's batches from it; resumed mid-epoch, it
+        starts counting at the batches already taken, so this stays the whole epoch's)."""
+        return self.n // self.num_replicas
 
     def __iter__(self):
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        return iter(torch.randperm(self.n, generator=g).tolist())
+        order = torch.randperm(self.n, generator=g)[self.rank:len(self) * self.num_replicas:self.num_replicas]
+        return iter(order[self.consumed:].tolist())
+
+    def state_dict(self) -> dict[str, int]:
+        return {"seed": self.seed, "epoch": self.epoch, "consumed": self.consumed, "n": self.n,
+                "num_replicas": self.num_replicas, "batch_size": self.batch_size}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Go on from ``state``.  Taken with another data set size, seed, number of ranks or batch size, the resume
+        cannot be exact: a warning says so and the run goes on near the same share of the epoch."""
+        mine = {"seed": self.seed, "n": self.n, "num_replicas": self.num_replicas, "batch_size": self.batch_size}
+        theirs = {k: state.get(k) for k in mine}
+        consumed = int(state["consumed"])
+        if theirs != mine:
+            warnings.warn(f"the checkpoint's data position was taken with {theirs}, this run has {mine}: the resumed "
+                          f"run cannot see the data order of an uninterrupted one", stacklevel=2)
+            consumed = consumed * int(theirs["num_replicas"] or 1) // self.num_replicas
+            consumed = min(consumed, len(self)) // self.batch_size * self.batch_size
+        self.seek(state["epoch"], consumed)
+
+
+class ResumableDataLoader(DataLoader):
+    """A DataLoader whose ``state_dict`` is its ``EpochSeededSampler``'s: Lightning saves it in every checkpoint
+    and restores it on resume (its interface for resumable loaders)."""
+
+    def state_dict(self) -> dict[str, int]:
+        return self.sampler.state_dict()
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.sampler.load_state_dict(state)
 
 
 class DiffusionDataModule(L.LightningDataModule):
-    """Shuffled, drop-last training batches; seeded so that a resumed run sees the same data order."""
+    """Shuffled, drop-last training batches; seeded and resumable, so that a run resumed at any step sees the data
+    order of the uninterrupted run.  Several processes: every rank takes its own share (``EpochSeededSampler``;
+    the Trainer's ``use_distributed_sampler`` must be off, which train.py sets)."""
 
     def __init__(self, name: str = "digits", root: str = "data", image_size: int = 16, batch_size: int = 64,
                  num_workers: int = 0, split: str = "train", random_flip: bool = True,
                  uniform_dequantization: bool = False, download: bool = False, channels: int = 3,
                  category: str = "church_outdoor", seed: int = 0, **unused: Any):
         super().__init__()
+        check_positive_int(image_size, "dataset.image_size")
+        check_positive_int(batch_size, "dataset.batch_size")
+        check_positive_int(channels, "dataset.channels")
+        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+            raise ValueError(f"dataset.num_workers must be an integer >= 0, got {num_workers!r}")
         self.save_hyperparameters()
         self.dataset: Dataset | None = None
+        self.sampler: EpochSeededSampler | None = None
 
     def setup(self, stage: str | None = None) -> None:
         if self.dataset is not None:
@@ -297,8 +357,22 @@ class DiffusionDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         assert self.dataset is not None
-        # Under DDP Lightning swaps this for a DistributedSampler (also seeded and epoch-based).
-        sampler = EpochSeededSampler(len(self.dataset), self.hparams.seed)
-        return DataLoader(self.dataset, batch_size=self.hparams.batch_size, sampler=sampler, drop_last=True,
-                          num_workers=self.hparams.num_workers,
-                          persistent_workers=self.hparams.num_workers > 0, pin_memory=torch.cuda.is_available())
+        trainer = self.trainer
+        replicas, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        self.sampler = EpochSeededSampler(len(self.dataset), self.hparams.seed, replicas, rank,
+                                          self.hparams.batch_size)
+        # the workers' base seed comes from this generator, not from the global one: creating the iterator at a
+        # resume (mid-epoch) then draws nothing from the RNG stream the training steps use
+        workers_seed = torch.Generator().manual_seed(self.hparams.seed)
+        return ResumableDataLoader(self.dataset, batch_size=self.hparams.batch_size, sampler=self.sampler,
+                                   drop_last=True, num_workers=self.hparams.num_workers, generator=workers_seed,
+                                   persistent_workers=self.hparams.num_workers > 0,
+                                   pin_memory=torch.cuda.is_available())
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Count the samples a training step takes (fetched-ahead batches are not counted)."""
+        trainer = self.trainer
+        if self.sampler is not None and trainer is not None and trainer.training:
+            x = batch[0] if isinstance(batch, (list, tuple)) else batch
+            self.sampler.advance(int(x.shape[0]))
+        return batch

@@ -2,6 +2,7 @@
 training speed in steps and images per second, and checkpoints that include the step training ended at."""
 from __future__ import annotations
 
+import logging
 import math
 import time
 from pathlib import Path
@@ -14,14 +15,25 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 
+from ddim.checkpoints import remove_stray_temporaries
 from ddim.diffusion import sample, timesteps
+
+log = logging.getLogger(__name__)
 
 
 class FinalStepCheckpoint(ModelCheckpoint):
-    """``ModelCheckpoint`` that also saves the step training ended at (a step file and ``last.ckpt``).
+    """``ModelCheckpoint`` that also saves the step training ended at (a step file and ``last.ckpt``), and that
+    removes, when training starts, the temporary files that a kill during a save left in its folder.
 
     Lightning's saves every ``every_n_train_steps`` only, so a run whose ``max_steps`` is not a multiple of it
     ended with a ``last.ckpt`` up to n-1 steps behind the trained model."""
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if trainer.is_global_zero and self.dirpath is not None:
+            stray = remove_stray_temporaries(self.dirpath)
+            if stray:
+                log.info(f"removed {len(stray)} temporary file(s) of interrupted checkpoint saves in {self.dirpath}")
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_end(trainer, pl_module)

@@ -1,0 +1,280 @@
+"""train.py's reliability promises: bad inputs fail before training with a message naming the value; checkpoint
+files survive a SIGKILL at any moment (with $TMPDIR on another file system); a run stopped at any step and resumed
+ends with the weights of the uninterrupted run, bit for bit on a CPU."""
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from conftest import REPO
+from test_data import make_image_folder
+from test_train import TINY
+
+sys.path.insert(0, str(REPO))
+from train import run  # noqa: E402 - train.py is a script at the repository root
+
+from ddim.checkpoints import TEMPORARY_PATTERN, read_checkpoint, remove_stray_temporaries, save_atomically  # noqa: E402
+from ddim.data import EpochSeededSampler  # noqa: E402
+from ddim.training.checkpoint_io import AtomicCheckpointIO  # noqa: E402
+
+# digits test split: 180 images; batch 20 -> 9 steps per epoch
+SMALL = ["dataset.split=test", "dataset.batch_size=20", "dataset.image_size=8", "trainer.enable_progress_bar=false",
+         "callbacks.sample_grid.every_n_steps=0"]
+
+
+def compose_train(run_dir: Path, *overrides: str):
+    with initialize_config_dir(version_base="1.3", config_dir=str(REPO / "conf")):
+        return compose(config_name="train", overrides=[f"paths.output_dir={run_dir}", *TINY, *overrides])
+
+
+def checkpoints_under(path: Path) -> list[Path]:
+    return sorted(path.rglob("*.ckpt")) if path.exists() else []
+
+
+# ----------------------------------------------------------------------------------------------- bad inputs
+
+def _bad_files(tmp: Path) -> dict[str, Path]:
+    (tmp / "a_folder").mkdir()
+    (tmp / "text.ckpt").write_text("not a checkpoint\n" * 10)
+    torch.save({"conv_in.weight": torch.zeros(2, 2)}, tmp / "bare.ckpt")
+    torch.save(torch.zeros(3, 4), tmp / "tensor.ckpt")
+    (tmp / "a_file").write_text("")
+    return {"FOLDER": tmp / "a_folder", "TEXT": tmp / "text.ckpt", "BARE": tmp / "bare.ckpt",
+            "TENSOR": tmp / "tensor.ckpt", "FILE": tmp / "a_file", "IMAGES": make_image_folder(tmp / "imgs")}
+
+
+BAD_INPUTS = [
+    (["trainer.max_steps=0"], r"trainer.max_steps must be a positive integer .*got 0"),
+    (["trainer.max_steps=-5"], r"trainer.max_steps must be a positive integer .*got -5"),
+    (["trainer.max_steps=1.5"], r"trainer.max_steps must be a positive integer .*got 1.5"),
+    (["trainer.max_steps=-1", "trainer.max_epochs=0"], r"trainer.max_epochs, which must then be a positive integer"),
+    (["dataset=image_folder", "dataset.root=IMAGES", "dataset.channels=1", "dataset.batch_size=2"],
+     r"image_folder data gives images of shape \(3, 8, 8\) .* model takes \(1, 8, 8\) .*dataset.channels=1"),
+    (["model.in_channels=3"], r"digits data gives images of shape \(1, 8, 8\) .* model takes \(3, 8, 8\)"),
+    (["model.resolution=16"], r"model takes \(1, 16, 16\) .*dataset.image_size=8"),
+    (["model.out_ch=3"], r"model.out_ch=3 must equal the image channels \(1\)"),
+    (["dataset.image_size=0"], r"dataset.image_size must be a positive integer, got 0"),
+    (["dataset.image_size=abc"], r"dataset.image_size must be a positive integer, got 'abc'"),
+    (["dataset.batch_size=0"], r"dataset.batch_size must be a positive integer, got 0"),
+    (["dataset.num_workers=-1"], r"dataset.num_workers must be an integer >= 0, got -1"),
+    (["callbacks.model_checkpoint.dirpath=FILE/ckpts"], r"callbacks.model_checkpoint.dirpath=.*a_file/ckpts is not "
+                                                        r"a writable folder.*allowed: a folder"),
+    (["ckpt_path=FOLDER"], r"a_folder is a directory; give the checkpoint file itself"),
+    (["ckpt_path=TEXT"], r"text.ckpt: not a valid torch checkpoint"),
+    (["ckpt_path=BARE"], r"bare.ckpt is a bare state dict \(1 tensors, e.g. 'conv_in.weight'\)"),
+    (["ckpt_path=TENSOR"], r"tensor.ckpt holds a single tensor of shape \(3, 4\)"),
+    (["ckpt_path=FOLDER/missing.ckpt"], r"checkpoint not found: .*missing.ckpt"),
+]
+
+
+@pytest.mark.parametrize("overrides, message", BAD_INPUTS, ids=[" ".join(o) for o, _ in BAD_INPUTS])
+def test_bad_inputs_fail_before_training_and_write_nothing(tmp_path, overrides, message):
+    files = _bad_files(tmp_path)
+    for name, path in files.items():
+        overrides = [o.replace(name, str(path)) for o in overrides]
+    run_dir = tmp_path / "run"
+    base = [*SMALL, "trainer.max_steps=3"]  # the default callbacks and logger
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        run(compose_train(run_dir, *base, "callbacks.model_checkpoint.every_n_train_steps=1", *overrides))
+    assert checkpoints_under(tmp_path) == sorted(p for p in files.values() if p.suffix == ".ckpt")
+    assert not (run_dir / "csv").exists()  # no trainer, no logger was made
+
+
+def test_paths_output_dir_unwritable_is_named(tmp_path):
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(ValueError, match=r"paths.output_dir=.*a_file/run is not a writable folder"):
+        run(compose_train(tmp_path / "a_file" / "run", *SMALL, "logger=none", "trainer.max_steps=2"))
+
+
+def test_logger_none_trains_with_the_default_callbacks(tmp_path):
+    """logger=none with the learning-rate monitor in the callbacks (it needs a logger: it is left out)."""
+    res = run(compose_train(tmp_path, *SMALL, "logger=none", "trainer.max_steps=2"))
+    assert res["trainer"].global_step == 2 and res["trainer"].loggers == []
+    assert read_checkpoint(tmp_path / "checkpoints" / "last.ckpt")["global_step"] == 2
+
+
+# ----------------------------------------------------------------------------------------------- exact resume
+
+def _weights(res) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in res["module"].state_dict().items()}
+
+
+@pytest.mark.parametrize("stop_at, num_workers, saved_by", [(4, 0, "step"), (13, 2, "stop")])
+def test_stop_mid_epoch_and_resume_equals_the_uninterrupted_run(tmp_path, stop_at, num_workers, saved_by):
+    """9 steps per epoch; resumed at step 4 (first epoch) from the step file the uninterrupted run wrote there (as
+    after a kill), or at step 13 (second epoch, 2 workers fetching ahead) from the last.ckpt of a run stopped by
+    trainer.max_steps=13; on to step 16: model, EMA and Adam state equal the uninterrupted run's bit for bit."""
+    assert stop_at % 9
+    common = [*SMALL, "logger=none", "model.dropout=0.1", "optim.ema_decay=0.9", "optim.warmup_steps=3",
+              f"dataset.num_workers={num_workers}", f"callbacks.model_checkpoint.every_n_train_steps={stop_at}"]
+    full = run(compose_train(tmp_path / "full", *common, "trainer.max_steps=16"))
+    if saved_by == "stop":
+        run(compose_train(tmp_path / "part", *common, f"trainer.max_steps={stop_at}"))
+        ckpt = tmp_path / "part" / "checkpoints" / "last.ckpt"
+    else:
+        ckpt = tmp_path / "full" / "checkpoints" / f"step_{stop_at:07d}.ckpt"
+    saved = read_checkpoint(ckpt)
+    assert saved["global_step"] == stop_at
+    (position,) = saved["loops"]["fit_loop"]["state_dict"]["combined_loader"]
+    assert position["epoch"] == stop_at // 9 and position["consumed"] == 20 * (stop_at % 9)
+    resumed = run(compose_train(tmp_path / "resumed", *common, "trainer.max_steps=16", f"ckpt_path={ckpt}"))
+    assert resumed["trainer"].global_step == 16
+    a, b = _weights(full), _weights(resumed)
+    assert a.keys() == b.keys() and any(k.startswith("ema_model.") for k in a)
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"differ after resuming at step {stop_at}: {different[:5]}"
+    opt_a, opt_b = (r["trainer"].optimizers[0].state_dict()["state"] for r in (full, resumed))
+    assert all(torch.equal(opt_a[i]["exp_avg_sq"], opt_b[i]["exp_avg_sq"]) for i in opt_a)
+
+
+def test_sampler_resumes_at_its_position_and_shards_over_ranks():
+    whole = EpochSeededSampler(50, seed=3, batch_size=10)
+    whole.seek(2)
+    order = list(whole)
+    whole.advance(20)
+    resumed = EpochSeededSampler(50, seed=3, batch_size=10)
+    resumed.load_state_dict(whole.state_dict())
+    assert list(resumed) == order[20:]
+    resumed.advance(30)  # the last whole batch taken: the next epoch starts at its beginning
+    assert resumed.state_dict()["epoch"] == 3 and resumed.consumed == 0 and sorted(resumed) == list(range(50))
+    ranks = [EpochSeededSampler(51, seed=3, num_replicas=2, rank=r, batch_size=5) for r in (0, 1)]
+    shares = [list(s) for s in ranks]
+    assert len(shares[0]) == len(shares[1]) == 25 and not set(shares[0]) & set(shares[1])
+    with pytest.warns(UserWarning, match=r"taken with \{'seed': 3, 'n': 50, 'num_replicas': 1, 'batch_size': 10\}, "
+                                         r"this run has \{'seed': 3, 'n': 51, 'num_replicas': 2, 'batch_size': 5\}"):
+        ranks[0].load_state_dict(whole.state_dict())
+    assert ranks[0].consumed == 10 and ranks[0].epoch == 2  # 20 of 50 taken before: 10 of this rank's 25
+
+
+# ----------------------------------------------------------------------------------------------- crash-safe saves
+
+def test_checkpoint_io_writes_its_temporary_next_to_the_target(tmp_path, monkeypatch):
+    """The temporary file is made in the target's folder (a rename there is atomic), never in $TMPDIR."""
+    elsewhere = tmp_path / "tmpdir"
+    elsewhere.mkdir()
+    monkeypatch.setenv("TMPDIR", str(elsewhere))
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    renamed = []
+    real_replace = os.replace
+    monkeypatch.setattr(os, "replace", lambda src, dst: (renamed.append((Path(src), Path(dst))),
+                                                          real_replace(src, dst)))
+    target = tmp_path / "ckpts" / "last.ckpt"
+    AtomicCheckpointIO().save_checkpoint({"state_dict": {"w": torch.ones(3)}, "global_step": 7}, target)
+    ((src, dst),) = renamed
+    assert dst == target and src.parent == target.parent and TEMPORARY_PATTERN.match(src.name)
+    assert read_checkpoint(target)["global_step"] == 7
+    assert list(elsewhere.iterdir()) == [] and sorted(p.name for p in target.parent.iterdir()) == ["last.ckpt"]
+    save_atomically({"global_step": 8}, target)  # over an existing file
+    assert read_checkpoint(target)["global_step"] == 8
+
+
+def _other_file_system_tmpdir(tmp_path: Path) -> Path:
+    """/dev/shm (tmpfs: another file system than the run's) where there is one, else another directory tree."""
+    shm = Path("/dev/shm")
+    if shm.is_dir() and os.access(shm, os.W_OK):
+        return Path(tempfile.mkdtemp(prefix="ddim-tmpdir-", dir=shm))
+    return Path(tempfile.mkdtemp(prefix="ddim-tmpdir-"))
+
+
+def _start_training(run_dir: Path, tmpdir: Path, resume: bool) -> subprocess.Popen:
+    args = [sys.executable, str(REPO / "train.py"), *TINY, *SMALL, "logger=none",
+            "callbacks.model_checkpoint.every_n_train_steps=1",
+            "callbacks.model_checkpoint.save_top_k=1", "+callbacks.model_checkpoint.monitor=step",
+            "+callbacks.model_checkpoint.mode=max", "trainer.max_steps=1000000", f"hydra.run.dir={run_dir}"]
+    if resume:
+        args.append(f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}")
+    env = {**os.environ, "TMPDIR": str(tmpdir), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
+    with open(run_dir.parent / "stderr.txt", "wb") as err:  # a file: a full pipe would block the child
+        return subprocess.Popen(args, env=env, cwd=run_dir.parent, stdout=subprocess.DEVNULL, stderr=err)
+
+
+def _kill_during_a_save(proc: subprocess.Popen, ckpts: Path, rng: random.Random, deadline: float) -> str:
+    """SIGKILL ``proc`` once it saves: at once while its checkpoint temporary exists (three times in four), else
+    at a random moment up to 0.5 s later; returns which."""
+    during, delay = rng.random() < 0.75, rng.uniform(0.0, 0.5)
+    while time.monotonic() < deadline and proc.poll() is None:
+        names = [e.name for e in os.scandir(ckpts)] if ckpts.is_dir() else []
+        if any(TEMPORARY_PATTERN.match(n) and n.endswith(f".tmp{proc.pid}") for n in names):
+            break
+        time.sleep(0.0005)
+    assert proc.poll() is None, (ckpts.parent.parent / "stderr.txt").read_text()[-3000:]
+    if not during:
+        time.sleep(delay)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return "during a save" if during else "at a random moment"
+
+
+def test_sigkill_during_saves_never_breaks_last_ckpt(tmp_path):
+    """Training saves every step with $TMPDIR on another file system; it is SIGKILLed again and again (mostly while
+    a checkpoint temporary exists) and restarted from last.ckpt: after every kill last.ckpt loads, and the next
+    start removes the temporaries the kill left."""
+    run_dir, tmpdir = tmp_path / "run", _other_file_system_tmpdir(tmp_path)
+    ckpts, rng, kills, steps, strays = run_dir / "checkpoints", random.Random(0), [], [], []
+    run_dir.mkdir()
+    deadline = time.monotonic() + 35
+    try:
+        while time.monotonic() < deadline - 8 or not kills:
+            proc = _start_training(run_dir, tmpdir, resume=(ckpts / "last.ckpt").is_file())
+            stray_before = [n for n in os.listdir(ckpts) if TEMPORARY_PATTERN.match(n)] if ckpts.is_dir() else []
+            kills.append(_kill_during_a_save(proc, ckpts, rng, deadline + 30))
+            left = {n for n in os.listdir(ckpts) if TEMPORARY_PATTERN.match(n)}
+            strays.append(len(left))
+            assert not left & set(stray_before), f"temporaries of an earlier kill survived a start: {left}"
+            steps.append(read_checkpoint(ckpts / "last.ckpt")["global_step"])  # loads after every kill
+        assert list(tmpdir.iterdir()) == []  # nothing was staged in $TMPDIR
+    finally:
+        for p in tmpdir.iterdir():
+            p.unlink()
+        tmpdir.rmdir()
+    print(f"{len(kills)} kills ({kills.count('during a save')} during a save); last.ckpt loaded after each, at steps "
+          f"{steps}; temporaries left by each kill: {strays}")
+    assert len(kills) >= 2 and steps == sorted(steps) and steps[0] >= 1
+
+
+WRITER = """
+import sys, torch
+from ddim.checkpoints import save_atomically
+path, step, weights = sys.argv[1], int(sys.argv[2]), torch.arange(2_000_000.0)
+while True:
+    step += 1
+    save_atomically({"global_step": step, "state_dict": {"w": weights + step}}, path)
+"""
+
+
+def test_sigkill_of_a_checkpoint_writer_loop_keeps_the_previous_file(tmp_path):
+    """More kills than training restarts allow: a process that only saves 8 MB checkpoints with save_atomically
+    (what AtomicCheckpointIO calls), $TMPDIR on another file system, killed at a random moment 0-0.3 s after it
+    began its first save (most of its time is spent writing)."""
+    tmpdir, target, rng, steps = _other_file_system_tmpdir(tmp_path), tmp_path / "last.ckpt", random.Random(1), []
+    mid_write = 0
+    env = {**os.environ, "TMPDIR": str(tmpdir), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
+    try:
+        for _ in range(5):
+            step = read_checkpoint(target)["global_step"] if target.is_file() else 0
+            proc = subprocess.Popen([sys.executable, "-c", WRITER, str(target), str(step)], env=env)
+            while proc.poll() is None and not (target.exists() and (tmp_path / f".last.ckpt.tmp{proc.pid}").exists()):
+                time.sleep(0.0002)
+            time.sleep(rng.uniform(0.0, 0.3))
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+            saved = read_checkpoint(target)
+            assert torch.equal(saved["state_dict"]["w"], torch.arange(2_000_000.0) + saved["global_step"])  # whole
+            steps.append(saved["global_step"])
+            mid_write += len(remove_stray_temporaries(tmp_path))  # a kill while writing leaves its temporary
+        assert list(tmpdir.iterdir()) == [] and steps == sorted(steps)
+    finally:
+        shutil.rmtree(tmpdir)
+    print(f"writer loop: {len(steps)} kills ({mid_write} while writing); last.ckpt loaded after each, at steps {steps}")
+    assert mid_write >= 1
