@@ -96,9 +96,9 @@ def _tiny_checkpoint(bench, tmp_path):
 
 def test_sampling_benchmark_tiny_cpu(bench, tmp_path, capsys):
     """fp32 eager first, then the bf16 preset on the same x_T: rates, ratios, the distance of the images in 8-bit
-    levels; from random weights and from a train.py checkpoint."""
+    levels; from a train.py checkpoint (random weights take the same path after loading)."""
     ckpt = _tiny_checkpoint(bench, tmp_path)
-    for extra in ([], ["--ckpt", str(ckpt)]):
+    for extra in (["--ckpt", str(ckpt)],):
         rec = bench["sampling"].main(["--tiny", "--device", "cpu", "--json", str(tmp_path / "s.json"), *extra])
         assert json.loads((tmp_path / "s.json").read_text())["rows"] == json.loads(json.dumps(rec["rows"]))
         assert [r["preset"] for r in rec["rows"]] == ["fp32", "bf16"] and rec["batch"] == 4 and rec["nfe"] == 4

@@ -394,19 +394,6 @@ def test_optim_numbers_are_checked_by_name():
         DiffusionModule(model=SMALL_MODEL, diffusion={}, optim={"lr": "abc"})
 
 
-@pytest.mark.slow
-def test_train_py_trainer_ddp_on_two_cpu_processes(tmp_path):
-    """trainer=ddp as configured (static graph, bucket views) trains on 2 processes (gloo) and checkpoints."""
-    env = {**os.environ, "WANDB_MODE": "offline", "DDIM_ROOT": str(tmp_path), "OMP_NUM_THREADS": "1"}
-    args = [sys.executable, str(REPO / "train.py"), *TINY, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
-            "dataset.image_size=8", "dataset.split=test", "dataset.batch_size=16", "trainer.max_steps=3",
-            "trainer.enable_progress_bar=false", "hydra.run.dir=" + str(tmp_path / "run")]
-    out = subprocess.run(args, capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
-    assert out.returncode == 0, out.stderr[-3000:]
-    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
-    assert ckpt["global_step"] == 3
-
-
 def test_step_graph_training_equals_the_automatic_path(tmp_path):
     """fast.step_graph=true (manual optimisation around GradientGraph; eager on a CPU) takes the same
     steps as Lightning's automatic path: same loss, clipping, Adam, LR warm-up, EMA, step count, checkpoint."""
