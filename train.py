@@ -19,8 +19,8 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar
 from lightning.pytorch.plugins.io import CheckpointIO
 from omegaconf import DictConfig, OmegaConf
 
-from ddim.checkpoints import check_train_checkpoint, check_writable_directory, read_checkpoint
-from ddim.config import as_bool, log_lightning_once
+from ddim.checkpoints import check_train_checkpoint, read_checkpoint
+from ddim.config import as_bool, check_writable_dir, log_lightning_once
 from ddim.data import DiffusionDataModule
 from ddim.models.build import check_architecture
 from ddim.models.ema import ema_warmup_of
@@ -80,10 +80,10 @@ def check_data_fits_model(dm: DiffusionDataModule, model_cfg: dict) -> None:
 
 def check_output_folders(cfg: DictConfig) -> None:
     """The run's folder and every folder a callback writes to must be writable now, not at the first save."""
-    check_writable_directory(cfg.paths.output_dir, "paths.output_dir")
+    check_writable_dir(cfg.paths.output_dir, "paths.output_dir")
     for name, cb in (cfg.get("callbacks") or {}).items():
         if cb is not None and "_target_" in cb and cb.get("dirpath"):
-            check_writable_directory(cb.dirpath, f"callbacks.{name}.dirpath")
+            check_writable_dir(cb.dirpath, f"callbacks.{name}.dirpath")
 
 
 def trainer_plugins(trainer_cfg: DictConfig) -> list:

@@ -251,21 +251,6 @@ def save_atomically(obj: Any, dst: str | Path) -> Path:
     return dst
 
 
-def check_writable_directory(directory: str | Path, setting: str) -> Path:
-    """Create ``directory`` if needed and prove a file can be written there, so that a run fails at its start,
-    not at its first save hours later; the ValueError names ``setting`` and the folder."""
-    directory = Path(directory)
-    probe = directory / f".write_test.tmp{os.getpid()}"
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise ValueError(f"{setting}={directory} is not a writable folder ({type(e).__name__}: {e.strerror or e}); "
-                         f"allowed: a folder this user can create and write in") from None
-    return directory
-
-
 def remove_stray_temporaries(directory: str | Path) -> list[Path]:
     """Delete the temporaries that killed ``save_atomically`` calls left in ``directory``; returns them."""
     directory = Path(directory)

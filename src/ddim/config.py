@@ -4,6 +4,8 @@ Each check raises a ValueError that names the setting, the value given and what 
 from __future__ import annotations
 
 import logging
+import os
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -44,3 +46,18 @@ def log_lightning_once() -> None:
         for h in list(lg.handlers):
             if type(h) is logging.StreamHandler:
                 lg.removeHandler(h)
+
+
+def check_writable_dir(path: Any, setting: str) -> None:
+    """``path`` is a folder this process can write into, or can create: checked before any expensive work, so a run
+    never computes results it then cannot save.  Nothing is created here."""
+    target = Path(str(path)).expanduser().absolute()
+    existing = target
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"{setting}={path} is not a writable folder: {existing} is a file; allowed: a folder this "
+                         f"user can create and write in")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{setting}={path} is not writable: no write permission in {existing}; allowed: a folder "
+                         f"this user can create and write in (or fix its permissions)")

@@ -19,7 +19,7 @@ from torch import nn
 
 from ddim.accel import fp8_supported, prepare_for_inference
 from ddim.checkpoints import load_for_sampling
-from ddim.config import as_bool, check_positive_int, log_lightning_once
+from ddim.config import as_bool, check_positive_int, check_writable_dir, log_lightning_once
 from ddim.diffusion import timesteps
 from ddim.diffusion.solvers import SOLVERS, nfe
 from ddim.evaluation import records
@@ -71,20 +71,6 @@ def check_precision(sampler: DictConfig, device: str) -> tuple[str, bool]:
         raise ValueError(f"sampler.precision=fp8 needs a CUDA GPU with FP8 matrix units (compute capability 8.9+: "
                          f"Ada, Hopper or later); device {device} has none: use sampler.precision=bf16")
     return precision, deterministic
-
-
-def check_writable_dir(path: Any, setting: str) -> None:
-    """``path`` is a folder this process can write into, or can create: checked before the model is loaded, so
-    a run never computes results it then cannot save.  Nothing is created here."""
-    target = Path(str(path)).expanduser().absolute()
-    existing = target
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        raise ValueError(f"{setting}={path} cannot be a folder: {existing} is a file; choose another {setting}")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ValueError(f"{setting}={path} is not writable: no write permission in {existing}; choose a folder "
-                         f"you can write to (or fix its permissions)")
 
 
 def check_task_settings(task: str, cfg: DictConfig) -> None:
