@@ -154,7 +154,7 @@ def test_ddp_benchmark_two_processes_tiny_cpu(tmp_path):
         assert r["weights_agree"] and r["same_images_as_first"] and r["max_u8_diff_to_first"] == 0
         assert r["train_images_per_s"] > 0 and r["sample_images_per_s"] > 0 and math.isfinite(r["loss"])
     assert rec["rows"][0]["train_scaling"] == 1.0 and rec["rows"][0]["sample_scaling"] == 1.0
-    assert "| GPUs | train it/s |" in proc.stdout and "trainer=ddp_step_graph" in proc.stdout
+    assert "| GPUs | train it/s |" in proc.stdout and "trainer=ddp)" in proc.stdout
 
 
 def test_ddp_benchmark_rejects_bad_world(bench, capsys):
