@@ -20,8 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import OmegaConf
-
+from ddim.config import plain
 from ddim.models.unet import UNet, timestep_embedding_frequencies
 
 __all__ = ["OFFICIAL_CONFIGS", "load_official_unet", "unet_kwargs_from_config", "official_state_dict", "official_config"]
@@ -60,11 +59,6 @@ _UNET_KEYS = ("ch", "out_ch", "ch_mult", "num_res_blocks", "attn_resolutions", "
 _IGNORED_MODEL_KEYS = ("type", "var_type", "ema_rate", "ema")
 
 
-def _plain(obj: Any) -> Any:
-    """An OmegaConf DictConfig/ListConfig as plain containers; anything else as given."""
-    return OmegaConf.to_container(obj, resolve=True) if OmegaConf.is_config(obj) else obj
-
-
 def unet_kwargs_from_config(config: Mapping | str) -> dict:
     """``UNet`` kwargs from an official config.
 
@@ -75,7 +69,7 @@ def unet_kwargs_from_config(config: Mapping | str) -> dict:
         if config not in OFFICIAL_CONFIGS:
             raise ValueError(f"unknown official config {config!r}; allowed: {sorted(OFFICIAL_CONFIGS)}")
         config = OFFICIAL_CONFIGS[config]
-    config = _plain(config)
+    config = plain(config)
     if not isinstance(config, Mapping):
         raise ValueError(f"config must be a dict (official yaml or flat model keys) or a name in "
                          f"{sorted(OFFICIAL_CONFIGS)}, got {type(config).__name__}")
