@@ -678,7 +678,7 @@ def test_cifar10_quick_trains_and_resumes_across_commands(tmp_path):
              "callbacks.model_checkpoint.every_n_train_steps=2", "callbacks.sample_grid.every_n_steps=0"]
     preset = _cfg(tmp_path / "a", *quick)
     assert preset.fast.compile and preset.fast.step_graph and preset.trainer.precision == "bf16-mixed"
-    assert preset.trainer.max_steps == 15000 and preset.optim.ema_warmup
+    assert preset.trainer.max_steps == 30000 and preset.optim.ema_warmup
     assert preset.callbacks.model_checkpoint.save_last and preset.callbacks.sample_grid.every_n_steps == 0
     quick += ["fast.compile=false", "trainer.precision=32-true"]  # bf16 on a CPU: slow
     _run(_cfg(tmp_path / "a", *quick, "trainer.max_steps=2"))
