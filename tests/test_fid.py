@@ -4,6 +4,8 @@ Inception at 299x299 on a 2-core CPU costs ~0.1-0.2 s per image, so the sets are
 """
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import pytest
 import scipy.linalg
@@ -246,6 +248,7 @@ def test_resolution_order_prefers_torch_fidelity_cache(tmp_path, monkeypatch):
     hub_file = fidmod.torch_fidelity_cached_path()
     hub_file.parent.mkdir(parents=True)
     hub_file.write_bytes(b"x")
+    monkeypatch.setattr(fidmod, "INCEPTION_SHA256", hashlib.sha256(b"x").hexdigest())  # a cached file is hash-checked
     assert fidmod.resolve_inception_weights(cache_dir=tmp_path / "cache") == hub_file
     explicit = tmp_path / "mine.pth"
     explicit.write_bytes(b"y")

@@ -34,7 +34,7 @@ def test_cifar10_config_has_official_parameter_count():
 
 
 def test_official_configs_build():
-    sizes = {"cifar10": 32, "celeba": 64, "church": 256, "bedroom": 256}
+    sizes = {"cifar10": 32, "celeba": 64, "church": 256, "bedroom": 256, "cat": 256}
     assert set(OFFICIAL_CONFIGS) == set(sizes)
     for name, size in sizes.items():
         cfg = OFFICIAL_CONFIGS[name]

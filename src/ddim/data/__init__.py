@@ -119,7 +119,8 @@ CIFAR10_HELP = ("Set dataset.download=true where the internet is reachable (torc
 def cifar10_dataset(root: Path, split: str, image_size: int, random_flip: bool, uniform_dequantization: bool,
                     download: bool) -> Dataset:
     """CIFAR-10 from ``root``: decoded arrays ``cifar10_<split>.npz`` (x uint8 NHWC, y) when present, else
-    torchvision's ``cifar-10-batches-py`` (downloaded with ``download``)."""
+    torchvision's ``cifar-10-batches-py`` (downloaded with ``download``).  torchvision checks the downloaded
+    archive's MD5 and, on every load, each batch file's: a corrupt or partial copy is refused, not read."""
     if split not in ("train", "test"):
         raise ValueError(f"cifar10: split must be 'train' or 'test', got {split!r}")
     arrays = root / f"cifar10_{split}.npz"
@@ -139,7 +140,8 @@ def cifar10_dataset(root: Path, split: str, image_size: int, random_flip: bool, 
     try:
         base = torchvision.datasets.CIFAR10(str(root), train=split == "train", download=download)
     except Exception as e:  # noqa: BLE001 - network errors come in many types
-        raise RuntimeError(f"CIFAR-10 download into {root} failed ({e}); no internet? {CIFAR10_HELP}.") from e
+        raise RuntimeError(f"CIFAR-10 in {root} could not be {'downloaded or ' if download else ''}read ({e}): no "
+                           f"internet, or a corrupt copy (torchvision checks each file's MD5)? {CIFAR10_HELP}.") from e
     return _Transformed(base, _default_transform(image_size, random_flip, crop=False), uniform_dequantization)
 
 

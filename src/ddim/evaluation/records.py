@@ -20,6 +20,7 @@ import torch
 from hydra.utils import instantiate
 
 from ddim.evaluation.settings import ETA_ZERO_TASKS, Loaded, Settings, TaskResult
+from ddim.models.pretrained import release
 
 # settings that change only speed or which files a run writes (``missing_outputs`` checks those): not in the key
 NOT_IN_KEY = ("batch_size", "device", "cache_dir", "weights_path", "save_npz", "save_grid", "nrow")
@@ -34,6 +35,12 @@ def file_id(path: str) -> dict:
 
 
 def model_id(s: Settings) -> dict:
+    """The model as the record key names it.  Released weights by name: the name, EMA or not and the released
+    file's MD5 (the checked content, not where this machine caches it: records compare across machines); ``official``
+    too, so tables label them like the same weights given by file."""
+    if s.pretrained is not None:
+        return {"pretrained": s.pretrained, "official": s.pretrained, "use_ema": s.use_ema,
+                "md5": release(s.pretrained, s.use_ema).md5}
     if s.official:
         return {"official": s.official, **file_id(s.official_path), "use_ema": s.use_ema}
     f = file_id(s.ckpt_path)

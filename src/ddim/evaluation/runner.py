@@ -27,6 +27,7 @@ from ddim.evaluation.settings import (ETA_ZERO_TASKS, EVAL_TASKS, PRECISIONS, TR
                                       default_trajectory, parse_eta)
 from ddim.evaluation.tasks import TASKS, fid_grid
 from ddim.models import OFFICIAL_CONFIGS
+from ddim.models.pretrained import PRETRAINED_NAMES, check_pretrained_name, fetch
 
 SAMPLER_KINDS: tuple[str, ...] = ("ddim",) + tuple(SOLVERS)
 # the official configs' data set names -> this project's
@@ -105,8 +106,20 @@ def check_task_settings(task: str, cfg: DictConfig) -> None:
         check_positive_int(cfg.consistency.num_samples, "consistency.num_samples")
 
 
+def check_pretrained_source(cfg: DictConfig) -> None:
+    """``pretrained=<name>`` and no other model, a name that can be downloaded: checked before any download."""
+    others = [f"{k}={cfg.get(k)}" for k in ("ckpt_path", "official", "official_path") if cfg.get(k)]
+    if others:
+        raise ValueError(f"two models given: pretrained={cfg.pretrained} and {others[0]}; pass one")
+    check_pretrained_name(cfg.pretrained)
+
+
 def check_model_source(cfg: DictConfig) -> None:
-    """Exactly one model: ``ckpt_path=`` (train.py) or ``official=`` + ``official_path=``, and its file exists."""
+    """Exactly one model: ``ckpt_path=`` (train.py), ``pretrained=`` (a released name) or ``official=`` +
+    ``official_path=``, and its file exists (or, for ``pretrained=``, it is known)."""
+    if cfg.get("pretrained") is not None:
+        check_pretrained_source(cfg)
+        return
     if cfg.get("official"):
         if cfg.get("ckpt_path"):
             raise ValueError(f"two models given: ckpt_path={cfg.ckpt_path} and official={cfg.official}; pass one")
@@ -120,8 +133,9 @@ def check_model_source(cfg: DictConfig) -> None:
         return
     path = cfg.get("ckpt_path")
     if not path:
-        raise ValueError("no model given: pass ckpt_path=<checkpoint written by train.py> "
-                         "or official=<cifar10|celeba|church|bedroom> official_path=<file>")
+        raise ValueError(f"no model given: pass ckpt_path=<checkpoint written by train.py>, "
+                         f"pretrained=<{'|'.join(PRETRAINED_NAMES)}> (released weights, downloaded once) "
+                         f"or official=<{'|'.join(OFFICIAL_CONFIGS)}> official_path=<file>")
     if not Path(path).exists():
         raise FileNotFoundError(f"checkpoint not found: ckpt_path={path}")
 
@@ -155,7 +169,7 @@ def validate(cfg: DictConfig) -> Settings:
         task=task, kind=sampler.kind, eta=eta, steps=int(sampler.steps), trajectory=sampler.get("trajectory"),
         batch_size=int(sampler.batch_size), precision=precision, deterministic=deterministic, seed=int(cfg.seed),
         device=device, use_ema=use_ema, ckpt_path=cfg.get("ckpt_path"), official=cfg.get("official"),
-        official_path=cfg.get("official_path"), trust_checkpoint=trust,
+        official_path=cfg.get("official_path"), pretrained=cfg.get("pretrained"), trust_checkpoint=trust,
         dataset=OmegaConf.to_container(cfg.dataset, resolve=True) if cfg.get("dataset") is not None else None,
         data_dir=str(cfg.paths.data_dir),
         params=OmegaConf.to_container(section, resolve=True) if section is not None else {},
@@ -208,7 +222,11 @@ def check_steps_fit(s: Settings, T: int) -> None:
 
 def load(s: Settings) -> Loaded:
     """The ε-model (fp32, as saved), ᾱ and the data set, checked against each other and against the sampler."""
-    if s.official:
+    if s.pretrained is not None:
+        eps_model, alphas_cumprod, model_cfg = load_for_sampling(
+            fetch(s.pretrained, ema=s.use_ema), use_ema=s.use_ema, map_location=s.device, format="official",
+            config=s.pretrained)
+    elif s.official:
         eps_model, alphas_cumprod, model_cfg = load_for_sampling(
             s.official_path, use_ema=s.use_ema, map_location=s.device, format="official", config=s.official,
             trust=s.trust_checkpoint)

@@ -61,6 +61,7 @@ class Settings:
     ckpt_path: str | None
     official: str | None
     official_path: str | None
+    pretrained: str | None       # a released name (ddim.models.pretrained), downloaded by load
     trust_checkpoint: bool       # unpickle checkpoints that hold more than tensors (files the user made)
     dataset: dict | None         # dataset= override, else None (the checkpoint's own)
     data_dir: str

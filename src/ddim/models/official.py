@@ -45,12 +45,15 @@ def _official(dataset: str, image_size: int, ch_mult: list[int], dropout: float,
 
 
 #: The official ``configs/{cifar10,celeba,church,bedroom}.yml`` of ``ermongroup/ddim`` (data, model,
-#: diffusion and optim sections; the training/sampling bookkeeping keys are left out).
+#: diffusion and optim sections; the training/sampling bookkeeping keys are left out).  The official code has no
+#: ``cat.yml``: it picks the released LSUN model by ``data.category``, so LSUN cat is the LSUN 256x256 config
+#: (as church and bedroom) with ``category: cat``.
 OFFICIAL_CONFIGS: dict[str, dict] = {
     "cifar10": _official("CIFAR10", 32, [1, 2, 2, 2], 0.1, "fixedlarge", 0.9999, 2e-4),
     "celeba": _official("CELEBA", 64, [1, 2, 2, 2, 4], 0.1, "fixedlarge", 0.9999, 2e-4),
     "church": _official("LSUN", 256, [1, 1, 2, 2, 4, 4], 0.0, "fixedsmall", 0.999, 2e-5, category="church_outdoor"),
     "bedroom": _official("LSUN", 256, [1, 1, 2, 2, 4, 4], 0.0, "fixedsmall", 0.999, 2e-5, category="bedroom"),
+    "cat": _official("LSUN", 256, [1, 1, 2, 2, 4, 4], 0.0, "fixedsmall", 0.999, 2e-5, category="cat"),
 }
 
 _UNET_KEYS = ("ch", "out_ch", "ch_mult", "num_res_blocks", "attn_resolutions", "dropout", "in_channels",
