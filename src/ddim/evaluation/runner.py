@@ -27,6 +27,7 @@ from ddim.evaluation.settings import (ETA_ZERO_TASKS, EVAL_TASKS, PRECISIONS, TR
                                       default_trajectory, parse_eta)
 from ddim.evaluation.tasks import TASKS, fid_grid
 from ddim.models import OFFICIAL_CONFIGS
+from ddim.models.diffusers_format import check_diffusers_source, is_diffusers_source, load_diffusers_for_sampling
 
 SAMPLER_KINDS: tuple[str, ...] = ("ddim",) + tuple(SOLVERS)
 # the official configs' data set names -> this project's
@@ -105,8 +106,29 @@ def check_task_settings(task: str, cfg: DictConfig) -> None:
         check_positive_int(cfg.consistency.num_samples, "consistency.num_samples")
 
 
+def check_diffusers_pretrained(cfg: DictConfig) -> bool:
+    """True when ``pretrained=`` names a diffusers DDPM model (a Hub id ``owner/name`` or a folder), checked in form
+    and as the only model given; False when it does not (unset, or a released model's name)."""
+    value = cfg.get("pretrained")
+    if not is_diffusers_source(value):
+        return False
+    others = [f"{k}={cfg.get(k)}" for k in ("ckpt_path", "official") if cfg.get(k)]
+    if others:
+        raise ValueError(f"two models given: pretrained={value} and {others[0]}; pass one")
+    check_diffusers_source(value)
+    return True
+
+
+def diffusers_pretrained(s: Settings) -> str | None:
+    """The ``pretrained=`` value when it names a diffusers model (Hub id or folder), else None."""
+    value = s.config.get("pretrained")
+    return str(value) if is_diffusers_source(value) else None
+
+
 def check_model_source(cfg: DictConfig) -> None:
     """Exactly one model: ``ckpt_path=`` (train.py) or ``official=`` + ``official_path=``, and its file exists."""
+    if check_diffusers_pretrained(cfg):
+        return
     if cfg.get("official"):
         if cfg.get("ckpt_path"):
             raise ValueError(f"two models given: ckpt_path={cfg.ckpt_path} and official={cfg.official}; pass one")
@@ -208,7 +230,10 @@ def check_steps_fit(s: Settings, T: int) -> None:
 
 def load(s: Settings) -> Loaded:
     """The ε-model (fp32, as saved), ᾱ and the data set, checked against each other and against the sampler."""
-    if s.official:
+    if diffusers_pretrained(s):  # the Hub's DDPM models, or a diffusers folder (ddim.models.diffusers_format)
+        eps_model, alphas_cumprod, model_cfg = load_diffusers_for_sampling(
+            diffusers_pretrained(s), map_location=s.device, need_dataset=s.dataset is None)
+    elif s.official:
         eps_model, alphas_cumprod, model_cfg = load_for_sampling(
             s.official_path, use_ema=s.use_ema, map_location=s.device, format="official", config=s.official,
             trust=s.trust_checkpoint)
