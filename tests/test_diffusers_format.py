@@ -7,6 +7,7 @@ narrow variants with the same block types (the full 256x256 nets take seconds pe
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import pytest
@@ -97,11 +98,15 @@ def test_full_hub_config_maps_every_key_and_shape(hub_id):
 
 
 @pytest.mark.parametrize("hub_id", ["google/ddpm-cifar10-32", "google/ddpm-ema-church-256"])
-def test_converted_eps_equals_diffusers_forward(hub_id):
-    """ε of the converted U-Net is UNet2DModel's ε to float rounding (t from 0 to 999: the embedding's phases)."""
+def test_converted_eps_equals_diffusers_forward(hub_id, tmp_path):
+    """ε of the converted U-Net is UNet2DModel's ε to float rounding (t from 0 to 999: the embedding's phases); the
+    folder as diffusers' own save_pretrained writes it (UNet and scheduler config at the root) loads."""
     config = narrow(HUB_CONFIGS[hub_id])
     reference = diffusers_unet(config)
-    model = df.unet_from_diffusers_state_dict(with_legacy_attention_names(reference.state_dict()), config)
+    reference.save_pretrained(tmp_path)
+    diffusers.DDPMScheduler.from_config(HUB_SCHEDULER).save_pretrained(tmp_path)
+    model, ac, cfg = df.load_diffusers_for_sampling(tmp_path)
+    assert torch.equal(ac, alphas_cumprod_from_config(LINEAR)) and cfg["model"]["ch"] == 32
     x, t = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1)), torch.tensor([0, 517, 999])
     with torch.no_grad():
         want, got = reference(x, t).sample, model(x, t)
@@ -214,7 +219,10 @@ def test_export_diffusers_command(tmp_path, capsys, monkeypatch):
         out = tmp_path / which
         main(["export-diffusers", str(tmp_path / "last.ckpt"), str(out), *flag])
         assert f"pretrained={out}" in capsys.readouterr().out
-        model, _, cfg = df.load_diffusers_for_sampling(out)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model, _, cfg = df.load_diffusers_for_sampling(out)
+        assert any("non-EMA" in str(w.message) for w in caught) is (which == "raw")
         assert all(torch.equal(v, model.state_dict()[k]) for k, v in weights[which].items())
         assert cfg["ema"] is (which == "ema") and cfg["data"]["name"] == "digits"
         assert cfg["diffusion"]["beta_schedule"] == "cosine"

@@ -79,9 +79,16 @@ _BLOCKS = {False: ("DownBlock2D", "UpBlock2D"), True: ("AttnDownBlock2D", "AttnU
 _SCHEDULES = {"linear": "linear", "scaled_linear": "quad", "squaredcos_cap_v2": "cosine", "sigmoid": "sigmoid"}
 
 
+def _holds_unet(folder: Path) -> bool:
+    return any((folder / sub / "config.json").is_file() for sub in ("unet", "."))
+
+
 def is_diffusers_source(value: Any) -> bool:
-    """Whether an evaluate.py ``pretrained=`` value is a diffusers model: a Hub id (it has a "/") or a folder."""
-    return isinstance(value, (str, Path)) and bool(str(value)) and ("/" in str(value) or Path(value).is_dir())
+    """Whether an evaluate.py ``pretrained=`` value names a diffusers model: a Hub id or a path (it has a "/"), or a
+    folder holding a UNet2DModel; a bare name is a released model's (``pretrained=cifar10``)."""
+    if not isinstance(value, (str, Path)) or not str(value):
+        return False
+    return "/" in str(value) or (Path(value).expanduser().is_dir() and _holds_unet(Path(value).expanduser()))
 
 
 def check_diffusers_source(value: str | Path) -> None:
@@ -89,7 +96,7 @@ def check_diffusers_source(value: str | Path) -> None:
     is read and nothing is fetched."""
     path = Path(value).expanduser()
     if path.is_dir():
-        if not any((path / sub / "config.json").is_file() for sub in ("unet", ".")):
+        if not _holds_unet(path):
             raise ValueError(f"pretrained={value} is a folder without a diffusers UNet2DModel (no config.json at its "
                              f"root or under unet/)")
         return
