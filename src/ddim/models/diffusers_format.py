@@ -54,7 +54,7 @@ HUB_MODELS: dict[str, dict] = {
 HUB_ID_PATTERN = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 EXPORT_INFO = "ddim.json"  # this project's own note in an exported folder
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
-LOCAL_FOLDER_HELP = ("download it where the Hub is reachable (huggingface-cli download {id} --local-dir DIR) and "
+LOCAL_FOLDER_HELP = ("download it where the Hub is reachable (hf download {id} --local-dir DIR) and "
                      "pass the folder instead: pretrained=DIR")
 
 # UNet2DModel's defaults for the keys that shape the network (a config leaves out keys at their default) and the
