@@ -13,6 +13,10 @@ caller trusts it (``trust=True``; the entry points' ``trust_checkpoint=true``).
 ``ema.pt`` exports of the former CIFAR-10 script convert once into the ``.ckpt`` format::
 
     python -m ddim.checkpoints convert-ema ema.pt ema.ckpt
+
+A checkpoint exports as a diffusers ``DDIMPipeline`` folder (EMA weights; ``--raw`` for the raw ones)::
+
+    python -m ddim.checkpoints export-diffusers last.ckpt ddim-digits-diffusers
 """
 from __future__ import annotations
 
@@ -29,9 +33,10 @@ import torch
 from torch import nn
 from torch.torch_version import TorchVersion
 
-from ddim.config import plain
+from ddim.config import check_writable_dir, plain
 from ddim.diffusion.schedules import alphas_cumprod_from_config
 from ddim.models.build import build_unet
+from ddim.models.diffusers_format import save_diffusers_folder
 from ddim.models.ema import DEFAULT_EMA_DECAY, ema_initial_share_note, ema_warmup_of
 from ddim.models.official import OFFICIAL_CONFIGS, load_official_unet, state_dict_mismatch
 
@@ -290,21 +295,57 @@ def convert_ema_export(src: str | Path, dst: str | Path, *, trust: bool = False)
     return save_atomically(out, dst)
 
 
+def export_diffusers(src: str | Path, out_dir: str | Path, *, use_ema: bool = True, official: str | None = None,
+                     trust: bool = False, overwrite: bool = False) -> Path:
+    """Write a checkpoint (train.py's, or released official weights with ``official=<name>``) as a diffusers
+    ``DDIMPipeline`` folder (``ddim.models.diffusers_format.save_diffusers_folder``): the EMA weights unless
+    ``use_ema=False``, the β schedule it was trained with, and its data set in ``ddim.json`` so that
+    ``evaluate.py pretrained=<out_dir>`` knows it.  ``out_dir`` is checked before the checkpoint is read."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise FileExistsError(f"{out_dir} exists; remove it or pass --overwrite")
+    check_writable_dir(out_dir.parent, "out_dir")
+    if official is not None:
+        model, alphas, cfg = load_for_sampling(src, use_ema, format="official", config=official, trust=trust)
+        d = cfg["model"]["data"]
+        data = {"name": d["dataset"].lower(), "image_size": d["image_size"], "channels": d["channels"],
+                "category": d.get("category")}
+    else:
+        model, alphas, cfg = load_for_sampling(src, use_ema, trust=trust)
+        data = cfg.get("data")
+    info = {"data": data, "ema": use_ema, "exported_from": str(Path(src).resolve()),
+            "global_step": cfg.get("global_step"), "official": official}
+    return save_diffusers_folder(model, alphas, out_dir, diffusion=cfg["diffusion"], info=info, overwrite=overwrite)
+
+
 def main(argv: list[str] | None = None) -> None:
-    """``python -m ddim.checkpoints convert-ema SRC DST``."""
+    """``python -m ddim.checkpoints convert-ema SRC DST`` and ``... export-diffusers SRC OUT_DIR [--raw]``."""
     parser = argparse.ArgumentParser(prog="python -m ddim.checkpoints", description="Checkpoint conversions.")
     commands = parser.add_subparsers(dest="command", required=True)
     convert = commands.add_parser("convert-ema", help="an ema.pt export -> a train.py-format .ckpt for evaluate.py")
     convert.add_argument("src", help="the ema.pt file")
     convert.add_argument("dst", help="the .ckpt file to write")
-    convert.add_argument("--trust", action="store_true",
+    export = commands.add_parser("export-diffusers", help="a checkpoint -> a diffusers DDIMPipeline folder")
+    export.add_argument("src", help="a checkpoint written by train.py (or released official weights: --official)")
+    export.add_argument("out_dir", help="the folder to write (unet/, scheduler/, model_index.json)")
+    export.add_argument("--raw", action="store_true", help="export the raw weights instead of the EMA ones")
+    export.add_argument("--official", choices=sorted(OFFICIAL_CONFIGS),
+                        help="SRC is released official weights with this config")
+    export.add_argument("--overwrite", action="store_true", help="replace an existing OUT_DIR")
+    for sub in (convert, export):
+        sub.add_argument("--trust", action="store_true",
                          help="read SRC even if it needs full unpickling (can run code: only for files you made)")
     args = parser.parse_args(argv)
     try:
-        dst = convert_ema_export(args.src, args.dst, trust=args.trust)
-    except (ValueError, FileNotFoundError) as e:
-        parser.exit(2, f"convert-ema: {e}\n")
-    print(f"wrote {dst} (evaluate.py ckpt_path={dst})")
+        if args.command == "convert-ema":
+            dst = convert_ema_export(args.src, args.dst, trust=args.trust)
+            print(f"wrote {dst} (evaluate.py ckpt_path={dst})")
+            return
+        out = export_diffusers(args.src, args.out_dir, use_ema=not args.raw, official=args.official,
+                               trust=args.trust, overwrite=args.overwrite)
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        parser.exit(2, f"{args.command}: {e}\n")
+    print(f"wrote {out} (diffusers: DDIMPipeline.from_pretrained({str(out)!r}); evaluate.py pretrained={out})")
 
 
 if __name__ == "__main__":

@@ -34,10 +34,23 @@ def file_id(path: str) -> dict:
     return {"path": str(p), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
-def model_id(s: Settings) -> dict:
+def diffusers_model_id(model_cfg: dict) -> dict:
+    """A diffusers model (``evaluate.py pretrained=``): a Hub model by id and commit, a folder by path and its weights
+    file's size and modification time; and whether its weights are the EMA ones (None: not known)."""
+    src = model_cfg["source"]
+    if src.get("hub_id") and src.get("revision"):
+        found = {"pretrained": src["hub_id"], "revision": src["revision"]}
+    else:
+        found = {"pretrained": src["folder"], "size": src["weights_size"], "mtime_ns": src["weights_mtime_ns"]}
+    return {**found, "ema": model_cfg.get("ema")}
+
+
+def model_id(s: Settings, m: Loaded | None = None) -> dict:
     """The model as the record key names it.  Released weights by name: the name, EMA or not and the released
     file's MD5 (the checked content, not where this machine caches it: records compare across machines); ``official``
     too, so tables label them like the same weights given by file."""
+    if m is not None and m.model_cfg.get("format") == "diffusers":
+        return diffusers_model_id(m.model_cfg)
     if s.pretrained is not None:
         return {"pretrained": s.pretrained, "official": s.pretrained, "use_ema": s.use_ema,
                 "md5": release(s.pretrained, s.use_ema).md5}
@@ -60,7 +73,7 @@ def record_key(s: Settings, m: Loaded) -> dict[str, Any]:
         sampler["precision"] = s.precision
         if not s.deterministic:
             sampler["deterministic"] = False
-    return {"task": s.task, "dataset": m.dataset_key, "model": model_id(s), "seed": s.seed,
+    return {"task": s.task, "dataset": m.dataset_key, "model": model_id(s, m), "seed": s.seed,
             "params": {k: v for k, v in section.items() if k not in NOT_IN_KEY}, "sampler": sampler}
 
 

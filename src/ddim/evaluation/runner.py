@@ -27,6 +27,7 @@ from ddim.evaluation.settings import (ETA_ZERO_TASKS, EVAL_TASKS, PRECISIONS, TR
                                       default_trajectory, parse_eta)
 from ddim.evaluation.tasks import TASKS, fid_grid
 from ddim.models import OFFICIAL_CONFIGS
+from ddim.models.diffusers_format import check_diffusers_source, is_diffusers_source, load_diffusers_for_sampling
 from ddim.models.pretrained import PRETRAINED_NAMES, check_pretrained_name, fetch
 
 SAMPLER_KINDS: tuple[str, ...] = ("ddim",) + tuple(SOLVERS)
@@ -106,17 +107,26 @@ def check_task_settings(task: str, cfg: DictConfig) -> None:
         check_positive_int(cfg.consistency.num_samples, "consistency.num_samples")
 
 
+def diffusers_pretrained(s: Settings) -> str | None:
+    """The ``pretrained=`` value when it names a diffusers model (Hub id or folder), else None."""
+    return str(s.pretrained) if is_diffusers_source(s.pretrained) else None
+
+
 def check_pretrained_source(cfg: DictConfig) -> None:
-    """``pretrained=<name>`` and no other model, a name that can be downloaded: checked before any download."""
+    """``pretrained=`` and no other model: a diffusers model (Hub id ``owner/name`` or a folder) in form, or a
+    released name that can be downloaded; checked before any download."""
     others = [f"{k}={cfg.get(k)}" for k in ("ckpt_path", "official", "official_path") if cfg.get(k)]
     if others:
         raise ValueError(f"two models given: pretrained={cfg.pretrained} and {others[0]}; pass one")
-    check_pretrained_name(cfg.pretrained)
+    if is_diffusers_source(cfg.pretrained):
+        check_diffusers_source(cfg.pretrained)
+    else:
+        check_pretrained_name(cfg.pretrained)
 
 
 def check_model_source(cfg: DictConfig) -> None:
-    """Exactly one model: ``ckpt_path=`` (train.py), ``pretrained=`` (a released name) or ``official=`` +
-    ``official_path=``, and its file exists (or, for ``pretrained=``, it is known)."""
+    """Exactly one model: ``ckpt_path=`` (train.py), ``pretrained=`` (a released name, a Hub id or a diffusers
+    folder) or ``official=`` + ``official_path=``, and its file exists (or, for ``pretrained=``, it is known)."""
     if cfg.get("pretrained") is not None:
         check_pretrained_source(cfg)
         return
@@ -222,7 +232,10 @@ def check_steps_fit(s: Settings, T: int) -> None:
 
 def load(s: Settings) -> Loaded:
     """The ε-model (fp32, as saved), ᾱ and the data set, checked against each other and against the sampler."""
-    if s.pretrained is not None:
+    if diffusers_pretrained(s):  # the Hub's DDPM models, or a diffusers folder (ddim.models.diffusers_format)
+        eps_model, alphas_cumprod, model_cfg = load_diffusers_for_sampling(
+            diffusers_pretrained(s), map_location=s.device, need_dataset=s.dataset is None)
+    elif s.pretrained is not None:
         eps_model, alphas_cumprod, model_cfg = load_for_sampling(
             fetch(s.pretrained, ema=s.use_ema), use_ema=s.use_ema, map_location=s.device, format="official",
             config=s.pretrained)
