@@ -23,9 +23,10 @@ from ddim.config import as_bool, check_positive_int, check_writable_dir, log_lig
 from ddim.diffusion import timesteps
 from ddim.diffusion.solvers import SOLVERS, nfe
 from ddim.evaluation import records
+from ddim.evaluation.fid import read_reference_statistics
 from ddim.evaluation.settings import (ETA_ZERO_TASKS, EVAL_TASKS, PRECISIONS, TRAJECTORIES, Loaded, Settings,
                                       default_trajectory, parse_eta)
-from ddim.evaluation.tasks import TASKS, fid_grid
+from ddim.evaluation.tasks import TASKS, fid_grid, with_fid_defaults
 from ddim.models import OFFICIAL_CONFIGS
 
 SAMPLER_KINDS: tuple[str, ...] = ("ddim",) + tuple(SOLVERS)
@@ -76,13 +77,15 @@ def check_precision(sampler: DictConfig, device: str) -> tuple[str, bool]:
 def check_task_settings(task: str, cfg: DictConfig) -> None:
     """The task's own config section (and fid's Inception weights), checked before anything is loaded."""
     if task == "fid":
-        check_positive_int(cfg.fid.num_samples, "fid.num_samples")
-        if cfg.fid.num_samples < 2:
+        check_positive_int(cfg.fid.num_samples, "fid.num_samples", allow_none=True)  # null: the data set's default
+        if cfg.fid.num_samples is not None and cfg.fid.num_samples < 2:
             raise ValueError(f"fid.num_samples must be >= 2 (FID needs a covariance), got {cfg.fid.num_samples}")
         check_positive_int(cfg.fid.batch_size, "fid.batch_size")
         weights = cfg.fid.get("weights_path")
         if weights and not Path(weights).is_file():
             raise FileNotFoundError(f"Inception weights not found: fid.weights_path={weights}")
+        if cfg.fid.get("ref_stats"):
+            read_reference_statistics(cfg.fid.ref_stats)  # file, arrays, shapes, finite: before any sampling
         as_bool(cfg.fid.get("save_grid", False), "fid.save_grid")
     elif task == "samples":
         check_positive_int(cfg.samples.num_samples, "samples.num_samples")
@@ -105,8 +108,33 @@ def check_task_settings(task: str, cfg: DictConfig) -> None:
         check_positive_int(cfg.consistency.num_samples, "consistency.num_samples")
 
 
-def check_model_source(cfg: DictConfig) -> None:
-    """Exactly one model: ``ckpt_path=`` (train.py) or ``official=`` + ``official_path=``, and its file exists."""
+def newest_train_checkpoint(log_dir: str | os.PathLike) -> Path:
+    """The most recently written ``last.ckpt`` of train.py's runs under ``log_dir`` (single runs
+    ``train/<dataset>/<time>/checkpoints/`` and multiruns ``train/multirun/<time>/<n>/checkpoints/``), so that
+    ``python train.py && python evaluate.py`` evaluates the model just trained; a FileNotFoundError when none."""
+    runs = Path(log_dir) / "train"
+    found = [p for p in runs.glob("**/checkpoints/last.ckpt") if p.is_file()] if runs.is_dir() else []
+    if not found:
+        raise FileNotFoundError(
+            f"no model given and no train.py checkpoint (checkpoints/last.ckpt) under {runs}: run python train.py "
+            f"first, or pass ckpt_path=<checkpoint written by train.py> or official=<cifar10|celeba|church|bedroom> "
+            f"official_path=<file> (paths.log_dir sets the folder searched)")
+    return max(found, key=lambda p: p.stat().st_mtime_ns)
+
+
+def check_train_checkpoint(ckpt_path: Any, log_dir: str | os.PathLike) -> str:
+    """``ckpt_path``, checked to exist; when not given, the newest train.py ``last.ckpt`` (said on stdout)."""
+    if not ckpt_path:
+        ckpt_path = newest_train_checkpoint(log_dir)
+        print(f"no model given: evaluating the newest train.py checkpoint {ckpt_path}")
+    if not Path(ckpt_path).exists():
+        raise FileNotFoundError(f"checkpoint not found: ckpt_path={ckpt_path}")
+    return str(ckpt_path)
+
+
+def check_model_source(cfg: DictConfig) -> str | None:
+    """Exactly one model: ``ckpt_path=`` (train.py; not given: the newest run's ``last.ckpt``) or ``official=`` +
+    ``official_path=``, and its file exists. Returns the train.py checkpoint to load (None for an official model)."""
     if cfg.get("official"):
         if cfg.get("ckpt_path"):
             raise ValueError(f"two models given: ckpt_path={cfg.ckpt_path} and official={cfg.official}; pass one")
@@ -117,13 +145,8 @@ def check_model_source(cfg: DictConfig) -> None:
             raise ValueError(f"official={cfg.official} needs official_path=<the released .ckpt/.pth file>")
         if not Path(path).is_file():
             raise FileNotFoundError(f"official checkpoint not found: official_path={path}")
-        return
-    path = cfg.get("ckpt_path")
-    if not path:
-        raise ValueError("no model given: pass ckpt_path=<checkpoint written by train.py> "
-                         "or official=<cifar10|celeba|church|bedroom> official_path=<file>")
-    if not Path(path).exists():
-        raise FileNotFoundError(f"checkpoint not found: ckpt_path={path}")
+        return None
+    return check_train_checkpoint(cfg.get("ckpt_path"), cfg.paths.log_dir)
 
 
 def validate(cfg: DictConfig) -> Settings:
@@ -144,7 +167,7 @@ def validate(cfg: DictConfig) -> Settings:
     trust = as_bool(cfg.get("trust_checkpoint", False), "trust_checkpoint")
     check_writable_dir(cfg.records_dir, "records_dir")
     check_writable_dir(cfg.output_dir, "output_dir")
-    check_model_source(cfg)
+    ckpt_path = check_model_source(cfg)
     if task in ETA_ZERO_TASKS and eta != 0.0:
         print(f"note: task={task} decodes with η = 0 (deterministic DDIM); sampler.eta={sampler.eta} is not used")
     fid = OmegaConf.to_container(cfg.fid, resolve=True)
@@ -154,7 +177,7 @@ def validate(cfg: DictConfig) -> Settings:
     return Settings(
         task=task, kind=sampler.kind, eta=eta, steps=int(sampler.steps), trajectory=sampler.get("trajectory"),
         batch_size=int(sampler.batch_size), precision=precision, deterministic=deterministic, seed=int(cfg.seed),
-        device=device, use_ema=use_ema, ckpt_path=cfg.get("ckpt_path"), official=cfg.get("official"),
+        device=device, use_ema=use_ema, ckpt_path=ckpt_path, official=cfg.get("official"),
         official_path=cfg.get("official_path"), trust_checkpoint=trust,
         dataset=OmegaConf.to_container(cfg.dataset, resolve=True) if cfg.get("dataset") is not None else None,
         data_dir=str(cfg.paths.data_dir),
@@ -162,7 +185,7 @@ def validate(cfg: DictConfig) -> Settings:
         fid=fid, trainer=OmegaConf.to_container(cfg.trainer, resolve=True), records_dir=str(cfg.records_dir),
         skip_done=as_bool(cfg.get("skip_done", True), "skip_done"), output_dir=str(cfg.output_dir),
         loggers=OmegaConf.to_container(cfg.logger, resolve=True) if cfg.get("logger") else {},
-        config=OmegaConf.to_container(cfg, resolve=True))
+        config={**OmegaConf.to_container(cfg, resolve=True), "ckpt_path": ckpt_path})
 
 
 def dataset_config(s: Settings, model_cfg: dict) -> dict:
@@ -248,6 +271,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     log_lightning_once()
     settings = validate(cfg)
     loaded = load(settings)
+    settings = with_fid_defaults(settings, loaded)
     key = records.record_key(settings, loaded)
     path = records.record_path(settings.records_dir, key)
     done = records.load_record(path) if settings.skip_done else None
