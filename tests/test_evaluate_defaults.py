@@ -19,7 +19,7 @@ FEATURES = 6  # pixel_features: per-channel mean and std of RGB images
 
 
 def put_run(log_dir: Path, run: str, source: Path, mtime: float) -> Path:
-    """A copy of ``source`` as train.py's ``<run>/checkpoints/last.ckpt`` under ``log_dir/train``, written at ``mtime``."""
+    """A copy of ``source`` as train.py's ``<run>/checkpoints/last.ckpt`` under ``log_dir/train``, dated ``mtime``."""
     path = log_dir / "train" / run / "checkpoints" / "last.ckpt"
     path.parent.mkdir(parents=True)
     shutil.copyfile(source, path)
@@ -96,7 +96,8 @@ def small_features(monkeypatch):
     monkeypatch.setattr(fid, "FEATURE_DIM", FEATURES)
 
 
-def test_ref_stats_file_is_the_reference(monkeypatch, tmp_path, tiny_ckpt, fake_inception, small_features):  # noqa: F811
+def test_ref_stats_file_is_the_reference(monkeypatch, tmp_path, tiny_ckpt, fake_inception,  # noqa: F811
+                                         small_features):
     """FID against the file's mu and sigma, no pass over the training images; the key names the file and its hash."""
     from ddim.evaluation import tasks
     from ddim.evaluation.fid import feature_statistics, frechet_distance

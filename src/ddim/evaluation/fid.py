@@ -334,7 +334,8 @@ def _reference_arrays(data: np.lib.npyio.NpzFile, path: str) -> tuple[np.ndarray
                              f"got shape {feats.shape}")
         return feature_statistics(torch.from_numpy(np.asarray(feats)))
     raise ValueError(f"fid.ref_stats={path} has the arrays {data.files}; expected mu and sigma (pytorch-fid, TTUR, "
-                     f"clean-fid, EDM, guided-diffusion, this project's cache) or pool_3 features (score_sde, DPM-Solver)")
+                     f"clean-fid, EDM, guided-diffusion, this project's cache) or pool_3 features (score_sde, "
+                     f"DPM-Solver)")
 
 
 def read_reference_statistics(path: str | os.PathLike) -> dict:

@@ -1,9 +1,9 @@
 """What ``evaluate.py`` does with its Hydra config: validate, skip if done, load, run one task, record.
 
 Everything that can be wrong with the input (task, η, S, trajectory, precision, counts, switches, device,
-checkpoint path, Inception weights, the folders results go to) is checked by ``validate`` before any file is
-read; ``load`` checks the rest against the model (S against its T, its image shape against the data set) before
-the first network evaluation, so a bad sweep entry fails in seconds, not hours.
+checkpoint path, Inception weights, FID reference statistics, the folders results go to) is checked by ``validate``
+before the model is read; ``load`` checks the rest against the model (S against its T, its image shape against the
+data set) before the first network evaluation, so a bad sweep entry fails in seconds, not hours.
 """
 from __future__ import annotations
 
