@@ -74,7 +74,7 @@ def with_fid_defaults(s: Settings, m: Loaded) -> Settings:
     return dataclasses.replace(s, fid={**s.fid, "num_samples": fid_num_samples(s.fid, m.data)})
 
 
-def fid_reference(s: Settings, m: Loaded, weights, device: str, batch_size: int) -> dict:
+def fid_reference(s: Settings, m: Loaded, weights: Path, device: str, batch_size: int) -> dict:
     """The reference statistics: the ``fid.ref_stats`` file when given, else the Inception statistics of the data
     set's ``fid.ref_split`` images (cached, else one Inception pass over them)."""
     if s.fid.get("ref_stats"):
