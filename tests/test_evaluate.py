@@ -323,12 +323,6 @@ def test_bad_input_fails_before_sampling(monkeypatch, tmp_path, tiny_ckpt, overr
     assert not (tmp_path / "records").exists()
 
 
-def test_no_model_given(monkeypatch, tmp_path):
-    with pytest.raises(ValueError, match="no model given: pass ckpt_path="):
-        run_evaluate(monkeypatch, tmp_path, "task=samples")
-
-
-
 def test_two_models_given(monkeypatch, tmp_path, tiny_ckpt):
     with pytest.raises(ValueError, match=r"two models given: ckpt_path=.* and official=cifar10; pass one"):
         run_evaluate(monkeypatch, tmp_path, f"ckpt_path={tiny_ckpt}", "official=cifar10",

@@ -6,8 +6,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from omegaconf import OmegaConf
 
 from conftest import REPO
+from ddim.evaluation.tasks import fid_num_samples
 from test_evaluate import fake_inception, one_thread, records, run_evaluate, tiny_ckpt  # noqa: F401  (fixtures)
 
 
@@ -108,6 +110,8 @@ def _compose(*overrides):
                                    "fid_vs_nfe.budget": "nfe5,nfe10,nfe20,nfe50,nfe100"}),
     ("fid_vs_nfe_cifar10_quick", "fid", {"sampler.kind": "ddim,plms,dpmpp_2m,heun",
                                          "fid_vs_nfe.budget": "nfe5,nfe10,nfe20,nfe50,nfe100"}),
+    ("table3_church", "fid", {"sampler.eta": "0.0,1.0", "sampler.steps": "10,20,50,100"}),
+    ("table3_bedroom", "fid", {"sampler.eta": "0.0,1.0", "sampler.steps": "10,20,50,100"}),
 ])
 def test_sweep_presets(preset, task, grid, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # found from any working directory
@@ -116,9 +120,12 @@ def test_sweep_presets(preset, task, grid, tmp_path, monkeypatch):
     assert dict(cfg.hydra.sweeper.params) == grid
     assert cfg.sampler.trajectory == {"table1_cifar10": "quadratic", "table1_cifar10_quick": "quadratic",
                                       "table1_celeba": "linear", "fid_vs_nfe_cifar10": "quadratic",
-                                      "fid_vs_nfe_cifar10_quick": "quadratic"}.get(preset)
+                                      "fid_vs_nfe_cifar10_quick": "quadratic", "table3_church": "linear",
+                                      "table3_bedroom": "linear"}.get(preset)
     quick_fid = preset in ("table1_cifar10_quick", "fid_vs_nfe_cifar10_quick")
-    assert (cfg.sampler.precision, cfg.fid.num_samples) == (("bf16", 5000) if quick_fid else ("fp32", 50000))
+    # fid.num_samples: the preset's, else null = the data set's default (the paper's 50,000 on its data sets)
+    samples = fid_num_samples(OmegaConf.to_container(cfg.fid), {"name": "cifar10"})
+    assert (cfg.sampler.precision, samples) == (("bf16", 5000) if quick_fid else ("fp32", 50000))
     assert cfg.reconstruction.num_images == (1000 if preset == "table2_cifar10_quick" else None)
     if preset.startswith("fid_vs_nfe"):  # the S of each (sampler, budget) resolves from the preset's table
         assert cfg.sampler.steps == cfg.fid_vs_nfe.steps.ddim.nfe10 == 10
@@ -231,3 +238,31 @@ def test_table1_keeps_precisions_and_sample_counts_apart(tmp_path):
     assert "## cifar10-32, last.ckpt, ddim, quadratic trajectory, 5000 samples, bf16" in t1
     assert "## cifar10-32, last.ckpt, ddim, quadratic trajectory, 50000 samples\n" in t1
     assert "9.50 (13.36)" in t1 and "4.50 (13.36)" in t1
+
+
+def test_aggregate_puts_table3_beside_lsun_and_names_the_reference(tmp_path):
+    """LSUN church and bedroom at 256: the paper's Table 3 (DDIM η = 0, DDPM η = 1; S = 10, 20, 50, 100) beside ours;
+    a run against a fid.ref_stats file is its own block, titled with the file."""
+    from ddim.evaluation import aggregate
+    from ddim.evaluation.records import record_path, write_record
+
+    def put(ds, eta, steps, fid, ref=None):
+        params = {"num_samples": 50000, **({"ref_stats": ref} if ref else {"ref_split": "train"})}
+        key = {"task": "fid", "dataset": ds, "model": {"official": ds.split("-")[1]}, "seed": 0, "params": params,
+               "sampler": {"kind": "ddim", "eta": eta, "steps": steps, "trajectory": "linear"}}
+        write_record(record_path(tmp_path, key), {"task": "fid", "key": key, "metric": {"fid": fid},
+                                                  "num_samples": 50000})
+
+    put("lsun-church_outdoor-256", 0.0, 10, 20.5)
+    put("lsun-church_outdoor-256", 1.0, 100, 8.5, ref={"file": "church_stats.npz", "sha1": "0123456789abcdef"})
+    put("lsun-bedroom-256", 1.0, 20, 23.0)
+    put("lsun-bedroom-128", 0.0, 10, 30.0)  # not the paper's resolution: no paper values
+    t = aggregate.table1_markdown(aggregate.table1_rows(aggregate.collect(tmp_path)))  # no plots: fast
+    church = t.split("## lsun-church_outdoor-256, official church_outdoor, ddim, linear trajectory, 50000 samples\n")[1]
+    assert "| η \\ S | 10 | 20 | 50 | 100 |" in church
+    assert "| 0.0 | 20.50 (19.45) | – (12.47) | – (10.84) | – (10.58) |" in church
+    assert ("## lsun-church_outdoor-256, official church_outdoor, ddim, linear trajectory, 50000 samples, "
+            "reference church_stats.npz (sha1 01234567)") in t
+    assert "| 1.0 | – (51.56) | – (23.37) | – (11.16) | 8.50 (8.27) |" in t
+    assert "| 1.0 | – (42.78) | 23.00 (22.77) | – (10.81) | – (6.81) |" in t
+    assert "| 0.0 | 30.00 |" in t

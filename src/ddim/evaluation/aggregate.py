@@ -1,12 +1,13 @@
-"""Collect evaluation records into the paper's Table 1 / Table 2 layouts beside the published numbers, and FID
-against the number of network evaluations (NFE) for the ODE samplers.
+"""Collect evaluation records into the paper's Table 1 / Table 2 / Table 3 layouts beside the published numbers, and
+FID against the number of network evaluations (NFE) for the ODE samplers.
 
     python -m ddim.evaluation.aggregate outputs/records [--out outputs/records/tables] [--wandb PROJECT]
 
 Writes, for the records found:
 
-* ``table1.md`` / ``.csv``: FID, rows η, columns S, cells ``ours (paper)``; one block per data set, model, sampler,
-  trajectory and setting (number of samples, precision).  Runs of the FID-against-NFE sweep only fill its cells.
+* ``table1.md`` / ``.csv``: FID, rows η, columns S, cells ``ours (paper)`` (Table 1 for CIFAR-10 and CelebA, Table 3
+  for LSUN bedroom and church); one block per data set, model, sampler, trajectory and setting (number of samples,
+  precision, a ``fid.ref_stats`` reference file).  Runs of the FID-against-NFE sweep only fill its cells.
 * ``table2.md`` / ``.csv``: reconstruction MSE per S, with the paper's row.
 * ``fid_vs_nfe.md`` / ``.csv``: every η = 0 FID record, rows sampler, columns the NFE budget (the preset's
   ``fid_vs_nfe.budget``, else the NFE the run spent); a cell reads ``FID @n`` where the run spent n < budget.
@@ -27,6 +28,7 @@ from ddim.evaluation.records import iter_records
 
 ETAS = (0.0, 0.2, 0.5, 1.0, "hat")
 TABLE1_STEPS = (10, 20, 50, 100, 1000)
+TABLE3_STEPS = (10, 20, 50, 100)
 TABLE2_STEPS = (10, 20, 50, 100, 200, 500, 1000)
 ODE_KINDS = ("ddim", *SOLVERS)  # the η = 0 samplers of the FID-against-NFE table, in its row order
 
@@ -39,9 +41,16 @@ PAPER_TABLE1: dict[str, dict[Any, tuple[float, ...]]] = {
                0.5: (19.86, 16.06, 11.01, 8.09, 4.28), 1.0: (33.12, 26.03, 18.48, 13.93, 5.98),
                "hat": (299.71, 183.83, 71.71, 45.20, 3.26)},
 }
+# Table 3: FID of LSUN Bedroom and Church outdoor (256x256, 50k samples), DDIM (η = 0) and DDPM (η = 1), S = 10, 20,
+# 50, 100; keyed like ``Loaded.dataset_key`` without the resolution.  Quoted from memory of the paper, not yet checked
+# against its text (arXiv 2010.02502): compare with Table 3 there before citing a gap.
+PAPER_TABLE3: dict[str, dict[Any, tuple[float, ...]]] = {
+    "lsun-bedroom": {0.0: (16.95, 8.89, 6.75, 6.62), 1.0: (42.78, 22.77, 10.81, 6.81)},
+    "lsun-church_outdoor": {0.0: (19.45, 12.47, 10.84, 10.58), 1.0: (51.56, 23.37, 11.16, 8.27)},
+}
 # Table 2: reconstruction error on the CIFAR-10 test set (per-dimension MSE on [0, 1], rounded to 1e-4).
 PAPER_TABLE2: dict[str, tuple[float, ...]] = {"cifar10": (0.014, 0.0065, 0.0023, 0.0009, 0.0004, 0.0001, 0.0001)}
-PAPER_RES = {"cifar10": 32, "celeba": 64}
+PAPER_RES = {"cifar10": 32, "celeba": 64, "lsun-bedroom": 256, "lsun-church_outdoor": 256}
 
 
 def _eta_key(eta: Any) -> Any:
@@ -54,11 +63,26 @@ def paper_dataset(dataset_key: str) -> str | None:
     return name if name in PAPER_RES and res == str(PAPER_RES[name]) else None
 
 
-def paper_fid(dataset_key: str, eta: Any, steps: int) -> float | None:
+def paper_fid_table(dataset_key: str) -> tuple[dict[Any, tuple[float, ...]], tuple[int, ...]]:
+    """The paper's FID rows (η -> values) and their S columns for this data set: Table 1 or Table 3; empty if none."""
     ds = paper_dataset(dataset_key)
-    if ds is None or steps not in TABLE1_STEPS or _eta_key(eta) not in PAPER_TABLE1[ds]:
+    if ds in PAPER_TABLE1:
+        return PAPER_TABLE1[ds], TABLE1_STEPS
+    if ds in PAPER_TABLE3:
+        return PAPER_TABLE3[ds], TABLE3_STEPS
+    return {}, ()
+
+
+def paper_steps(dataset_key: str) -> tuple[int, ...]:
+    """The S columns the paper reports FID at for this data set (none where it reports none)."""
+    return paper_fid_table(dataset_key)[1]
+
+
+def paper_fid(dataset_key: str, eta: Any, steps: int) -> float | None:
+    table, columns = paper_fid_table(dataset_key)
+    if steps not in columns or _eta_key(eta) not in table:
         return None
-    return PAPER_TABLE1[ds][_eta_key(eta)][TABLE1_STEPS.index(steps)]
+    return table[_eta_key(eta)][columns.index(steps)]
 
 
 def paper_mse(dataset_key: str, steps: int) -> float | None:
@@ -81,10 +105,21 @@ def _model_label(key: dict) -> str:
     return Path(m.get("ckpt", "?")).name if "ckpt" in m else "?"
 
 
+def _reference_label(params: dict) -> str | None:
+    """The FID reference when it is not the data set's training images: the ``fid.ref_stats`` file (name and start
+    of its hash) or another split."""
+    ref = params.get("ref_stats")
+    if isinstance(ref, dict):
+        return f"reference {ref.get('file')} (sha1 {str(ref.get('sha1'))[:8]})"
+    split = params.get("ref_split")
+    return f"reference {split} split" if split not in (None, "train") else None
+
+
 def _setting_label(row: dict) -> str:
-    """What else sets a result apart: the number of samples and a precision other than fp32."""
+    """What else sets a result apart: the number of samples, a precision other than fp32, the FID reference."""
     parts = [f"{row['num_samples']} samples"] if row.get("num_samples") else []
-    return ", ".join(parts + ([row["precision"]] if row["precision"] != "fp32" else []))
+    parts += [row["precision"]] if row["precision"] != "fp32" else []
+    return ", ".join(parts + ([row["reference"]] if row.get("reference") else []))
 
 
 def _fmt(x: float | None, digits: int = 2) -> str:
@@ -119,6 +154,7 @@ def _row(r: dict) -> dict | None:
     return {"task": task, "dataset": k["dataset"], "model": _model_label(k), "kind": kind, "eta": _eta_key(s["eta"]),
             "steps": int(s["steps"]), "trajectory": s.get("trajectory"), "precision": _precision(s),
             "value": float(value), "paper": paper, "num_samples": r.get("num_samples"), "nfe": spent,
+            "reference": _reference_label(k.get("params") or {}) if task == "fid" else None,
             "budget": int(str(budget).removeprefix("nfe")) if budget else spent, "nfe_sweep": bool(sweep),
             "wall_time_s": r.get("wall_time_s"), "gpu": r.get("device", {}).get("gpu", "cpu"),
             "finished": r.get("finished_at") or ""}
@@ -155,8 +191,8 @@ def table1_rows(fid_rows: list[dict]) -> list[dict]:
     own = [r for r in fid_rows if not r["nfe_sweep"]]
     columns = set()
     for key, rs in group_rows(own, TABLE1_FIELDS).items():
-        paper_steps = TABLE1_STEPS if paper_dataset(key[0]) and key[2] == "ddim" else ()
-        columns |= {key + (S,) for S in {r["steps"] for r in rs} | set(paper_steps)}
+        shown = paper_steps(key[0]) if key[2] == "ddim" else ()
+        columns |= {key + (S,) for S in {r["steps"] for r in rs} | set(shown)}
     fill = [r for r in fid_rows if r["nfe_sweep"] and group_key(r, TABLE1_FIELDS) + (r["steps"],) in columns]
     return sorted(own + fill, key=lambda r: r["finished"])
 
@@ -181,7 +217,7 @@ def write_csv(rows: list[dict], columns: list[str], path: Path) -> Path:
 
 
 CSV_COLUMNS = ["task", "dataset", "model", "kind", "eta", "steps", "trajectory", "precision", "value", "paper",
-               "num_samples", "wall_time_s", "gpu"]
+               "num_samples", "reference", "wall_time_s", "gpu"]
 NFE_CSV_COLUMNS = ["dataset", "model", "trajectory", "precision", "num_samples", "kind", "steps", "nfe", "budget",
                    "value"]
 
@@ -191,11 +227,12 @@ def _order_eta(e: Any) -> tuple:
 
 
 def table1_markdown(rows: list[dict]) -> str:
-    """FID blocks in the paper's layout: rows η (σ̂ last), columns S; cells 'ours (paper)'."""
-    out = ["# Table 1: FID (ours (paper))", ""]
+    """FID blocks in the paper's layout: rows η (σ̂ last), columns S; cells 'ours (paper)' (Table 1, or Table 3 for
+    LSUN). The reference is the data set's training images unless the block names another."""
+    out = ["# Tables 1 and 3: FID (ours (paper))", ""]
     for group, rs in group_rows(rows, TABLE1_FIELDS).items():
         ds, kind = group[0], group[2]
-        steps = sorted({r["steps"] for r in rs} | (set(TABLE1_STEPS) if paper_dataset(ds) and kind == "ddim" else set()))
+        steps = sorted({r["steps"] for r in rs} | (set(paper_steps(ds)) if kind == "ddim" else set()))
         cell = {(r["eta"], r["steps"]): r["value"] for r in rs}
         body = []
         for e in sorted({r["eta"] for r in rs}, key=_order_eta):
@@ -223,8 +260,8 @@ def table2_markdown(rows: list[dict]) -> str:
 
 
 def _paper_ddim(dataset_key: str) -> list[tuple[int, float]]:
-    """The paper's Table 1 DDIM (η = 0) FID as (NFE = S, FID) where it reports this data set."""
-    pts = [(S, paper_fid(dataset_key, 0.0, S)) for S in TABLE1_STEPS]
+    """The paper's DDIM (η = 0) FID (Table 1 or 3) as (NFE = S, FID) where it reports this data set."""
+    pts = [(S, paper_fid(dataset_key, 0.0, S)) for S in paper_steps(dataset_key)]
     return [(S, f) for S, f in pts if f is not None]
 
 
@@ -281,7 +318,7 @@ def _draw_fid_vs_steps(ax: Any, group: tuple, rs: list[dict]) -> None:
         label = "σ̂" if e == "hat" else f"η = {e:g}"
         pts = sorted((r["steps"], r["value"]) for r in rs if r["eta"] == e)
         ax.plot(*zip(*pts), "o-", color=f"C{j}", label=f"{label} (ours)")
-        paper = [(S, paper_fid(ds, e, S)) for S in TABLE1_STEPS] if kind == "ddim" else []
+        paper = [(S, paper_fid(ds, e, S)) for S in paper_steps(ds)] if kind == "ddim" else []
         paper = [p for p in paper if p[1] is not None]
         if paper:
             ax.plot(*zip(*paper), "--", color=f"C{j}", alpha=0.6, label=f"{label} (paper)")

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from hydra.utils import instantiate
 
+from ddim.evaluation.fid import reference_file_id
 from ddim.evaluation.settings import ETA_ZERO_TASKS, Loaded, Settings, TaskResult
 from ddim.models.pretrained import release
 
@@ -74,7 +75,20 @@ def record_key(s: Settings, m: Loaded) -> dict[str, Any]:
         if not s.deterministic:
             sampler["deterministic"] = False
     return {"task": s.task, "dataset": m.dataset_key, "model": model_id(s, m), "seed": s.seed,
-            "params": {k: v for k, v in section.items() if k not in NOT_IN_KEY}, "sampler": sampler}
+            "params": task_params(section), "sampler": sampler}
+
+
+def task_params(section: dict[str, Any]) -> dict[str, Any]:
+    """The task section's entries that change the result. ``fid.ref_stats`` enters as the file's name and content
+    hash (``ref_split`` is then unused), and not at all when null, so records made before the option keep their
+    keys."""
+    params = {k: v for k, v in section.items() if k not in NOT_IN_KEY}
+    if params.get("ref_stats"):
+        params["ref_stats"] = reference_file_id(params["ref_stats"])
+        params.pop("ref_split", None)
+    else:
+        params.pop("ref_stats", None)
+    return params
 
 
 def config_key(key: dict[str, Any]) -> str:

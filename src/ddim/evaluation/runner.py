@@ -1,9 +1,9 @@
 """What ``evaluate.py`` does with its Hydra config: validate, skip if done, load, run one task, record.
 
 Everything that can be wrong with the input (task, η, S, trajectory, precision, counts, switches, device,
-checkpoint path, Inception weights, the folders results go to) is checked by ``validate`` before any file is
-read; ``load`` checks the rest against the model (S against its T, its image shape against the data set) before
-the first network evaluation, so a bad sweep entry fails in seconds, not hours.
+checkpoint path, Inception weights, FID reference statistics, the folders results go to) is checked by ``validate``
+before the model is read; ``load`` checks the rest against the model (S against its T, its image shape against the
+data set) before the first network evaluation, so a bad sweep entry fails in seconds, not hours.
 """
 from __future__ import annotations
 
@@ -23,9 +23,10 @@ from ddim.config import as_bool, check_positive_int, check_writable_dir, log_lig
 from ddim.diffusion import timesteps
 from ddim.diffusion.solvers import SOLVERS, nfe
 from ddim.evaluation import records
+from ddim.evaluation.fid import read_reference_statistics
 from ddim.evaluation.settings import (ETA_ZERO_TASKS, EVAL_TASKS, PRECISIONS, TRAJECTORIES, Loaded, Settings,
                                       default_trajectory, parse_eta)
-from ddim.evaluation.tasks import TASKS, fid_grid
+from ddim.evaluation.tasks import TASKS, fid_grid, with_fid_defaults
 from ddim.models import OFFICIAL_CONFIGS
 from ddim.models.diffusers_format import check_diffusers_source, is_diffusers_source, load_diffusers_for_sampling
 from ddim.models.pretrained import PRETRAINED_NAMES, check_pretrained_name, fetch
@@ -78,13 +79,15 @@ def check_precision(sampler: DictConfig, device: str) -> tuple[str, bool]:
 def check_task_settings(task: str, cfg: DictConfig) -> None:
     """The task's own config section (and fid's Inception weights), checked before anything is loaded."""
     if task == "fid":
-        check_positive_int(cfg.fid.num_samples, "fid.num_samples")
-        if cfg.fid.num_samples < 2:
+        check_positive_int(cfg.fid.num_samples, "fid.num_samples", allow_none=True)  # null: the data set's default
+        if cfg.fid.num_samples is not None and cfg.fid.num_samples < 2:
             raise ValueError(f"fid.num_samples must be >= 2 (FID needs a covariance), got {cfg.fid.num_samples}")
         check_positive_int(cfg.fid.batch_size, "fid.batch_size")
         weights = cfg.fid.get("weights_path")
         if weights and not Path(weights).is_file():
             raise FileNotFoundError(f"Inception weights not found: fid.weights_path={weights}")
+        if cfg.fid.get("ref_stats"):
+            read_reference_statistics(cfg.fid.ref_stats)  # file, arrays, shapes, finite: before any sampling
         as_bool(cfg.fid.get("save_grid", False), "fid.save_grid")
     elif task == "samples":
         check_positive_int(cfg.samples.num_samples, "samples.num_samples")
@@ -124,12 +127,38 @@ def check_pretrained_source(cfg: DictConfig) -> None:
         check_pretrained_name(cfg.pretrained)
 
 
-def check_model_source(cfg: DictConfig) -> None:
-    """Exactly one model: ``ckpt_path=`` (train.py), ``pretrained=`` (a released name, a Hub id or a diffusers
-    folder) or ``official=`` + ``official_path=``, and its file exists (or, for ``pretrained=``, it is known)."""
+def newest_train_checkpoint(log_dir: str | os.PathLike) -> Path:
+    """The most recently written ``last.ckpt`` of train.py's runs under ``log_dir`` (single runs
+    ``train/<dataset>/<time>/checkpoints/`` and multiruns ``train/multirun/<time>/<n>/checkpoints/``), so that
+    ``python train.py && python evaluate.py`` evaluates the model just trained; a FileNotFoundError when none."""
+    runs = Path(log_dir) / "train"
+    found = [p for p in runs.glob("**/checkpoints/last.ckpt") if p.is_file()] if runs.is_dir() else []
+    if not found:
+        raise FileNotFoundError(
+            f"no model given and no train.py checkpoint (checkpoints/last.ckpt) under {runs}: run python train.py "
+            f"first, or pass ckpt_path=<checkpoint written by train.py>, pretrained=<{'|'.join(PRETRAINED_NAMES)}> "
+            f"(released weights, downloaded once) or official=<{'|'.join(OFFICIAL_CONFIGS)}> official_path=<file> "
+            f"(paths.log_dir sets the folder searched)")
+    return max(found, key=lambda p: p.stat().st_mtime_ns)
+
+
+def check_train_checkpoint(ckpt_path: Any, log_dir: str | os.PathLike) -> str:
+    """``ckpt_path``, checked to exist; when not given, the newest train.py ``last.ckpt`` (said on stdout)."""
+    if not ckpt_path:
+        ckpt_path = newest_train_checkpoint(log_dir)
+        print(f"no model given: evaluating the newest train.py checkpoint {ckpt_path}")
+    if not Path(ckpt_path).exists():
+        raise FileNotFoundError(f"checkpoint not found: ckpt_path={ckpt_path}")
+    return str(ckpt_path)
+
+
+def check_model_source(cfg: DictConfig) -> str | None:
+    """Exactly one model: ``ckpt_path=`` (train.py; none given: the newest run's ``last.ckpt``), ``pretrained=`` (a
+    released name, a Hub id or a diffusers folder) or ``official=`` + ``official_path=``, and its file exists (or,
+    for ``pretrained=``, it is known). Returns the train.py checkpoint to load (None for the others)."""
     if cfg.get("pretrained") is not None:
         check_pretrained_source(cfg)
-        return
+        return None
     if cfg.get("official"):
         if cfg.get("ckpt_path"):
             raise ValueError(f"two models given: ckpt_path={cfg.ckpt_path} and official={cfg.official}; pass one")
@@ -140,14 +169,8 @@ def check_model_source(cfg: DictConfig) -> None:
             raise ValueError(f"official={cfg.official} needs official_path=<the released .ckpt/.pth file>")
         if not Path(path).is_file():
             raise FileNotFoundError(f"official checkpoint not found: official_path={path}")
-        return
-    path = cfg.get("ckpt_path")
-    if not path:
-        raise ValueError(f"no model given: pass ckpt_path=<checkpoint written by train.py>, "
-                         f"pretrained=<{'|'.join(PRETRAINED_NAMES)}> (released weights, downloaded once) "
-                         f"or official=<{'|'.join(OFFICIAL_CONFIGS)}> official_path=<file>")
-    if not Path(path).exists():
-        raise FileNotFoundError(f"checkpoint not found: ckpt_path={path}")
+        return None
+    return check_train_checkpoint(cfg.get("ckpt_path"), cfg.paths.log_dir)
 
 
 def validate(cfg: DictConfig) -> Settings:
@@ -168,7 +191,7 @@ def validate(cfg: DictConfig) -> Settings:
     trust = as_bool(cfg.get("trust_checkpoint", False), "trust_checkpoint")
     check_writable_dir(cfg.records_dir, "records_dir")
     check_writable_dir(cfg.output_dir, "output_dir")
-    check_model_source(cfg)
+    ckpt_path = check_model_source(cfg)
     if task in ETA_ZERO_TASKS and eta != 0.0:
         print(f"note: task={task} decodes with η = 0 (deterministic DDIM); sampler.eta={sampler.eta} is not used")
     fid = OmegaConf.to_container(cfg.fid, resolve=True)
@@ -178,7 +201,7 @@ def validate(cfg: DictConfig) -> Settings:
     return Settings(
         task=task, kind=sampler.kind, eta=eta, steps=int(sampler.steps), trajectory=sampler.get("trajectory"),
         batch_size=int(sampler.batch_size), precision=precision, deterministic=deterministic, seed=int(cfg.seed),
-        device=device, use_ema=use_ema, ckpt_path=cfg.get("ckpt_path"), official=cfg.get("official"),
+        device=device, use_ema=use_ema, ckpt_path=ckpt_path, official=cfg.get("official"),
         official_path=cfg.get("official_path"), pretrained=cfg.get("pretrained"), trust_checkpoint=trust,
         dataset=OmegaConf.to_container(cfg.dataset, resolve=True) if cfg.get("dataset") is not None else None,
         data_dir=str(cfg.paths.data_dir),
@@ -186,7 +209,7 @@ def validate(cfg: DictConfig) -> Settings:
         fid=fid, trainer=OmegaConf.to_container(cfg.trainer, resolve=True), records_dir=str(cfg.records_dir),
         skip_done=as_bool(cfg.get("skip_done", True), "skip_done"), output_dir=str(cfg.output_dir),
         loggers=OmegaConf.to_container(cfg.logger, resolve=True) if cfg.get("logger") else {},
-        config=OmegaConf.to_container(cfg, resolve=True))
+        config={**OmegaConf.to_container(cfg, resolve=True), "ckpt_path": ckpt_path})
 
 
 def dataset_config(s: Settings, model_cfg: dict) -> dict:
@@ -279,6 +302,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     log_lightning_once()
     settings = validate(cfg)
     loaded = load(settings)
+    settings = with_fid_defaults(settings, loaded)
     key = records.record_key(settings, loaded)
     path = records.record_path(settings.records_dir, key)
     done = records.load_record(path) if settings.skip_done else None

@@ -7,6 +7,7 @@ the first sample.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 from typing import Callable
@@ -19,7 +20,8 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from ddim.data import build_dataset
 from ddim.diffusion import encode, slerp, timesteps
 from ddim.diffusion.solvers import nfe, nfe_on
-from ddim.evaluation.fid import fid_between, reference_statistics, resolve_inception_weights
+from ddim.evaluation.fid import (fid_between, read_reference_statistics, reference_statistics,
+                                 resolve_inception_weights)
 from ddim.evaluation.images import Uint8Images, save_grid, to_rgb
 from ddim.evaluation.sampling import decode, generate, latents_and_noise, sample_batch
 from ddim.evaluation.settings import Loaded, Settings, TaskResult
@@ -27,6 +29,9 @@ from ddim.evaluation.settings import Loaded, Settings, TaskResult
 # data set config keys that are not build_dataset arguments
 NOT_DATASET_KWARGS = ("name", "split", "batch_size", "num_workers", "train_steps")
 FID_GRID_SIZE = 64  # fid.save_grid: a grid of the first this many samples
+PAPER_FID_SAMPLES = 50_000  # fid.num_samples=null: the paper's count, except where FID_SAMPLES_BY_DATASET says
+# data sets whose FID is a CPU-sized check rather than the paper's protocol (Inception at 299x299 is the cost)
+FID_SAMPLES_BY_DATASET = {"digits": 1000}
 
 
 def evaluation_dataset(data: dict, split: str) -> Dataset:
@@ -54,20 +59,44 @@ def write_samples(images: torch.Tensor, out_dir: Path, *, nrow: int | None = Non
     return res
 
 
-def fid_task(s: Settings, m: Loaded) -> TaskResult | None:
-    """Table 1: FID of ``fid.num_samples`` samples against the data set's ``fid.ref_split`` images.
+def fid_num_samples(fid: dict, data: dict) -> int:
+    """``fid.num_samples``, or where it is null the data set's default: the paper's 50,000, fewer for data sets
+    in ``FID_SAMPLES_BY_DATASET`` (the 8x8 digits: a check that finishes on a laptop's CPU)."""
+    n = fid.get("num_samples")
+    return int(n) if n is not None else FID_SAMPLES_BY_DATASET.get(data["name"], PAPER_FID_SAMPLES)
 
-    The reference statistics (cached, else one Inception pass over the reference set) come first, on rank 0: an
-    unreadable reference image fails before hours of sampling, not after."""
-    weights = resolve_inception_weights(weights_path=s.fid.get("weights_path"), cache_dir=s.fid.get("cache_dir"))
+
+def with_fid_defaults(s: Settings, m: Loaded) -> Settings:
+    """The settings with ``fid.num_samples`` resolved against the loaded model's data set (before the record key is
+    made, so ``fid.num_samples=null`` and the number it stands for share one record)."""
+    if s.task != "fid":
+        return s
+    return dataclasses.replace(s, fid={**s.fid, "num_samples": fid_num_samples(s.fid, m.data)})
+
+
+def fid_reference(s: Settings, m: Loaded, weights: Path, device: str, batch_size: int) -> dict:
+    """The reference statistics: the ``fid.ref_stats`` file when given, else the Inception statistics of the data
+    set's ``fid.ref_split`` images (cached, else one Inception pass over them)."""
+    if s.fid.get("ref_stats"):
+        return read_reference_statistics(s.fid["ref_stats"])
     ref_split = s.fid.get("ref_split", "train")
+    reference = Uint8Images(evaluation_dataset(m.data, ref_split))
+    return reference_statistics(reference, ref_key=f"{m.dataset_key}-{ref_split}", weights_path=weights,
+                                cache_dir=s.fid.get("cache_dir"), device=device, batch_size=batch_size)
+
+
+def fid_task(s: Settings, m: Loaded) -> TaskResult | None:
+    """Tables 1 and 3: FID of ``fid.num_samples`` samples against the data set's ``fid.ref_split`` images or the
+    ``fid.ref_stats`` file.
+
+    The reference statistics come first, on rank 0: an unreadable reference image fails before hours of sampling,
+    not after."""
+    weights = resolve_inception_weights(weights_path=s.fid.get("weights_path"), cache_dir=s.fid.get("cache_dir"))
     fid_device = s.fid.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
     fid_batch = int(s.fid["batch_size"])
     ref_stats = None
     if rank_zero_only.rank == 0:  # the other ranks only sample; rank 0 scores
-        reference = Uint8Images(evaluation_dataset(m.data, ref_split))
-        ref_stats = reference_statistics(reference, ref_key=f"{m.dataset_key}-{ref_split}", weights_path=weights,
-                                         cache_dir=s.fid.get("cache_dir"), device=fid_device, batch_size=fid_batch)
+        ref_stats = fid_reference(s, m, weights, fid_device, fid_batch)
     n = int(s.fid["num_samples"])
     sampling: dict = {}
     images = generate_for(s, m, n, sampling)
