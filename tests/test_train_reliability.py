@@ -24,8 +24,9 @@ from test_train import TINY
 sys.path.insert(0, str(REPO))
 from train import run  # noqa: E402 - train.py is a script at the repository root
 
-from ddim.checkpoints import TEMPORARY_PATTERN, read_checkpoint, remove_stray_temporaries, save_atomically  # noqa: E402
+from ddim.checkpoints import read_checkpoint, save_atomically  # noqa: E402
 from ddim.data import EpochSeededSampler  # noqa: E402
+from ddim.files import TEMPORARY_PATTERN, remove_stray_temporaries, write_atomically  # noqa: E402
 from ddim.training.checkpoint_io import AtomicCheckpointIO  # noqa: E402
 
 # digits test split: 180 images; batch 20 -> 9 steps per epoch
@@ -177,6 +178,21 @@ def test_checkpoint_io_writes_its_temporary_next_to_the_target(tmp_path, monkeyp
     assert list(elsewhere.iterdir()) == [] and sorted(p.name for p in target.parent.iterdir()) == ["last.ckpt"]
     save_atomically({"global_step": 8}, target)  # over an existing file
     assert read_checkpoint(target)["global_step"] == 8
+
+
+def test_a_failed_write_keeps_the_previous_file_and_leaves_no_temporary(tmp_path):
+    """The writer callback raising half-way (a full disk, a bug) leaves the old file as it was and removes the
+    temporary; records, FID caches and checkpoints all write through write_atomically."""
+    target = tmp_path / "record.json"
+    write_atomically(target, lambda f: f.write(b"old"))
+
+    def half_then_fail(f):
+        f.write(b"new, half written")
+        raise OSError("No space left on device")
+
+    with pytest.raises(OSError, match="No space left"):
+        write_atomically(target, half_then_fail)
+    assert target.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["record.json"]
 
 
 def _other_file_system_tmpdir(tmp_path: Path) -> Path:

@@ -17,9 +17,7 @@ caller trusts it (``trust=True``; the entry points' ``trust_checkpoint=true``).
 from __future__ import annotations
 
 import argparse
-import os
 import pickle
-import re
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -31,6 +29,7 @@ from torch.torch_version import TorchVersion
 
 from ddim.config import plain
 from ddim.diffusion.schedules import alphas_cumprod_from_config
+from ddim.files import write_atomically
 from ddim.models.build import build_unet
 from ddim.models.ema import DEFAULT_EMA_DECAY, ema_initial_share_note, ema_warmup_of
 from ddim.models.official import OFFICIAL_CONFIGS, load_official_unet, state_dict_mismatch
@@ -209,57 +208,11 @@ def load_official_for_sampling(path: str | Path, config: str | dict | None, use_
     return model, alphas_cumprod_from_config(diffusion), cfg
 
 
-def _temporary_name(dst: Path) -> Path:
-    return dst.with_name(f".{dst.name}.tmp{os.getpid()}")
-
-
-# ``save_atomically``'s temporaries: ".<target name>.tmp<pid>"
-TEMPORARY_PATTERN = re.compile(r"^\..+\.tmp\d+$")
-
-
-def fsync_directory(path: str | Path) -> None:
-    """Flush a directory's entries (a rename in it) to disk; a no-op where directories cannot be opened."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # e.g. Windows
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def save_atomically(obj: Any, dst: str | Path) -> Path:
-    """``torch.save`` to a temporary file in ``dst``'s own directory (never ``$TMPDIR``: a rename across file
-    systems is a copy), flushed and fsynced, ``os.replace``d over ``dst``, then the directory fsynced: a kill or
-    power loss at any moment leaves either the old file or the new one, never a partial file.  A kill can leave
-    the temporary behind; ``remove_stray_temporaries`` clears them."""
-    dst = Path(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temporary_name(dst)
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, dst)
-    finally:
-        tmp.unlink(missing_ok=True)
-    fsync_directory(dst.parent)
-    return dst
-
-
-def remove_stray_temporaries(directory: str | Path) -> list[Path]:
-    """Delete the temporaries that killed ``save_atomically`` calls left in ``directory``; returns them."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        return []
-    stray = [p for p in directory.iterdir() if TEMPORARY_PATTERN.match(p.name) and p.is_file()]
-    for p in stray:
-        p.unlink(missing_ok=True)
-    return stray
+    """``torch.save`` of ``obj`` to ``dst`` through ``ddim.files.write_atomically``: a kill or power loss at any
+    moment leaves the previous file or the new one, never a partial file (``remove_stray_temporaries`` clears
+    what a kill leaves)."""
+    return write_atomically(dst, lambda f: torch.save(obj, f))
 
 
 def convert_ema_export(src: str | Path, dst: str | Path, *, trust: bool = False) -> Path:
