@@ -53,14 +53,9 @@ def _unpickling_reason(error: pickle.UnpicklingError) -> str | None:
     return reason or "an object type outside the allowed tensors and containers"
 
 
-def _starts_as_pickle(path: Path) -> bool:
-    with open(path, "rb") as f:
-        return f.read(1) == b"\x80"
-
-
-def _not_a_checkpoint(path: Path, error: BaseException) -> ValueError:
+def _not_a_checkpoint(path: Path, detail: str) -> ValueError:
     return ValueError(f"cannot read checkpoint {path}: not a valid torch checkpoint (corrupt, truncated or another "
-                      f"kind of file, e.g. text?): {type(error).__name__}: {error}")
+                      f"kind of file, e.g. text?): {detail}")
 
 
 def read_checkpoint(path: str | Path, map_location: Any = "cpu", *, trust: bool = False) -> Any:
@@ -78,28 +73,27 @@ def read_checkpoint(path: str | Path, map_location: Any = "cpu", *, trust: bool 
         raise FileNotFoundError(f"checkpoint not found: {path}")
     with open(path, "rb") as f:
         head = f.read(4)
-    if not (head.startswith(b"PK\x03\x04") or head.startswith(b"\x80")):  # torch.save's zip, or a legacy pickle
-        raise ValueError(f"cannot read checkpoint {path}: not a valid torch checkpoint (corrupt, truncated or another "
-                         f"kind of file, e.g. text?): it starts with {head!r}")
+    # torch.save's zip or a pickle (protocol >= 2: byte 0x80), so what the weights-only unpickler refuses below is
+    # the file's content, never text that happens to read as pickle opcodes
+    if not (head.startswith(b"PK\x03\x04") or head.startswith(b"\x80")):
+        raise _not_a_checkpoint(path, f"it starts with {head!r}")
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
             return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         reason = _unpickling_reason(e)
-        # an opcode the weights-only unpickler lacks in a file that does not start as a pickle (protocol >= 2:
-        # byte 0x80) is no pickle at all, e.g. text ("Unsupported operand 110")
-        if reason is None or (reason.startswith("Unsupported operand") and not _starts_as_pickle(path)):
-            raise _not_a_checkpoint(path, e) from None
+        if reason is None:
+            raise _not_a_checkpoint(path, f"{type(e).__name__}: {e}") from None
         if not trust:
             raise ValueError(f"refused to open {path}: it holds more than tensors and plain containers ({reason}), "
                              f"and unpickling such a file can run code stored in it. If you made this file yourself "
                              f"and trust it, pass {TRUST_OPTION} (Python: trust=True; convert-ema: --trust)") from None
     except (RuntimeError, EOFError, OSError, KeyError, ValueError, IndexError, AttributeError) as e:
-        raise _not_a_checkpoint(path, e) from e
+        raise _not_a_checkpoint(path, f"{type(e).__name__}: {e}") from e
     try:
         return torch.load(path, map_location=map_location, weights_only=False)
     except Exception as e:  # noqa: BLE001 - full unpickling raises anything the file's objects raise
-        raise _not_a_checkpoint(path, e) from e
+        raise _not_a_checkpoint(path, f"{type(e).__name__}: {e}") from e
 
 
 def check_train_checkpoint(ckpt: Any, path: str | Path) -> dict:
