@@ -19,7 +19,7 @@ from hydra import compose, initialize_config_dir
 
 from conftest import REPO
 from test_data import make_image_folder
-from test_train import TINY
+from test_train import SMALL_MODEL, TINY
 
 sys.path.insert(0, str(REPO))
 from train import run  # noqa: E402 - train.py is a script at the repository root
@@ -28,6 +28,7 @@ from ddim.checkpoints import read_checkpoint, save_atomically  # noqa: E402
 from ddim.data import EpochSeededSampler  # noqa: E402
 from ddim.files import TEMPORARY_PATTERN, remove_stray_temporaries, write_atomically  # noqa: E402
 from ddim.training.checkpoint_io import AtomicCheckpointIO  # noqa: E402
+from ddim.training.module import DiffusionModule  # noqa: E402
 
 # digits test split: 180 images; batch 20 -> 9 steps per epoch
 SMALL = ["dataset.split=test", "dataset.batch_size=20", "dataset.image_size=8", "trainer.enable_progress_bar=false",
@@ -103,6 +104,17 @@ def test_logger_none_trains_with_the_default_callbacks(tmp_path):
     res = run(compose_train(tmp_path, *SMALL, "logger=none", "trainer.max_steps=2"))
     assert res["trainer"].global_step == 2 and res["trainer"].loggers == []
     assert read_checkpoint(tmp_path / "checkpoints" / "last.ckpt")["global_step"] == 2
+
+
+@pytest.mark.parametrize("warmup", [True, False])
+def test_ema_warning_advises_only_settings_not_already_made(warmup):
+    """A run ending while its EMA still holds the random initial weights is told what to change: the warm-up only
+    where it is off."""
+    module = DiffusionModule(model=SMALL_MODEL, diffusion={}, optim={"ema_decay": 0.9999, "ema_warmup": warmup})
+    with pytest.warns(UserWarning, match=r"still hold 100.0% of the initial .*a smaller optim.ema_decay") as caught:
+        module.on_train_end()
+    advice = str(caught[0].message)
+    assert ("optim.ema_warmup=true" in advice) is not warmup and f"{'with' if warmup else 'no'} warm-up" in advice
 
 
 # ----------------------------------------------------------------------------------------------- exact resume
