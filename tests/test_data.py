@@ -158,5 +158,8 @@ def test_flips_and_noise_are_the_same_for_any_number_of_workers_and_differ_betwe
     assert sum(flips[0][i] != flips[1][i] for i in flips[0]) > 40  # of 180 images, about half flip anew
     fresh = build_dataset("digits", image_size=8, channels=1, split="test", random_flip=True,
                           uniform_dequantization=True)  # as in a resumed run's new worker
+    resumed = EpochSeededSampler(len(fresh), seed=7, batch_size=20)
+    resumed.seek(1, 100)  # resumed at step 14, in the second epoch
     images, pairs = serial[1]
-    assert all(torch.equal(fresh[pair][0], x) for pair, x in list(zip(pairs, images))[100:120])
+    assert list(resumed) == pairs[100:]
+    assert all(torch.equal(fresh[pair][0], x) for pair, x in zip(pairs[100:120], images[100:120]))
