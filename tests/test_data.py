@@ -120,6 +120,46 @@ def test_sampler_order_depends_only_on_seed_and_epoch():
     first = list(a)
     a.seek(1)
     second = list(a)
-    assert first != second and sorted(first) == list(range(50))
+    assert first != second and sorted(i for i, _ in first) == list(range(50))
     b.seek(1)
-    assert list(b) == second  # a fresh (resumed) sampler at epoch 1 sees the same order
+    assert list(b) == second  # a fresh (resumed) sampler at epoch 1 sees the same order and sample seeds
+    seeds = [dict(first)[i] for i in range(50)], [dict(second)[i] for i in range(50)]
+    assert len(set(seeds[0])) == 50 and not set(seeds[0]) & set(seeds[1])  # per image and per epoch
+
+
+def _epoch_images(num_workers: int, epochs: int) -> list[tuple[torch.Tensor, list[tuple[int, int]]]]:
+    """Each epoch's images as train.py's data loader gives them (digits test split, flips and dequantisation on),
+    with the (index, seed) pairs the sampler gave."""
+    dm = DiffusionDataModule(name="digits", image_size=8, channels=1, split="test", batch_size=20, seed=7,
+                             random_flip=True, uniform_dequantization=True, num_workers=num_workers)
+    dm.setup("fit")
+    loader, out = dm.train_dataloader(), []
+    for epoch in range(epochs):
+        dm.sampler.seek(epoch)
+        out.append((torch.cat([x for x, _ in loader]), list(dm.sampler)))
+    return out
+
+
+def test_flips_and_noise_are_the_same_for_any_number_of_workers_and_differ_between_epochs():
+    """Drawn from (seed, epoch, index), not from a worker's random state: 0 and 2 workers give the same batches
+    bit for bit; an image's flip changes from one epoch to the next; a run resumed mid-epoch draws the same."""
+    serial, parallel = _epoch_images(0, 2), _epoch_images(2, 2)
+    plain = build_dataset("digits", image_size=8, channels=1, split="test", random_flip=False)
+    flips = []
+    for (images, pairs), (images_2, pairs_2) in zip(serial, parallel):
+        assert pairs == pairs_2 and torch.equal(images, images_2)
+        flipped = {}
+        for x, (i, _) in zip(images, pairs):
+            straight, mirrored = (x - plain[i][0]).abs().max(), (x - plain[i][0].flip(-1)).abs().max()
+            assert min(straight, mirrored) <= 2 / 256  # the image itself or its mirror, plus the noise
+            flipped[i] = bool(mirrored < straight)
+        flips.append(flipped)
+    assert 0.3 < np.mean(list(flips[0].values())) < 0.7
+    assert sum(flips[0][i] != flips[1][i] for i in flips[0]) > 40  # of 180 images, about half flip anew
+    fresh = build_dataset("digits", image_size=8, channels=1, split="test", random_flip=True,
+                          uniform_dequantization=True)  # as in a resumed run's new worker
+    resumed = EpochSeededSampler(len(fresh), seed=7, batch_size=20)
+    resumed.seek(1, 100)  # resumed at step 14, in the second epoch
+    images, pairs = serial[1]
+    assert list(resumed) == pairs[100:]
+    assert all(torch.equal(fresh[pair][0], x) for pair, x in zip(pairs[100:120], images[100:120]))

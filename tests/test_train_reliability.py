@@ -19,14 +19,16 @@ from hydra import compose, initialize_config_dir
 
 from conftest import REPO
 from test_data import make_image_folder
-from test_train import TINY
+from test_train import SMALL_MODEL, TINY
 
 sys.path.insert(0, str(REPO))
 from train import run  # noqa: E402 - train.py is a script at the repository root
 
-from ddim.checkpoints import TEMPORARY_PATTERN, read_checkpoint, remove_stray_temporaries, save_atomically  # noqa: E402
+from ddim.checkpoints import read_checkpoint, save_atomically  # noqa: E402
 from ddim.data import EpochSeededSampler  # noqa: E402
+from ddim.files import TEMPORARY_PATTERN, remove_stray_temporaries, write_atomically  # noqa: E402
 from ddim.training.checkpoint_io import AtomicCheckpointIO  # noqa: E402
+from ddim.training.module import DiffusionModule  # noqa: E402
 
 # digits test split: 180 images; batch 20 -> 9 steps per epoch
 SMALL = ["dataset.split=test", "dataset.batch_size=20", "dataset.image_size=8", "trainer.enable_progress_bar=false",
@@ -104,6 +106,17 @@ def test_logger_none_trains_with_the_default_callbacks(tmp_path):
     assert read_checkpoint(tmp_path / "checkpoints" / "last.ckpt")["global_step"] == 2
 
 
+@pytest.mark.parametrize("warmup", [True, False])
+def test_ema_warning_advises_only_settings_not_already_made(warmup):
+    """A run ending while its EMA still holds the random initial weights is told what to change: the warm-up only
+    where it is off."""
+    module = DiffusionModule(model=SMALL_MODEL, diffusion={}, optim={"ema_decay": 0.9999, "ema_warmup": warmup})
+    with pytest.warns(UserWarning, match=r"still hold 100.0% of the initial .*a smaller optim.ema_decay") as caught:
+        module.on_train_end()
+    advice = str(caught[0].message)
+    assert ("optim.ema_warmup=true" in advice) is not warmup and f"{'with' if warmup else 'no'} warm-up" in advice
+
+
 # ----------------------------------------------------------------------------------------------- exact resume
 
 def _weights(res) -> dict[str, torch.Tensor]:
@@ -113,11 +126,14 @@ def _weights(res) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("stop_at, num_workers, saved_by", [(4, 0, "step"), (13, 2, "stop")])
 def test_stop_mid_epoch_and_resume_equals_the_uninterrupted_run(tmp_path, stop_at, num_workers, saved_by):
     """9 steps per epoch; resumed at step 4 (first epoch) from the step file the uninterrupted run wrote there (as
-    after a kill), or at step 13 (second epoch, 2 workers fetching ahead) from the last.ckpt of a run stopped by
-    trainer.max_steps=13; on to step 16: model, EMA and Adam state equal the uninterrupted run's bit for bit."""
+    after a kill), or at step 13 (second epoch, 2 workers fetching ahead, random flips and dequantisation noise
+    drawn in them) from the last.ckpt of a run stopped by trainer.max_steps=13; on to step 16: model, EMA and Adam
+    state equal the uninterrupted run's bit for bit."""
     assert stop_at % 9
+    augment = str(num_workers > 0).lower()
     common = [*SMALL, "logger=none", "model.dropout=0.1", "optim.ema_decay=0.9", "optim.warmup_steps=3",
-              f"dataset.num_workers={num_workers}", f"callbacks.model_checkpoint.every_n_train_steps={stop_at}"]
+              f"dataset.num_workers={num_workers}", f"dataset.random_flip={augment}",
+              f"dataset.uniform_dequantization={augment}", f"callbacks.model_checkpoint.every_n_train_steps={stop_at}"]
     full = run(compose_train(tmp_path / "full", *common, "trainer.max_steps=16"))
     if saved_by == "stop":
         run(compose_train(tmp_path / "part", *common, f"trainer.max_steps={stop_at}"))
@@ -147,9 +163,10 @@ def test_sampler_resumes_at_its_position_and_shards_over_ranks():
     resumed.load_state_dict(whole.state_dict())
     assert list(resumed) == order[20:]
     resumed.advance(30)  # the last whole batch taken: the next epoch starts at its beginning
-    assert resumed.state_dict()["epoch"] == 3 and resumed.consumed == 0 and sorted(resumed) == list(range(50))
+    assert resumed.state_dict()["epoch"] == 3 and resumed.consumed == 0
+    assert sorted(i for i, _ in resumed) == list(range(50))
     ranks = [EpochSeededSampler(51, seed=3, num_replicas=2, rank=r, batch_size=5) for r in (0, 1)]
-    shares = [list(s) for s in ranks]
+    shares = [[i for i, _ in s] for s in ranks]
     assert len(shares[0]) == len(shares[1]) == 25 and not set(shares[0]) & set(shares[1])
     with pytest.warns(UserWarning, match=r"taken with \{'seed': 3, 'n': 50, 'num_replicas': 1, 'batch_size': 10\}, "
                                          r"this run has \{'seed': 3, 'n': 51, 'num_replicas': 2, 'batch_size': 5\}"):
@@ -177,6 +194,21 @@ def test_checkpoint_io_writes_its_temporary_next_to_the_target(tmp_path, monkeyp
     assert list(elsewhere.iterdir()) == [] and sorted(p.name for p in target.parent.iterdir()) == ["last.ckpt"]
     save_atomically({"global_step": 8}, target)  # over an existing file
     assert read_checkpoint(target)["global_step"] == 8
+
+
+def test_a_failed_write_keeps_the_previous_file_and_leaves_no_temporary(tmp_path):
+    """The writer callback raising half-way (a full disk, a bug) leaves the old file as it was and removes the
+    temporary; records, FID caches and checkpoints all write through write_atomically."""
+    target = tmp_path / "record.json"
+    write_atomically(target, lambda f: f.write(b"old"))
+
+    def half_then_fail(f):
+        f.write(b"new, half written")
+        raise OSError("No space left on device")
+
+    with pytest.raises(OSError, match="No space left"):
+        write_atomically(target, half_then_fail)
+    assert target.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["record.json"]
 
 
 def _other_file_system_tmpdir(tmp_path: Path) -> Path:

@@ -21,9 +21,7 @@ A checkpoint exports as a diffusers ``DDIMPipeline`` folder (EMA weights; ``--ra
 from __future__ import annotations
 
 import argparse
-import os
 import pickle
-import re
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -35,6 +33,7 @@ from torch.torch_version import TorchVersion
 
 from ddim.config import check_writable_dir, plain
 from ddim.diffusion.schedules import alphas_cumprod_from_config
+from ddim.files import write_atomically
 from ddim.models.build import build_unet
 from ddim.models.diffusers_format import save_diffusers_folder
 from ddim.models.ema import DEFAULT_EMA_DECAY, ema_initial_share_note, ema_warmup_of
@@ -59,14 +58,9 @@ def _unpickling_reason(error: pickle.UnpicklingError) -> str | None:
     return reason or "an object type outside the allowed tensors and containers"
 
 
-def _starts_as_pickle(path: Path) -> bool:
-    with open(path, "rb") as f:
-        return f.read(1) == b"\x80"
-
-
-def _not_a_checkpoint(path: Path, error: BaseException) -> ValueError:
+def _not_a_checkpoint(path: Path, detail: str) -> ValueError:
     return ValueError(f"cannot read checkpoint {path}: not a valid torch checkpoint (corrupt, truncated or another "
-                      f"kind of file, e.g. text?): {type(error).__name__}: {error}")
+                      f"kind of file, e.g. text?): {detail}")
 
 
 def read_checkpoint(path: str | Path, map_location: Any = "cpu", *, trust: bool = False) -> Any:
@@ -84,28 +78,27 @@ def read_checkpoint(path: str | Path, map_location: Any = "cpu", *, trust: bool 
         raise FileNotFoundError(f"checkpoint not found: {path}")
     with open(path, "rb") as f:
         head = f.read(4)
-    if not (head.startswith(b"PK\x03\x04") or head.startswith(b"\x80")):  # torch.save's zip, or a legacy pickle
-        raise ValueError(f"cannot read checkpoint {path}: not a valid torch checkpoint (corrupt, truncated or another "
-                         f"kind of file, e.g. text?): it starts with {head!r}")
+    # torch.save's zip or a pickle (protocol >= 2: byte 0x80), so what the weights-only unpickler refuses below is
+    # the file's content, never text that happens to read as pickle opcodes
+    if not (head.startswith(b"PK\x03\x04") or head.startswith(b"\x80")):
+        raise _not_a_checkpoint(path, f"it starts with {head!r}")
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
             return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         reason = _unpickling_reason(e)
-        # an opcode the weights-only unpickler lacks in a file that does not start as a pickle (protocol >= 2:
-        # byte 0x80) is no pickle at all, e.g. text ("Unsupported operand 110")
-        if reason is None or (reason.startswith("Unsupported operand") and not _starts_as_pickle(path)):
-            raise _not_a_checkpoint(path, e) from None
+        if reason is None:
+            raise _not_a_checkpoint(path, f"{type(e).__name__}: {e}") from None
         if not trust:
             raise ValueError(f"refused to open {path}: it holds more than tensors and plain containers ({reason}), "
                              f"and unpickling such a file can run code stored in it. If you made this file yourself "
                              f"and trust it, pass {TRUST_OPTION} (Python: trust=True; convert-ema: --trust)") from None
     except (RuntimeError, EOFError, OSError, KeyError, ValueError, IndexError, AttributeError) as e:
-        raise _not_a_checkpoint(path, e) from e
+        raise _not_a_checkpoint(path, f"{type(e).__name__}: {e}") from e
     try:
         return torch.load(path, map_location=map_location, weights_only=False)
     except Exception as e:  # noqa: BLE001 - full unpickling raises anything the file's objects raise
-        raise _not_a_checkpoint(path, e) from e
+        raise _not_a_checkpoint(path, f"{type(e).__name__}: {e}") from e
 
 
 def check_train_checkpoint(ckpt: Any, path: str | Path) -> dict:
@@ -214,57 +207,11 @@ def load_official_for_sampling(path: str | Path, config: str | dict | None, use_
     return model, alphas_cumprod_from_config(diffusion), cfg
 
 
-def _temporary_name(dst: Path) -> Path:
-    return dst.with_name(f".{dst.name}.tmp{os.getpid()}")
-
-
-# ``save_atomically``'s temporaries: ".<target name>.tmp<pid>"
-TEMPORARY_PATTERN = re.compile(r"^\..+\.tmp\d+$")
-
-
-def fsync_directory(path: str | Path) -> None:
-    """Flush a directory's entries (a rename in it) to disk; a no-op where directories cannot be opened."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # e.g. Windows
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def save_atomically(obj: Any, dst: str | Path) -> Path:
-    """``torch.save`` to a temporary file in ``dst``'s own directory (never ``$TMPDIR``: a rename across file
-    systems is a copy), flushed and fsynced, ``os.replace``d over ``dst``, then the directory fsynced: a kill or
-    power loss at any moment leaves either the old file or the new one, never a partial file.  A kill can leave
-    the temporary behind; ``remove_stray_temporaries`` clears them."""
-    dst = Path(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temporary_name(dst)
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, dst)
-    finally:
-        tmp.unlink(missing_ok=True)
-    fsync_directory(dst.parent)
-    return dst
-
-
-def remove_stray_temporaries(directory: str | Path) -> list[Path]:
-    """Delete the temporaries that killed ``save_atomically`` calls left in ``directory``; returns them."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        return []
-    stray = [p for p in directory.iterdir() if TEMPORARY_PATTERN.match(p.name) and p.is_file()]
-    for p in stray:
-        p.unlink(missing_ok=True)
-    return stray
+    """``torch.save`` of ``obj`` to ``dst`` through ``ddim.files.write_atomically``: a kill or power loss at any
+    moment leaves the previous file or the new one, never a partial file (``remove_stray_temporaries`` clears
+    what a kill leaves)."""
+    return write_atomically(dst, lambda f: torch.save(obj, f))
 
 
 def convert_ema_export(src: str | Path, dst: str | Path, *, trust: bool = False) -> Path:

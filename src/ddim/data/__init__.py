@@ -4,10 +4,14 @@
 celeba, lsun church/bedroom), any folder of images, and ``digits``: scikit-learn's bundled 8x8
 digits, the embedded default so that ``python train.py`` runs with no download.
 Preprocessing follows the official DDIM code: CelebA's centre crop (cx=89, cy=121, 128x128) then
-resize, random horizontal flip, optional uniform dequantisation, x -> 2x - 1.
+resize, random horizontal flip, optional uniform dequantisation, x -> 2x - 1.  The random parts are drawn in one
+place (``_Transformed``), from a generator seeded by (seed, epoch, image index) when the key comes from
+``EpochSeededSampler``: a sample's flip and noise then do not depend on the number of data-loader workers, nor on the
+step a run was resumed at.
 """
 from __future__ import annotations
 
+import hashlib
 import warnings
 from pathlib import Path
 from typing import Any, Callable
@@ -27,38 +31,52 @@ DATASETS = ("digits", "cifar10", "celeba", "lsun", "image_folder")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 
 
-def _to_model_range(x: torch.Tensor, uniform_dequantization: bool) -> torch.Tensor:
-    """[0, 1] -> [-1, 1]; with dequantisation, x*255/256 + U(0, 1/256) first (official ``data_transform``)."""
-    if uniform_dequantization:
-        x = x / 256.0 * 255.0 + torch.rand_like(x) / 256.0
-    return 2.0 * x - 1.0
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """The seed of image ``index``'s random preprocessing in epoch ``epoch`` of a run seeded ``seed``: a hash, so
+    that nearby keys give unrelated generators."""
+    digest = hashlib.blake2b(f"{seed},{epoch},{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
 
 
 class _Transformed(Dataset):
-    """Wraps a dataset of (PIL image or [0,1] tensor, label), applies a torchvision transform and the [-1,1] scaling."""
+    """(image in [-1, 1], label) from a data set of (PIL image or [0, 1] tensor, label): ``transform`` (PIL ->
+    tensor), then the official random preprocessing: horizontal flip, uniform dequantisation
+    (x*255/256 + U(0, 1/256), the official ``data_transform``), and x -> 2x - 1.
 
-    def __init__(self, base: Dataset, transform: Callable, uniform_dequantization: bool = False):
+    The key is an index, or an (index, seed) pair as ``EpochSeededSampler`` yields: with a seed, the flip and the
+    noise come from a generator seeded with it, so they are the same in any worker process and after a resume;
+    with a bare index, from torch's global random state (a plain shuffled DataLoader)."""
+
+    def __init__(self, base: Dataset, transform: Callable | None = None, random_flip: bool = False,
+                 uniform_dequantization: bool = False):
         self.base = base
         self.transform = transform
+        self.random_flip = random_flip
         self.uniform_dequantization = uniform_dequantization
 
     def __len__(self) -> int:
         return len(self.base)
 
-    def __getitem__(self, i: int):
-        img, label = self.base[i]
-        x = self.transform(img)
-        return _to_model_range(x, self.uniform_dequantization), label
+    def __getitem__(self, key: int | tuple[int, int]):
+        index, seed = key if isinstance(key, tuple) else (key, None)
+        img, label = self.base[index]
+        x = self.transform(img) if self.transform is not None else img
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        if self.random_flip and torch.rand((), generator=gen) < 0.5:
+            x = x.flip(-1)
+        if self.uniform_dequantization:
+            x = x / 256.0 * 255.0 + torch.rand(x.shape, generator=gen) / 256.0
+        return 2.0 * x - 1.0, label
 
 
 class DigitsDataset(Dataset):
-    """scikit-learn's 1,797 8x8 handwritten digits (bundled, no download), upscaled bilinearly to ``image_size``.
+    """scikit-learn's 1,797 8x8 handwritten digits (bundled, no download), upscaled bilinearly to ``image_size``,
+    as ([0, 1] tensor, label) (``build_dataset`` wraps it in ``_Transformed``).
 
     The sklearn split is not official: "train" is the first 90 %, "test" the rest, "all" everything.
     """
 
-    def __init__(self, image_size: int = 16, channels: int = 1, split: str = "train", random_flip: bool = False,
-                 uniform_dequantization: bool = False):
+    def __init__(self, image_size: int = 16, channels: int = 1, split: str = "train"):
         if channels not in (1, 3):
             raise ValueError(f"digits: channels must be 1 or 3, got {channels}")
         d = load_digits()
@@ -75,40 +93,29 @@ class DigitsDataset(Dataset):
             x = torch.nn.functional.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False)
         self.images = x.clamp(0, 1).repeat(1, channels, 1, 1)
         self.labels = y
-        self.random_flip = random_flip  # off by default: mirrored digits are not digits
-        self.uniform_dequantization = uniform_dequantization
 
     def __len__(self) -> int:
         return len(self.images)
 
     def __getitem__(self, i: int):
-        x = self.images[i]
-        if self.random_flip and torch.rand(()) < 0.5:
-            x = x.flip(-1)
-        return _to_model_range(x, self.uniform_dequantization), int(self.labels[i])
+        return self.images[i], int(self.labels[i])
 
 
 class ArrayImages(Dataset):
     """Images held in memory as one uint8 (N, H, W, C) array, with labels: a decoded data set (e.g. the JPEG
-    CIFAR-10 copy decoded once), so a step reads no files and decodes nothing."""
+    CIFAR-10 copy decoded once), so a step reads no files and decodes nothing.  Gives ([0, 1] tensor, label)."""
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray, random_flip: bool = True,
-                 uniform_dequantization: bool = False):
+    def __init__(self, images: np.ndarray, labels: np.ndarray):
         if images.ndim != 4 or images.dtype != np.uint8:
             raise ValueError(f"expected uint8 images of shape (N, H, W, C), got {images.dtype} {images.shape}")
         self.images = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)  # (N, C, H, W) view
         self.labels = torch.from_numpy(np.asarray(labels).astype(np.int64))
-        self.random_flip = random_flip
-        self.uniform_dequantization = uniform_dequantization
 
     def __len__(self) -> int:
         return len(self.images)
 
     def __getitem__(self, i: int):
-        x = self.images[i].float() / 255.0
-        if self.random_flip and torch.rand(()) < 0.5:
-            x = x.flip(-1)
-        return _to_model_range(x, self.uniform_dequantization), int(self.labels[i])
+        return self.images[i].float() / 255.0, int(self.labels[i])
 
 
 CIFAR10_HELP = ("Set dataset.download=true where the internet is reachable (torchvision's cifar-10-batches-py), or "
@@ -133,7 +140,7 @@ def cifar10_dataset(root: Path, split: str, image_size: int, random_flip: bool, 
         if images.shape[1:3] != (image_size, image_size):
             raise ValueError(f"{arrays} holds {images.shape[1]}x{images.shape[2]} images; dataset.image_size="
                              f"{image_size} (allowed here: {images.shape[1]})")
-        return ArrayImages(images, labels, random_flip, uniform_dequantization)
+        return _Transformed(ArrayImages(images, labels), None, random_flip, uniform_dequantization)
     if not (root / "cifar-10-batches-py").is_dir() and not download:
         raise FileNotFoundError(f"CIFAR-10 not found: neither {root / 'cifar-10-batches-py'} nor {arrays} exists. "
                                 f"{CIFAR10_HELP}.")
@@ -142,7 +149,7 @@ def cifar10_dataset(root: Path, split: str, image_size: int, random_flip: bool, 
     except Exception as e:  # noqa: BLE001 - network errors come in many types
         raise RuntimeError(f"CIFAR-10 in {root} could not be {'downloaded or ' if download else ''}read ({e}): no "
                            f"internet, or a corrupt copy (torchvision checks each file's MD5)? {CIFAR10_HELP}.") from e
-    return _Transformed(base, _default_transform(image_size, random_flip, crop=False), uniform_dequantization)
+    return _Transformed(base, _default_transform(image_size, crop=False), random_flip, uniform_dequantization)
 
 
 class ImageFolderFlat(Dataset):
@@ -195,23 +202,18 @@ def _celeba_files(root: Path, split: str) -> list[Path]:
     return files
 
 
-def celeba_transform(image_size: int, random_flip: bool) -> Callable:
+def celeba_transform(image_size: int) -> Callable:
     """The official crop: the 128x128 box around (cx=89, cy=121) of the 178x218 aligned image, then resize."""
     cx, cy = 89, 121
     top, left = cy - 64, cx - 64
-    steps: list[Any] = [T.Lambda(lambda im: im.crop((left, top, left + 128, top + 128))), T.Resize(image_size)]
-    if random_flip:
-        steps.append(T.RandomHorizontalFlip())
-    steps.append(T.ToTensor())
-    return T.Compose(steps)
+    return T.Compose([T.Lambda(lambda im: im.crop((left, top, left + 128, top + 128))), T.Resize(image_size),
+                      T.ToTensor()])
 
 
-def _default_transform(image_size: int, random_flip: bool, crop: bool) -> Callable:
+def _default_transform(image_size: int, crop: bool) -> Callable:
     steps: list[Any] = [T.Resize(image_size)]
     if crop:
         steps.append(T.CenterCrop(image_size))
-    if random_flip:
-        steps.append(T.RandomHorizontalFlip())
     steps.append(T.ToTensor())
     return T.Compose(steps)
 
@@ -229,23 +231,23 @@ def build_dataset(name: str, *, root: str | Path = "data", image_size: int = 32,
     """
     root = Path(root).expanduser()
     if name == "digits":
-        return DigitsDataset(image_size=image_size, channels=channels, split=split, random_flip=random_flip,
-                             uniform_dequantization=uniform_dequantization)
+        return _Transformed(DigitsDataset(image_size=image_size, channels=channels, split=split), None, random_flip,
+                            uniform_dequantization)
     if name == "cifar10":
         return cifar10_dataset(root, split, image_size, random_flip, uniform_dequantization, download)
     if name == "celeba":
         files = _celeba_files(root, split)
-        return _Transformed(ImageFolderFlat(root, files), celeba_transform(image_size, random_flip),
+        return _Transformed(ImageFolderFlat(root, files), celeba_transform(image_size), random_flip,
                             uniform_dequantization)
     if name == "lsun":
         lmdb_dir = root / f"{category}_{'val' if split in ('valid', 'val', 'test') else 'train'}_lmdb"
         folder = root / category
-        tf = _default_transform(image_size, random_flip, crop=True)
+        tf = _default_transform(image_size, crop=True)
         if lmdb_dir.is_dir():
             base = torchvision.datasets.LSUN(str(root), classes=[lmdb_dir.name[:-5]])
-            return _Transformed(base, tf, uniform_dequantization)
+            return _Transformed(base, tf, random_flip, uniform_dequantization)
         if folder.is_dir():
-            return _Transformed(ImageFolderFlat(folder), tf, uniform_dequantization)
+            return _Transformed(ImageFolderFlat(folder), tf, random_flip, uniform_dequantization)
         raise FileNotFoundError(
             f"LSUN {category} not found: neither {lmdb_dir} (lmdb) nor {folder} (image folder) exists. Download with "
             f"https://github.com/fyu/lsun (python download.py -c {category}) and unzip into {root}.")
@@ -256,12 +258,15 @@ def build_dataset(name: str, *, root: str | Path = "data", image_size: int = 32,
         base = ImageFolderFlat(root)
         if len(base) == 0:
             raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {root}")
-        return _Transformed(base, _default_transform(image_size, random_flip, crop=True), uniform_dequantization)
+        return _Transformed(base, _default_transform(image_size, crop=True), random_flip, uniform_dequantization)
     raise ValueError(f"unknown dataset {name!r}; allowed: {', '.join(DATASETS)}")
 
 
-class EpochSeededSampler(torch.utils.data.Sampler[int]):
-    """A random permutation drawn from (seed, epoch), this rank's share of it, from a resumable position.
+class EpochSeededSampler(torch.utils.data.Sampler[tuple[int, int]]):
+    """A random permutation drawn from (seed, epoch), this rank's share of it, from a resumable position, as
+    (index, ``sample_seed(seed, epoch, index)``) pairs: ``_Transformed`` draws the image's flip and noise from the
+    seed, so the whole batch, not only the order, is the same however many workers load it and wherever a run
+    was resumed.
 
     The sampler counts its own epochs and position: ``advance`` (called by ``DiffusionDataModule`` for each batch
     a training step takes, not for batches that workers fetch ahead) moves the position on and starts the next
@@ -294,9 +299,10 @@ class EpochSeededSampler(torch.utils.data.Sampler[int]):
         return self.n // self.num_replicas
 
     def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        seed, epoch = self.seed, self.epoch  # fixed now: ``advance`` may start the next epoch while this one is read
+        g = torch.Generator().manual_seed(seed * 100_003 + epoch)
         order = torch.randperm(self.n, generator=g)[self.rank:len(self) * self.num_replicas:self.num_replicas]
-        return iter(order[self.consumed:].tolist())
+        return ((i, sample_seed(seed, epoch, i)) for i in order[self.consumed:].tolist())
 
     def state_dict(self) -> dict[str, int]:
         return {"seed": self.seed, "epoch": self.epoch, "consumed": self.consumed, "n": self.n,
@@ -328,9 +334,10 @@ class ResumableDataLoader(DataLoader):
 
 
 class DiffusionDataModule(L.LightningDataModule):
-    """Shuffled, drop-last training batches; seeded and resumable, so that a run resumed at any step sees the data
-    order of the uninterrupted run.  Several processes: every rank takes its own share (``EpochSeededSampler``;
-    the Trainer's ``use_distributed_sampler`` must be off, which train.py sets)."""
+    """Shuffled, drop-last training batches; seeded and resumable, so that a run resumed at any step sees the
+    batches of the uninterrupted run (order, flips and dequantisation noise), whatever ``num_workers``.  Several
+    processes: every rank takes its own share (``EpochSeededSampler``; the Trainer's ``use_distributed_sampler``
+    must be off, which train.py sets)."""
 
     def __init__(self, name: str = "digits", root: str = "data", image_size: int = 16, batch_size: int = 64,
                  num_workers: int = 0, split: str = "train", random_flip: bool = True,

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -26,6 +25,7 @@ from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, k
 from ddim.downloads import HashMismatchError, check_file_hash, default_cache_dir, download_verified, file_digest
 from ddim.evaluation import inception_convert
 from ddim.evaluation.images import to_uint8
+from ddim.files import write_atomically
 
 TORCH_FIDELITY_FILENAME = "weights-inception-2015-12-05-6726825d.pth"
 # SHA-256 of torch-fidelity's (and pytorch-fid's) Inception weights file (95,628,359 bytes); its first 8 digits
@@ -258,16 +258,7 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
 
 
 def _atomic_save_npz(path: Path, **arrays) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz")
-    os.close(fd)
-    try:
-        np.savez(tmp, **arrays)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    write_atomically(path, lambda f: np.savez(f, **arrays))
 
 
 def reference_cache_path(ref_key: str, n: int, resolution: tuple[int, int], weights_sha: str,

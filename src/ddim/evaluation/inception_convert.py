@@ -20,6 +20,7 @@ import torch
 from torch_fidelity.feature_extractor_inceptionv3 import BasicConv2d, FeatureExtractorInceptionV3
 
 from ddim.downloads import file_digest
+from ddim.files import write_atomically
 
 TORCHSCRIPT_NAME = "default_1.pt"
 TORCHSCRIPT_SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"
@@ -130,21 +131,10 @@ def has_logits(state_dict: dict[str, torch.Tensor]) -> bool:
 
 def convert_to_file(torchscript_path: str | os.PathLike, out_path: str | os.PathLike) -> Path:
     """Convert and save atomically (a crash never leaves a half-written weights file behind)."""
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
     state = convert_state_dict(load_torchscript(torchscript_path))
     buf = io.BytesIO()  # saving to a buffer keeps the file byte-identical across runs (its sha1 keys caches)
     torch.save(state, buf)
-    fd, tmp = tempfile.mkstemp(dir=out_path.parent, suffix=".tmp")
-    os.close(fd)
-    try:
-        Path(tmp).write_bytes(buf.getvalue())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, out_path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return out_path
+    return write_atomically(out_path, lambda f: f.write(buf.getvalue()))
 
 
 if __name__ == "__main__":  # python -m ddim.evaluation.inception_convert OUT.pth  (e.g. to carry to an air-gapped host)

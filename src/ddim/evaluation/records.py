@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import socket
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -21,6 +19,7 @@ from hydra.utils import instantiate
 
 from ddim.evaluation.fid import reference_file_id
 from ddim.evaluation.settings import ETA_ZERO_TASKS, Loaded, Settings, TaskResult
+from ddim.files import write_atomically
 from ddim.models.pretrained import release
 
 # settings that change only speed or which files a run writes (``missing_outputs`` checks those): not in the key
@@ -138,28 +137,11 @@ def missing_outputs(s: Settings, done: dict[str, Any]) -> list[str]:
     return missing
 
 
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
 def write_record(path: str | Path, record: dict[str, Any]) -> Path:
-    """Write ``record`` as JSON to ``path`` atomically (temp file in the same folder, then os.replace)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it owner-only; a team shares its sweep results
-        with os.fdopen(fd, "w") as f:
-            json.dump(record, f, indent=2, sort_keys=True, default=str)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """Write ``record`` as JSON to ``path`` atomically (``ddim.files.write_atomically``), readable by the team as
+    every other output is (the umask's permissions)."""
+    text = json.dumps(record, indent=2, sort_keys=True, default=str)
+    return write_atomically(path, lambda f: f.write(text.encode()))
 
 
 def iter_records(records_dir: str | Path) -> list[dict[str, Any]]:

@@ -15,8 +15,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 
-from ddim.checkpoints import remove_stray_temporaries
 from ddim.diffusion import sample, timesteps
+from ddim.files import remove_stray_temporaries
 
 log = logging.getLogger(__name__)
 

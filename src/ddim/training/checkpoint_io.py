@@ -1,8 +1,8 @@
 """Crash-safe checkpoint files for Lightning: every checkpoint the Trainer writes (ModelCheckpoint's step files and
-``last.ckpt``) goes through ``ddim.checkpoints.save_atomically`` (temporary file in the target directory, fsync,
-``os.replace``, directory fsync), so a kill at any moment leaves the previous file loadable, wherever ``$TMPDIR``
-is.  Lightning's own writer stages the file in ``$TMPDIR`` and moves it, which is a copy over the old file when
-``$TMPDIR`` is another file system."""
+``last.ckpt``) goes through ``ddim.checkpoints.save_atomically`` (``ddim.files.write_atomically``: temporary file in
+the target directory, fsync, ``os.replace``, directory fsync), so a kill at any moment leaves the previous file
+loadable, wherever ``$TMPDIR`` is.  Lightning's own writer stages the file in ``$TMPDIR`` and moves it, which is
+a copy over the old file when ``$TMPDIR`` is another file system."""
 from __future__ import annotations
 
 from pathlib import Path

@@ -250,8 +250,9 @@ class DiffusionModule(L.LightningModule):
             return
         warning = ema_initial_share_note(self.ema_decay, self.global_step, self.ema_warmup)
         if warning:
-            rank_zero_warn(f"{warning}; sample from them only after longer training, or train with "
-                           f"optim.ema_warmup=true or a smaller optim.ema_decay")
+            # advise only what is not set already
+            remedy = ("" if self.ema_warmup else "optim.ema_warmup=true or ") + "a smaller optim.ema_decay"
+            rank_zero_warn(f"{warning}; sample from them only after longer training, or train with {remedy}")
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Also save the RNG states (Lightning does not), so a resumed run draws the same t, ε and dropout.
