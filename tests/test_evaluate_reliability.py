@@ -73,8 +73,8 @@ def inputs(tmp_path, tiny_ckpt) -> dict[str, str]:
 
 
 BAD_INPUTS = [
-    (("fid.num_samples=200.9",), "fid.num_samples must be a positive integer, got 200.9"),
-    (("fid.num_samples=abc",), "fid.num_samples must be a positive integer, got 'abc'"),
+    (("fid.num_samples=200.9",), "fid.num_samples must be a positive integer or null, got 200.9"),
+    (("fid.num_samples=abc",), "fid.num_samples must be a positive integer or null, got 'abc'"),
     (("task=consistency", "consistency.steps=[5,5000]"), "consistency.steps entry=5000 exceeds the model's T=1000"),
     (("use_ema=no",), "use_ema must be true or false, got 'no'"),
     (("use_ema=maybe",), "use_ema must be true or false, got 'maybe'"),

@@ -42,7 +42,7 @@ def test_2x2_sweep_resumes_and_aggregates(monkeypatch, tmp_path, tiny_ckpt, fake
 
     res = aggregate.main([str(tmp_path / "records"), "--out", str(tmp_path / "tables")])
     md = Path(res["table1_md"]).read_text()
-    assert "## digits-8, tiny.ckpt, ddim, quadratic trajectory, 6 samples\n" in md
+    assert "## digits-8, tiny.ckpt, EMA, ddim, quadratic trajectory, 6 samples\n" in md
     assert "| η \\ S | 2 | 4 |" in md and "| 0.0 |" in md and "| σ̂ |" in md
     fids = {(r["key"]["sampler"]["eta"], r["key"]["sampler"]["steps"]): r["metric"]["fid"] for r in recs}
     assert f"{fids[(0.0, 2)]:.2f}" in md
@@ -238,6 +238,24 @@ def test_table1_keeps_precisions_and_sample_counts_apart(tmp_path):
     assert "## cifar10-32, last.ckpt, ddim, quadratic trajectory, 5000 samples, bf16" in t1
     assert "## cifar10-32, last.ckpt, ddim, quadratic trajectory, 50000 samples\n" in t1
     assert "9.50 (13.36)" in t1 and "4.50 (13.36)" in t1
+
+
+def test_tables_say_which_weights_ema_or_not(tmp_path):
+    """The EMA and the raw weights of one model are two blocks, each titled with which; a diffusers model by its id."""
+    from ddim.evaluation import aggregate
+    from ddim.evaluation.records import record_path, write_record
+
+    models = [({"official": "cifar10", "path": "x", "use_ema": True}, 4.5),
+              ({"official": "cifar10", "path": "x", "use_ema": False}, 12.5),
+              ({"pretrained": "google/ddpm-cifar10-32", "revision": "abc", "ema": False}, 13.5)]
+    for model, fid in models:
+        key = {"task": "fid", "dataset": "cifar10-32", "model": model, "seed": 0, "params": {"num_samples": 100},
+               "sampler": {"kind": "ddim", "eta": 0.0, "steps": 10, "trajectory": "quadratic"}}
+        write_record(record_path(tmp_path, key), {"task": "fid", "key": key, "metric": {"fid": fid}, "num_samples": 100})
+    t1 = aggregate.aggregate(tmp_path, tmp_path / "out")["table1_md"].read_text()
+    assert "## cifar10-32, official cifar10, EMA, ddim," in t1 and "4.50 (13.36)" in t1
+    assert "## cifar10-32, official cifar10, not EMA, ddim," in t1 and "12.50 (13.36)" in t1
+    assert "## cifar10-32, google/ddpm-cifar10-32, not EMA, ddim," in t1 and "13.50 (13.36)" in t1
 
 
 def test_aggregate_puts_table3_beside_lsun_and_names_the_reference(tmp_path):

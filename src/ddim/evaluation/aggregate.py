@@ -99,10 +99,17 @@ def real_nfe(kind: str, steps: int, trajectory: str, T: int = 1000) -> int:
 
 
 def _model_label(key: dict) -> str:
+    """The model and which of its weights: 'official cifar10, EMA', 'google/ddpm-cifar10-32, not EMA', 'last.ckpt, EMA'
+    (FIDs of EMA and raw weights of one model differ several-fold, so tables say which)."""
     m = key.get("model", {})
     if m.get("official"):
-        return f"official {m['official']}"
-    return Path(m.get("ckpt", "?")).name if "ckpt" in m else "?"
+        name = f"official {m['official']}"
+    elif m.get("pretrained"):
+        name = str(m["pretrained"])
+    else:
+        name = Path(m["ckpt"]).name if "ckpt" in m else "?"
+    ema = m.get("use_ema", m.get("ema"))
+    return name if ema is None else f"{name}, {'EMA' if ema else 'not EMA'}"
 
 
 def _reference_label(params: dict) -> str | None:
