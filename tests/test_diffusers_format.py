@@ -14,11 +14,13 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from ddim.checkpoints import export_diffusers, main
 from ddim.diffusion import sample, timesteps
 from ddim.diffusion.schedules import alphas_cumprod_from_config
 from ddim.evaluation.runner import check_pretrained_source
 from ddim.models import UNet
 from ddim.models import diffusers_format as df
+from test_evaluate import one_thread, records, run_evaluate  # noqa: F401  (one_thread: autouse fixture)
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -47,14 +49,6 @@ EXPECTED_KWARGS = {"google/ddpm-cifar10-32": ((1, 2, 2, 2), 32), **{k: ((1, 1, 2
                                                                    if k.endswith("-256")}}
 LEGACY = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
 LINEAR = {"beta_schedule": "linear", "beta_start": 1e-4, "beta_end": 0.02, "num_diffusion_timesteps": 1000}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def diffusers_unet(config: dict, device: str = "cpu"):
@@ -214,7 +208,6 @@ def train_checkpoint(path: Path) -> dict:
 
 
 def test_export_diffusers_command(tmp_path, capsys, monkeypatch):
-    from ddim.checkpoints import main
 
     weights = train_checkpoint(tmp_path / "last.ckpt")
     for flag, which in (([], "ema"), (["--raw"], "raw")):
@@ -276,10 +269,8 @@ def test_hub_id_from_the_cache_and_offline_error(tmp_path, monkeypatch):
 def test_evaluate_pretrained_folder(monkeypatch, tmp_path):
     """evaluate.py pretrained=<exported folder>: the data set comes from the folder, the record names the folder and
     EMA; an unknown data set without dataset= stops before the weights are read."""
-    from test_evaluate import records, run_evaluate
 
     train_checkpoint(tmp_path / "last.ckpt")
-    from ddim.checkpoints import export_diffusers
 
     folder = export_diffusers(tmp_path / "last.ckpt", tmp_path / "digits-diffusers")
     run_evaluate(monkeypatch, tmp_path / "logs", f"pretrained={folder}", "task=samples", "samples.num_samples=2",
