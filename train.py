@@ -25,7 +25,8 @@ from ddim.data import DiffusionDataModule
 from ddim.models.build import check_architecture
 from ddim.models.ema import ema_warmup_of
 from ddim.training.checkpoint_io import AtomicCheckpointIO
-from ddim.training.module import DiffusionModule
+from ddim.training.module import DiffusionModule, fast_settings
+from ddim.training.step_graph import check_strategy_pairing
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,17 @@ def check_training_length(trainer_cfg: DictConfig) -> None:
     if steps == -1 and (isinstance(epochs, bool) or not isinstance(epochs, int) or epochs == 0 or epochs < -1):
         raise ValueError(f"trainer.max_steps=-1 trains for trainer.max_epochs, which must then be a positive integer "
                          f"(or -1: no limit), got {epochs!r}")
+
+
+def check_strategy(cfg: DictConfig) -> None:
+    """The DDP pairings that train on wrong gradients, refused from the config before anything is built."""
+    strategy = cfg.trainer.get("strategy")
+    target = str(strategy.get("_target_", "")) if isinstance(strategy, DictConfig) else str(strategy or "")
+    kind = ("ddp_step_graph" if target.endswith("StepGraphDDPStrategy") else
+            "ddp" if target.endswith("DDPStrategy") or target.startswith("ddp") else "other")
+    bucket_view = bool(strategy.get("gradient_as_bucket_view", False)) if isinstance(strategy, DictConfig) else False
+    fast = fast_settings(OmegaConf.to_container(cfg.fast, resolve=True) if cfg.get("fast") else {})
+    check_strategy_pairing(kind, fast, bucket_view)
 
 
 def check_data_fits_model(dm: DiffusionDataModule, model_cfg: dict) -> None:
@@ -124,6 +136,7 @@ def run(cfg: DictConfig) -> dict:
     trust = as_bool(cfg.get("trust_checkpoint", False), "trust_checkpoint")
 
     check_training_length(cfg.trainer)
+    check_strategy(cfg)
 
     L.seed_everything(cfg.seed, workers=True)
     data_cfg = OmegaConf.to_container(cfg.dataset, resolve=True)

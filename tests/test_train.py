@@ -459,16 +459,26 @@ def test_step_graph_strategy_frees_the_graph_before_tearing_down(monkeypatch):
       "trainer.strategy.gradient_as_bucket_view=true"],
      "gradient_as_bucket_view=true and fast.mode='reduce-overhead' \\(CUDA graphs\\) trains on wrong gradients"),
 ])
-def test_step_graph_and_ddp_strategy_must_match(tmp_path, overrides, message):
+def test_step_graph_and_ddp_strategy_must_match(tmp_path, monkeypatch, overrides, message):
     """Without the graph's all-reduce (or with DDP's on top of it), or with DDP's bucket views under CUDA graphs
-    (measured: wrong gradients), the replicas would train wrongly: refused before the first step."""
-    env = {**os.environ, "WANDB_MODE": "offline", "DDIM_ROOT": str(tmp_path), "OMP_NUM_THREADS": "1"}
-    args = [sys.executable, str(REPO / "train.py"), *TINY, *overrides, "trainer.accelerator=cpu", "trainer.devices=1",
-            "dataset.image_size=8", "dataset.split=test", "dataset.batch_size=16", "trainer.max_steps=2",
-            "trainer.enable_progress_bar=false", "hydra.run.dir=" + str(tmp_path / "run")]
-    out = subprocess.run(args, capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
-    assert out.returncode != 0
-    assert __import__("re").search(message, out.stderr), out.stderr[-3000:]
+    (measured: wrong gradients), the replicas would train wrongly: refused from the config, before anything is
+    built; the strategies refuse the same pairings at run time (one check, ``check_strategy_pairing``)."""
+    import train
+
+    monkeypatch.setattr(train, "DiffusionDataModule", lambda *a, **k: pytest.fail("built the data before the check"))
+    with pytest.raises(ValueError, match=message):
+        _run(_cfg(tmp_path, *overrides, "trainer.accelerator=cpu", "trainer.devices=1"))
+    assert not any(tmp_path.iterdir())
+
+
+def test_strategies_check_the_pairing_at_run_time():
+    """What train.py refuses from the config, the strategy objects refuse too (for Python API users)."""
+    from ddim.training.step_graph import StepGraphDDPStrategy
+
+    strategy = StepGraphDDPStrategy.__new__(StepGraphDDPStrategy)
+    strategy._lightning_module = type("M", (), {"automatic_optimization": True})()
+    with pytest.raises(ValueError, match="needs fast.step_graph=true"):
+        strategy.configure_ddp()
 
 
 @pytest.mark.slow

@@ -31,16 +31,11 @@ from ddim.diffusion.schedules import alphas_cumprod_from_config
 from ddim.models.build import build_unet, check_architecture
 from ddim.models.ema import DEFAULT_EMA_DECAY, ema_decay_at, ema_initial_share_note, ema_warmup_of, lerp_ema_
 from ddim.training.objective import antithetic_timesteps, eps_loss, rank_seed
-from ddim.training.step_graph import GradientGraph
+from ddim.training.step_graph import GradientGraph, check_strategy_pairing, mode_has_cuda_graphs
 
 FAST_DEFAULTS = {"compile": False, "mode": None, "step_graph": False}
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 OPTIM_NUMBERS = ("lr", "beta1", "eps", "weight_decay", "ema_decay", "grad_clip", "warmup_steps")
-
-
-def mode_has_cuda_graphs(mode: str | None) -> bool:
-    """Whether torch.compile's ``mode`` wraps the compiled regions in CUDA graphs (cudagraph trees)."""
-    return mode in ("reduce-overhead", "max-autotune")
 
 
 def fast_settings(fast: dict) -> dict:
@@ -208,20 +203,11 @@ class DiffusionModule(L.LightningModule):
         """Refuse the DDP pairings that train on wrong gradients, before the first step."""
         fast, wrapper = self.hparams.fast, self.trainer.strategy.model
         ddp = isinstance(wrapper, DistributedDataParallel)
-        if ddp and fast["compile"] and mode_has_cuda_graphs(fast["mode"]) and wrapper.gradient_as_bucket_view:
-            raise ValueError(f"DDP with gradient_as_bucket_view=true and fast.mode={fast['mode']!r} (CUDA graphs) trains "
-                             "on wrong gradients: set trainer.strategy.gradient_as_bucket_view=false, or use "
-                             "trainer=ddp_step_graph fast.step_graph=true")
-        if not fast["step_graph"]:
-            return
-        # Lightning warns that manual optimisation checkpoints hold the state after the optimizer step; so do
-        # the automatic path's (ModelCheckpoint runs after the step in both), so the warning says nothing here
-        warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
-        if ddp:
-            raise ValueError("fast.step_graph=true all-reduces the gradients inside its CUDA graph, and "
-                             "DistributedDataParallel would all-reduce them again: use trainer=ddp_step_graph "
-                             f"(ddim.training.step_graph.StepGraphDDPStrategy), not "
-                             f"{type(self.trainer.strategy).__name__}")
+        check_strategy_pairing("ddp" if ddp else "other", fast, ddp and wrapper.gradient_as_bucket_view)
+        if fast["step_graph"]:
+            # Lightning warns that manual optimisation checkpoints hold the state after the optimizer step; so do
+            # the automatic path's (ModelCheckpoint runs after the step in both), so the warning says nothing here
+            warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
 
     def _collect_step_tensors(self) -> dict[str, list[torch.Tensor]]:
         return {"params": list(self.model.parameters()), "ema": list(self.ema_model.parameters()),

@@ -9,7 +9,8 @@ from __future__ import annotations
 import atexit
 import itertools
 import weakref
-from typing import Callable
+from collections.abc import Mapping
+from typing import Any, Callable
 
 import torch
 from lightning.pytorch.strategies import DDPStrategy
@@ -140,15 +141,37 @@ def broadcast_module_states(module: torch.nn.Module, src: int = 0) -> None:
             dist.broadcast(tensor.data, src=src)
 
 
+def mode_has_cuda_graphs(mode: str | None) -> bool:
+    """Whether torch.compile's ``mode`` wraps the compiled regions in CUDA graphs (cudagraph trees)."""
+    return mode in ("reduce-overhead", "max-autotune")
+
+
+def check_strategy_pairing(strategy: str, fast: Mapping[str, Any], gradient_as_bucket_view: bool = False) -> None:
+    """Refuse the DDP pairings that train on wrong gradients.  ``strategy``: ``"ddp"`` (DistributedDataParallel
+    wraps the model), ``"ddp_step_graph"`` (``StepGraphDDPStrategy``) or anything else; ``fast``: the checked fast
+    settings.  train.py calls it from the config before anything is built, the strategies again at run time."""
+    if strategy == "ddp_step_graph" and not fast["step_graph"]:
+        raise ValueError("StepGraphDDPStrategy (trainer=ddp_step_graph) does not all-reduce gradients itself: it "
+                         "needs fast.step_graph=true, whose graphed step does; use trainer=ddp otherwise")
+    if strategy != "ddp":
+        return
+    if fast["compile"] and mode_has_cuda_graphs(fast["mode"]) and gradient_as_bucket_view:
+        raise ValueError(f"DDP with gradient_as_bucket_view=true and fast.mode={fast['mode']!r} (CUDA graphs) trains "
+                         "on wrong gradients: set trainer.strategy.gradient_as_bucket_view=false, or use "
+                         "trainer=ddp_step_graph fast.step_graph=true")
+    if fast["step_graph"]:
+        raise ValueError("fast.step_graph=true all-reduces the gradients inside its CUDA graph, and "
+                         "DistributedDataParallel would all-reduce them again: use trainer=ddp_step_graph "
+                         "(ddim.training.step_graph.StepGraphDDPStrategy), not DDPStrategy")
+
+
 class StepGraphDDPStrategy(DDPStrategy):
     """DDP's processes, process group and data sharding without the DistributedDataParallel wrapper, for
     ``fast.step_graph=true``: its CUDA-graphed step all-reduces the gradients itself, as one collective
     inside the graph (``GradientGraph``), instead of DDP's per-bucket hooks between graph pieces."""
 
     def configure_ddp(self) -> None:
-        if self.lightning_module.automatic_optimization:
-            raise ValueError("StepGraphDDPStrategy (trainer=ddp_step_graph) does not all-reduce gradients itself: it "
-                             "needs fast.step_graph=true, whose graphed step does; use trainer=ddp otherwise")
+        check_strategy_pairing("ddp_step_graph", {"step_graph": not self.lightning_module.automatic_optimization})
         broadcast_module_states(self.model)  # every replica starts from rank 0's weights
 
     def teardown(self) -> None:
