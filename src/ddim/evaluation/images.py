@@ -7,6 +7,8 @@ import torch
 import torchvision
 from torch.utils.data import Dataset
 
+from ddim.files import write_atomically
+
 RANGE_TOLERANCE = 1e-3
 
 
@@ -49,9 +51,10 @@ class Uint8Images(Dataset):
 
 
 def save_grid(images: torch.Tensor, path: Path, nrow: int) -> Path:
-    """uint8 (N, C, H, W) images as one PNG grid, ``nrow`` images per row, 2-pixel white padding."""
+    """uint8 (N, C, H, W) images as one PNG grid, ``nrow`` images per row, 2-pixel white padding; written
+    atomically, so a killed run never leaves a torn grid that a re-run would take as done."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     grid = torchvision.utils.make_grid(images.float() / 255.0, nrow=nrow, padding=2, pad_value=1.0)
-    torchvision.utils.save_image(grid, path)
+    write_atomically(path, lambda f: torchvision.utils.save_image(grid, f, format="png"))
     return path

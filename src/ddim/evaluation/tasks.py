@@ -25,6 +25,7 @@ from ddim.evaluation.fid import (fid_between, read_reference_statistics, referen
 from ddim.evaluation.images import Uint8Images, save_grid, to_rgb
 from ddim.evaluation.sampling import decode, generate, latents_and_noise, sample_batch
 from ddim.evaluation.settings import Loaded, Settings, TaskResult
+from ddim.files import write_atomically
 
 # data set config keys that are not build_dataset arguments
 NOT_DATASET_KWARGS = ("name", "split", "batch_size", "num_workers", "train_steps")
@@ -54,7 +55,8 @@ def write_samples(images: torch.Tensor, out_dir: Path, *, nrow: int | None = Non
     nrow = nrow or int(math.ceil(math.sqrt(images.shape[0])))
     res = {"grid": str(save_grid(images, out_dir / "samples.png", nrow=nrow)), "num_images": int(images.shape[0])}
     if save_npz:
-        np.savez(out_dir / "samples.npz", arr_0=images.permute(0, 2, 3, 1).numpy())
+        nhwc = images.permute(0, 2, 3, 1).numpy()
+        write_atomically(out_dir / "samples.npz", lambda f: np.savez(f, arr_0=nhwc))
         res["npz"] = str(out_dir / "samples.npz")
     return res
 
