@@ -240,6 +240,25 @@ def test_table1_keeps_precisions_and_sample_counts_apart(tmp_path):
     assert "9.50 (13.36)" in t1 and "4.50 (13.36)" in t1
 
 
+def test_fid_vs_nfe_puts_table1_runs_into_the_sweeps_budgets(tmp_path):
+    """Table 1's DDIM S = 50 on quadratic τ spends 49 NFE and the sweep's S = 51 spends 50: one column '50' showing
+    the sweep's run, not a column 49 beside it; S = 10 (shared by both) fills the column 10."""
+    from ddim.evaluation import aggregate
+    from ddim.evaluation.records import record_path, write_record
+
+    runs = [(10, 10, None, 20.0), (50, 49, None, 15.5), (51, 50, "nfe50", 15.25), (5, 5, "nfe5", 44.0)]
+    for steps, nfe, budget, fid in runs:
+        key = {"task": "fid", "dataset": "cifar10-32", "model": {"ckpt": "/runs/last.ckpt"}, "seed": 0,
+               "params": {"num_samples": 100},
+               "sampler": {"kind": "ddim", "eta": 0.0, "steps": steps, "trajectory": "quadratic"}}
+        config = {"fid_vs_nfe": {"T": 1000, "budget": budget}} if budget else {}
+        write_record(record_path(tmp_path, key), {"task": "fid", "key": key, "metric": {"fid": fid}, "nfe": nfe,
+                                                  "num_samples": 100, "config": config})
+    md = aggregate.aggregate(tmp_path, tmp_path / "out")["fid_vs_nfe_md"].read_text()
+    assert "| sampler \\ NFE | 5 | 10 | 50 |" in md
+    assert "| ddim | 44.00 | 20.00 | 15.25 |" in md
+
+
 def test_tables_say_which_weights_ema_or_not(tmp_path):
     """The EMA and the raw weights of one model are two blocks, each titled with which; a diffusers model by its id."""
     from ddim.evaluation import aggregate
