@@ -116,14 +116,8 @@ def resolve_inception_weights(weights_path: str | os.PathLike | None = None,
 _EXTRACTORS: dict[tuple[str, str, tuple[str, ...]], torch.nn.Module] = {}
 
 
-def file_sha1(path: str | os.PathLike) -> str:
-    """sha1 of a file (memoized per path, size, mtime): the identity of Inception weights in cache keys and of
-    reference statistics files in record keys."""
-    return file_digest(path, "sha1")
-
-
 def _load_extractor(path: Path, device: str | torch.device, features: tuple[str, ...]) -> torch.nn.Module:
-    key = (file_sha1(path), str(device), features)
+    key = (file_digest(path, "sha1"), str(device), features)
     if key not in _EXTRACTORS:
         fe = FeatureExtractorInceptionV3("inception-v3-compat", list(features),
                                          feature_extractor_weights_path=str(path)).to(device)
@@ -286,7 +280,8 @@ def reference_statistics(ref: ImageSource, *, ref_key: str | None, weights_path=
         if not isinstance(ref_key, str) or not ref_key:
             raise ValueError(f"ref_key must be a non-empty string or None, got {ref_key!r}")
         n, res = _describe(ref)
-        cache_path = reference_cache_path(ref_key, n, res, file_sha1(path), cache)
+        weights_sha1 = file_digest(path, "sha1")
+        cache_path = reference_cache_path(ref_key, n, res, weights_sha1, cache)
         if cache_path.is_file():
             with np.load(cache_path) as d:
                 if not keep_features or "features" in d.files:
@@ -299,7 +294,7 @@ def reference_statistics(ref: ImageSource, *, ref_key: str | None, weights_path=
         try:
             _atomic_save_npz(cache_path, mu=mu, sigma=sigma, **extra)
             cache_path.with_suffix(".json").write_text(json.dumps(
-                dict(ref_key=ref_key, n=int(len(feats)), weights=str(path), weights_sha1=file_sha1(path)), indent=1))
+                dict(ref_key=ref_key, n=int(len(feats)), weights=str(path), weights_sha1=weights_sha1), indent=1))
         except OSError as e:  # a read-only shared cache: the statistics are here, only the next run recomputes them
             warnings.warn(f"reference statistics not cached ({cache_path}: {e}); set fid.cache_dir to a writable "
                           f"folder to keep them")
@@ -363,7 +358,7 @@ def read_reference_statistics(path: str | os.PathLike) -> dict:
 def reference_file_id(path: str | os.PathLike) -> dict:
     """The reference statistics file as record keys name it: file name and content hash (not the folder, so a
     moved copy is the same reference and a rewritten file another)."""
-    return {"file": Path(path).name, "sha1": file_sha1(path)[:16]}
+    return {"file": Path(path).name, "sha1": file_digest(path, "sha1")[:16]}
 
 
 def fid_between(gen_images: ImageSource, ref: ImageSource | dict, *, ref_key: str | None = None, weights_path=None,

