@@ -20,6 +20,13 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+def child_env(**extra: str) -> dict:
+    """The environment for a test's child process: this repository's ``src`` first on ``PYTHONPATH``, the caller's
+    entries kept after it (a machine may put its packages there), then ``extra``."""
+    path = os.pathsep.join(p for p in (str(REPO / "src"), os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, "PYTHONPATH": path, **extra}
+
+
 def load_script(relpath: str, name: str | None = None):
     """A script of the repository (``evaluate.py``, ``bench/sampling.py``, ...) imported as a module, so tests
     call its functions; ``name`` defaults to the file's stem."""

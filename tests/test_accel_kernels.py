@@ -4,7 +4,6 @@ GPU needed), the instructions they must use there."""
 from __future__ import annotations
 
 import copy
-import os
 import subprocess
 import sys
 
@@ -13,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import REPO, import_triton_kernels
+from conftest import child_env, import_triton_kernels
 
 gnk = import_triton_kernels("ddim.accel.groupnorm")
 conv = import_triton_kernels("ddim.accel.conv")
@@ -307,7 +306,7 @@ def test_kernels_compile_to_the_intended_sm90_instructions():
         "print('CVT', sorted(set(re.findall(r'cvt\\.[\\w.]*e4m3[\\w.]*', gn))))\n"
         "print('F64', sorted(set(re.findall(r'\\b(?:add|sub|mul|fma|div|sqrt|rcp|rsqrt|ex2|neg|max|min)\\.[\\w.]*f64', gn))))\n"
         "print('V4', len(re.findall(r'ld\\.global(?:\\.\\w+)*\\.v4', gn)))\n")
-    env = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": str(REPO / "src"), "CUDA_VISIBLE_DEVICES": ""}
+    env = child_env(TRITON_INTERPRET="0", CUDA_VISIBLE_DEVICES="")
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     if proc.returncode != 0 and "ptxas" in proc.stderr.lower() and "not found" in proc.stderr.lower():
         pytest.skip("Triton's bundled ptxas is missing: cannot compile for sm_90 here")

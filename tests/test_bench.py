@@ -4,14 +4,13 @@ from __future__ import annotations
 import importlib
 import json
 import math
-import os
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from conftest import REPO
+from conftest import REPO, child_env
 
 
 @pytest.fixture(scope="module")
@@ -142,8 +141,7 @@ def test_ddp_benchmark_two_processes_tiny_cpu(tmp_path):
     processes: the ranks end with the same weights, sharded
     sampling gives exactly the one-process images, scaling is against the one-process row."""
     out = tmp_path / "ddp.json"
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHONPATH=os.pathsep.join([str(REPO / "src"),
-                                                                                 os.environ.get("PYTHONPATH", "")]))
+    env = child_env(CUDA_VISIBLE_DEVICES="")
     proc = subprocess.run([sys.executable, str(REPO / "bench" / "ddp.py"), "--world", "1,2", "--tiny", "--device",
                            "cpu", "--samples", "6", "--json", str(out)],
                           capture_output=True, text=True, timeout=600, env=env)

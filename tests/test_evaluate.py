@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, load_script
+from conftest import REPO, child_env, load_script
 
 TINY_UNET = {"ch": 32, "out_ch": 1, "in_channels": 1, "ch_mult": [1], "num_res_blocks": 1, "attn_resolutions": [],
              "dropout": 0.0, "resolution": 8, "resamp_with_conv": True}
@@ -503,7 +503,7 @@ def test_rewritten_checkpoint_is_not_answered_from_the_old_record(monkeypatch, t
 def test_sweep_presets_are_found_from_any_working_directory(tmp_path):
     """`python /path/to/evaluate.py +sweeps=<preset>` from another folder: the search-path plugin (installed with
     the project as hydra_plugins.ddim_sweeps) finds sweeps/ beside conf/, and a trailing --cfg job still parses."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
+    env = child_env()
     proc = subprocess.run([sys.executable, str(REPO / "evaluate.py"), f"paths.log_dir={tmp_path}",
                            "+sweeps=table1_cifar10_quick", "sampler.steps=7", "--cfg", "job"],
                           capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env)

@@ -12,7 +12,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from conftest import REPO
+from conftest import REPO, child_env
 from test_data import make_fake_celeba, make_image_folder
 
 CONF = REPO / "conf"
@@ -542,7 +542,7 @@ def test_checkpoint_that_needs_full_unpickling_is_refused_and_runs_no_code(tmp_p
     plain_pickle.write_bytes(pickle.dumps(MarkerPayload(marker)))
     torch.save({"state_dict": {}, "x": MarkerPayload(marker)}, in_torch_file)
     assert not marker.exists()
-    for path, what in ((plain_pickle, "Unsupported operand"), (in_torch_file, "GLOBAL io.open")):
+    for path, what in ((plain_pickle, "Unsupported operand"), (in_torch_file, "GLOBAL _?io.open")):
         refused = rf"refused to open .*{path.name}: it holds more than tensors .*\(.*{what}.*can run code.*trust_checkpoint=true"
         with pytest.raises(ValueError, match=refused):
             read_checkpoint(path)
@@ -639,7 +639,7 @@ def test_convert_ema_export_gives_a_checkpoint_evaluate_reads(tmp_path):
         load_for_sampling(ema_pt)
     done = subprocess.run([sys.executable, "-m", "ddim.checkpoints", "convert-ema", str(ema_pt), str(out)],
                           capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PYTHONPATH": str(REPO / "src")})
+                          env=child_env())
     assert done.returncode == 0, done.stderr[-2000:]
     assert f"wrote {out}" in done.stdout and not list(out.parent.glob(".*tmp*"))
     ema, ac, cfg = load_for_sampling(out)
@@ -789,7 +789,7 @@ def test_gradient_graphs_are_released_before_earlier_exit_handlers(tmp_path):
         "g = GradientGraph(lambda x: (p * x).sum(), [p])\n"
         "g._graphs = {('k',): (Fake(), None, None, None)}\n")
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
-                         env={**os.environ, "PYTHONPATH": str(REPO / "src")})
+                         env=child_env())
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split("\n")[:2] == ["graph reset", "process group destroyed"]
 

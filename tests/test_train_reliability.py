@@ -17,7 +17,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from conftest import REPO
+from conftest import REPO, child_env
 from test_data import make_image_folder
 from test_train import SMALL_MODEL, TINY
 
@@ -226,7 +226,7 @@ def _start_training(run_dir: Path, tmpdir: Path, resume: bool) -> subprocess.Pop
             "+callbacks.model_checkpoint.mode=max", "trainer.max_steps=1000000", f"hydra.run.dir={run_dir}"]
     if resume:
         args.append(f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}")
-    env = {**os.environ, "TMPDIR": str(tmpdir), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
+    env = child_env(TMPDIR=str(tmpdir), OMP_NUM_THREADS="1")
     with open(run_dir.parent / "stderr.txt", "wb") as err:  # a file: a full pipe would block the child
         return subprocess.Popen(args, env=env, cwd=run_dir.parent, stdout=subprocess.DEVNULL, stderr=err)
 
@@ -292,7 +292,7 @@ def test_sigkill_of_a_checkpoint_writer_loop_keeps_the_previous_file(tmp_path):
     began its first save (most of its time is spent writing)."""
     tmpdir, target, rng, steps = _other_file_system_tmpdir(tmp_path), tmp_path / "last.ckpt", random.Random(1), []
     mid_write = 0
-    env = {**os.environ, "TMPDIR": str(tmpdir), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
+    env = child_env(TMPDIR=str(tmpdir), OMP_NUM_THREADS="1")
     try:
         for _ in range(5):
             step = read_checkpoint(target)["global_step"] if target.is_file() else 0
