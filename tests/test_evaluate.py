@@ -510,3 +510,23 @@ def test_sweep_presets_are_found_from_any_working_directory(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "task: fid" in proc.stdout and "steps: 7" in proc.stdout and "precision: bf16" in proc.stdout
     assert "num_samples: 5000" in proc.stdout and "trajectory: quadratic" in proc.stdout
+
+
+def test_sampling_does_not_advise_loader_workers(tmp_path, monkeypatch):
+    """generate's loader only hands out index batches, so Lightning's advice to give it workers (printed on machines
+    with more than two cores) would mislead; generate keeps it quiet and still samples."""
+    import warnings
+
+    from lightning.pytorch.trainer.connectors import data_connector
+
+    from ddim.diffusion import alphas_cumprod, beta_schedule, timesteps
+    from ddim.evaluation.sampling import generate
+
+    monkeypatch.setattr(data_connector, "suggested_max_num_workers", lambda local_world_size: 15)
+    zero_eps = lambda x, t: torch.zeros_like(x)  # noqa: E731
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = generate(zero_eps, alphas_cumprod(beta_schedule("linear")), timesteps(1000, 2), 3, (1, 4, 4),
+                       batch_size=2, shard_dir=tmp_path, trainer_kwargs={"accelerator": "cpu"})
+    assert out.shape == (3, 1, 4, 4) and out.dtype == torch.uint8
+    assert not [w for w in caught if "many workers" in str(w.message)]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -188,7 +189,9 @@ def generate(eps_model: nn.Module, alphas_cumprod: torch.Tensor, seq: torch.Tens
     trainer = L.Trainer(callbacks=[ShardWriter(Path(shard_dir), shape)], **kw)
     loader = sample_loader(n, batch_size, world_size=trainer.world_size)
     module = SamplingModule(eps_model, alphas_cumprod, seq, shape, eta=eta, kind=kind, seed=seed)
-    trainer.predict(module, dataloaders=loader, return_predictions=False)
+    with warnings.catch_warnings():  # the loader only hands out index batches: workers would not help
+        warnings.filterwarnings("ignore", message=r"The 'predict_dataloader' does not have many workers")
+        trainer.predict(module, dataloaders=loader, return_predictions=False)
     trainer.strategy.barrier()
     if not trainer.is_global_zero:
         return None
