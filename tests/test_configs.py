@@ -79,7 +79,7 @@ def test_cifar10_quick_is_the_cifar10_recipe_made_fast():
     assert quick.fast == {"compile": True, "mode": None, "step_graph": True} and quick.optim.ema_warmup is True
     assert quick.trainer.max_steps == 30000 and _compose("experiment=cifar10_quick", "trainer.max_steps=60000"
                                                          ).trainer.max_steps == 60000
-    assert quick.callbacks.model_checkpoint.every_n_train_steps == 1000 and quick.callbacks.model_checkpoint.save_last
+    assert quick.callbacks.model_checkpoint.every_n_train_steps == 5000 and quick.callbacks.model_checkpoint.save_last
     assert quick.callbacks.sample_grid.every_n_steps == 5000
     assert quick.trust_checkpoint is False and quick.ckpt_path is None
 
