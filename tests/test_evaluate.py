@@ -430,6 +430,77 @@ def test_two_process_ddp_gives_the_same_images(monkeypatch, tmp_path, tiny_ckpt,
     assert s1["images_per_s"] is None or s1["images_per_s"] > 0
 
 
+# evaluate.py with the pixel stand-ins in every DDP process.  A monkeypatch stays in the test's process, and
+# Lightning starts rank 1 as `python <sys.argv[0]> <args>`: so the stand-ins go in a script that stays sys.argv[0]
+# and calls evaluate.main() (runpy.run_path would set sys.argv[0] to evaluate.py while it runs, and rank 1 would run
+# the bare evaluate.py with the real Inception).  The log gets one line per reference computed and per rank's first
+# sampled batch, in the order they happen.
+DDP_FID_WRAPPER = """\
+import os
+import sys
+
+sys.path.insert(0, os.environ["DDP_FID_TESTS"])
+from conftest import load_script
+from test_evaluate import pixel_fid, pixel_reference_statistics
+
+from ddim.evaluation import sampling, tasks
+
+RANK = os.environ.get("LOCAL_RANK", "0")  # set by Lightning for the processes it starts
+
+
+def log(event):
+    with open(os.environ["DDP_FID_LOG"], "a") as f:
+        f.write(f"{event} {RANK}\\n")
+
+
+def logged_reference_statistics(*args, **kwargs):
+    log("reference")
+    return pixel_reference_statistics(*args, **kwargs)
+
+
+real_sample_batch, sampled = sampling.sample_batch, []
+
+
+def logged_sample_batch(*args, **kwargs):
+    if not sampled:
+        log("sample")
+        sampled.append(True)
+    return real_sample_batch(*args, **kwargs)
+
+
+tasks.fid_between, tasks.reference_statistics = pixel_fid, logged_reference_statistics
+tasks.resolve_inception_weights = lambda weights_path, cache_dir: weights_path
+sampling.sample_batch = logged_sample_batch
+load_script("evaluate.py", "ddim_evaluate_script").main()
+"""
+
+
+@pytest.mark.slow
+def test_two_process_ddp_fid_computes_the_reference_once_before_sampling(monkeypatch, tmp_path, tiny_ckpt,
+                                                                         fake_inception):
+    """task=fid over 2 CPU processes (DDP, gloo): rank 0 alone computes the reference statistics, before any rank
+    samples, and scores the merged samples as one process does."""
+    common = [f"ckpt_path={tiny_ckpt}", "task=fid", "fid.num_samples=5", f"fid.weights_path={fake_inception}",
+              "sampler.steps=3", "sampler.eta=1.0", "sampler.batch_size=2"]
+    run_evaluate(monkeypatch, tmp_path / "one", *common, f"output_dir={tmp_path / 'one'}")
+    wrapper, log = tmp_path / "evaluate_with_pixel_fid.py", tmp_path / "events.log"
+    wrapper.write_text(DDP_FID_WRAPPER)
+    env = child_env(OMP_NUM_THREADS="1", HYDRA_FULL_ERROR="1", DDP_FID_LOG=str(log),
+                    DDP_FID_TESTS=str(REPO / "tests"))
+    proc = subprocess.run([sys.executable, str(wrapper), *common, f"paths.log_dir={tmp_path / 'ddp'}",
+                           "trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp", "device=cpu",
+                           "trainer.enable_progress_bar=false", f"output_dir={tmp_path / 'two'}"],
+                          env=env, cwd=tmp_path, timeout=300, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # one reference, by rank 0, before either rank's first batch (both processes append: lines in time order)
+    assert log.read_text().splitlines() in (["reference 0", "sample 0", "sample 1"],
+                                            ["reference 0", "sample 1", "sample 0"])
+    (one,), (two,) = records(tmp_path / "one"), records(tmp_path / "ddp")
+    assert two["outputs"]["sampling"]["world_size"] == 2 and one["outputs"]["sampling"]["world_size"] == 1
+    assert two["metric"]["fid"] == one["metric"]["fid"]  # the same images by index, scored by one process
+    assert not list((tmp_path / "two" / "shards").glob("*.pt"))
+
+
 def test_sampling_rate_sums_the_ranks_after_their_first_batch():
     from ddim.evaluation.sampling import sampling_rate
 
