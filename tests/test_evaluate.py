@@ -413,7 +413,7 @@ def test_two_process_ddp_gives_the_same_images(monkeypatch, tmp_path, tiny_ckpt,
     common = [f"ckpt_path={tiny_ckpt}", "task=samples", f"samples.num_samples={num_samples}", "samples.save_npz=true",
               "sampler.steps=3", "sampler.eta=1.0", "sampler.batch_size=2"]
     run_evaluate(monkeypatch, tmp_path, *common, f"output_dir={tmp_path / 'one'}")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "HYDRA_FULL_ERROR": "1"}
+    env = child_env(OMP_NUM_THREADS="1", WANDB_MODE="offline", HYDRA_FULL_ERROR="1")
     subprocess.run([sys.executable, str(REPO / "evaluate.py"), *common, f"paths.log_dir={tmp_path / 'ddp'}",
                     "trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp", "device=cpu",
                     "trainer.enable_progress_bar=false", f"output_dir={tmp_path / 'two'}"],
