@@ -67,11 +67,14 @@ RESUME = ["dataset.split=test", "dataset.batch_size=60", "dataset.image_size=8",
           "optim.ema_decay=0.9", "optim.warmup_steps=2", "trainer.enable_progress_bar=false"]
 
 
-def test_last_checkpoint_holds_the_step_training_ended_at(tmp_path):
-    """max_steps=4 with a checkpoint every 3 steps: last.ckpt (and a step file) at step 4, not 3."""
-    res = _run(_cfg(tmp_path, *RESUME, "trainer.max_steps=4"))
+@pytest.mark.parametrize("every, files", [(3, ["step_0000003.ckpt", "step_0000004.ckpt"]),
+                                          (1000, ["step_0000004.ckpt"])])  # no save before the end
+def test_last_checkpoint_holds_the_step_training_ended_at(tmp_path, every, files):
+    """max_steps=4 with a checkpoint every 3 (or 1000) steps: last.ckpt and a step file at step 4, not 3 (or none)."""
+    every_n = f"callbacks.model_checkpoint.every_n_train_steps={every}"
+    res = _run(_cfg(tmp_path, *RESUME, "trainer.max_steps=4", every_n))
     ckpts = tmp_path / "checkpoints"
-    assert sorted(p.name for p in ckpts.iterdir()) == ["last.ckpt", "step_0000003.ckpt", "step_0000004.ckpt"]
+    assert sorted(p.name for p in ckpts.iterdir()) == ["last.ckpt", *files]
     last = torch.load(ckpts / "last.ckpt", map_location="cpu", weights_only=True)
     assert last["global_step"] == 4 == res["trainer"].global_step
     w = next(k for k in last["state_dict"] if k.startswith("model."))

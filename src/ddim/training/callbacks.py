@@ -36,13 +36,14 @@ class FinalStepCheckpoint(ModelCheckpoint):
                 log.info(f"removed {len(stray)} temporary file(s) of interrupted checkpoint saves in {self.dirpath}")
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        super().on_train_end(trainer, pl_module)
         # Lightning's own skip rules: fast_dev_run, not fitting, or this step already saved
         if self._every_n_train_steps > 0 and not self._should_skip_saving_checkpoint(trainer):
             candidates = self._monitor_candidates(trainer)
             self._save_topk_checkpoint(trainer, candidates)
             if self.save_last:
                 self._save_last_checkpoint(trainer, candidates)
+        # after: Lightning's own end-of-training last.ckpt (in a run that saved none before) marks the step as saved
+        super().on_train_end(trainer, pl_module)
 
 
 class SampleGrid(L.Callback):
