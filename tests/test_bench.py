@@ -98,13 +98,14 @@ def test_sampling_benchmark_tiny_cpu(bench, tmp_path, capsys):
     levels; from a train.py checkpoint (random weights take the same path after loading)."""
     ckpt = _tiny_checkpoint(bench, tmp_path)
     for extra in (["--ckpt", str(ckpt)],):
-        rec = bench["sampling"].main(["--tiny", "--device", "cpu", "--json", str(tmp_path / "s.json"), *extra])
+        rec = bench["sampling"].main(["--tiny", "--device", "cpu", "--batch", "2", "--steps", "2",  # Triton interpreted
+                                       "--json", str(tmp_path / "s.json"), *extra])
         assert json.loads((tmp_path / "s.json").read_text())["rows"] == json.loads(json.dumps(rec["rows"]))
-        assert [r["preset"] for r in rec["rows"]] == ["fp32", "bf16"] and rec["batch"] == 4 and rec["nfe"] == 4
+        assert [r["preset"] for r in rec["rows"]] == ["fp32", "bf16"] and rec["batch"] == 2 and rec["nfe"] == 2
         fp32, bf16 = rec["rows"]
         assert fp32["ratio"] == 1.0 and bf16["ratio"] == pytest.approx(bf16["images_per_s"] / fp32["images_per_s"])
         for r in rec["rows"]:
-            assert r["images_per_s"] == pytest.approx(4 / r["seconds_median"]) and r["nonfinite"] == 0
+            assert r["images_per_s"] == pytest.approx(2 / r["seconds_median"]) and r["nonfinite"] == 0
         assert fp32["mean_levels"] == 0 and 0 < bf16["mean_levels"] <= bf16["max_levels"]  # bf16 rounds differently
         assert ("ckpt" in rec["model"]) == bool(extra)
         out = capsys.readouterr().out
