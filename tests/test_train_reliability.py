@@ -232,13 +232,15 @@ def _start_training(run_dir: Path, tmpdir: Path, resume: bool) -> subprocess.Pop
 
 
 def _kill_during_a_save(proc: subprocess.Popen, ckpts: Path, rng: random.Random, deadline: float) -> str:
-    """SIGKILL ``proc`` once it saves: at once while its checkpoint temporary exists (three times in four), else
-    at a random moment up to 0.5 s later; returns which."""
+    """SIGKILL ``proc`` once it saves with a ``last.ckpt`` in place (before the first one there is nothing to keep):
+    at once while its checkpoint temporary exists (three times in four), else at a random moment up to 0.5 s later;
+    returns which."""
     during, delay = rng.random() < 0.75, rng.uniform(0.0, 0.5)
     saving = False
     while not saving and time.monotonic() < deadline and proc.poll() is None:
         names = [e.name for e in os.scandir(ckpts)] if ckpts.is_dir() else []
-        saving = any(TEMPORARY_PATTERN.match(n) and n.endswith(f".tmp{proc.pid}") for n in names)
+        saving = "last.ckpt" in names and any(TEMPORARY_PATTERN.match(n) and n.endswith(f".tmp{proc.pid}")
+                                              for n in names)
         time.sleep(0.0005)
     assert proc.poll() is None, (ckpts.parent.parent / "stderr.txt").read_text()[-3000:]
     assert saving, "the training process saved nothing in time (a slow machine?)"
