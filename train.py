@@ -19,14 +19,12 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar
 from lightning.pytorch.plugins.io import CheckpointIO
 from omegaconf import DictConfig, OmegaConf
 
-from ddim.checkpoints import check_train_checkpoint, read_checkpoint
-from ddim.config import as_bool, check_writable_dir, log_lightning_once
+from ddim.config import as_bool, log_lightning_once
 from ddim.data import DiffusionDataModule
-from ddim.models.build import check_architecture
-from ddim.models.ema import ema_warmup_of
 from ddim.training.checkpoint_io import AtomicCheckpointIO
-from ddim.training.module import DiffusionModule, fast_settings
-from ddim.training.step_graph import check_strategy_pairing
+from ddim.training.checks import (check_data_fits_model, check_output_folders, check_resume, check_strategy,
+                                  check_training_length)
+from ddim.training.module import DiffusionModule
 
 log = logging.getLogger(__name__)
 
@@ -48,56 +46,6 @@ def build_callbacks(cfg: DictConfig, has_logger: bool = True) -> list:
     return callbacks
 
 
-def check_training_length(trainer_cfg: DictConfig) -> None:
-    """Refuse settings under which the Trainer would stop at once, having trained nothing, and exit as if done."""
-    if trainer_cfg.get("fast_dev_run"):
-        return
-    steps, epochs = trainer_cfg.get("max_steps", -1), trainer_cfg.get("max_epochs", -1)
-    if isinstance(steps, bool) or not isinstance(steps, int) or (steps < 1 and steps != -1):
-        raise ValueError(f"trainer.max_steps must be a positive integer (optimizer steps to train; -1: as many as "
-                         f"trainer.max_epochs allows), got {steps!r}")
-    if steps == -1 and (isinstance(epochs, bool) or not isinstance(epochs, int) or epochs == 0 or epochs < -1):
-        raise ValueError(f"trainer.max_steps=-1 trains for trainer.max_epochs, which must then be a positive integer "
-                         f"(or -1: no limit), got {epochs!r}")
-
-
-def check_strategy(cfg: DictConfig) -> None:
-    """The DDP pairings that train on wrong gradients, refused from the config before anything is built."""
-    strategy = cfg.trainer.get("strategy")
-    target = str(strategy.get("_target_", "")) if isinstance(strategy, DictConfig) else str(strategy or "")
-    kind = ("ddp_step_graph" if target.endswith("StepGraphDDPStrategy") else
-            "ddp" if target.endswith("DDPStrategy") or target.startswith("ddp") else "other")
-    bucket_view = bool(strategy.get("gradient_as_bucket_view", False)) if isinstance(strategy, DictConfig) else False
-    fast = fast_settings(OmegaConf.to_container(cfg.fast, resolve=True) if cfg.get("fast") else {})
-    check_strategy_pairing(kind, fast, bucket_view)
-
-
-def check_data_fits_model(dm: DiffusionDataModule, model_cfg: dict) -> None:
-    """Compare one training image with the U-Net's input (``model.in_channels``, ``model.resolution``) and output,
-    so a mismatch is named here instead of surfacing as a convolution shape error in the first step."""
-    dm.setup("fit")
-    x = dm.dataset[0][0]
-    size = model_cfg.get("resolution")
-    wanted = (model_cfg.get("in_channels", 3), size, size)
-    h = dm.hparams
-    if tuple(x.shape) != wanted:
-        raise ValueError(f"the {h.name} data gives images of shape {tuple(x.shape)} (channels, height, width) but the "
-                         f"model takes {wanted} (model.in_channels, model.resolution): dataset.channels={h.channels}, "
-                         f"dataset.image_size={h.image_size}; allowed: the data's own channels (image_folder, celeba, "
-                         f"lsun, cifar10: 3; digits: 1 or 3) and a model that matches them")
-    if model_cfg.get("out_ch", wanted[0]) != wanted[0]:
-        raise ValueError(f"model.out_ch={model_cfg.get('out_ch')} must equal the image channels ({wanted[0]}): the "
-                         f"model predicts the noise added to the image")
-
-
-def check_output_folders(cfg: DictConfig) -> None:
-    """The run's folder and every folder a callback writes to must be writable now, not at the first save."""
-    check_writable_dir(cfg.paths.output_dir, "paths.output_dir")
-    for name, cb in (cfg.get("callbacks") or {}).items():
-        if cb is not None and "_target_" in cb and cb.get("dirpath"):
-            check_writable_dir(cb.dirpath, f"callbacks.{name}.dirpath")
-
-
 def trainer_plugins(trainer_cfg: DictConfig) -> list:
     """The configured plugins plus ``AtomicCheckpointIO`` (crash-safe checkpoint files), unless one of them already
     is a CheckpointIO."""
@@ -105,27 +53,6 @@ def trainer_plugins(trainer_cfg: DictConfig) -> list:
     if not any(isinstance(p, CheckpointIO) for p in plugins):
         plugins.append(AtomicCheckpointIO())
     return plugins
-
-
-def check_resume(cfg: DictConfig, module: DiffusionModule, trust: bool) -> None:
-    """Read ``cfg.ckpt_path`` (safely, unless ``trust``) and refuse, before any training, a file train.py cannot
-    resume from: another format, another architecture, no training state, or nothing left to train."""
-    ckpt_path = cfg.ckpt_path
-    ckpt = check_train_checkpoint(read_checkpoint(ckpt_path, "cpu", trust=trust), ckpt_path)
-    check_architecture(ckpt["hyper_parameters"].get("model"), module.hparams.model)
-    if "optimizer_states" not in ckpt or "loops" not in ckpt:
-        raise ValueError(f"ckpt_path={ckpt_path} holds weights for sampling but no training state (optimizer, loop "
-                         f"position), e.g. one converted from ema.pt: it cannot be resumed; sample it with evaluate.py")
-    step, max_steps = int(ckpt.get("global_step", 0)), cfg.trainer.get("max_steps")
-    if max_steps is not None and max_steps != -1 and step >= max_steps:
-        raise ValueError(f"ckpt_path={ckpt_path} is already at step {step}; trainer.max_steps={max_steps} leaves "
-                         f"nothing to train (allowed: trainer.max_steps > {step})")
-    # the EMA rule is not part of the architecture but changes the average from here on
-    was, now = ema_warmup_of(ckpt["hyper_parameters"].get("optim")), ema_warmup_of(cfg.optim)
-    if was != now:
-        log.warning(f"ckpt_path={ckpt_path} trained its EMA with optim.ema_warmup={str(was).lower()}; this run "
-                    f"goes on from step {step} with optim.ema_warmup={str(now).lower()} (set "
-                    f"optim.ema_warmup={str(was).lower()} to keep the checkpoint's rule)")
 
 
 def run(cfg: DictConfig) -> dict:
@@ -145,7 +72,7 @@ def run(cfg: DictConfig) -> dict:
                              data={k: data_cfg.get(k) for k in ("name", "image_size", "channels", "category")},
                              fast=cfg.get("fast"))
     if cfg.get("ckpt_path") is not None:
-        check_resume(cfg, module, trust)
+        check_resume(cfg, module.hparams.model, trust)
     check_data_fits_model(dm, module.hparams.model)
     check_output_folders(cfg)
 
