@@ -29,6 +29,18 @@ from ddim.training.module import DiffusionModule
 log = logging.getLogger(__name__)
 
 
+def slurm_per_node(devices: object) -> int:
+    """``hydra/launcher=slurm`` asks SLURM for ``trainer.devices`` GPUs and tasks per node (one task per GPU, as
+    Lightning expects); ``-1`` ("all GPUs of this machine") or a list is no count SLURM can be asked for."""
+    if isinstance(devices, bool) or not isinstance(devices, int) or devices < 1:
+        raise ValueError(f"hydra/launcher=slurm requests trainer.devices GPUs per node, got trainer.devices="
+                         f"{devices!r}; allowed: a positive integer, e.g. trainer.devices=8")
+    return devices
+
+
+OmegaConf.register_new_resolver("slurm_per_node", slurm_per_node, replace=True)
+
+
 def build_callbacks(cfg: DictConfig, has_logger: bool = True) -> list:
     """The configured callbacks; entries without ``_target_`` (settings for a callback that the chosen
     ``callbacks`` group does not have) are skipped with a warning, and without a logger (``logger=none``) the

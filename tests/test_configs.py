@@ -149,13 +149,6 @@ def test_unknown_choice_fails_clearly(override):
     assert override.split("=")[1] in msg and "Available options" in msg
 
 
-def test_slurm_launcher_config_exists():
-    from hydra_plugins.hydra_submitit_launcher import config  # noqa: F401 - the plugin is installed
-
-    text = (CONF / "hydra" / "launcher" / "slurm.yaml").read_text()
-    assert "submitit_slurm" in text
-
-
 @pytest.mark.parametrize("config, overrides, name", [
     ("evaluate", ["task=fid", "sampler.eta=hat", "sampler.steps=20"], "evaluate-fid-ddim-etahat-S20"),
     ("train", ["dataset=cifar10"], "train-cifar10"),

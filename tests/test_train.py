@@ -17,6 +17,7 @@ from test_data import make_fake_celeba, make_image_folder
 
 CONF = REPO / "conf"
 sys.path.insert(0, str(REPO))
+import train  # noqa: E402 - train.py is a script at the repository root; importing it registers its resolver
 TINY = ["model.ch=32", "model.ch_mult=[1,2]", "model.num_res_blocks=1", "model.attn_resolutions=[]",
         "model.dropout=0.0", "diffusion.num_diffusion_timesteps=100", "trainer.accelerator=cpu", "trainer.benchmark=false",
         "callbacks.sample_grid.num_samples=4", "callbacks.sample_grid.steps=3", "dataset.num_workers=0",
@@ -472,6 +473,27 @@ def test_step_graph_and_ddp_strategy_must_match(tmp_path, monkeypatch, overrides
     with pytest.raises(ValueError, match=message):
         _run(_cfg(tmp_path, *overrides, "trainer.accelerator=cpu", "trainer.devices=1"))
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("devices", [4, 8])
+def test_slurm_launcher_asks_for_trainer_devices_per_node(devices):
+    """One task per GPU, as many as trainer.devices (not a fixed 8: a 4-GPU run would get 8 tasks)."""
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
+        cfg = compose(config_name="train", return_hydra_config=True,
+                      overrides=["hydra/launcher=slurm", "trainer=ddp", f"trainer.devices={devices}",
+                                 "trainer.num_nodes=2"])
+    launcher = cfg.hydra.launcher
+    assert "submitit" in launcher._target_
+    assert (launcher.gpus_per_node, launcher.tasks_per_node, launcher.nodes) == (devices, devices, 2)
+
+
+@pytest.mark.parametrize("devices", [-1, "[0,1]"])
+def test_slurm_launcher_refuses_devices_that_are_not_a_count(devices):
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
+        cfg = compose(config_name="train", return_hydra_config=True,
+                      overrides=["hydra/launcher=slurm", "trainer=ddp", f"trainer.devices={devices}"])
+    with pytest.raises(Exception, match=r"trainer.devices=.*allowed: a positive integer"):
+        cfg.hydra.launcher.gpus_per_node
 
 
 def test_strategies_check_the_pairing_at_run_time():
