@@ -34,9 +34,7 @@ def _cfg(tmp_path, *overrides):
 
 
 def _run(cfg):
-    from train import run
-
-    return run(cfg)
+    return train.run(cfg)
 
 
 def test_fast_dev_run_digits(tmp_path):
@@ -467,8 +465,6 @@ def test_step_graph_and_ddp_strategy_must_match(tmp_path, monkeypatch, overrides
     """Without the graph's all-reduce (or with DDP's on top of it), or with DDP's bucket views under CUDA graphs
     (measured: wrong gradients), the replicas would train wrongly: refused from the config, before anything is
     built; the strategies refuse the same pairings at run time (one check, ``check_strategy_pairing``)."""
-    import train
-
     monkeypatch.setattr(train, "DiffusionDataModule", lambda *a, **k: pytest.fail("built the data before the check"))
     with pytest.raises(ValueError, match=message):
         _run(_cfg(tmp_path, *overrides, "trainer.accelerator=cpu", "trainer.devices=1"))
