@@ -3,7 +3,7 @@
     python train.py                                  # digits, a few minutes on a CPU, writes a DDIM sample grid
     python train.py dataset=celeba                   # the paper's CelebA 64x64 setup (model/optim follow)
     python train.py experiment=cifar10 trainer=ddp logger=wandb
-    python train.py experiment=cifar10_quick trainer=gpu          # 15k fast steps on one GPU
+    python train.py experiment=cifar10_quick trainer=gpu          # 30k fast steps on one GPU
     python train.py ckpt_path=outputs/.../checkpoints/last.ckpt   # resume
 """
 from __future__ import annotations

@@ -409,8 +409,8 @@ OUTPUTS = ("table1", "table2", "fid_vs_nfe")
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("records_dir", nargs="?", default="outputs/records")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "))
+    p.add_argument("records_dir", nargs="?", default="outputs/records", help="evaluate.py's records (default: %(default)s)")
     p.add_argument("--out", default=None, help="output folder (default: <records_dir>/tables)")
     p.add_argument("--wandb", metavar="PROJECT", default=None, help="also log the table and plots to this W&B project")
     a = p.parse_args(argv)
