@@ -22,8 +22,8 @@ from omegaconf import DictConfig, OmegaConf
 from ddim.config import as_bool, log_lightning_once
 from ddim.data import DiffusionDataModule
 from ddim.training.checkpoint_io import AtomicCheckpointIO
-from ddim.training.checks import (check_data_fits_model, check_output_folders, check_resume, check_strategy,
-                                  check_training_length)
+from ddim.training.checks import (check_data_fits_model, check_output_folders, check_resume, check_settings,
+                                  check_strategy, check_training_length)
 from ddim.training.module import DiffusionModule
 
 log = logging.getLogger(__name__)
@@ -63,6 +63,7 @@ def run(cfg: DictConfig) -> dict:
     trust = as_bool(cfg.get("trust_checkpoint", False), "trust_checkpoint")
 
     check_training_length(cfg.trainer)
+    check_settings(cfg)
     check_strategy(cfg)
 
     L.seed_everything(cfg.seed, workers=True)

@@ -25,7 +25,7 @@ from PIL import Image
 from sklearn.datasets import load_digits
 from torch.utils.data import DataLoader, Dataset
 
-from ddim.config import check_positive_int
+from ddim.config import as_bool, check_int_at_least, check_positive_int
 
 DATASETS = ("digits", "cifar10", "celeba", "lsun", "image_folder")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
@@ -51,8 +51,9 @@ class _Transformed(Dataset):
                  uniform_dequantization: bool = False):
         self.base = base
         self.transform = transform
-        self.random_flip = random_flip
-        self.uniform_dequantization = uniform_dequantization
+        # a string such as "no" would be truthy: only true/false
+        self.random_flip = as_bool(random_flip, "dataset.random_flip")
+        self.uniform_dequantization = as_bool(uniform_dequantization, "dataset.uniform_dequantization")
 
     def __len__(self) -> int:
         return len(self.base)
@@ -347,8 +348,9 @@ class DiffusionDataModule(L.LightningDataModule):
         check_positive_int(image_size, "dataset.image_size")
         check_positive_int(batch_size, "dataset.batch_size")
         check_positive_int(channels, "dataset.channels")
-        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
-            raise ValueError(f"dataset.num_workers must be an integer >= 0, got {num_workers!r}")
+        check_int_at_least(num_workers, "dataset.num_workers", 0)
+        as_bool(random_flip, "dataset.random_flip")  # refused here, before setup reads any data
+        as_bool(uniform_dequantization, "dataset.uniform_dequantization")
         self.save_hyperparameters()
         self.dataset: Dataset | None = None
         self.sampler: EpochSeededSampler | None = None
