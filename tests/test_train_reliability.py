@@ -13,9 +13,11 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from PIL import Image
 
 from conftest import REPO, child_env
 from test_data import make_image_folder
@@ -116,6 +118,19 @@ def test_bad_inputs_fail_before_training_and_write_nothing(tmp_path, overrides, 
         run(compose_train(run_dir, *base, "callbacks.model_checkpoint.every_n_train_steps=1", *overrides))
     assert checkpoints_under(tmp_path) == sorted(p for p in files.values() if p.suffix == ".ckpt")
     assert not (run_dir / "csv").exists()  # no trainer, no logger was made
+
+
+def test_corrupt_image_in_the_training_data_is_named(tmp_path):
+    """A truncated JPEG among an image folder's files (sorted last, so the model check's first image is fine and
+    the data loader meets it in the first batch, which holds every image) stops training with its index and path."""
+    images = make_image_folder(tmp_path / "imgs", n=5)
+    Image.fromarray(np.zeros((24, 20, 3), dtype=np.uint8)).save(images / "class1" / "ok.jpg")
+    data = (images / "class1" / "ok.jpg").read_bytes()
+    (images / "class1" / "z_broken.jpg").write_bytes(data[:len(data) // 2])
+    with pytest.raises(ValueError, match=r"image 6 of 7 \(.*class1/z_broken.jpg\) cannot be read: OSError: .*; "
+                                         r"remove or replace the file"):
+        run(compose_train(tmp_path / "run", *SMALL, "logger=none", "trainer.max_steps=3", "dataset=image_folder",
+                          f"dataset.root={images}", "dataset.batch_size=7"))
 
 
 def test_paths_output_dir_unwritable_is_named(tmp_path):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Callable
 
@@ -263,6 +264,38 @@ def build_dataset(name: str, *, root: str | Path = "data", image_size: int = 32,
     raise ValueError(f"unknown dataset {name!r}; allowed: {', '.join(DATASETS)}")
 
 
+def image_file(dataset: Dataset, i: int) -> Path | None:
+    """The file behind item ``i`` of a (wrapped) image-folder data set, found through ``base`` / ``dataset``
+    wrappers down to a ``files`` list; None for data sets not read from single files (npz arrays, lmdb)."""
+    ds = dataset
+    while ds is not None:
+        files = getattr(ds, "files", None)
+        if isinstance(files, Sequence) and len(files) == len(dataset):
+            return Path(files[i])
+        ds = getattr(ds, "base", None) or getattr(ds, "dataset", None)
+    return None
+
+
+class NamedFailures(Dataset):
+    """A data set whose unreadable items (a truncated JPEG in an image folder) fail with their index and file, not
+    with a decoder's message that names neither.  Keys may be ``EpochSeededSampler``'s (index, seed) pairs."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: int | tuple[int, int]):
+        try:
+            return self.dataset[key]
+        except Exception as e:  # noqa: BLE001 - any decode error: say which image it was
+            i = key[0] if isinstance(key, tuple) else key
+            name = image_file(self.dataset, i)
+            raise ValueError(f"image {i} of {len(self.dataset)}{f' ({name})' if name else ''} cannot be read: "
+                             f"{type(e).__name__}: {e}; remove or replace the file") from e
+
+
 class EpochSeededSampler(torch.utils.data.Sampler[tuple[int, int]]):
     """A random permutation drawn from (seed, epoch), this rank's share of it, from a resumable position, as
     (index, ``sample_seed(seed, epoch, index)``) pairs: ``_Transformed`` draws the image's flip and noise from the
@@ -359,9 +392,10 @@ class DiffusionDataModule(L.LightningDataModule):
         if self.dataset is not None:
             return
         h = self.hparams
-        self.dataset = build_dataset(h.name, root=h.root, image_size=h.image_size, split=h.split,
+        # a file that cannot be decoded is named (index, path) when a step reads it
+        self.dataset = NamedFailures(build_dataset(h.name, root=h.root, image_size=h.image_size, split=h.split,
                                      random_flip=h.random_flip, uniform_dequantization=h.uniform_dequantization,
-                                     download=h.download, channels=h.channels, category=h.category)
+                                     download=h.download, channels=h.channels, category=h.category))
         if h.batch_size > len(self.dataset):
             raise ValueError(f"batch_size={h.batch_size} is larger than the {h.name} data set ({len(self.dataset)} "
                              f"images at {h.root}); lower data.batch_size or add data")
