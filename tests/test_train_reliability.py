@@ -3,6 +3,7 @@ files survive a SIGKILL at any moment (with $TMPDIR on another file system); a r
 ends with the weights of the uninterrupted run, bit for bit on a CPU."""
 from __future__ import annotations
 
+import csv
 import os
 import random
 import shutil
@@ -131,6 +132,15 @@ def test_corrupt_image_in_the_training_data_is_named(tmp_path):
                                          r"remove or replace the file"):
         run(compose_train(tmp_path / "run", *SMALL, "logger=none", "trainer.max_steps=3", "dataset=image_folder",
                           f"dataset.root={images}", "dataset.batch_size=7"))
+
+
+def test_run_shorter_than_the_log_interval_logs_its_loss(tmp_path):
+    """trainer.log_every_n_steps (conf: 25) above trainer.max_steps=3: the interval is lowered, so the default csv
+    logger still writes metrics.csv with the loss at the last step."""
+    run(compose_train(tmp_path, *SMALL, "trainer.max_steps=3", "trainer.log_every_n_steps=25"))
+    rows = list(csv.DictReader((tmp_path / "csv" / "version_0" / "metrics.csv").open()))
+    logged = [r for r in rows if r.get("train/loss")]
+    assert [int(r["step"]) for r in logged] == [2] and float(logged[0]["train/loss"]) > 0
 
 
 def test_paths_output_dir_unwritable_is_named(tmp_path):
