@@ -22,8 +22,8 @@ from omegaconf import DictConfig, OmegaConf
 from ddim.config import as_bool, log_lightning_once
 from ddim.data import DiffusionDataModule
 from ddim.training.checkpoint_io import AtomicCheckpointIO
-from ddim.training.checks import (check_data_fits_model, check_output_folders, check_resume, check_strategy,
-                                  check_training_length)
+from ddim.training.checks import (check_data_fits_model, check_output_folders, check_resume, check_settings,
+                                  check_strategy, check_training_length)
 from ddim.training.module import DiffusionModule
 
 log = logging.getLogger(__name__)
@@ -67,6 +67,17 @@ def trainer_plugins(trainer_cfg: DictConfig) -> list:
     return plugins
 
 
+def log_interval(trainer_cfg: DictConfig) -> int:
+    """``trainer.log_every_n_steps``, lowered to ``trainer.max_steps`` when larger: a run shorter than the interval
+    would otherwise log no loss at all (no metrics.csv)."""
+    every, steps = trainer_cfg.get("log_every_n_steps", 50), trainer_cfg.get("max_steps", -1)
+    if isinstance(steps, int) and 0 < steps < every:
+        log.info(f"trainer.log_every_n_steps={every} is more than trainer.max_steps={steps}: logging every {steps} "
+                 f"steps, so that the run logs its loss")
+        return steps
+    return every
+
+
 def run(cfg: DictConfig) -> dict:
     """Build data, module, trainer from ``cfg`` and fit; returns where things were written."""
     # the EMA copy is in eval mode on purpose (it never trains): not worth a warning on every run
@@ -75,6 +86,7 @@ def run(cfg: DictConfig) -> dict:
     trust = as_bool(cfg.get("trust_checkpoint", False), "trust_checkpoint")
 
     check_training_length(cfg.trainer)
+    check_settings(cfg)
     check_strategy(cfg)
 
     L.seed_everything(cfg.seed, workers=True)
@@ -92,7 +104,8 @@ def run(cfg: DictConfig) -> dict:
     callbacks = build_callbacks(cfg, has_logger=bool(loggers))
     # the data module shards the data over ranks itself (a resumable sampler), so Lightning must not swap it
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
-                                     plugins=trainer_plugins(cfg.trainer), use_distributed_sampler=False)
+                                     plugins=trainer_plugins(cfg.trainer), use_distributed_sampler=False,
+                                     log_every_n_steps=log_interval(cfg.trainer))
     resolved = OmegaConf.to_container(cfg, resolve=True)
     for lg in loggers:
         lg.log_hyperparams(resolved)

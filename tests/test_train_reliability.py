@@ -3,6 +3,7 @@ files survive a SIGKILL at any moment (with $TMPDIR on another file system); a r
 ends with the weights of the uninterrupted run, bit for bit on a CPU."""
 from __future__ import annotations
 
+import csv
 import os
 import random
 import shutil
@@ -13,9 +14,11 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from PIL import Image
 
 from conftest import REPO, child_env
 from test_data import make_image_folder
@@ -25,8 +28,9 @@ sys.path.insert(0, str(REPO))
 from train import run  # noqa: E402 - train.py is a script at the repository root
 
 from ddim.checkpoints import read_checkpoint, save_atomically  # noqa: E402
-from ddim.data import EpochSeededSampler  # noqa: E402
+from ddim.data import DiffusionDataModule, EpochSeededSampler, build_dataset  # noqa: E402
 from ddim.files import TEMPORARY_PATTERN, remove_stray_temporaries, write_atomically  # noqa: E402
+from ddim.models.ema import ema_warmup_of  # noqa: E402
 from ddim.training.checkpoint_io import AtomicCheckpointIO  # noqa: E402
 from ddim.training.module import DiffusionModule  # noqa: E402
 
@@ -77,6 +81,30 @@ BAD_INPUTS = [
     (["ckpt_path=BARE"], r"bare.ckpt is a bare state dict \(1 tensors, e.g. 'conv_in.weight'\)"),
     (["ckpt_path=TENSOR"], r"tensor.ckpt holds a single tensor of shape \(3, 4\)"),
     (["ckpt_path=FOLDER/missing.ckpt"], r"checkpoint not found: .*missing.ckpt"),
+    # switches: true/false only ("no" is a truthy string)
+    (["optim.ema_warmup=no"], r"optim.ema_warmup must be true or false, got 'no'"),
+    (["optim.amsgrad=no"], r"optim.amsgrad must be true or false, got 'no'"),
+    (["dataset.random_flip=no"], r"dataset.random_flip must be true or false, got 'no'"),
+    (["dataset.uniform_dequantization=1"], r"dataset.uniform_dequantization must be true or false, got 1"),
+    # the optimiser's ranges, named
+    (["optim.warmup_steps=-5"], r"optim.warmup_steps must be an integer >= 0, got -5"),
+    (["optim.warmup_steps=1.5"], r"optim.warmup_steps must be an integer >= 0, got 1.5"),
+    (["optim.lr=-1"], r"optim.lr must be a number > 0, got -1"),
+    (["optim.lr=0"], r"optim.lr must be a number > 0, got 0"),
+    (["optim.beta1=1.5"], r"optim.beta1 must be in \[0, 1\), got 1.5"),
+    (["optim.eps=-1e-8"], r"optim.eps must be a number >= 0, got -1e-08"),
+    (["optim.weight_decay=-0.1"], r"optim.weight_decay must be a number >= 0, got -0.1"),
+    (["optim.grad_clip=-1"], r"optim.grad_clip must be a number >= 0 \(0 or null: no clipping\), got -1"),
+    # integers where the setting is a count or a seed
+    (["seed=abc"], r"seed must be an integer in \[0, 4294967295\], got 'abc'"),
+    (["seed=-1"], r"seed must be an integer in \[0, 4294967295\], got -1"),
+    (["diffusion.num_diffusion_timesteps=abc"],
+     r"diffusion.num_diffusion_timesteps must be a positive integer, got 'abc'"),
+    (["callbacks.sample_grid.every_n_steps=abc"],
+     r"callbacks.sample_grid.every_n_steps must be an integer >= 0, got 'abc'"),
+    (["callbacks.sample_grid.num_samples=0"], r"callbacks.sample_grid.num_samples must be an integer >= 1, got 0"),
+    (["callbacks.step_rate.every_n_steps=x"], r"callbacks.step_rate.every_n_steps must be an integer >= 1, got 'x'"),
+    (["trainer.log_every_n_steps=0"], r"trainer.log_every_n_steps must be a positive integer, got 0"),
 ]
 
 
@@ -91,6 +119,28 @@ def test_bad_inputs_fail_before_training_and_write_nothing(tmp_path, overrides, 
         run(compose_train(run_dir, *base, "callbacks.model_checkpoint.every_n_train_steps=1", *overrides))
     assert checkpoints_under(tmp_path) == sorted(p for p in files.values() if p.suffix == ".ckpt")
     assert not (run_dir / "csv").exists()  # no trainer, no logger was made
+
+
+def test_corrupt_image_in_the_training_data_is_named(tmp_path):
+    """A truncated JPEG among an image folder's files (sorted last, so the model check's first image is fine and
+    the data loader meets it in the first batch, which holds every image) stops training with its index and path."""
+    images = make_image_folder(tmp_path / "imgs", n=5)
+    Image.fromarray(np.zeros((24, 20, 3), dtype=np.uint8)).save(images / "class1" / "ok.jpg")
+    data = (images / "class1" / "ok.jpg").read_bytes()
+    (images / "class1" / "z_broken.jpg").write_bytes(data[:len(data) // 2])
+    with pytest.raises(ValueError, match=r"image 6 of 7 \(.*class1/z_broken.jpg\) cannot be read: OSError: .*; "
+                                         r"remove or replace the file"):
+        run(compose_train(tmp_path / "run", *SMALL, "logger=none", "trainer.max_steps=3", "dataset=image_folder",
+                          f"dataset.root={images}", "dataset.batch_size=7"))
+
+
+def test_run_shorter_than_the_log_interval_logs_its_loss(tmp_path):
+    """trainer.log_every_n_steps (conf: 25) above trainer.max_steps=3: the interval is lowered, so the default csv
+    logger still writes metrics.csv with the loss at the last step."""
+    run(compose_train(tmp_path, *SMALL, "trainer.max_steps=3", "trainer.log_every_n_steps=25"))
+    rows = list(csv.DictReader((tmp_path / "csv" / "version_0" / "metrics.csv").open()))
+    logged = [r for r in rows if r.get("train/loss")]
+    assert [int(r["step"]) for r in logged] == [2] and float(logged[0]["train/loss"]) > 0
 
 
 def test_paths_output_dir_unwritable_is_named(tmp_path):
@@ -115,6 +165,19 @@ def test_ema_warning_advises_only_settings_not_already_made(warmup):
         module.on_train_end()
     advice = str(caught[0].message)
     assert ("optim.ema_warmup=true" in advice) is not warmup and f"{'with' if warmup else 'no'} warm-up" in advice
+
+
+@pytest.mark.parametrize("build", [lambda: ema_warmup_of({"ema_warmup": "no"}),
+                                   lambda: build_dataset("digits", image_size=8, random_flip="no"),
+                                   lambda: DiffusionDataModule(uniform_dequantization="false"),
+                                   lambda: DiffusionModule(model=SMALL_MODEL, diffusion={},
+                                                           optim={"ema_warmup": "no"})],
+                         ids=["ema_warmup_of", "build_dataset", "DiffusionDataModule", "DiffusionModule"])
+def test_library_readers_refuse_strings_as_switches(build):
+    """Outside train.py too, a string switch is an error, not bool("no") == True."""
+    with pytest.raises(ValueError, match=r"(optim.ema_warmup|dataset.random_flip|dataset.uniform_dequantization) "
+                                         r"must be true or false"):
+        build()
 
 
 # ----------------------------------------------------------------------------------------------- exact resume

@@ -37,6 +37,16 @@ def check_positive_int(value: Any, name: str, allow_none: bool = False) -> None:
         raise ValueError(f"{name} must be a positive integer{' or null' if allow_none else ''}, got {value!r}")
 
 
+def check_int_at_least(value: Any, name: str, minimum: int, maximum: int | None = None) -> int:
+    """``value`` if it is an integer in [minimum, maximum], else a ValueError naming the setting: for counts where
+    0 means off and for seeds, which ``int()`` would otherwise refuse with a bare "invalid literal"."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum or (maximum is not None
+                                                                                    and value > maximum):
+        allowed = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
+        raise ValueError(f"{name} must be an integer {allowed}, got {value!r}")
+    return value
+
+
 def log_lightning_once() -> None:
     """Lightning's package logger prints to a console handler of its own *and* propagates to the root logger;
     under Hydra, which configures the root (console and the run's log file), every INFO line came out twice.

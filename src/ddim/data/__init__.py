@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Callable
 
@@ -25,7 +26,7 @@ from PIL import Image
 from sklearn.datasets import load_digits
 from torch.utils.data import DataLoader, Dataset
 
-from ddim.config import check_positive_int
+from ddim.config import as_bool, check_int_at_least, check_positive_int
 
 DATASETS = ("digits", "cifar10", "celeba", "lsun", "image_folder")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
@@ -51,8 +52,9 @@ class _Transformed(Dataset):
                  uniform_dequantization: bool = False):
         self.base = base
         self.transform = transform
-        self.random_flip = random_flip
-        self.uniform_dequantization = uniform_dequantization
+        # a string such as "no" would be truthy: only true/false
+        self.random_flip = as_bool(random_flip, "dataset.random_flip")
+        self.uniform_dequantization = as_bool(uniform_dequantization, "dataset.uniform_dequantization")
 
     def __len__(self) -> int:
         return len(self.base)
@@ -262,6 +264,38 @@ def build_dataset(name: str, *, root: str | Path = "data", image_size: int = 32,
     raise ValueError(f"unknown dataset {name!r}; allowed: {', '.join(DATASETS)}")
 
 
+def image_file(dataset: Dataset, i: int) -> Path | None:
+    """The file behind item ``i`` of a (wrapped) image-folder data set, found through ``base`` / ``dataset``
+    wrappers down to a ``files`` list; None for data sets not read from single files (npz arrays, lmdb)."""
+    ds = dataset
+    while ds is not None:
+        files = getattr(ds, "files", None)
+        if isinstance(files, Sequence) and len(files) == len(dataset):
+            return Path(files[i])
+        ds = getattr(ds, "base", None) or getattr(ds, "dataset", None)
+    return None
+
+
+class NamedFailures(Dataset):
+    """A data set whose unreadable items (a truncated JPEG in an image folder) fail with their index and file, not
+    with a decoder's message that names neither.  Keys may be ``EpochSeededSampler``'s (index, seed) pairs."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: int | tuple[int, int]):
+        try:
+            return self.dataset[key]
+        except Exception as e:  # noqa: BLE001 - any decode error: say which image it was
+            i = key[0] if isinstance(key, tuple) else key
+            name = image_file(self.dataset, i)
+            raise ValueError(f"image {i} of {len(self.dataset)}{f' ({name})' if name else ''} cannot be read: "
+                             f"{type(e).__name__}: {e}; remove or replace the file") from e
+
+
 class EpochSeededSampler(torch.utils.data.Sampler[tuple[int, int]]):
     """A random permutation drawn from (seed, epoch), this rank's share of it, from a resumable position, as
     (index, ``sample_seed(seed, epoch, index)``) pairs: ``_Transformed`` draws the image's flip and noise from the
@@ -347,8 +381,9 @@ class DiffusionDataModule(L.LightningDataModule):
         check_positive_int(image_size, "dataset.image_size")
         check_positive_int(batch_size, "dataset.batch_size")
         check_positive_int(channels, "dataset.channels")
-        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
-            raise ValueError(f"dataset.num_workers must be an integer >= 0, got {num_workers!r}")
+        check_int_at_least(num_workers, "dataset.num_workers", 0)
+        as_bool(random_flip, "dataset.random_flip")  # refused here, before setup reads any data
+        as_bool(uniform_dequantization, "dataset.uniform_dequantization")
         self.save_hyperparameters()
         self.dataset: Dataset | None = None
         self.sampler: EpochSeededSampler | None = None
@@ -357,9 +392,10 @@ class DiffusionDataModule(L.LightningDataModule):
         if self.dataset is not None:
             return
         h = self.hparams
-        self.dataset = build_dataset(h.name, root=h.root, image_size=h.image_size, split=h.split,
+        # a file that cannot be decoded is named (index, path) when a step reads it
+        self.dataset = NamedFailures(build_dataset(h.name, root=h.root, image_size=h.image_size, split=h.split,
                                      random_flip=h.random_flip, uniform_dequantization=h.uniform_dequantization,
-                                     download=h.download, channels=h.channels, category=h.category)
+                                     download=h.download, channels=h.channels, category=h.category))
         if h.batch_size > len(self.dataset):
             raise ValueError(f"batch_size={h.batch_size} is larger than the {h.name} data set ({len(self.dataset)} "
                              f"images at {h.root}); lower data.batch_size or add data")

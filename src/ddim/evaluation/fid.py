@@ -22,6 +22,7 @@ from torch_fidelity.metric_fid import fid_features_to_statistics
 from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD, isc_features_to_metric
 from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, kid_features_to_metric
 
+from ddim.data import NamedFailures
 from ddim.downloads import HashMismatchError, check_file_hash, default_cache_dir, download_verified, file_digest
 from ddim.evaluation import inception_convert
 from ddim.evaluation.images import to_uint8
@@ -147,36 +148,6 @@ def _check_batch(x: torch.Tensor) -> torch.Tensor:
 def _first_tensor(item):
     # Datasets of this project yield (image, label); plain image datasets yield the image.
     return item[0] if isinstance(item, (tuple, list)) else item
-
-
-def image_file(dataset: Dataset, i: int) -> Path | None:
-    """The file behind item ``i`` of a (wrapped) image-folder data set, found through ``base`` / ``dataset``
-    wrappers down to a ``files`` list; None for data sets not read from single files (npz arrays, lmdb)."""
-    ds = dataset
-    while ds is not None:
-        files = getattr(ds, "files", None)
-        if isinstance(files, Sequence) and len(files) == len(dataset):
-            return Path(files[i])
-        ds = getattr(ds, "base", None) or getattr(ds, "dataset", None)
-    return None
-
-
-class NamedFailures(Dataset):
-    """A data set whose unreadable items (a truncated JPEG in an image folder) fail with their index and file."""
-
-    def __init__(self, dataset: Dataset):
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, i: int):
-        try:
-            return self.dataset[i]
-        except Exception as e:  # noqa: BLE001 - any decode error: say which image it was
-            name = image_file(self.dataset, i)
-            raise ValueError(f"image {i} of {len(self.dataset)}{f' ({name})' if name else ''} cannot be read: "
-                             f"{type(e).__name__}: {e}; remove or replace the file") from e
 
 
 def _batches(images: ImageSource, batch_size: int) -> Iterable[torch.Tensor]:

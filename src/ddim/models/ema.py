@@ -32,6 +32,7 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from ddim.config import as_bool
 from ddim.models.official import official_state_dict
 
 __all__ = ["EMA", "DEFAULT_EMA_DECAY", "ema_decay_at", "ema_initial_share", "ema_initial_share_note",
@@ -63,8 +64,8 @@ def lerp_ema_(ema_tensors: list[torch.Tensor], tensors: list[torch.Tensor], deca
 
 def ema_warmup_of(settings: Mapping | None) -> bool:
     """``settings["ema_warmup"]`` (train.py's ``optim``, an exported ``ema.pt``); absent (settings and checkpoints
-    from before the option): the official rule, no warm-up."""
-    return bool((settings or {}).get("ema_warmup", False))
+    from before the option): the official rule, no warm-up.  Only true/false: ``bool("no")`` would be True."""
+    return as_bool((settings or {}).get("ema_warmup", False), "optim.ema_warmup")
 
 
 def ema_initial_share(decay: float, updates: int, warmup: bool) -> float:

@@ -26,7 +26,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from ddim.accel import prepare_for_training
-from ddim.config import as_bool, plain
+from ddim.config import as_bool, check_int_at_least, plain
 from ddim.diffusion.schedules import alphas_cumprod_from_config
 from ddim.models.build import build_unet, check_architecture
 from ddim.models.ema import DEFAULT_EMA_DECAY, ema_decay_at, ema_initial_share_note, ema_warmup_of, lerp_ema_
@@ -36,6 +36,10 @@ from ddim.training.step_graph import GradientGraph, check_strategy_pairing, mode
 FAST_DEFAULTS = {"compile": False, "mode": None, "step_graph": False}
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 OPTIM_NUMBERS = ("lr", "beta1", "eps", "weight_decay", "ema_decay", "grad_clip", "warmup_steps")
+# (setting, test, what is allowed) for Adam and clipping; null keeps the default
+OPTIM_RANGES = (("lr", lambda v: v > 0, "a number > 0"), ("beta1", lambda v: 0 <= v < 1, "in [0, 1)"),
+                ("eps", lambda v: v >= 0, "a number >= 0"), ("weight_decay", lambda v: v >= 0, "a number >= 0"),
+                ("grad_clip", lambda v: v >= 0, "a number >= 0 (0 or null: no clipping)"))
 
 
 def fast_settings(fast: dict) -> dict:
@@ -57,11 +61,21 @@ def fast_settings(fast: dict) -> dict:
 
 
 def check_optim(optim: dict) -> float:
-    """Refuse non-numbers among the optimiser settings by name; returns the checked EMA decay."""
+    """Refuse bad optimiser settings by name, before anything is built (torch's own messages name no setting, and
+    a negative warm-up or clip would train silently); returns the checked EMA decay."""
     for key in OPTIM_NUMBERS:
         value = optim.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
             raise ValueError(f"optim.{key} must be a number, got {value!r}")
+    for key, ok, allowed in OPTIM_RANGES:
+        value = optim.get(key)
+        if value is not None and not ok(value):
+            raise ValueError(f"optim.{key} must be {allowed}, got {value!r}")
+    warmup = optim.get("warmup_steps")
+    if warmup is not None:
+        check_int_at_least(warmup, "optim.warmup_steps", 0)
+    as_bool(optim.get("amsgrad", False), "optim.amsgrad")
+    ema_warmup_of(optim)  # true/false only
     decay = float(optim.get("ema_decay", DEFAULT_EMA_DECAY))
     if not 0.0 <= decay < 1.0:
         raise ValueError(f"optim.ema_decay must be in [0, 1), got {decay}")
@@ -224,7 +238,8 @@ class DiffusionModule(L.LightningModule):
         params = [p for p in self.model.parameters() if p.requires_grad]
         opt = torch.optim.Adam(params, lr=float(o.get("lr", 2e-4)), betas=(float(o.get("beta1", 0.9)), 0.999),
                                eps=float(o.get("eps", 1e-8)), weight_decay=float(o.get("weight_decay", 0.0)),
-                               amsgrad=bool(o.get("amsgrad", False)), fused=torch.cuda.is_available() or None)
+                               amsgrad=as_bool(o.get("amsgrad", False), "optim.amsgrad"),
+                               fused=torch.cuda.is_available() or None)
         warmup = int(o.get("warmup_steps", 0) or 0)
         if warmup <= 0:
             return opt
