@@ -102,8 +102,8 @@ BAD_INPUTS = [
      r"diffusion.num_diffusion_timesteps must be a positive integer, got 'abc'"),
     (["callbacks.sample_grid.every_n_steps=abc"],
      r"callbacks.sample_grid.every_n_steps must be an integer >= 0, got 'abc'"),
-    (["callbacks.sample_grid.num_samples=0"], r"callbacks.sample_grid.num_samples must be an integer >= 1, got 0"),
-    (["callbacks.step_rate.every_n_steps=x"], r"callbacks.step_rate.every_n_steps must be an integer >= 1, got 'x'"),
+    (["callbacks.sample_grid.num_samples=0"], r"callbacks.sample_grid.num_samples must be a positive integer, got 0"),
+    (["callbacks.step_rate.every_n_steps=x"], r"callbacks.step_rate.every_n_steps must be a positive integer, got 'x'"),
     (["trainer.log_every_n_steps=0"], r"trainer.log_every_n_steps must be a positive integer, got 0"),
 ]
 

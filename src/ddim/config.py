@@ -31,19 +31,19 @@ def as_bool(value: Any, name: str) -> bool:
 
 def check_positive_int(value: Any, name: str, allow_none: bool = False) -> None:
     """Raise a ValueError naming the setting unless ``value`` is an integer >= 1 (or None when allowed)."""
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer{' or null' if allow_none else ''}, got {value!r}")
+    if not (value is None and allow_none):
+        check_int_at_least(value, name, 1, or_null=allow_none)
 
 
-def check_int_at_least(value: Any, name: str, minimum: int, maximum: int | None = None) -> int:
-    """``value`` if it is an integer in [minimum, maximum], else a ValueError naming the setting: for counts where
-    0 means off and for seeds, which ``int()`` would otherwise refuse with a bare "invalid literal"."""
+def check_int_at_least(value: Any, name: str, minimum: int, maximum: int | None = None,
+                       or_null: bool = False) -> int:
+    """``value`` if it is an integer in [minimum, maximum], else a ValueError naming the setting: for counts (where
+    0 may mean off) and seeds, which ``int()`` would otherwise refuse with a bare "invalid literal"."""
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum or (maximum is not None
                                                                                     and value > maximum):
-        allowed = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
-        raise ValueError(f"{name} must be an integer {allowed}, got {value!r}")
+        allowed = ("a positive integer" if (minimum, maximum) == (1, None) else
+                   f"an integer >= {minimum}" if maximum is None else f"an integer in [{minimum}, {maximum}]")
+        raise ValueError(f"{name} must be {allowed}{' or null' if or_null else ''}, got {value!r}")
     return value
 
 
