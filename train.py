@@ -22,8 +22,8 @@ from omegaconf import DictConfig, OmegaConf
 from ddim.config import as_bool, log_lightning_once
 from ddim.data import DiffusionDataModule
 from ddim.training.checkpoint_io import AtomicCheckpointIO
-from ddim.training.checks import (check_data_fits_model, check_output_folders, check_resume, check_settings,
-                                  check_strategy, check_training_length)
+from ddim.training.checks import (check_data_fits_model, check_loggers, check_output_folders, check_resume,
+                                  check_settings, check_strategy, check_training_length)
 from ddim.training.module import DiffusionModule
 
 log = logging.getLogger(__name__)
@@ -88,6 +88,7 @@ def run(cfg: DictConfig) -> dict:
     check_training_length(cfg.trainer)
     check_settings(cfg)
     check_strategy(cfg)
+    check_loggers(cfg)
 
     L.seed_everything(cfg.seed, workers=True)
     data_cfg = OmegaConf.to_container(cfg.dataset, resolve=True)

@@ -4,6 +4,7 @@ ends with the weights of the uninterrupted run, bit for bit on a CPU."""
 from __future__ import annotations
 
 import csv
+import importlib.util
 import os
 import random
 import shutil
@@ -25,7 +26,8 @@ from test_data import make_image_folder
 from test_train import SMALL_MODEL, TINY
 
 sys.path.insert(0, str(REPO))
-from train import run  # noqa: E402 - train.py is a script at the repository root
+import train  # noqa: E402 - train.py is a script at the repository root
+from train import run  # noqa: E402
 
 from ddim.checkpoints import read_checkpoint, save_atomically  # noqa: E402
 from ddim.data import DiffusionDataModule, EpochSeededSampler, build_dataset  # noqa: E402
@@ -119,6 +121,18 @@ def test_bad_inputs_fail_before_training_and_write_nothing(tmp_path, overrides, 
         run(compose_train(run_dir, *base, "callbacks.model_checkpoint.every_n_train_steps=1", *overrides))
     assert checkpoints_under(tmp_path) == sorted(p for p in files.values() if p.suffix == ".ckpt")
     assert not (run_dir / "csv").exists()  # no trainer, no logger was made
+
+
+def test_tensorboard_logger_without_the_package_is_named_before_building(tmp_path, monkeypatch):
+    """Without tensorboard (not installed by default) logger=tensorboard stops at once with the install command."""
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name in ("tensorboard", "tensorboardX") else find_spec(name, *a))
+    monkeypatch.setattr(train, "DiffusionDataModule", lambda *a, **k: pytest.fail("built the data before the check"))
+    with pytest.raises(ValueError, match=r"logger.tensorboard .*needs the tensorboard package: pip install -e "
+                                         r"'.\[tensorboard\]'"):
+        run(compose_train(tmp_path / "run", *SMALL, "logger=tensorboard"))
+    assert not (tmp_path / "run").exists()
 
 
 def test_corrupt_image_in_the_training_data_is_named(tmp_path):

@@ -3,6 +3,7 @@ gradients, data that does not fit the model, folders it could not write at the f
 it cannot resume from.  Each message names the setting, its value and what is allowed."""
 from __future__ import annotations
 
+import importlib.util
 import logging
 from typing import Any
 
@@ -109,3 +110,14 @@ def check_resume(cfg: DictConfig, model_cfg: dict, trust: bool) -> None:
         log.warning(f"ckpt_path={ckpt_path} trained its EMA with optim.ema_warmup={str(was).lower()}; this run "
                     f"goes on from step {step} with optim.ema_warmup={str(now).lower()} (set "
                     f"optim.ema_warmup={str(was).lower()} to keep the checkpoint's rule)")
+
+
+def check_loggers(cfg: DictConfig) -> None:
+    """``logger=tensorboard`` needs a package the project does not install by default: say so before anything is
+    built, with the command, instead of Lightning's error after the data and model are ready."""
+    for name, lg in (cfg.get("logger") or {}).items():
+        target = str(lg.get("_target_", "")) if lg is not None else ""
+        if target.endswith("TensorBoardLogger") and not any(importlib.util.find_spec(p) for p in
+                                                            ("tensorboard", "tensorboardX")):
+            raise ValueError(f"logger.{name} ({target}) needs the tensorboard package: pip install -e "
+                             f"'.[tensorboard]'; or choose logger=csv, logger=wandb or logger=none")
