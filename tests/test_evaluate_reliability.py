@@ -75,6 +75,9 @@ def inputs(tmp_path, tiny_ckpt) -> dict[str, str]:
 BAD_INPUTS = [
     (("fid.num_samples=200.9",), "fid.num_samples must be a positive integer or null, got 200.9"),
     (("fid.num_samples=abc",), "fid.num_samples must be a positive integer or null, got 'abc'"),
+    (("task=consistency", "consistency.steps=5"), "consistency.steps must be a non-empty list of step counts S "
+                                                   "(one grid column each), e.g. consistency.steps=[10,20,50]; got 5"),
+    (("task=consistency", "consistency.steps=[]"), "consistency.steps must be a non-empty list of step counts"),
     (("task=consistency", "consistency.steps=[5,5000]"), "consistency.steps entry=5000 exceeds the model's T=1000"),
     (("use_ema=no",), "use_ema must be true or false, got 'no'"),
     (("use_ema=maybe",), "use_ema must be true or false, got 'maybe'"),

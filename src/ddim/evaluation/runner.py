@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
 
 from ddim.accel import fp8_supported, prepare_for_inference
@@ -102,9 +102,11 @@ def check_task_settings(task: str, cfg: DictConfig) -> None:
         check_positive_int(cfg.interpolation.num_pairs, "interpolation.num_pairs")
         check_positive_int(cfg.interpolation.num_alphas, "interpolation.num_alphas")
     elif task == "consistency":
-        steps = list(cfg.consistency.steps or [])
-        if not steps:
-            raise ValueError("consistency.steps must be a non-empty list of S values, got []")
+        raw = cfg.consistency.steps
+        if not isinstance(raw, ListConfig) or not raw:  # a bare 5 or "abc" would fail later as "not iterable"
+            raise ValueError(f"consistency.steps must be a non-empty list of step counts S (one grid column each), "
+                             f"e.g. consistency.steps=[10,20,50]; got {raw!r}")
+        steps = list(raw)
         for S in steps:
             check_positive_int(S, f"consistency.steps entry (in {steps})")
         check_positive_int(cfg.consistency.num_samples, "consistency.num_samples")
