@@ -161,7 +161,8 @@ def test_ref_stats_variants(tmp_path, small_features):
      r"mu and sigma must be finite"),
     ({"pool_3": np.zeros((4, FEATURES + 2))}, ValueError, r"pool_3 must hold finite \(N, 6\) Inception features"),
     ("npy", ValueError, r"holds a single array, not an .npz file"),
-    ("text", ValueError, r"cannot be read as a NumPy .npz file"),
+    ("text", ValueError, r"is not an .npz file \(it starts with b'mu sigma', not like a zip archive\); expected"),
+    ("bad_zip", ValueError, r"cannot be read as a NumPy .npz file"),
 ])
 def test_bad_ref_stats_files(tmp_path, small_features, arrays, error, match):
     from ddim.evaluation.fid import read_reference_statistics
@@ -172,6 +173,8 @@ def test_bad_ref_stats_files(tmp_path, small_features, arrays, error, match):
         np.save(path, np.zeros(FEATURES))
     elif arrays == "text":
         path.write_text("mu sigma\n")
+    elif arrays == "bad_zip":  # starts like a zip archive, but is none
+        path.write_bytes(b"PK\x03\x04 truncated")
     elif arrays is not None:
         stats_file(path, **arrays)
     with pytest.raises(error, match=match):

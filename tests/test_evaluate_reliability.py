@@ -79,6 +79,11 @@ BAD_INPUTS = [
                                                    "(one grid column each), e.g. consistency.steps=[10,20,50]; got 5"),
     (("task=consistency", "consistency.steps=[]"), "consistency.steps must be a non-empty list of step counts"),
     (("task=consistency", "consistency.steps=[5,5000]"), "consistency.steps entry=5000 exceeds the model's T=1000"),
+    (("fid.weights_path={text}",), "fid.weights_path={text} is not a PyTorch weights file (it starts with "
+                                    "b'hello\\n', not like torch.save's zip archive or pickle); expected: Inception"),
+    (("fid.weights_path={dir}/missing.pth",), "Inception weights not found: fid.weights_path={dir}/missing.pth"),
+    (("fid.ref_stats={text}",), "fid.ref_stats={text} is not an .npz file (it starts with b'hello\\n', not like a "
+                                "zip archive); expected: an .npz file with mu (2048,) and sigma (2048, 2048)"),
     (("use_ema=no",), "use_ema must be true or false, got 'no'"),
     (("use_ema=maybe",), "use_ema must be true or false, got 'maybe'"),
     (("trust_checkpoint=maybe",), "trust_checkpoint must be true or false, got 'maybe'"),

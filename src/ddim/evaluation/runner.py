@@ -23,7 +23,7 @@ from ddim.config import as_bool, check_positive_int, check_writable_dir, log_lig
 from ddim.diffusion import timesteps
 from ddim.diffusion.solvers import SOLVERS, nfe
 from ddim.evaluation import records
-from ddim.evaluation.fid import read_reference_statistics
+from ddim.evaluation.fid import check_weights_file, read_reference_statistics
 from ddim.evaluation.settings import (ETA_ZERO_TASKS, EVAL_TASKS, PRECISIONS, TRAJECTORIES, Loaded, Settings,
                                       default_trajectory, parse_eta)
 from ddim.evaluation.tasks import TASKS, fid_grid, with_fid_defaults
@@ -83,9 +83,8 @@ def check_task_settings(task: str, cfg: DictConfig) -> None:
         if cfg.fid.num_samples is not None and cfg.fid.num_samples < 2:
             raise ValueError(f"fid.num_samples must be >= 2 (FID needs a covariance), got {cfg.fid.num_samples}")
         check_positive_int(cfg.fid.batch_size, "fid.batch_size")
-        weights = cfg.fid.get("weights_path")
-        if weights and not Path(weights).is_file():
-            raise FileNotFoundError(f"Inception weights not found: fid.weights_path={weights}")
+        if cfg.fid.get("weights_path"):
+            check_weights_file(cfg.fid.weights_path)  # exists and starts like a torch.save file
         if cfg.fid.get("ref_stats"):
             read_reference_statistics(cfg.fid.ref_stats)  # file, arrays, shapes, finite: before any sampling
         as_bool(cfg.fid.get("save_grid", False), "fid.save_grid")
