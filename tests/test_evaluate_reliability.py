@@ -84,6 +84,8 @@ BAD_INPUTS = [
     (("fid.weights_path={dir}/missing.pth",), "Inception weights not found: fid.weights_path={dir}/missing.pth"),
     (("fid.ref_stats={text}",), "fid.ref_stats={text} is not an .npz file (it starts with b'hello\\n', not like a "
                                 "zip archive); expected: an .npz file with mu (2048,) and sigma (2048, 2048)"),
+    (("task=reconstruction", "reconstruction.split=val"),
+     "reconstruction.split=val: not a split of dataset=digits (digits: split must be 'train', 'test' or 'all'"),
     (("use_ema=no",), "use_ema must be true or false, got 'no'"),
     (("use_ema=maybe",), "use_ema must be true or false, got 'maybe'"),
     (("trust_checkpoint=maybe",), "trust_checkpoint must be true or false, got 'maybe'"),
@@ -130,6 +132,17 @@ def test_unwritable_records_dir_is_named(tmp_path, inputs, nothing_expensive, mo
     with pytest.raises(ValueError, match=rf"records_dir={locked}/records is not writable: no write permission in "):
         run_composed(tmp_path, f"ckpt_path={inputs['ckpt']}", "task=samples", f"records_dir={locked}/records")
     assert not (tmp_path / "log").exists() and not any(locked.iterdir())
+
+
+def test_bad_ref_split_is_named_before_sampling(tmp_path, tiny_ckpt, fake_inception, nothing_expensive,
+                                                monkeypatch):
+    from ddim.evaluation import tasks
+
+    monkeypatch.setattr(tasks, "resolve_inception_weights", lambda weights_path, cache_dir: fake_inception)
+    with pytest.raises(ValueError, match=r"fid.ref_split=validation: not a split of dataset=digits \(digits: split "
+                                         r"must be 'train', 'test' or 'all'"):
+        run_composed(tmp_path, f"ckpt_path={tiny_ckpt}", "task=fid", "fid.num_samples=4", "fid.ref_split=validation")
+    assert not (tmp_path / "log").exists()
 
 
 def test_unreadable_reference_image_fails_before_sampling(tmp_path, tiny_ckpt, nothing_expensive, monkeypatch):
