@@ -20,7 +20,7 @@ from PIL import Image
 from conftest import REPO
 from ddim.evaluation.fid import inception_features as real_inception_features
 from ddim.evaluation.fid import reference_statistics as real_reference_statistics
-from test_evaluate import fake_inception, one_thread, tiny_ckpt  # noqa: F401  (fixtures)
+from test_evaluate import DIFFUSION, TINY_UNET, fake_inception, one_thread, tiny_ckpt  # noqa: F401  (fixtures)
 
 
 def run_composed(tmp_path: Path, *overrides: str) -> dict:
@@ -86,6 +86,9 @@ BAD_INPUTS = [
                                 "zip archive); expected: an .npz file with mu (2048,) and sigma (2048, 2048)"),
     (("task=reconstruction", "reconstruction.split=val"),
      "reconstruction.split=val: not a split of dataset=digits (digits: split must be 'train', 'test' or 'all'"),
+    (("dataset=image_folder",), "dataset.root must be set: dataset=image_folder has no default for it; pass "
+                                "dataset.root=<value> (the folder of images, any depth)"),
+    (("task=reconstruction", "dataset=image_folder"), "dataset.root must be set: dataset=image_folder"),
     (("use_ema=no",), "use_ema must be true or false, got 'no'"),
     (("use_ema=maybe",), "use_ema must be true or false, got 'maybe'"),
     (("trust_checkpoint=maybe",), "trust_checkpoint must be true or false, got 'maybe'"),
@@ -143,6 +146,47 @@ def test_bad_ref_split_is_named_before_sampling(tmp_path, tiny_ckpt, fake_incept
                                          r"must be 'train', 'test' or 'all'"):
         run_composed(tmp_path, f"ckpt_path={tiny_ckpt}", "task=fid", "fid.num_samples=4", "fid.ref_split=validation")
     assert not (tmp_path / "log").exists()
+
+
+@pytest.fixture
+def image_folder_ckpt(tmp_path) -> Path:
+    """A tiny RGB model as train.py saves it after ``dataset=image_folder dataset.root=<folder>``: the folder not
+    kept (train.py records name, image_size, channels and category)."""
+    from ddim.training.module import DiffusionModule
+
+    torch.manual_seed(0)
+    m = DiffusionModule(model={**TINY_UNET, "in_channels": 3, "out_ch": 3}, diffusion=DIFFUSION,
+                        optim={"ema_decay": 0.999},
+                        data={"name": "image_folder", "image_size": 8, "channels": 3, "category": None})
+    torch.save({"state_dict": m.state_dict(), "hyper_parameters": dict(m.hparams), "global_step": 0},
+               tmp_path / "folder.ckpt")
+    return tmp_path / "folder.ckpt"
+
+
+def test_image_folder_checkpoint_says_how_to_name_its_folder(tmp_path, image_folder_ckpt, nothing_expensive):
+    with pytest.raises(ValueError, match=r"trained on dataset=image_folder, whose folder it does not record, and "
+                                         r"task=reconstruction reads its images: pass \+dataset.root=<folder of "
+                                         r"images>, or dataset=image_folder dataset.root=<folder> "
+                                         r"dataset.image_size=8 dataset.channels=3 \(the checkpoint's values\)"):
+        run_composed(tmp_path, f"ckpt_path={image_folder_ckpt}", "task=reconstruction")
+    assert not (tmp_path / "log").exists()
+
+
+def test_image_folder_root_given_alone_or_not_needed(tmp_path, image_folder_ckpt):
+    """+dataset.root=<folder> reads the checkpoint's data set from there; samples need no folder at all."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((8, 8, 3), 60 * i, np.uint8)).save(folder / f"{i}.png")
+    rec = run_composed(tmp_path, f"ckpt_path={image_folder_ckpt}", "task=reconstruction", "sampler.steps=2",
+                       f"+dataset.root={folder}")
+    assert rec["num_samples"] == 3 and rec["key"]["dataset"] == "image_folder-8"
+    rec = run_composed(tmp_path, f"ckpt_path={image_folder_ckpt}", "task=samples", "samples.num_samples=2",
+                       "sampler.steps=2")
+    assert rec["num_samples"] == 2 and Path(rec["outputs"]["grid"]).is_file()
+    rec = run_composed(tmp_path, f"ckpt_path={image_folder_ckpt}", "task=samples", "samples.num_samples=2",
+                       "sampler.steps=2", "dataset=image_folder", "dataset.image_size=8")
+    assert rec["key"]["dataset"] == "image_folder-8"
 
 
 def test_unreadable_reference_image_fails_before_sampling(tmp_path, tiny_ckpt, nothing_expensive, monkeypatch):
