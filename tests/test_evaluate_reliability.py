@@ -52,7 +52,8 @@ def nothing_expensive(monkeypatch):
     """Sampling, Inception (weights, reference statistics, features) and the inference fast path fail the test."""
     from ddim.evaluation import fid, runner, sampling, tasks
 
-    for module, name in [(tasks, "generate"), (tasks, "decode"), (sampling, "sample_batch"), (tasks, "fid_between"),
+    for module, name in [(tasks, "generate"), (tasks, "decode"), (sampling, "sample_batch"), (tasks, "sample_batch"),
+                         (tasks, "encode"), (tasks, "fid_between"),
                          (tasks, "reference_statistics"), (tasks, "resolve_inception_weights"),
                          (fid, "inception_features"), (runner, "prepare_for_inference")]:
         monkeypatch.setattr(module, name, forbid)
@@ -89,6 +90,9 @@ BAD_INPUTS = [
     (("dataset=image_folder",), "dataset.root must be set: dataset=image_folder has no default for it; pass "
                                 "dataset.root=<value> (the folder of images, any depth)"),
     (("task=reconstruction", "dataset=image_folder"), "dataset.root must be set: dataset=image_folder"),
+    (("task=reconstruction", "reconstruction.num_images=100000"),
+     "reconstruction.num_images=100000 but reconstruction.split=test of digits-8 has 180 images; allowed: 1..180, "
+     "or null (all)"),
     (("use_ema=no",), "use_ema must be true or false, got 'no'"),
     (("use_ema=maybe",), "use_ema must be true or false, got 'maybe'"),
     (("trust_checkpoint=maybe",), "trust_checkpoint must be true or false, got 'maybe'"),

@@ -158,6 +158,10 @@ def reconstruction_mse(eps_model: torch.nn.Module, alphas_cumprod: torch.Tensor,
 def reconstruction_task(s: Settings, m: Loaded) -> TaskResult:
     """Table 2: reconstruction error of ``reconstruction.num_images`` images of ``reconstruction.split``."""
     dataset = evaluation_dataset(m.data, s.params["split"], "reconstruction.split")
+    n = s.params.get("num_images")
+    if n is not None and n > len(dataset):  # refused, not silently fewer: the record would claim n images
+        raise ValueError(f"reconstruction.num_images={n} but reconstruction.split={s.params['split']} of "
+                         f"{m.dataset_key} has {len(dataset)} images; allowed: 1..{len(dataset)}, or null (all)")
     res = reconstruction_mse(m.eps_model, m.alphas_cumprod, m.seq, dataset, num_images=s.params.get("num_images"),
                              batch_size=s.batch_size, device=s.device)
     return TaskResult({"mse": res["mse"]}, res["num_images"], 2 * len(m.seq), {})  # encode + decode
