@@ -109,6 +109,8 @@ BAD_INPUTS = [
     (("ckpt_path={tensor}",), "holds a single tensor of shape (3,)"),
     (("ckpt_path={dir}/missing.ckpt",), "checkpoint not found: ckpt_path="),
     (("records_dir={file}/records",), "records_dir={file}/records is not a writable folder: {file} is a file"),
+    pytest.param(("records_dir=/proc/ddim-nope/records",), "records_dir=/proc/ddim-nope/records is not writable: ",
+                 marks=pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="no /proc here")),
     (("output_dir={file}/out",), "output_dir={file}/out is not a writable folder: {file} is a file"),
     pytest.param(("device=cuda",), "device=cuda but CUDA is not available on this machine",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="the machine has CUDA")),
