@@ -49,7 +49,10 @@ def test_no_model_and_no_train_run_names_the_folder_and_the_ways(monkeypatch, tm
     (tmp_path / "train" / "digits" / "run" / "checkpoints").mkdir(parents=True)  # a run killed before its first save
     with pytest.raises(FileNotFoundError, match=rf"no model given and no train.py checkpoint \(checkpoints/last.ckpt\) "
                                                 rf"under {tmp_path / 'train'}: run python train.py first, or pass "
-                                                rf"ckpt_path=.*, pretrained=<.*cifar10.*> \(released weights.* or official=<cifar10\|celeba"):
+                                                rf"ckpt_path=.*, pretrained=<bedroom\|cat\|church\|cifar10> "
+                                                rf"\(released weights, downloaded once\) or pretrained=<a diffusers "
+                                                rf"model: a Hub id owner/name .* or a local diffusers folder>, or "
+                                                rf"official=<cifar10\|celeba"):
         run_evaluate(monkeypatch, tmp_path, "task=samples")
     assert not (tmp_path / "records").exists()
 

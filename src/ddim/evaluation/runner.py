@@ -29,7 +29,7 @@ from ddim.evaluation.settings import (ETA_ZERO_TASKS, EVAL_TASKS, PRECISIONS, TR
 from ddim.evaluation.tasks import TASKS, fid_grid, with_fid_defaults
 from ddim.models import OFFICIAL_CONFIGS
 from ddim.models.diffusers_format import check_diffusers_source, is_diffusers_source, load_diffusers_for_sampling
-from ddim.models.pretrained import PRETRAINED_NAMES, check_pretrained_name, fetch
+from ddim.models.pretrained import DIFFUSERS_SOURCES, DOWNLOADABLE_NAMES, check_pretrained_name, fetch
 
 SAMPLER_KINDS: tuple[str, ...] = ("ddim",) + tuple(SOLVERS)
 # the official configs' data set names -> this project's
@@ -146,9 +146,9 @@ def newest_train_checkpoint(log_dir: str | os.PathLike) -> Path:
     if not found:
         raise FileNotFoundError(
             f"no model given and no train.py checkpoint (checkpoints/last.ckpt) under {runs}: run python train.py "
-            f"first, or pass ckpt_path=<checkpoint written by train.py>, pretrained=<{'|'.join(PRETRAINED_NAMES)}> "
-            f"(released weights, downloaded once) or official=<{'|'.join(OFFICIAL_CONFIGS)}> official_path=<file> "
-            f"(paths.log_dir sets the folder searched)")
+            f"first, or pass ckpt_path=<checkpoint written by train.py>, pretrained=<{'|'.join(DOWNLOADABLE_NAMES)}> "
+            f"(released weights, downloaded once) or pretrained=<{DIFFUSERS_SOURCES}>, or "
+            f"official=<{'|'.join(OFFICIAL_CONFIGS)}> official_path=<file> (paths.log_dir sets the folder searched)")
     return max(found, key=lambda p: p.stat().st_mtime_ns)
 
 
