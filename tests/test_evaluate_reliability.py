@@ -247,6 +247,7 @@ def test_outputs_asked_for_later_are_produced(tmp_path, tiny_ckpt, capsys):
     args = (f"ckpt_path={tiny_ckpt}", "task=samples", "samples.num_samples=4", "sampler.steps=2")
     first = run_composed(tmp_path, *args)
     assert "npz" not in first["outputs"]
+    assert sorted(p.name for p in (tmp_path / "log" / "run").iterdir()) == ["samples.png"]  # no empty shards/
     second = run_composed(tmp_path, *args, "samples.save_npz=true")
     out = capsys.readouterr().out
     assert "skipped" not in out and "lacks what this run asks for: samples.npz (samples.save_npz=true)" in out
