@@ -94,7 +94,7 @@ def fake_inception(monkeypatch, tmp_path):
     from ddim.evaluation import tasks
 
     w = tmp_path / "inception.pth"
-    w.write_bytes(b"stand-in")
+    torch.save({"stand-in": torch.zeros(1)}, w)  # a torch file, as evaluate.py checks fid.weights_path
     monkeypatch.setattr(tasks, "fid_between", pixel_fid)
     monkeypatch.setattr(tasks, "reference_statistics", pixel_reference_statistics)
     monkeypatch.setattr(tasks, "resolve_inception_weights", lambda weights_path, cache_dir: weights_path or w)

@@ -49,7 +49,10 @@ def test_no_model_and_no_train_run_names_the_folder_and_the_ways(monkeypatch, tm
     (tmp_path / "train" / "digits" / "run" / "checkpoints").mkdir(parents=True)  # a run killed before its first save
     with pytest.raises(FileNotFoundError, match=rf"no model given and no train.py checkpoint \(checkpoints/last.ckpt\) "
                                                 rf"under {tmp_path / 'train'}: run python train.py first, or pass "
-                                                rf"ckpt_path=.*, pretrained=<.*cifar10.*> \(released weights.* or official=<cifar10\|celeba"):
+                                                rf"ckpt_path=.*, pretrained=<bedroom\|cat\|church\|cifar10> "
+                                                rf"\(released weights, downloaded once\) or pretrained=<a diffusers "
+                                                rf"model: a Hub id owner/name .* or a local diffusers folder>, or "
+                                                rf"official=<cifar10\|celeba"):
         run_evaluate(monkeypatch, tmp_path, "task=samples")
     assert not (tmp_path / "records").exists()
 
@@ -161,7 +164,8 @@ def test_ref_stats_variants(tmp_path, small_features):
      r"mu and sigma must be finite"),
     ({"pool_3": np.zeros((4, FEATURES + 2))}, ValueError, r"pool_3 must hold finite \(N, 6\) Inception features"),
     ("npy", ValueError, r"holds a single array, not an .npz file"),
-    ("text", ValueError, r"cannot be read as a NumPy .npz file"),
+    ("text", ValueError, r"is not an .npz file \(it starts with b'mu sigma', not like a zip archive\); expected"),
+    ("bad_zip", ValueError, r"cannot be read as a NumPy .npz file"),
 ])
 def test_bad_ref_stats_files(tmp_path, small_features, arrays, error, match):
     from ddim.evaluation.fid import read_reference_statistics
@@ -172,6 +176,8 @@ def test_bad_ref_stats_files(tmp_path, small_features, arrays, error, match):
         np.save(path, np.zeros(FEATURES))
     elif arrays == "text":
         path.write_text("mu sigma\n")
+    elif arrays == "bad_zip":  # starts like a zip archive, but is none
+        path.write_bytes(b"PK\x03\x04 truncated")
     elif arrays is not None:
         stats_file(path, **arrays)
     with pytest.raises(error, match=match):

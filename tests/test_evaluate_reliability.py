@@ -20,7 +20,7 @@ from PIL import Image
 from conftest import REPO
 from ddim.evaluation.fid import inception_features as real_inception_features
 from ddim.evaluation.fid import reference_statistics as real_reference_statistics
-from test_evaluate import fake_inception, one_thread, tiny_ckpt  # noqa: F401  (fixtures)
+from test_evaluate import DIFFUSION, TINY_UNET, fake_inception, one_thread, tiny_ckpt  # noqa: F401  (fixtures)
 
 
 def run_composed(tmp_path: Path, *overrides: str) -> dict:
@@ -52,7 +52,8 @@ def nothing_expensive(monkeypatch):
     """Sampling, Inception (weights, reference statistics, features) and the inference fast path fail the test."""
     from ddim.evaluation import fid, runner, sampling, tasks
 
-    for module, name in [(tasks, "generate"), (tasks, "decode"), (sampling, "sample_batch"), (tasks, "fid_between"),
+    for module, name in [(tasks, "generate"), (tasks, "decode"), (sampling, "sample_batch"), (tasks, "sample_batch"),
+                         (tasks, "encode"), (tasks, "fid_between"),
                          (tasks, "reference_statistics"), (tasks, "resolve_inception_weights"),
                          (fid, "inception_features"), (runner, "prepare_for_inference")]:
         monkeypatch.setattr(module, name, forbid)
@@ -75,7 +76,23 @@ def inputs(tmp_path, tiny_ckpt) -> dict[str, str]:
 BAD_INPUTS = [
     (("fid.num_samples=200.9",), "fid.num_samples must be a positive integer or null, got 200.9"),
     (("fid.num_samples=abc",), "fid.num_samples must be a positive integer or null, got 'abc'"),
+    (("task=consistency", "consistency.steps=5"), "consistency.steps must be a non-empty list of step counts S "
+                                                   "(one grid column each), e.g. consistency.steps=[10,20,50]; got 5"),
+    (("task=consistency", "consistency.steps=[]"), "consistency.steps must be a non-empty list of step counts"),
     (("task=consistency", "consistency.steps=[5,5000]"), "consistency.steps entry=5000 exceeds the model's T=1000"),
+    (("fid.weights_path={text}",), "fid.weights_path={text} is not a PyTorch weights file (it starts with "
+                                    "b'hello\\n', not like torch.save's zip archive or pickle); expected: Inception"),
+    (("fid.weights_path={dir}/missing.pth",), "Inception weights not found: fid.weights_path={dir}/missing.pth"),
+    (("fid.ref_stats={text}",), "fid.ref_stats={text} is not an .npz file (it starts with b'hello\\n', not like a "
+                                "zip archive); expected: an .npz file with mu (2048,) and sigma (2048, 2048)"),
+    (("task=reconstruction", "reconstruction.split=val"),
+     "reconstruction.split=val: not a split of dataset=digits (digits: split must be 'train', 'test' or 'all'"),
+    (("dataset=image_folder",), "dataset.root must be set: dataset=image_folder has no default for it; pass "
+                                "dataset.root=<value> (the folder of images, any depth)"),
+    (("task=reconstruction", "dataset=image_folder"), "dataset.root must be set: dataset=image_folder"),
+    (("task=reconstruction", "reconstruction.num_images=100000"),
+     "reconstruction.num_images=100000 but reconstruction.split=test of digits-8 has 180 images; allowed: 1..180, "
+     "or null (all)"),
     (("use_ema=no",), "use_ema must be true or false, got 'no'"),
     (("use_ema=maybe",), "use_ema must be true or false, got 'maybe'"),
     (("trust_checkpoint=maybe",), "trust_checkpoint must be true or false, got 'maybe'"),
@@ -92,6 +109,8 @@ BAD_INPUTS = [
     (("ckpt_path={tensor}",), "holds a single tensor of shape (3,)"),
     (("ckpt_path={dir}/missing.ckpt",), "checkpoint not found: ckpt_path="),
     (("records_dir={file}/records",), "records_dir={file}/records is not a writable folder: {file} is a file"),
+    pytest.param(("records_dir=/proc/ddim-nope/records",), "records_dir=/proc/ddim-nope/records is not writable: ",
+                 marks=pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="no /proc here")),
     (("output_dir={file}/out",), "output_dir={file}/out is not a writable folder: {file} is a file"),
     pytest.param(("device=cuda",), "device=cuda but CUDA is not available on this machine",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="the machine has CUDA")),
@@ -122,6 +141,58 @@ def test_unwritable_records_dir_is_named(tmp_path, inputs, nothing_expensive, mo
     with pytest.raises(ValueError, match=rf"records_dir={locked}/records is not writable: no write permission in "):
         run_composed(tmp_path, f"ckpt_path={inputs['ckpt']}", "task=samples", f"records_dir={locked}/records")
     assert not (tmp_path / "log").exists() and not any(locked.iterdir())
+
+
+def test_bad_ref_split_is_named_before_sampling(tmp_path, tiny_ckpt, fake_inception, nothing_expensive,
+                                                monkeypatch):
+    from ddim.evaluation import tasks
+
+    monkeypatch.setattr(tasks, "resolve_inception_weights", lambda weights_path, cache_dir: fake_inception)
+    with pytest.raises(ValueError, match=r"fid.ref_split=validation: not a split of dataset=digits \(digits: split "
+                                         r"must be 'train', 'test' or 'all'"):
+        run_composed(tmp_path, f"ckpt_path={tiny_ckpt}", "task=fid", "fid.num_samples=4", "fid.ref_split=validation")
+    assert not (tmp_path / "log").exists()
+
+
+@pytest.fixture
+def image_folder_ckpt(tmp_path) -> Path:
+    """A tiny RGB model as train.py saves it after ``dataset=image_folder dataset.root=<folder>``: the folder not
+    kept (train.py records name, image_size, channels and category)."""
+    from ddim.training.module import DiffusionModule
+
+    torch.manual_seed(0)
+    m = DiffusionModule(model={**TINY_UNET, "in_channels": 3, "out_ch": 3}, diffusion=DIFFUSION,
+                        optim={"ema_decay": 0.999},
+                        data={"name": "image_folder", "image_size": 8, "channels": 3, "category": None})
+    torch.save({"state_dict": m.state_dict(), "hyper_parameters": dict(m.hparams), "global_step": 0},
+               tmp_path / "folder.ckpt")
+    return tmp_path / "folder.ckpt"
+
+
+def test_image_folder_checkpoint_says_how_to_name_its_folder(tmp_path, image_folder_ckpt, nothing_expensive):
+    with pytest.raises(ValueError, match=r"trained on dataset=image_folder, whose folder it does not record, and "
+                                         r"task=reconstruction reads its images: pass \+dataset.root=<folder of "
+                                         r"images>, or dataset=image_folder dataset.root=<folder> "
+                                         r"dataset.image_size=8 dataset.channels=3 \(the checkpoint's values\)"):
+        run_composed(tmp_path, f"ckpt_path={image_folder_ckpt}", "task=reconstruction")
+    assert not (tmp_path / "log").exists()
+
+
+def test_image_folder_root_given_alone_or_not_needed(tmp_path, image_folder_ckpt):
+    """+dataset.root=<folder> reads the checkpoint's data set from there; samples need no folder at all."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((8, 8, 3), 60 * i, np.uint8)).save(folder / f"{i}.png")
+    rec = run_composed(tmp_path, f"ckpt_path={image_folder_ckpt}", "task=reconstruction", "sampler.steps=2",
+                       f"+dataset.root={folder}")
+    assert rec["num_samples"] == 3 and rec["key"]["dataset"] == "image_folder-8"
+    rec = run_composed(tmp_path, f"ckpt_path={image_folder_ckpt}", "task=samples", "samples.num_samples=2",
+                       "sampler.steps=2")
+    assert rec["num_samples"] == 2 and Path(rec["outputs"]["grid"]).is_file()
+    rec = run_composed(tmp_path, f"ckpt_path={image_folder_ckpt}", "task=samples", "samples.num_samples=2",
+                       "sampler.steps=2", "dataset=image_folder", "dataset.image_size=8")
+    assert rec["key"]["dataset"] == "image_folder-8"
 
 
 def test_unreadable_reference_image_fails_before_sampling(tmp_path, tiny_ckpt, nothing_expensive, monkeypatch):
@@ -176,6 +247,7 @@ def test_outputs_asked_for_later_are_produced(tmp_path, tiny_ckpt, capsys):
     args = (f"ckpt_path={tiny_ckpt}", "task=samples", "samples.num_samples=4", "sampler.steps=2")
     first = run_composed(tmp_path, *args)
     assert "npz" not in first["outputs"]
+    assert sorted(p.name for p in (tmp_path / "log" / "run").iterdir()) == ["samples.png"]  # no empty shards/
     second = run_composed(tmp_path, *args, "samples.save_npz=true")
     out = capsys.readouterr().out
     assert "skipped" not in out and "lacks what this run asks for: samples.npz (samples.save_npz=true)" in out

@@ -5,6 +5,7 @@ Inception at 299x299 on a 2-core CPU costs ~0.1-0.2 s per image, so the sets are
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -98,6 +99,22 @@ def test_torchscript_sha1_checked(tmp_path):
     bad.write_bytes(b"not the network")
     with pytest.raises(ValueError, match="sha1"):
         inception_convert.load_torchscript(bad)
+
+
+def test_convert_command_line(tmp_path, monkeypatch, capsys):
+    """--help prints help and writes nothing; a folder gets the default file name; a missing folder is refused."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(inception_convert, "find_torchscript", lambda: tmp_path / "default_1.pt")
+    monkeypatch.setattr(inception_convert, "convert_to_file", lambda ts, out: Path(out))
+    with pytest.raises(SystemExit) as exit_:
+        inception_convert.main(["--help"])
+    assert exit_.value.code == 0 and "fid.weights_path" in capsys.readouterr().out and not any(tmp_path.iterdir())
+    assert inception_convert.main([str(tmp_path)]) == tmp_path / inception_convert.CONVERTED_NAME
+    assert inception_convert.main(["w.pth"]) == Path("w.pth")
+    for bad, says in ((f"{tmp_path}/nope/", "is not an existing folder"), (f"{tmp_path}/nope/w.pth", "does not exist")):
+        with pytest.raises(SystemExit):
+            inception_convert.main([bad])
+        assert says in capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")

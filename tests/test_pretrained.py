@@ -153,7 +153,10 @@ def test_stale_staging_files_are_removed(server, monkeypatch, tmp_path):
 
 def test_bad_names():
     for name in ("cifar100", "google/ddpm-cifar10-32", None):
-        with pytest.raises(ValueError, match=r"not a released name.*allowed: bedroom, cat, celeba, church, cifar10"):
+        with pytest.raises(ValueError, match=r"not a released name.*allowed: bedroom, cat, church, cifar10 "
+                                             r"\(downloaded by name; celeba only by hand: official=celeba "
+                                             r"official_path=<file>\), or a diffusers model: a Hub id owner/name "
+                                             r"\(e.g. google/ddpm-cifar10-32\) or a local diffusers folder"):
             pretrained.fetch(name)
     with pytest.raises(ValueError, match="Hub ids and paths are not released names"):
         pretrained.check_pretrained_name("google/ddpm-cifar10-32")

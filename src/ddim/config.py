@@ -3,8 +3,10 @@
 Each check raises a ValueError that names the setting, the value given and what is allowed."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +62,8 @@ def log_lightning_once() -> None:
 
 def check_writable_dir(path: Any, setting: str) -> None:
     """``path`` is a folder this process can write into, or can create: checked before any expensive work, so a run
-    never computes results it then cannot save.  Nothing is created here."""
+    never computes results it then cannot save.  Proven by creating the folder and a file in it (root passes
+    ``os.access`` even on ``/proc``); what only the check created is removed again, so a refused run leaves nothing."""
     target = Path(str(path)).expanduser().absolute()
     existing = target
     while not existing.exists() and existing != existing.parent:
@@ -71,3 +74,18 @@ def check_writable_dir(path: Any, setting: str) -> None:
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ValueError(f"{setting}={path} is not writable: no write permission in {existing}; allowed: a folder "
                          f"this user can create and write in (or fix its permissions)")
+    missing = [target, *target.parents][:len(target.relative_to(existing).parts)][::-1]
+    created: list[Path] = []
+    try:
+        for d in missing:
+            d.mkdir()
+            created.append(d)
+        with tempfile.TemporaryFile(dir=target):
+            pass
+    except OSError as e:
+        raise ValueError(f"{setting}={path} is not writable: {type(e).__name__}: {e.strerror or e}; allowed: a "
+                         f"folder this user can create and write in") from None
+    finally:
+        for d in reversed(created):
+            with contextlib.suppress(OSError):  # another process may have written there meanwhile: kept
+                d.rmdir()

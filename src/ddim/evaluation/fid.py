@@ -35,6 +35,8 @@ INCEPTION_SHA256 = "6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb91
 DOWNLOAD_TIMEOUT_S = 10.0
 METRICS = ("fid", "kid", "isc")
 FEATURE_DIM = 2048  # Inception pool3: the size of the mean and covariance of reference statistics
+# how the files start: torch.save's zip archive (an .npz is one too) or its legacy pickle, and numpy's .npy
+ZIP_MAGIC, PICKLE_MAGIC, NPY_MAGIC = b"PK\x03\x04", b"\x80", b"\x93NUMPY"
 
 
 def _torch_fidelity_url() -> str:
@@ -115,6 +117,25 @@ def resolve_inception_weights(weights_path: str | os.PathLike | None = None,
 # ----------------------------------------------------------------------------- weights identity / extractor
 
 _EXTRACTORS: dict[tuple[str, str, tuple[str, ...]], torch.nn.Module] = {}
+
+
+def _file_start(path: str | os.PathLike, n: int = 8) -> bytes:
+    with open(Path(path).expanduser(), "rb") as f:
+        return f.read(n)
+
+
+def check_weights_file(path: str | os.PathLike, setting: str = "fid.weights_path") -> None:
+    """``path`` is a file that starts like ``torch.save``'s output: a text file or an image passed by mistake is
+    named before sampling, not by an UnpicklingError once the samples are made."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise FileNotFoundError(f"Inception weights not found: {setting}={path} (expected a file)")
+    head = _file_start(p)
+    if not (head.startswith(ZIP_MAGIC) or head.startswith(PICKLE_MAGIC)):
+        raise ValueError(f"{setting}={path} is not a PyTorch weights file (it starts with {head!r}, not like "
+                         f"torch.save's zip archive or pickle); expected: Inception weights in torch-fidelity's "
+                         f"format, e.g. {TORCH_FIDELITY_FILENAME} or the file python -m "
+                         f"ddim.evaluation.inception_convert writes")
 
 
 def _load_extractor(path: Path, device: str | torch.device, features: tuple[str, ...]) -> torch.nn.Module:
@@ -305,6 +326,11 @@ def read_reference_statistics(path: str | os.PathLike) -> dict:
     memo = (str(p.resolve()), st.st_size, st.st_mtime_ns)
     if memo in _REFERENCE_FILES:
         return _REFERENCE_FILES[memo]
+    head = _file_start(p)
+    if not (head.startswith(ZIP_MAGIC) or head.startswith(NPY_MAGIC)):  # numpy would call it "pickled data"
+        raise ValueError(f"fid.ref_stats={path} is not an .npz file (it starts with {head!r}, not like a zip "
+                         f"archive); expected: an .npz file with mu ({FEATURE_DIM},) and sigma ({FEATURE_DIM}, "
+                         f"{FEATURE_DIM}) or pool_3 features, e.g. pytorch-fid's fid_stats_*.npz")
     try:
         data = np.load(p, allow_pickle=False)
     except Exception as e:  # noqa: BLE001 - whatever numpy says: not a statistics file

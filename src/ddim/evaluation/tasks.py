@@ -35,11 +35,17 @@ PAPER_FID_SAMPLES = 50_000  # fid.num_samples=null: the paper's count, except wh
 FID_SAMPLES_BY_DATASET = {"digits": 1000}
 
 
-def evaluation_dataset(data: dict, split: str) -> Dataset:
-    """The data set as the model saw it, without training augmentation (no flips, no dequantization noise)."""
+def evaluation_dataset(data: dict, split: str, setting: str) -> Dataset:
+    """The data set as the model saw it, without training augmentation (no flips, no dequantization noise).
+    ``setting`` names where ``split`` came from (``fid.ref_split``), so a bad split is refused under that name."""
     kw = {k: v for k, v in data.items() if k not in NOT_DATASET_KWARGS}
     kw.update(random_flip=False, uniform_dequantization=False)
-    return build_dataset(data["name"], split=split, **kw)
+    try:
+        return build_dataset(data["name"], split=split, **kw)
+    except ValueError as e:
+        if "split" not in str(e):
+            raise
+        raise ValueError(f"{setting}={split}: not a split of dataset={data['name']} ({e})") from None
 
 
 def generate_for(s: Settings, m: Loaded, n: int, stats: dict) -> torch.Tensor | None:
@@ -82,7 +88,7 @@ def fid_reference(s: Settings, m: Loaded, weights: Path, device: str, batch_size
     if s.fid.get("ref_stats"):
         return read_reference_statistics(s.fid["ref_stats"])
     ref_split = s.fid.get("ref_split", "train")
-    reference = Uint8Images(evaluation_dataset(m.data, ref_split))
+    reference = Uint8Images(evaluation_dataset(m.data, ref_split, "fid.ref_split"))
     return reference_statistics(reference, ref_key=f"{m.dataset_key}-{ref_split}", weights_path=weights,
                                 cache_dir=s.fid.get("cache_dir"), device=device, batch_size=batch_size)
 
@@ -151,7 +157,11 @@ def reconstruction_mse(eps_model: torch.nn.Module, alphas_cumprod: torch.Tensor,
 
 def reconstruction_task(s: Settings, m: Loaded) -> TaskResult:
     """Table 2: reconstruction error of ``reconstruction.num_images`` images of ``reconstruction.split``."""
-    dataset = evaluation_dataset(m.data, s.params["split"])
+    dataset = evaluation_dataset(m.data, s.params["split"], "reconstruction.split")
+    n = s.params.get("num_images")
+    if n is not None and n > len(dataset):  # refused, not silently fewer: the record would claim n images
+        raise ValueError(f"reconstruction.num_images={n} but reconstruction.split={s.params['split']} of "
+                         f"{m.dataset_key} has {len(dataset)} images; allowed: 1..{len(dataset)}, or null (all)")
     res = reconstruction_mse(m.eps_model, m.alphas_cumprod, m.seq, dataset, num_images=s.params.get("num_images"),
                              batch_size=s.batch_size, device=s.device)
     return TaskResult({"mse": res["mse"]}, res["num_images"], 2 * len(m.seq), {})  # encode + decode

@@ -22,8 +22,8 @@ from pathlib import Path
 from ddim.downloads import (DownloadError, HashMismatchError, check_file_hash, default_cache_dir,
                             download_verified)
 
-__all__ = ["Release", "RELEASES", "MANUAL_RELEASES", "PRETRAINED_NAMES", "check_pretrained_name", "release",
-           "cached_path", "fetch"]
+__all__ = ["Release", "RELEASES", "MANUAL_RELEASES", "PRETRAINED_NAMES", "DOWNLOADABLE_NAMES", "DIFFUSERS_SOURCES",
+           "check_pretrained_name", "release", "cached_path", "fetch"]
 
 
 @dataclass(frozen=True)
@@ -67,6 +67,10 @@ MANUAL_RELEASES: dict[str, str] = {
 }
 
 PRETRAINED_NAMES: tuple[str, ...] = tuple(sorted({name for name, _ in RELEASES} | set(MANUAL_RELEASES)))
+#: The names ``pretrained=`` can fetch (not CelebA's): what messages offer.
+DOWNLOADABLE_NAMES: tuple[str, ...] = tuple(sorted({name for name, _ in RELEASES}))
+#: What else evaluate.py's ``pretrained=`` takes (``ddim.models.diffusers_format``).
+DIFFUSERS_SOURCES = "a diffusers model: a Hub id owner/name (e.g. google/ddpm-cifar10-32) or a local diffusers folder"
 
 NON_EMA_NOTE = ("use_ema=false: the non-EMA release. The paper's FIDs were measured with the EMA weights; the "
                 "non-EMA ones score far worse (CIFAR-10: FID about 12 instead of about 3), so these numbers are not "
@@ -83,7 +87,9 @@ def check_pretrained_name(name: object) -> None:
     if not isinstance(name, str) or "/" in name or name not in PRETRAINED_NAMES:
         hint = (" (Hub ids and paths are not released names; for a file use official=<name> official_path=<file>)"
                 if isinstance(name, str) and "/" in name else "")
-        raise ValueError(f"pretrained={name!r} is not a released name{hint}; allowed: {', '.join(PRETRAINED_NAMES)}")
+        raise ValueError(f"pretrained={name!r} is not a released name{hint}; allowed: {', '.join(DOWNLOADABLE_NAMES)} "
+                         f"(downloaded by name; celeba only by hand: official=celeba official_path=<file>), or "
+                         f"{DIFFUSERS_SOURCES}")
     if name in MANUAL_RELEASES:
         raise ValueError(
             f"pretrained={name}: this model is released only as a Google-Drive folder, with no direct download link, "
