@@ -78,6 +78,15 @@ def log_interval(trainer_cfg: DictConfig) -> int:
     return every
 
 
+def data_record(data_cfg: dict) -> dict:
+    """What the checkpoint records of its data set, so evaluate.py finds it again: name, size, channels, LSUN
+    category, and an image folder's absolute path (the other data sets have their place under paths.data_dir)."""
+    record = {k: data_cfg.get(k) for k in ("name", "image_size", "channels", "category")}
+    if data_cfg.get("name") == "image_folder":
+        record["root"] = str(Path(data_cfg["root"]).expanduser().resolve())
+    return record
+
+
 def run(cfg: DictConfig) -> dict:
     """Build data, module, trainer from ``cfg`` and fit; returns where things were written."""
     # the EMA copy is in eval mode on purpose (it never trains): not worth a warning on every run
@@ -94,7 +103,7 @@ def run(cfg: DictConfig) -> dict:
     data_cfg = OmegaConf.to_container(cfg.dataset, resolve=True)
     dm = DiffusionDataModule(**data_cfg, seed=cfg.seed)
     module = DiffusionModule(model=cfg.model, diffusion=cfg.diffusion, optim=cfg.optim,
-                             data={k: data_cfg.get(k) for k in ("name", "image_size", "channels", "category")},
+                             data=data_record(data_cfg),
                              fast=cfg.get("fast"))
     if cfg.get("ckpt_path") is not None:
         check_resume(cfg, module.hparams.model, trust)

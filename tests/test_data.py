@@ -163,3 +163,15 @@ def test_flips_and_noise_are_the_same_for_any_number_of_workers_and_differ_betwe
     images, pairs = serial[1]
     assert list(resumed) == pairs[100:]
     assert all(torch.equal(fresh[pair][0], x) for pair, x in zip(pairs[100:120], images[100:120]))
+
+
+def test_image_folder_reads_grey_with_one_channel(tmp_path):
+    """dataset.channels=1 reads an image folder as grey (PIL's "L"), so a 1-channel model can train on it."""
+    root = make_image_folder(tmp_path / "imgs", n=2, size=(8, 8))
+    grey = build_dataset("image_folder", root=root, image_size=8, channels=1, random_flip=False)
+    rgb = build_dataset("image_folder", root=root, image_size=8, channels=3, random_flip=False)
+    x = grey[0][0]
+    assert x.shape == (1, 8, 8) and rgb[0][0].shape == (3, 8, 8)
+    with Image.open(sorted(root.rglob("*.png"))[0]) as im:
+        want = torch.from_numpy(np.asarray(im.convert("L"), dtype=np.float32)) / 127.5 - 1
+    assert torch.allclose(x[0], want, atol=1e-6)

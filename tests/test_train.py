@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import warnings
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from conftest import REPO, child_env
+from ddim.evaluation.runner import dataset_config
 from test_data import make_fake_celeba, make_image_folder
 
 CONF = REPO / "conf"
@@ -51,6 +53,10 @@ def test_fast_dev_run_image_folder(tmp_path):
     res = _run(_cfg(tmp_path / "run", "dataset=image_folder", f"dataset.root={root}", "dataset.image_size=8",
                     "dataset.batch_size=4", "trainer.fast_dev_run=1"))
     assert res["trainer"].global_step == 1 and res["module"].hparams.data["channels"] == 3
+    # the folder's absolute path is recorded: evaluate.py reads the same images without being told where
+    assert res["module"].hparams.data["root"] == str(root.resolve())
+    settings = SimpleNamespace(dataset=None, reads_data=True, task="reconstruction", data_dir="elsewhere")
+    assert dataset_config(settings, {"data": res["module"].hparams.data})["root"] == str(root.resolve())
 
 
 def test_fast_dev_run_fake_celeba(tmp_path):

@@ -155,10 +155,11 @@ def cifar10_dataset(root: Path, split: str, image_size: int, random_flip: bool, 
 
 
 class ImageFolderFlat(Dataset):
-    """Every image file under ``root`` (recursively, sorted); label = index of its parent folder name."""
+    """Every image file under ``root`` (recursively, sorted); label = index of its parent folder name.  ``mode``:
+    PIL's "RGB", or "L" for grey (``dataset.channels=1``)."""
 
-    def __init__(self, root: Path, files: list[Path] | None = None):
-        self.root = Path(root)
+    def __init__(self, root: Path, files: list[Path] | None = None, mode: str = "RGB"):
+        self.root, self.mode = Path(root), mode
         self.files = files if files is not None else sorted(
             p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
         classes = sorted({p.parent.name for p in self.files})
@@ -170,7 +171,7 @@ class ImageFolderFlat(Dataset):
     def __getitem__(self, i: int):
         p = self.files[i]
         with Image.open(p) as im:
-            img = im.convert("RGB")
+            img = im.convert(self.mode)
         return img, self.class_to_idx[p.parent.name]
 
 
@@ -229,9 +230,12 @@ def build_dataset(name: str, *, root: str | Path = "data", image_size: int = 32,
     ``cifar-10-batches-py``; celeba:
     ``root/celeba/img_align_celeba``; lsun: ``root/<category>_<split>_lmdb`` or an image folder
     ``root/<category>``; image_folder: the images themselves, any depth).
-    split: "train" or "test" ("valid" for celeba/lsun val).  channels: digits only (1 or 3).
+    split: "train" or "test" ("valid" for celeba/lsun val).  channels: 3, or 1 (grey) for digits and image_folder.
     """
     root = Path(root).expanduser()
+    if channels not in ((1, 3) if name in ("digits", "image_folder") else (3,)):
+        raise ValueError(f"dataset.channels={channels} for dataset={name}; allowed: 3 (RGB), or 1 (grey) for digits "
+                         f"and image_folder")
     if name == "digits":
         return _Transformed(DigitsDataset(image_size=image_size, channels=channels, split=split), None, random_flip,
                             uniform_dequantization)
@@ -257,7 +261,7 @@ def build_dataset(name: str, *, root: str | Path = "data", image_size: int = 32,
         if not root.is_dir():
             raise FileNotFoundError(f"image folder not found: {root}. Point dataset.root at a folder of images "
                                     f"(any depth, e.g. <root>/<class>/<image>.jpg).")
-        base = ImageFolderFlat(root)
+        base = ImageFolderFlat(root, mode="L" if channels == 1 else "RGB")
         if len(base) == 0:
             raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {root}")
         return _Transformed(base, _default_transform(image_size, crop=True), random_flip, uniform_dequantization)

@@ -76,8 +76,8 @@ def check_data_fits_model(dm: Any, model_cfg: dict) -> None:
     if tuple(x.shape) != wanted:
         raise ValueError(f"the {h.name} data gives images of shape {tuple(x.shape)} (channels, height, width) but the "
                          f"model takes {wanted} (model.in_channels, model.resolution): dataset.channels={h.channels}, "
-                         f"dataset.image_size={h.image_size}; allowed: the data's own channels (image_folder, celeba, "
-                         f"lsun, cifar10: 3; digits: 1 or 3) and a model that matches them")
+                         f"dataset.image_size={h.image_size}; allowed: a model that takes the data's images (channels: "
+                         f"3, or 1 for digits and image_folder)")
     if model_cfg.get("out_ch", wanted[0]) != wanted[0]:
         raise ValueError(f"model.out_ch={model_cfg.get('out_ch')} must equal the image channels ({wanted[0]}): the "
                          f"model predicts the noise added to the image")
