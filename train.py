@@ -23,21 +23,13 @@ from ddim.config import as_bool, log_lightning_once
 from ddim.data import DiffusionDataModule
 from ddim.training.checkpoint_io import AtomicCheckpointIO
 from ddim.training.checks import (check_data_fits_model, check_loggers, check_output_folders, check_resume,
-                                  check_settings, check_strategy, check_training_length)
+                                  check_settings, check_strategy, check_training_length, slurm_per_node)
 from ddim.training.module import DiffusionModule
 
 log = logging.getLogger(__name__)
 
 
-def slurm_per_node(devices: object) -> int:
-    """``hydra/launcher=slurm`` asks SLURM for ``trainer.devices`` GPUs and tasks per node (one task per GPU, as
-    Lightning expects); ``-1`` ("all GPUs of this machine") or a list is no count SLURM can be asked for."""
-    if isinstance(devices, bool) or not isinstance(devices, int) or devices < 1:
-        raise ValueError(f"hydra/launcher=slurm requests trainer.devices GPUs per node, got trainer.devices="
-                         f"{devices!r}; allowed: a positive integer, e.g. trainer.devices=8")
-    return devices
-
-
+# hydra/launcher=slurm asks SLURM for ${slurm_per_node:${trainer.devices}} GPUs and tasks per node
 OmegaConf.register_new_resolver("slurm_per_node", slurm_per_node, replace=True)
 
 

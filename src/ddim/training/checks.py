@@ -121,3 +121,12 @@ def check_loggers(cfg: DictConfig) -> None:
                                                             ("tensorboard", "tensorboardX")):
             raise ValueError(f"logger.{name} ({target}) needs the tensorboard package: pip install -e "
                              f"'.[tensorboard]'; or choose logger=csv, logger=wandb or logger=none")
+
+
+def slurm_per_node(devices: object) -> int:
+    """``hydra/launcher=slurm`` asks SLURM for ``trainer.devices`` GPUs and tasks per node (one task per GPU, as
+    Lightning expects); ``-1`` ("all GPUs of this machine") or a list is no count SLURM can be asked for."""
+    if isinstance(devices, bool) or not isinstance(devices, int) or devices < 1:
+        raise ValueError(f"hydra/launcher=slurm requests trainer.devices GPUs per node, got trainer.devices="
+                         f"{devices!r}; allowed: a positive integer, e.g. trainer.devices=8")
+    return devices
