@@ -10,10 +10,10 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from ddim.checkpoints import check_train_checkpoint, read_checkpoint
-from ddim.config import as_bool, check_int_at_least, check_positive_int, check_writable_dir, plain
+from ddim.config import check_int_at_least, check_positive_int, check_writable_dir
 from ddim.models.build import check_architecture
 from ddim.models.ema import ema_warmup_of
-from ddim.training.module import check_optim, fast_settings
+from ddim.training.module import fast_settings
 from ddim.training.step_graph import check_strategy_pairing
 
 log = logging.getLogger(__name__)
@@ -25,12 +25,10 @@ SEED_MAX = 2**32 - 1  # numpy's limit, which Lightning's seed_everything enforce
 
 
 def check_settings(cfg: DictConfig) -> None:
-    """Switches that are true/false only, integers where the setting is a count or a seed, and the optimiser's
-    ranges: each refused by name before anything is built (``"no"`` as a switch would otherwise read as True)."""
+    """Integers where the setting is a count or a seed, refused by name before anything is built (``int()`` would
+    fail later with a bare "invalid literal").  The data module and the training module check their own settings
+    (switches, the optimiser's ranges) when they are made, before any data is read or the U-Net is built."""
     check_int_at_least(cfg.get("seed"), "seed", 0, SEED_MAX)
-    for key in ("random_flip", "uniform_dequantization"):
-        as_bool(cfg.dataset.get(key, False), f"dataset.{key}")
-    check_optim(plain(cfg.optim))
     check_positive_int(cfg.diffusion.get("num_diffusion_timesteps", 1000), "diffusion.num_diffusion_timesteps")
     check_positive_int(cfg.trainer.get("log_every_n_steps", 50), "trainer.log_every_n_steps")
     for name, counts in CALLBACK_COUNTS.items():
