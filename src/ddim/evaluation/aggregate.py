@@ -23,6 +23,9 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Callable
 
+import wandb
+from matplotlib.figure import Figure
+
 from ddim.diffusion.solvers import SOLVERS, nfe_on
 from ddim.evaluation.records import iter_records
 
@@ -310,12 +313,8 @@ def _plot(groups: dict[tuple, list[dict]], path: Path, xlabel: str, draw: Callab
     """One log-log FID panel per group, drawn by ``draw(ax, group, rows)``."""
     if not groups:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(groups), figsize=(5.5 * len(groups), 4.2), squeeze=False)
+    fig = Figure(figsize=(5.5 * len(groups), 4.2))  # drawn without pyplot: no backend, no global state
+    axes = fig.subplots(1, len(groups), squeeze=False)
     for ax, (group, rs) in zip(axes[0], groups.items()):
         draw(ax, group, rs)
         ax.set_xscale("log")
@@ -328,7 +327,6 @@ def _plot(groups: dict[tuple, list[dict]], path: Path, xlabel: str, draw: Callab
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path
 
 
@@ -393,8 +391,6 @@ def aggregate(records_dir: str | Path, out_dir: str | Path | None = None, *, wan
 
 
 def _to_wandb(rows: list[dict], res: dict, project: str) -> None:
-    import wandb
-
     cols = ["task", "dataset", "model", "kind", "eta", "steps", "trajectory", "precision", "value", "paper",
             "num_samples", "nfe"]
     run = wandb.init(project=project, job_type="aggregate", name="paper-tables")
