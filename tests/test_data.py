@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ddim.data import DiffusionDataModule, EpochSeededSampler, build_dataset
+from ddim.data import DiffusionDataModule, EpochSeededSampler, SplitError, build_dataset
 
 
 def make_image_folder(root, n=6, size=(20, 24)):
@@ -101,6 +101,18 @@ def test_cifar10_from_decoded_arrays(tmp_path):
     np.savez(tmp_path / "cifar10_train.npz", images=x)
     with pytest.raises(ValueError, match=r"must hold arrays x .* and y .*; it has \['images'\]"):
         build_dataset("cifar10", root=tmp_path, image_size=32, split="train")
+
+
+@pytest.mark.parametrize("name, allowed", [("digits", "'train', 'test' or 'all'"), ("cifar10", "'train' or 'test'"),
+                                           ("celeba", "['test', 'train', 'val', 'valid', 'all']"),
+                                           ("lsun", "['test', 'train', 'val', 'valid']")])
+def test_a_split_the_data_set_lacks_is_a_split_error_naming_the_allowed(tmp_path, name, allowed):
+    """Raised before any file is read (evaluate.py renames it under fid.ref_split / reconstruction.split); LSUN
+    once read an unknown split as the train lmdb."""
+    root = make_fake_celeba(tmp_path) if name == "celeba" else tmp_path
+    with pytest.raises(SplitError) as e:
+        build_dataset(name, root=root, image_size=32, split="validation")
+    assert allowed in str(e.value) and "'validation'" in str(e.value)
 
 
 def test_unknown_dataset():

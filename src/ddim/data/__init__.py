@@ -30,6 +30,11 @@ from ddim.config import as_bool, check_int_at_least, check_positive_int
 
 DATASETS = ("digits", "cifar10", "celeba", "lsun", "image_folder")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+LSUN_SPLITS = {"train": "train", "val": "val", "valid": "val", "test": "val"}  # LSUN ships train and val only
+
+
+class SplitError(ValueError):
+    """A split the data set does not have; evaluate.py names it under the setting that chose the split."""
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -90,7 +95,7 @@ class DigitsDataset(Dataset):
         elif split == "test":
             x, y = x[n_train:], y[n_train:]
         elif split != "all":
-            raise ValueError(f"digits: split must be 'train', 'test' or 'all', got {split!r}")
+            raise SplitError(f"digits: split must be 'train', 'test' or 'all', got {split!r}")
         if image_size != 8:
             x = torch.nn.functional.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False)
         self.images = x.clamp(0, 1).repeat(1, channels, 1, 1)
@@ -131,7 +136,7 @@ def cifar10_dataset(root: Path, split: str, image_size: int, random_flip: bool, 
     torchvision's ``cifar-10-batches-py`` (downloaded with ``download``).  torchvision checks the downloaded
     archive's MD5 and, on every load, each batch file's: a corrupt or partial copy is refused, not read."""
     if split not in ("train", "test"):
-        raise ValueError(f"cifar10: split must be 'train' or 'test', got {split!r}")
+        raise SplitError(f"cifar10: split must be 'train' or 'test', got {split!r}")
     arrays = root / f"cifar10_{split}.npz"
     if arrays.is_file():
         with np.load(arrays) as d:
@@ -191,7 +196,7 @@ def _celeba_files(root: Path, split: str) -> list[Path]:
     if split == "all":
         return sorted(p for p in img_dir.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
     if split not in splits:
-        raise ValueError(f"celeba: split must be one of {sorted(splits) + ['all']}, got {split!r}")
+        raise SplitError(f"celeba: split must be one of {sorted(splits) + ['all']}, got {split!r}")
     part = base / "list_eval_partition.txt"
     if not part.is_file():
         raise FileNotFoundError(f"CelebA split file not found: {part}. {CELEBA_HELP}")
@@ -201,7 +206,7 @@ def _celeba_files(root: Path, split: str) -> list[Path]:
         if len(fields) == 2 and int(fields[1]) == splits[split]:
             files.append(img_dir / fields[0])
     if not files:
-        raise ValueError(f"celeba: no images of split {split!r} listed in {part}")
+        raise SplitError(f"celeba: no images of split {split!r} listed in {part}")
     return files
 
 
@@ -230,7 +235,9 @@ def build_dataset(name: str, *, root: str | Path = "data", image_size: int = 32,
     ``cifar-10-batches-py``; celeba:
     ``root/celeba/img_align_celeba``; lsun: ``root/<category>_<split>_lmdb`` or an image folder
     ``root/<category>``; image_folder: the images themselves, any depth).
-    split: "train" or "test" ("valid" for celeba/lsun val).  channels: 3, or 1 (grey) for digits and image_folder.
+    split: "train" or "test" ("valid" for celeba/lsun val); a name the data set lacks raises SplitError.
+    image_folder, and LSUN read from an image folder, have no splits: every split is all the images.
+    channels: 3, or 1 (grey) for digits and image_folder.
     """
     root = Path(root).expanduser()
     if channels not in ((1, 3) if name in ("digits", "image_folder") else (3,)):
@@ -246,7 +253,10 @@ def build_dataset(name: str, *, root: str | Path = "data", image_size: int = 32,
         return _Transformed(ImageFolderFlat(root, files), celeba_transform(image_size), random_flip,
                             uniform_dequantization)
     if name == "lsun":
-        lmdb_dir = root / f"{category}_{'val' if split in ('valid', 'val', 'test') else 'train'}_lmdb"
+        if split not in LSUN_SPLITS:
+            raise SplitError(f"lsun: split must be one of {sorted(LSUN_SPLITS)} (val, valid and test all read the val "
+                             f"lmdb), got {split!r}")
+        lmdb_dir = root / f"{category}_{LSUN_SPLITS[split]}_lmdb"
         folder = root / category
         tf = _default_transform(image_size, crop=True)
         if lmdb_dir.is_dir():

@@ -17,7 +17,7 @@ import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from ddim.data import build_dataset
+from ddim.data import SplitError, build_dataset
 from ddim.diffusion import encode, slerp, timesteps
 from ddim.diffusion.solvers import nfe, nfe_on
 from ddim.evaluation.fid import (fid_between, read_reference_statistics, reference_statistics,
@@ -42,10 +42,8 @@ def evaluation_dataset(data: dict, split: str, setting: str) -> Dataset:
     kw.update(random_flip=False, uniform_dequantization=False)
     try:
         return build_dataset(data["name"], split=split, **kw)
-    except ValueError as e:
-        if "split" not in str(e):
-            raise
-        raise ValueError(f"{setting}={split}: not a split of dataset={data['name']} ({e})") from None
+    except SplitError as e:
+        raise SplitError(f"{setting}={split}: not a split of dataset={data['name']} ({e})") from None
 
 
 def generate_for(s: Settings, m: Loaded, n: int, stats: dict) -> torch.Tensor | None:
