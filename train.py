@@ -59,13 +59,14 @@ def trainer_plugins(trainer_cfg: DictConfig) -> list:
     return plugins
 
 
-def log_interval(trainer_cfg: DictConfig) -> int:
-    """``trainer.log_every_n_steps``, lowered to ``trainer.max_steps`` when larger: a run shorter than the interval
-    would otherwise log no loss at all (no metrics.csv)."""
+def log_interval(trainer_cfg: DictConfig, start_step: int = 0) -> int:
+    """``trainer.log_every_n_steps``, or ``trainer.max_steps`` when the run (from ``start_step``, where it resumes) is
+    shorter than the interval: Lightning logs at multiples of the interval, so a short run would log no loss at all
+    (no metrics.csv); at multiples of max_steps it logs at its last step."""
     every, steps = trainer_cfg.get("log_every_n_steps", 50), trainer_cfg.get("max_steps", -1)
-    if isinstance(steps, int) and 0 < steps < every:
-        log.info(f"trainer.log_every_n_steps={every} is more than trainer.max_steps={steps}: logging every {steps} "
-                 f"steps, so that the run logs its loss")
+    if isinstance(steps, int) and 0 < steps - start_step < every:
+        log.info(f"trainer.log_every_n_steps={every} is more than the {steps - start_step} steps this run trains: "
+                 f"logging at its last step, so that the run logs its loss")
         return steps
     return every
 
@@ -97,8 +98,7 @@ def run(cfg: DictConfig) -> dict:
     module = DiffusionModule(model=cfg.model, diffusion=cfg.diffusion, optim=cfg.optim,
                              data=data_record(data_cfg),
                              fast=cfg.get("fast"))
-    if cfg.get("ckpt_path") is not None:
-        check_resume(cfg, module.hparams.model, trust)
+    start_step = check_resume(cfg, module.hparams.model, trust) if cfg.get("ckpt_path") is not None else 0
     check_data_fits_model(dm, module.hparams.model)
     check_output_folders(cfg)
 
@@ -107,7 +107,7 @@ def run(cfg: DictConfig) -> dict:
     # the data module shards the data over ranks itself (a resumable sampler), so Lightning must not swap it
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
                                      plugins=trainer_plugins(cfg.trainer), use_distributed_sampler=False,
-                                     log_every_n_steps=log_interval(cfg.trainer))
+                                     log_every_n_steps=log_interval(cfg.trainer, start_step))
     resolved = OmegaConf.to_container(cfg, resolve=True)
     for lg in loggers:
         lg.log_hyperparams(resolved)

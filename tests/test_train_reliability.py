@@ -158,6 +158,16 @@ def test_run_shorter_than_the_log_interval_logs_its_loss(tmp_path):
     assert [int(r["step"]) for r in logged] == [2] and float(logged[0]["train/loss"]) > 0
 
 
+def test_resumed_run_shorter_than_the_log_interval_logs_its_loss(tmp_path):
+    """Resumed at step 20 to trainer.max_steps=25 with log_every_n_steps=15: Lightning logs at multiples of the
+    interval, and none of steps 21-25 is one, so the interval becomes max_steps and the last step logs."""
+    run(compose_train(tmp_path / "a", *SMALL, "trainer.max_steps=20", "trainer.log_every_n_steps=15"))
+    run(compose_train(tmp_path / "b", *SMALL, "trainer.max_steps=25", "trainer.log_every_n_steps=15",
+                      f"ckpt_path={tmp_path / 'a' / 'checkpoints' / 'last.ckpt'}"))
+    rows = list(csv.DictReader((tmp_path / "b" / "csv" / "version_0" / "metrics.csv").open()))
+    assert [int(r["step"]) for r in rows if r.get("train/loss")] == [24]
+
+
 def test_paths_output_dir_unwritable_is_named(tmp_path):
     (tmp_path / "a_file").write_text("")
     with pytest.raises(ValueError, match=r"paths.output_dir=.*a_file/run is not a writable folder"):

@@ -89,9 +89,10 @@ def check_output_folders(cfg: DictConfig) -> None:
             check_writable_dir(cb.dirpath, f"callbacks.{name}.dirpath")
 
 
-def check_resume(cfg: DictConfig, model_cfg: dict, trust: bool) -> None:
+def check_resume(cfg: DictConfig, model_cfg: dict, trust: bool) -> int:
     """Read ``cfg.ckpt_path`` (safely, unless ``trust``) and refuse, before any training, a file train.py cannot
-    resume from: another format, another architecture, no training state, or nothing left to train."""
+    resume from: another format, another architecture, no training state, or nothing left to train.  Returns the
+    step it resumes from."""
     ckpt_path = cfg.ckpt_path
     ckpt = check_train_checkpoint(read_checkpoint(ckpt_path, "cpu", trust=trust), ckpt_path)
     check_architecture(ckpt["hyper_parameters"].get("model"), model_cfg)
@@ -108,6 +109,7 @@ def check_resume(cfg: DictConfig, model_cfg: dict, trust: bool) -> None:
         log.warning(f"ckpt_path={ckpt_path} trained its EMA with optim.ema_warmup={str(was).lower()}; this run "
                     f"goes on from step {step} with optim.ema_warmup={str(now).lower()} (set "
                     f"optim.ema_warmup={str(was).lower()} to keep the checkpoint's rule)")
+    return step
 
 
 def check_loggers(cfg: DictConfig) -> None:
