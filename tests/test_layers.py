@@ -49,6 +49,13 @@ def _imports(path: Path) -> list[tuple[str, bool]]:
     return found
 
 
+def _private_names(path: Path) -> list[str]:
+    """Underscore names ``path`` imports from a ddim module: another module's internals."""
+    return [f"{path.relative_to(REPO)}: {n.module}.{a.name}" for n in ast.walk(ast.parse(path.read_text()))
+            if isinstance(n, ast.ImportFrom) and (n.level or (n.module or "").split(".")[0] == "ddim")
+            for a in n.names if a.name.startswith("_")]
+
+
 def _part(module: str) -> str:
     return ".".join(module.split(".")[:2])
 
@@ -118,6 +125,12 @@ def test_imports_inside_functions_are_of_optional_packages_only():
     inner = [f"{p.relative_to(REPO)}: {t}" for p in files for t, is_inner in _imports(p)
              if is_inner and (t.split(".")[0] in required or t.split(".")[0] in sys.stdlib_module_names)]
     assert not inner, "import these at the top of the file:\n" + "\n".join(inner)
+
+
+def test_no_private_names_imported_across_modules():
+    files = [*sorted((SRC / "ddim").rglob("*.py")), REPO / "train.py", REPO / "evaluate.py",
+             *sorted((REPO / "bench").rglob("*.py"))]
+    assert [p for f in files for p in _private_names(f)] == []
 
 
 @pytest.mark.parametrize("module, absent", [
