@@ -195,6 +195,41 @@ def test_image_folder_root_given_alone_or_not_needed(tmp_path, image_folder_ckpt
     assert rec["key"]["dataset"] == "image_folder-8"
 
 
+def test_two_image_folders_of_one_size_are_two_records(tmp_path, image_folder_ckpt):
+    """+dataset.root=<other folder>, same size and image count: scored again (it was "skipped: already done" with
+    the first folder's result); samples read no folder, so their record does not depend on one."""
+    scores = []
+    for name, level in (("a", 30), ("b", 200)):
+        folder = tmp_path / name
+        folder.mkdir()
+        for i in range(3):
+            Image.fromarray(np.full((8, 8, 3), level + 10 * i, np.uint8)).save(folder / f"{i}.png")
+        rec = run_composed(tmp_path, f"ckpt_path={image_folder_ckpt}", "task=reconstruction", "sampler.steps=2",
+                           f"+dataset.root={folder}")
+        assert not rec.get("skipped") and rec["key"]["data_folder"] == str(folder.resolve())
+        scores.append(rec["metric"]["mse"])
+    assert scores[0] != scores[1]
+    again = run_composed(tmp_path, f"ckpt_path={image_folder_ckpt}", "task=reconstruction", "sampler.steps=2",
+                         f"+dataset.root={tmp_path}/b/../a")
+    assert again["skipped"] and again["metric"]["mse"] == scores[0]
+    samples = [run_composed(tmp_path, f"ckpt_path={image_folder_ckpt}", "task=samples", "samples.num_samples=2",
+                            "sampler.steps=2", f"+dataset.root={tmp_path / n}") for n in "ab"]
+    assert "data_folder" not in samples[0]["key"] and samples[1]["skipped"]
+
+
+def test_reference_statistics_of_two_image_folders_are_cached_apart(tmp_path):
+    from ddim.evaluation.settings import Loaded
+
+    def loaded(root):
+        return Loaded(None, None, {}, {"name": "image_folder", "image_size": 8, "root": root}, (3, 8, 8), "linear", None)
+
+    assert loaded(tmp_path / "a").reference_name("train") != loaded(tmp_path / "b").reference_name("train")
+    assert loaded(tmp_path / "a").reference_name("train") == loaded(tmp_path / "b" / ".." / "a").reference_name("train")
+    assert loaded(tmp_path).reference_name("train").startswith("image_folder-8-train-")
+    named = Loaded(None, None, {}, {"name": "cifar10", "image_size": 32, "root": tmp_path}, (3, 32, 32), "linear", None)
+    assert named.reference_name("train") == "cifar10-32-train"
+
+
 def test_unreadable_reference_image_fails_before_sampling(tmp_path, tiny_ckpt, nothing_expensive, monkeypatch):
     """dataset=image_folder with a truncated JPEG: named (index and file) by the reference pass, before sampling."""
     from ddim.evaluation import fid, tasks

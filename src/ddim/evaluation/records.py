@@ -61,7 +61,8 @@ def model_id(s: Settings, m: Loaded | None = None) -> dict:
 
 
 def record_key(s: Settings, m: Loaded) -> dict[str, Any]:
-    """Everything that determines the result (and nothing else): model file, data set, sampler, task settings, seed.
+    """Everything that determines the result (and nothing else): model file, data set (an image folder's place when
+    the task reads its images), sampler, task settings, seed.
 
     Sampler entries that older records lack are left out at their default: ``precision`` (fp32) and
     ``deterministic`` (true; it matters only with bf16 / fp8)."""
@@ -73,8 +74,11 @@ def record_key(s: Settings, m: Loaded) -> dict[str, Any]:
         sampler["precision"] = s.precision
         if not s.deterministic:
             sampler["deterministic"] = False
-    return {"task": s.task, "dataset": m.dataset_key, "model": model_id(s, m), "seed": s.seed,
-            "params": task_params(section), "sampler": sampler}
+    key = {"task": s.task, "dataset": m.dataset_key, "model": model_id(s, m), "seed": s.seed,
+           "params": task_params(section), "sampler": sampler}
+    if s.reads_data and m.data_folder:  # scored against an image folder's images: which folder counts
+        key["data_folder"] = m.data_folder
+    return key
 
 
 def task_params(section: dict[str, Any]) -> dict[str, Any]:

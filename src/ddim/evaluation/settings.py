@@ -5,8 +5,10 @@
 """
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -106,6 +108,18 @@ class Loaded:
         """``cifar10-32``, ``lsun-church_outdoor-256``: the data set as records and reference statistics name it."""
         d = self.data
         return f"{d['name']}{'-' + d['category'] if d.get('category') else ''}-{d['image_size']}"
+
+    @property
+    def data_folder(self) -> str | None:
+        """An image_folder's folder, absolute: unlike a named data set's, its images are known only by their place,
+        so the records and reference statistics of two folders of one size must not be taken for each other."""
+        root = self.data.get("root") if self.data.get("name") == "image_folder" else None
+        return str(Path(root).expanduser().resolve()) if root else None
+
+    def reference_name(self, split: str) -> str:
+        """The name reference statistics are cached under: the data set and split, and an image folder's place."""
+        folder = self.data_folder
+        return f"{self.dataset_key}-{split}" + (f"-{hashlib.sha1(folder.encode()).hexdigest()[:10]}" if folder else "")
 
 
 @dataclass

@@ -87,7 +87,7 @@ def fid_reference(s: Settings, m: Loaded, weights: Path, device: str, batch_size
         return read_reference_statistics(s.fid["ref_stats"])
     ref_split = s.fid.get("ref_split", "train")
     reference = Uint8Images(evaluation_dataset(m.data, ref_split, "fid.ref_split"))
-    return reference_statistics(reference, ref_key=f"{m.dataset_key}-{ref_split}", weights_path=weights,
+    return reference_statistics(reference, ref_key=m.reference_name(ref_split), weights_path=weights,
                                 cache_dir=s.fid.get("cache_dir"), device=device, batch_size=batch_size)
 
 
