@@ -240,6 +240,26 @@ def test_table1_keeps_precisions_and_sample_counts_apart(tmp_path):
     assert "9.50 (13.36)" in t1 and "4.50 (13.36)" in t1
 
 
+def test_two_runs_with_one_checkpoint_name_are_two_blocks(tmp_path):
+    """Every train.py run saves checkpoints/last.ckpt: two runs are told apart by their run folders (one newest value
+    used to fill the cell, the other's only in the CSV); the checkpoint keeps its plain name where it is alone."""
+    from ddim.evaluation import aggregate
+    from ddim.evaluation.records import record_path, write_record
+
+    for run, mse in (("quad", 0.0016), ("geometric", 0.0119)):
+        key = {"task": "reconstruction", "dataset": "digits-8", "seed": 0, "params": {"num_images": 20},
+               "model": {"ckpt": f"/outputs/train/digits/{run}/checkpoints/last.ckpt", "use_ema": True},
+               "sampler": {"kind": "ddim", "eta": 0.0, "steps": 5, "trajectory": "linear"}}
+        write_record(record_path(tmp_path, key), {"task": "reconstruction", "key": key, "metric": {"mse": mse},
+                                                  "num_samples": 20})
+    t2 = aggregate.aggregate(tmp_path, tmp_path / "out")["table2_md"].read_text()
+    for run, mse in (("quad", "0.0016"), ("geometric", "0.0119")):
+        block = t2.split(f"digits-8, {run}/checkpoints/last.ckpt, EMA")[1].split("##")[0]
+        assert mse in block
+    assert aggregate.checkpoint_names({"/a/last.ckpt"}) == {"/a/last.ckpt": "last.ckpt"}
+    assert aggregate.checkpoint_names({"/r/a.ckpt", "/r/b/a.ckpt"}) == {"/r/a.ckpt": "r/a.ckpt", "/r/b/a.ckpt": "b/a.ckpt"}
+
+
 def test_fid_vs_nfe_puts_table1_runs_into_the_sweeps_budgets(tmp_path):
     """Table 1's DDIM S = 50 on quadratic τ spends 49 NFE and the sweep's S = 51 spends 50: one column '50' showing
     the sweep's run, not a column 49 beside it; S = 10 (shared by both) fills the column 10."""

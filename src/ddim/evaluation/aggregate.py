@@ -101,18 +101,31 @@ def real_nfe(kind: str, steps: int, trajectory: str, T: int = 1000) -> int:
     return nfe_on(kind, int(steps), T, trajectory)
 
 
-def _model_label(key: dict) -> str:
+def _model_label(key: dict, ckpt_names: dict[str, str]) -> str:
     """The model and which of its weights: 'official cifar10, EMA', 'google/ddpm-cifar10-32, not EMA', 'last.ckpt, EMA'
-    (FIDs of EMA and raw weights of one model differ several-fold, so tables say which)."""
+    (FIDs of EMA and raw weights of one model differ several-fold, so tables say which); a checkpoint by the name
+    ``ckpt_names`` gives it."""
     m = key.get("model", {})
     if m.get("official"):
         name = f"official {m['official']}"
     elif m.get("pretrained"):
         name = str(m["pretrained"])
     else:
-        name = Path(m["ckpt"]).name if "ckpt" in m else "?"
+        name = ckpt_names.get(m["ckpt"], Path(m["ckpt"]).name) if "ckpt" in m else "?"
     ema = m.get("use_ema", m.get("ema"))
     return name if ema is None else f"{name}, {'EMA' if ema else 'not EMA'}"
+
+
+def checkpoint_names(paths: set[str]) -> dict[str, str]:
+    """Each checkpoint path's shortest tail that no other path ends in: ``last.ckpt`` when one run is tabulated,
+    ``<run>/checkpoints/last.ckpt`` when several runs' checkpoints share a file name (they fell into one cell)."""
+    parts = {p: Path(p).parts for p in paths}
+    names = {}
+    for p, ps in parts.items():
+        n = next((n for n in range(1, len(ps)) if all(qs[-n:] != ps[-n:] for q, qs in parts.items() if q != p)),
+                 len(ps))
+        names[p] = "/".join(ps[-n:])
+    return names
 
 
 def _reference_label(params: dict) -> str | None:
@@ -145,7 +158,7 @@ def _precision(sampler_key: dict) -> str:
     return "fp8" if sampler_key.get("fp8") else "bf16" if sampler_key.get("fast") else "fp32"
 
 
-def _row(r: dict) -> dict | None:
+def _row(r: dict, ckpt_names: dict[str, str]) -> dict | None:
     """One flat row of a FID or reconstruction record, None for other records."""
     k, task, metric = r.get("key", {}), r.get("task"), r.get("metric", {})
     s = k.get("sampler", {})
@@ -164,7 +177,7 @@ def _row(r: dict) -> dict | None:
     # outside the FID-vs-NFE sweep, a run's budget is what S asks for (on linear τ): Table 1's S = 50 on quadratic τ
     # spends 49 of a budget of 50
     nominal = real_nfe(kind, s["steps"], "linear", int(sweep.get("T", 1000))) if task == "fid" else None
-    return {"task": task, "dataset": k["dataset"], "model": _model_label(k), "kind": kind, "eta": _eta_key(s["eta"]),
+    return {"task": task, "dataset": k["dataset"], "model": _model_label(k, ckpt_names), "kind": kind, "eta": _eta_key(s["eta"]),
             "steps": int(s["steps"]), "trajectory": s.get("trajectory"), "precision": _precision(s),
             "value": float(value), "paper": paper, "num_samples": r.get("num_samples"), "nfe": spent,
             "reference": _reference_label(k.get("params") or {}) if task == "fid" else None,
@@ -177,7 +190,9 @@ def collect(records_dir: str | Path) -> list[dict]:
     """Flat rows (task, dataset, model, kind, eta, steps, trajectory, precision, value, paper, num_samples, nfe,
     budget, ...) of the FID and reconstruction records, oldest first: where a checkpoint was rewritten and evaluated
     again, the newest result fills the cell."""
-    rows = [row for row in map(_row, iter_records(records_dir)) if row is not None]
+    records = list(iter_records(records_dir))
+    names = checkpoint_names({r["key"]["model"]["ckpt"] for r in records if "ckpt" in r.get("key", {}).get("model", {})})
+    rows = [row for row in (_row(r, names) for r in records) if row is not None]
     rows.sort(key=lambda row: row["finished"])
     return rows
 
