@@ -103,6 +103,11 @@ BAD_INPUTS = [
     (("task=samples", "samples.save_npz=maybe"), "samples.save_npz must be true or false, got 'maybe'"),
     (("fid.save_grid=maybe",), "fid.save_grid must be true or false, got 'maybe'"),
     (("skip_done=maybe",), "skip_done must be true or false, got 'maybe'"),
+    (("+sampler.clip_denoised=true",), "sampler.clip_denoised is not a setting of sampler (nothing reads it); allowed: "
+                                       "kind, eta, steps, trajectory, batch_size, precision, deterministic"),
+    (("+fid.num_sample=10",), "fid.num_sample is not a setting of fid (nothing reads it); allowed: num_samples, "),
+    (("task=samples", "+samples.grid=true"), "samples.grid is not a setting of samples (nothing reads it); allowed: "
+                                             "num_samples, nrow, save_npz"),
     (("ckpt_path={dir}",), "is a directory; give the checkpoint file itself"),
     (("ckpt_path={text}",), "notes.txt: not a valid torch checkpoint"),
     (("ckpt_path={state_dict}",), "is a bare state dict"),

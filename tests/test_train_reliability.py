@@ -108,6 +108,14 @@ BAD_INPUTS = [
     (["callbacks.sample_grid.num_samples=0"], r"callbacks.sample_grid.num_samples must be a positive integer, got 0"),
     (["callbacks.step_rate.every_n_steps=x"], r"callbacks.step_rate.every_n_steps must be a positive integer, got 'x'"),
     (["trainer.log_every_n_steps=0"], r"trainer.log_every_n_steps must be a positive integer, got 0"),
+    # keys nothing reads, and the noise schedule, named before the U-Net is built
+    (["+optim.loss=l1"], r"optim.loss is not a setting of optim \(nothing reads it\); allowed: lr, beta1, eps, "),
+    (["+diffusion.loss_type=l1"], r"diffusion.loss_type is not a setting of diffusion \(nothing reads it\); allowed: "
+                                  r"beta_schedule, beta_start, beta_end, num_diffusion_timesteps"),
+    (["+fast.fullgraph=true"], r"fast.fullgraph is not a setting of fast"),
+    (["diffusion.beta_schedule=qaud"], r"diffusion.beta_schedule='qaud'; allowed: linear, quad, const, jsd, sigmoid, "
+                                       r"cosine"),
+    (["diffusion.beta_end=2"], r"diffusion.beta_end must be a number in \(0, 1\), got 2"),
 ]
 
 

@@ -7,6 +7,7 @@ import contextlib
 import logging
 import os
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,15 @@ def check_int_at_least(value: Any, name: str, minimum: int, maximum: int | None 
                    f"an integer >= {minimum}" if maximum is None else f"an integer in [{minimum}, {maximum}]")
         raise ValueError(f"{name} must be {allowed}{' or null' if or_null else ''}, got {value!r}")
     return value
+
+
+def check_known_keys(section: Any, allowed: Sequence[str], name: str) -> None:
+    """Refuse keys nothing reads: ``+optim.loss=l1`` would otherwise train the usual loss, and
+    ``+sampler.clip=true`` be answered by a record made without it, without a word."""
+    unknown = [k for k in section if k not in allowed]
+    if unknown:
+        raise ValueError(f"{name}.{unknown[0]} is not a setting of {name} (nothing reads it); allowed: "
+                         f"{', '.join(allowed)}")
 
 
 def log_lightning_once() -> None:

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 BETA_SCHEDULES: tuple[str, ...] = ("linear", "quad", "const", "jsd", "sigmoid", "cosine")
+SCHEDULE_KEYS: tuple[str, ...] = ("beta_schedule", "beta_start", "beta_end", "num_diffusion_timesteps")
 
 
 def beta_schedule(kind: str, T: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> torch.Tensor:
@@ -57,7 +58,7 @@ def alphas_cumprod(betas: torch.Tensor) -> torch.Tensor:
 
 
 def alphas_cumprod_from_config(diffusion_cfg: dict) -> torch.Tensor:
-    """ᾱ_t (float64, shape (T,)) from ``{"beta_schedule", "beta_start", "beta_end", "num_diffusion_timesteps"}``."""
+    """ᾱ_t (float64, shape (T,)) from a config of ``SCHEDULE_KEYS`` (missing ones at DDPM's linear defaults)."""
     betas = beta_schedule(diffusion_cfg.get("beta_schedule", "linear"),
                           int(diffusion_cfg.get("num_diffusion_timesteps", 1000)),
                           beta_start=float(diffusion_cfg.get("beta_start", 1e-4)),

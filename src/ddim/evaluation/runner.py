@@ -19,13 +19,13 @@ from torch import nn
 
 from ddim.accel import fp8_supported, prepare_for_inference
 from ddim.checkpoints import load_for_sampling
-from ddim.config import as_bool, check_positive_int, check_writable_dir, log_lightning_once
+from ddim.config import as_bool, check_known_keys, check_positive_int, check_writable_dir, log_lightning_once
 from ddim.diffusion import timesteps
 from ddim.diffusion.solvers import SOLVERS, nfe
 from ddim.evaluation import records
 from ddim.evaluation.fid import check_weights_file, read_reference_statistics
-from ddim.evaluation.settings import (ETA_ZERO_TASKS, EVAL_TASKS, PRECISIONS, TRAJECTORIES, Loaded, Settings,
-                                      default_trajectory, parse_eta, reads_data)
+from ddim.evaluation.settings import (ETA_ZERO_TASKS, EVAL_TASKS, PRECISIONS, SECTION_KEYS, TRAJECTORIES, Loaded,
+                                      Settings, default_trajectory, parse_eta, reads_data)
 from ddim.evaluation.tasks import TASKS, fid_grid, with_fid_defaults
 from ddim.models import OFFICIAL_CONFIGS
 from ddim.models.diffusers_format import check_diffusers_source, is_diffusers_source, load_diffusers_for_sampling
@@ -188,6 +188,8 @@ def validate(cfg: DictConfig) -> Settings:
     task = cfg.get("task")
     if task not in EVAL_TASKS:
         raise ValueError(f"unknown task {task!r}; allowed: {', '.join(EVAL_TASKS)}")
+    for name in ("sampler", "fid", task):
+        check_known_keys(cfg.get(name) or {}, SECTION_KEYS[name], name)
     sampler = cfg.sampler
     eta = parse_eta(sampler.eta)
     check_sampler(sampler.kind, eta, sampler.steps, sampler.get("trajectory"))

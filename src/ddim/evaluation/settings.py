@@ -22,6 +22,13 @@ EVAL_TASKS: tuple[str, ...] = ("fid", "reconstruction", "interpolation", "consis
 TRAJECTORIES: tuple[str, ...] = tuple(sorted(set(TRAJECTORY_ALIASES.values())))
 # fp32: the plain model (the exact reference); bf16 / fp8: ddim.accel.prepare_for_inference with that preset
 PRECISIONS: tuple[str, ...] = ("fp32", *INFERENCE_PRESETS)
+# every setting each section has (conf/sampler/ddim.yaml, conf/fid/default.yaml, conf/evaluate.yaml); a key added
+# with +<section>.<key>= that nothing reads is refused, not ignored
+SECTION_KEYS: dict[str, tuple[str, ...]] = {
+    "sampler": ("kind", "eta", "steps", "trajectory", "batch_size", "precision", "deterministic"),
+    "fid": ("num_samples", "ref_split", "ref_stats", "weights_path", "cache_dir", "device", "batch_size", "save_grid"),
+    "reconstruction": ("split", "num_images"), "interpolation": ("num_pairs", "num_alphas"),
+    "consistency": ("steps", "num_samples"), "samples": ("num_samples", "nrow", "save_npz")}
 # tasks that decode with the deterministic DDIM (η = 0) whatever sampler.eta says
 ETA_ZERO_TASKS: tuple[str, ...] = ("reconstruction", "interpolation", "consistency")
 

@@ -27,9 +27,9 @@ SEED_MAX = 2**32 - 1  # numpy's limit, which Lightning's seed_everything enforce
 def check_settings(cfg: DictConfig) -> None:
     """Integers where the setting is a count or a seed, refused by name before anything is built (``int()`` would
     fail later with a bare "invalid literal").  The data module and the training module check their own settings
-    (switches, the optimiser's ranges) when they are made, before any data is read or the U-Net is built."""
+    (switches, the optimiser's ranges, the noise schedule) when they are made, before any data is read or the U-Net
+    is built."""
     check_int_at_least(cfg.get("seed"), "seed", 0, SEED_MAX)
-    check_positive_int(cfg.diffusion.get("num_diffusion_timesteps", 1000), "diffusion.num_diffusion_timesteps")
     check_positive_int(cfg.trainer.get("log_every_n_steps", 50), "trainer.log_every_n_steps")
     for name, counts in CALLBACK_COUNTS.items():
         cb = (cfg.get("callbacks") or {}).get(name)

@@ -26,8 +26,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from ddim.accel import prepare_for_training
-from ddim.config import as_bool, check_int_at_least, plain
-from ddim.diffusion.schedules import alphas_cumprod_from_config
+from ddim.config import as_bool, check_int_at_least, check_known_keys, check_positive_int, plain
+from ddim.diffusion.schedules import BETA_SCHEDULES, SCHEDULE_KEYS, alphas_cumprod_from_config
 from ddim.models.build import build_unet, check_architecture
 from ddim.models.ema import DEFAULT_EMA_DECAY, ema_decay_at, ema_initial_share_note, ema_warmup_of, lerp_ema_
 from ddim.training.objective import antithetic_timesteps, eps_loss, rank_seed
@@ -36,6 +36,7 @@ from ddim.training.step_graph import GradientGraph, check_strategy_pairing, mode
 FAST_DEFAULTS = {"compile": False, "mode": None, "step_graph": False}
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 OPTIM_NUMBERS = ("lr", "beta1", "eps", "weight_decay", "ema_decay", "grad_clip", "warmup_steps")
+OPTIM_KEYS = (*OPTIM_NUMBERS, "amsgrad", "ema_warmup")  # every optim setting read (conf/optim/default.yaml)
 # (setting, test, what is allowed) for Adam and clipping; null keeps the default
 OPTIM_RANGES = (("lr", lambda v: v > 0, "a number > 0"), ("beta1", lambda v: 0 <= v < 1, "in [0, 1)"),
                 ("eps", lambda v: v >= 0, "a number >= 0"), ("weight_decay", lambda v: v >= 0, "a number >= 0"),
@@ -44,9 +45,7 @@ OPTIM_RANGES = (("lr", lambda v: v > 0, "a number > 0"), ("beta1", lambda v: 0 <
 
 def fast_settings(fast: dict) -> dict:
     """``fast`` checked and filled in with ``FAST_DEFAULTS``; every bad value is named with what is allowed."""
-    unknown = sorted(set(fast) - set(FAST_DEFAULTS))
-    if unknown:
-        raise ValueError(f"unknown fast setting(s) {unknown}; allowed: {sorted(FAST_DEFAULTS)}")
+    check_known_keys(fast, tuple(FAST_DEFAULTS), "fast")
     out = {**FAST_DEFAULTS, **fast}
     out["compile"] = as_bool(out["compile"], "fast.compile")
     out["step_graph"] = as_bool(out["step_graph"], "fast.step_graph")
@@ -63,6 +62,7 @@ def fast_settings(fast: dict) -> dict:
 def check_optim(optim: dict) -> float:
     """Refuse bad optimiser settings by name, before anything is built (torch's own messages name no setting, and
     a negative warm-up or clip would train silently); returns the checked EMA decay."""
+    check_known_keys(optim, OPTIM_KEYS, "optim")
     for key in OPTIM_NUMBERS:
         value = optim.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
@@ -80,6 +80,20 @@ def check_optim(optim: dict) -> float:
     if not 0.0 <= decay < 1.0:
         raise ValueError(f"optim.ema_decay must be in [0, 1), got {decay}")
     return decay
+
+
+def check_diffusion(diffusion: dict) -> None:
+    """The noise schedule's settings, refused by name before the U-Net is built (the schedule's own error names no
+    setting and came after it)."""
+    check_known_keys(diffusion, SCHEDULE_KEYS, "diffusion")
+    kind = diffusion.get("beta_schedule", "linear")
+    if kind not in BETA_SCHEDULES:
+        raise ValueError(f"diffusion.beta_schedule={kind!r}; allowed: {', '.join(BETA_SCHEDULES)}")
+    for key in ("beta_start", "beta_end"):
+        value = diffusion.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1):
+            raise ValueError(f"diffusion.{key} must be a number in (0, 1), got {value!r}")
+    check_positive_int(diffusion.get("num_diffusion_timesteps", 1000), "diffusion.num_diffusion_timesteps")
 
 
 def match_layout(copy_of: nn.Module, model: nn.Module) -> None:
@@ -101,6 +115,7 @@ class DiffusionModule(L.LightningModule):
         model, diffusion, optim, data = plain(model), plain(diffusion), plain(optim or {}), plain(data or {})
         fast = fast_settings(plain(fast or {}))
         self.ema_decay = check_optim(optim)
+        check_diffusion(diffusion)
         self.ema_warmup = ema_warmup_of(optim)  # train.py's conf/optim sets it (true)
         self.save_hyperparameters({"model": model, "diffusion": diffusion, "optim": optim, "data": data, "fast": fast})
         self.model = build_unet(model)
