@@ -21,7 +21,7 @@ EpsModel = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 ETA_STRINGS: tuple[str, ...] = ("hat",)
 
 
-def _check_alphas_cumprod(alphas_cumprod: torch.Tensor) -> torch.Tensor:
+def check_alphas_cumprod(alphas_cumprod: torch.Tensor) -> torch.Tensor:
     """ᾱ as a float64 CPU tensor, checked to be 1-D, in (0, 1] and strictly decreasing."""
     ac = torch.as_tensor(alphas_cumprod).detach().to("cpu", torch.float64)
     if ac.ndim != 1 or ac.numel() == 0:
@@ -35,7 +35,7 @@ def _check_alphas_cumprod(alphas_cumprod: torch.Tensor) -> torch.Tensor:
     return ac
 
 
-def _check_timesteps(timesteps: torch.Tensor | Sequence[int], T: int) -> torch.Tensor:
+def check_timesteps(timesteps: torch.Tensor | Sequence[int], T: int) -> torch.Tensor:
     """τ as a long CPU tensor, checked to be 1-D, non-empty, strictly increasing, within [0, T-1]."""
     seq = torch.as_tensor(timesteps).detach().to("cpu")
     if seq.ndim != 1 or seq.numel() == 0 or seq.dtype.is_floating_point or seq.dtype == torch.bool:
@@ -91,8 +91,8 @@ def sample(eps_model: EpsModel, x_T: torch.Tensor, alphas_cumprod: torch.Tensor,
     [x_T, ..., x_0] (S + 1 tensors) and the S x_0 predictions, all left on the device.
     """
     eta = _check_eta(eta)
-    ac = _check_alphas_cumprod(alphas_cumprod)
-    seq = _check_timesteps(timesteps, ac.numel())
+    ac = check_alphas_cumprod(alphas_cumprod)
+    seq = check_timesteps(timesteps, ac.numel())
     S = seq.numel()
     if noise is not None:
         _check_noise(noise, S, x_T)
@@ -165,8 +165,8 @@ def encode(eps_model: EpsModel, x_0: torch.Tensor, alphas_cumprod: torch.Tensor,
     mismatch vanishes as S grows, so ``sample(encode(x_0))`` -> x_0. Equals diffusers' DDIMInverseScheduler
     with ``set_alpha_to_one=True``.
     """
-    ac = _check_alphas_cumprod(alphas_cumprod)
-    seq = _check_timesteps(timesteps, ac.numel())
+    ac = check_alphas_cumprod(alphas_cumprod)
+    seq = check_timesteps(timesteps, ac.numel())
     a_to = ac[seq]
     a_from = torch.cat([torch.ones(1, dtype=torch.float64), ac[seq[:-1]]])
     c = _per_step({"f_x": (a_to / a_from).sqrt(),
