@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from ddim.diffusion.solvers import MIN_STEPS, SOLVERS, nfe, solve, steps_for_nfe
+from ddim.diffusion import sample
+from ddim.diffusion.solvers import SOLVERS, Solver, min_nfe, nfe, nfe_on, solve, steps_for_nfe, steps_for_nfe_on
 
 T = 1000
 BETAS = torch.linspace(1e-4, 0.02, T, dtype=torch.float64)
@@ -161,7 +162,7 @@ def test_higher_order_beats_ddim_at_equal_nfe(gauss):
 
     mu, x_T = gauss
     err = {}
-    for kind in ("ddim",) + SOLVERS:
+    for kind in ("ddim", *SOLVERS):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # quadratic S=50 has 49 distinct steps
             tau = timesteps(T, steps_for_nfe(kind, 50), "quadratic")
@@ -178,17 +179,17 @@ def test_higher_order_beats_ddim_at_equal_nfe(gauss):
 
 # ---------------------------------------------------------------- NFE accounting
 
-@pytest.mark.parametrize("kind", SOLVERS)
+@pytest.mark.parametrize("kind", list(SOLVERS))
 def test_nfe_counts_network_calls(gauss, kind):
     mu, x_T = gauss
-    for S in range(MIN_STEPS[kind], 9):
+    for S in range(SOLVERS[kind].min_steps, 9):
         model = GaussianEps(AC, mu)
         solve(kind, model, x_T, AC, torch.linspace(0, T - 1, S).round().long())
         assert model.calls == nfe(kind, S)
     assert nfe("heun", 10) == 19 and nfe("plms", 10) == 11 and nfe("dpmpp_2m", 10) == 10 and nfe("ddim", 10) == 10
 
 
-@pytest.mark.parametrize("kind", ("ddim",) + SOLVERS)
+@pytest.mark.parametrize("kind", ("ddim", *SOLVERS))
 def test_steps_for_nfe_spends_at_most_budget(kind):
     for budget in (3, 4, 5, 10, 20, 50, 100):
         S = steps_for_nfe(kind, budget)
@@ -197,7 +198,7 @@ def test_steps_for_nfe_spends_at_most_budget(kind):
             assert nfe(kind, S) == budget
 
 
-@pytest.mark.parametrize("kind", ("ddim",) + SOLVERS)
+@pytest.mark.parametrize("kind", ("ddim", *SOLVERS))
 @pytest.mark.parametrize("trajectory", ("linear", "quadratic"))
 def test_steps_for_nfe_on_real_trajectory(kind, trajectory):
     """The S to request so that the real (official-rule, repeat-free) trajectory spends the most NFE within
@@ -255,17 +256,64 @@ def test_nfe_too_small_names_minimum(kind, minimum):
             steps_for_nfe(kind, minimum - 1)
 
 
-@pytest.mark.parametrize("kind", SOLVERS)
+@pytest.mark.parametrize("kind", list(SOLVERS))
 def test_too_few_steps_fails_before_sampling(gauss, kind):
     mu, x_T = gauss
     model = GaussianEps(AC, mu)
-    with pytest.raises(ValueError, match=rf"{kind} needs at least S={MIN_STEPS[kind]} steps"):
-        solve(kind, model, x_T, AC, torch.arange(MIN_STEPS[kind] - 1) * 100)
+    with pytest.raises(ValueError, match=rf"{kind} needs at least S={SOLVERS[kind].min_steps} steps"):
+        solve(kind, model, x_T, AC, torch.arange(SOLVERS[kind].min_steps - 1) * 100)
     with pytest.raises(ValueError, match="strictly increasing"):
         solve(kind, model, x_T, AC, torch.tensor([0, 500, 500, 900]))
     with pytest.raises(ValueError, match=r"timesteps must lie in \[0, 999\]"):
         solve(kind, model, x_T, AC, torch.tensor([0, 500, 1000]))
     assert model.calls == 0
+
+
+def test_timesteps_as_a_list_of_ints(gauss):
+    """solve takes τ as ``sample`` does: a tensor or a sequence of ints."""
+    mu, x_T = gauss
+    for kind in SOLVERS:
+        want = solve(kind, GaussianEps(AC, mu), x_T, AC, torch.tensor([0, 100, 500, 999]))
+        assert torch.equal(solve(kind, GaussianEps(AC, mu), x_T, AC, [0, 100, 500, 999]), want)
+    with pytest.raises(ValueError, match="strictly increasing"):
+        solve("heun", GaussianEps(AC, mu), x_T, AC, [0, 500, 100])
+
+
+# ---------------------------------------------------------------- adding a solver
+
+def _euler(eps, xbar, sig):
+    """The Euler method of the DDIM ODE: DDIM with η = 0, written as a solver."""
+    for i in range(len(sig) - 1):
+        xbar = xbar + (sig[i + 1] - sig[i]) * eps(xbar, i)
+    return xbar
+
+
+@pytest.fixture()
+def euler(monkeypatch):
+    """A toy solver registered for one test only (monkeypatch removes it afterwards)."""
+    monkeypatch.setitem(SOLVERS, "euler", Solver(_euler, min_steps=1, nfe=lambda S: S))
+
+
+def test_registered_solver_runs_through_solve_nfe_and_steps_for_nfe(gauss, euler):
+    """Adding a solver is one function and one registry entry: solve, the NFE accounting and the error for an
+    unknown kind all see it. Euler in x̄, σ is DDIM with η = 0, so the result is known."""
+    mu, x_T = gauss
+    tau = [0, 50, 200, 450, 999]
+    model = GaussianEps(AC, mu)
+    out = solve("euler", model, x_T, AC, tau)
+    assert (out - sample(GaussianEps(AC, mu), x_T, AC, tau, eta=0.0)).abs().max().item() < 1e-10
+    assert model.calls == nfe("euler", len(tau)) == 5
+    assert min_nfe("euler") == 1 and steps_for_nfe("euler", 9) == 9
+    assert nfe_on("euler", 10, 1000) == nfe_on("ddim", 10, 1000)
+    assert steps_for_nfe_on("euler", 20, 1000, "quadratic") == steps_for_nfe_on("ddim", 20, 1000, "quadratic")
+    with pytest.raises(ValueError, match=r"euler_a.*plms, dpmpp_2m, heun, euler"):
+        solve("euler_a", model, x_T, AC, tau)
+
+
+@pytest.mark.parametrize("min_steps", [0, -1, 2.0, True])
+def test_solver_refuses_a_bad_min_steps(min_steps):
+    with pytest.raises(ValueError, match=rf"Solver.min_steps must be a positive int, got {min_steps!r}"):
+        Solver(_euler, min_steps=min_steps, nfe=lambda S: S)
 
 
 # ---------------------------------------------------------------- the FID-against-NFE sweep
@@ -279,7 +327,7 @@ def test_fid_vs_nfe_preset_spends_largest_s_within_budget(preset):
     from ddim.evaluation.aggregate import real_nfe
 
     with hydra.initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        for kind in ("ddim",) + SOLVERS:
+        for kind in ("ddim", *SOLVERS):
             for budget in (5, 10, 20, 50, 100):
                 cfg = hydra.compose("evaluate", overrides=[f"+sweeps={preset}",
                                                            f"sampler.kind={kind}", f"fid_vs_nfe.budget=nfe{budget}"])

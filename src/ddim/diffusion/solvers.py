@@ -10,6 +10,10 @@ coordinates, on the same increasing trajectory τ_1 < ... < τ_S as the DDIM sam
 last step goes from τ_1 to ᾱ = 1 (σ = 0, x̄ = x); that final step is always first order (its end point
 has no ε-evaluation), i.e. it returns the x_0-prediction at τ_1 updated with the solver's ε-estimate.
 
+Each solver is one function ``(eps, xbar, sig) -> x̄ at σ = 0`` over the coordinates :func:`solve` prepares,
+listed with its minimum S and its NFE in the one registry ``SOLVERS`` (as k-diffusion's ``sample_*``); every
+function here reads the registry when called, so a solver registered later works everywhere:
+
 - ``plms``: pseudo linear multistep (Liu et al. 2022, PNDM), exactly diffusers' ``PNDMScheduler`` with
   ``skip_prk_steps=True``: the DDIM transfer driven by an Adams-Bashforth combination of past ε's; the
   first step is a pseudo improved-Euler (Heun) step, then AB2, AB3, then AB4. NFE = S + 1.
@@ -23,42 +27,125 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Callable
+from dataclasses import dataclass
+from typing import Callable, Sequence
 
 import torch
 
+from ddim.diffusion.samplers import check_alphas_cumprod, check_timesteps
 from ddim.diffusion.trajectories import timesteps
 
 EpsModel = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# ε_θ at x̄ on the i-th noise level of the run (i = 0 is τ_S); evaluates the network once.
+EpsAt = Callable[[torch.Tensor, int], torch.Tensor]
+# (eps, x̄ at σ_S, [σ_S, ..., σ_1, 0]) -> x̄ at σ = 0, which is x_0.
+Integrator = Callable[[EpsAt, torch.Tensor, list[float]], torch.Tensor]
 
-SOLVERS: tuple[str, ...] = ("plms", "dpmpp_2m", "heun")
 
-# Fewest trajectory steps S for which each method is more than DDIM: PLMS needs its warm-up step plus one
-# multistep step, DPM-Solver++(2M) a first-order start, one 2M step and the first-order final step,
+@dataclass(frozen=True)
+class Solver:
+    """A registry entry: the integrator, the fewest steps S for which it is more than DDIM, and its NFE for S
+    steps (increasing in S; ``steps_for_nfe`` inverts it)."""
+
+    integrate: Integrator
+    min_steps: int
+    nfe: Callable[[int], int]
+
+    def __post_init__(self) -> None:
+        if isinstance(self.min_steps, bool) or not isinstance(self.min_steps, int) or self.min_steps < 1:
+            raise ValueError(f"Solver.min_steps must be a positive int, got {self.min_steps!r}")
+
+
+def heun(eps: EpsAt, xbar: torch.Tensor, sig: list[float]) -> torch.Tensor:
+    """Heun's method: average the slope at both ends of each step; the last, to σ = 0, is Euler only."""
+    S = len(sig) - 1
+    for i in range(S):
+        d = eps(xbar, i)
+        x_euler = xbar + (sig[i + 1] - sig[i]) * d
+        if i + 1 == S:  # σ = 0 has no model evaluation: Euler (= DDIM) step
+            xbar = x_euler
+        else:
+            xbar = xbar + (sig[i + 1] - sig[i]) * 0.5 * (d + eps(x_euler, i + 1))
+    return xbar
+
+
+def plms(eps: EpsAt, xbar: torch.Tensor, sig: list[float]) -> torch.Tensor:
+    """PNDM's pseudo linear multistep: a pseudo improved-Euler warm-up, then Adams-Bashforth 2, 3, 4 on ε."""
+    S = len(sig) - 1
+    ets: list[torch.Tensor] = []
+    for i in range(S):
+        e = eps(xbar, i)
+        ets = (ets + [e])[-4:]
+        if i == 0:
+            # Pseudo improved Euler: DDIM predictor, then average its ε with the ε at the predicted point.
+            x_pred = xbar + (sig[1] - sig[0]) * e
+            e_hat = 0.5 * (e + eps(x_pred, 1)) if S > 1 else e
+        elif len(ets) == 2:
+            e_hat = (3 * ets[-1] - ets[-2]) / 2
+        elif len(ets) == 3:
+            e_hat = (23 * ets[-1] - 16 * ets[-2] + 5 * ets[-3]) / 12
+        else:
+            e_hat = (55 * ets[-1] - 59 * ets[-2] + 37 * ets[-3] - 9 * ets[-4]) / 24
+        xbar = xbar + (sig[i + 1] - sig[i]) * e_hat
+    return xbar
+
+
+def dpmpp_2m(eps: EpsAt, xbar: torch.Tensor, sig: list[float]) -> torch.Tensor:
+    """DPM-Solver++(2M): data prediction D = x̄ - σ ε; one step x̄_s = r x̄_t + (1 - r) D̂, r = σ_s / σ_t."""
+    D_prev = None
+    for i in range(len(sig) - 1):
+        D = xbar - sig[i] * eps(xbar, i)
+        r = sig[i + 1] / sig[i]
+        if D_prev is None or sig[i + 1] == 0.0:
+            D_hat = D  # first order (= DDIM step)
+        else:
+            h = math.log(sig[i] / sig[i + 1])  # λ_s - λ_t with λ = -log σ
+            h_0 = math.log(sig[i - 1] / sig[i])
+            D_hat = D + 0.5 * (h / h_0) * (D - D_prev)
+        xbar = r * xbar + (1 - r) * D_hat
+        D_prev = D
+    return xbar
+
+
+# The solvers by ``sampler.kind``, in the FID-against-NFE table's row order. min_steps: PLMS needs its warm-up
+# step plus one multistep step, DPM-Solver++(2M) a first-order start, one 2M step and the first-order final step,
 # Heun one corrected step before the Euler-only final step.
-MIN_STEPS: dict[str, int] = {"plms": 2, "dpmpp_2m": 3, "heun": 2}
+SOLVERS: dict[str, Solver] = {
+    "plms": Solver(plms, min_steps=2, nfe=lambda S: S + 1),
+    "dpmpp_2m": Solver(dpmpp_2m, min_steps=3, nfe=lambda S: S),
+    "heun": Solver(heun, min_steps=2, nfe=lambda S: 2 * S - 1),
+}
 
 
-def _check_kind(kind: str, allowed: tuple[str, ...] = SOLVERS) -> str:
-    if kind not in allowed:
-        raise ValueError(f"unknown sampler kind {kind!r}; allowed: {', '.join(allowed)}")
-    return kind
+def _solver(kind: str, also: tuple[str, ...] = ()) -> Solver:
+    """The registry entry for ``kind``, looked up when called so that a solver registered later is found."""
+    if not isinstance(kind, str) or kind not in SOLVERS:
+        raise ValueError(f"unknown sampler kind {kind!r}; allowed: {', '.join([*also, *SOLVERS])}")
+    return SOLVERS[kind]
+
+
+def _count(kind: str) -> tuple[int, Callable[[int], int]]:
+    """(min_steps, NFE as a function of S) for a solver or ``"ddim"`` (``sample`` with η = 0: NFE = S)."""
+    if kind == "ddim":
+        return 1, lambda S: S
+    solver = _solver(kind, also=("ddim",))
+    return solver.min_steps, solver.nfe
 
 
 def nfe(kind: str, S: int) -> int:
     """Network evaluations spent by ``kind`` on an S-step trajectory (``"ddim"`` also accepted: NFE = S)."""
-    _check_kind(kind, ("ddim",) + SOLVERS)
+    min_steps, count = _count(kind)
     if not isinstance(S, int) or S < 1:
         raise ValueError(f"number of steps S must be a positive int, got {S!r}")
-    if kind != "ddim" and S < MIN_STEPS[kind]:
-        raise ValueError(f"{kind} needs at least S={MIN_STEPS[kind]} steps, got S={S}")
-    return {"ddim": S, "plms": S + 1, "dpmpp_2m": S, "heun": 2 * S - 1}[kind]
+    if S < min_steps:
+        raise ValueError(f"{kind} needs at least S={min_steps} steps, got S={S}")
+    return count(S)
 
 
 def min_nfe(kind: str) -> int:
     """Smallest NFE budget ``kind`` can run with (1 for ``"ddim"``)."""
-    _check_kind(kind, ("ddim",) + SOLVERS)
-    return 1 if kind == "ddim" else nfe(kind, MIN_STEPS[kind])
+    min_steps, count = _count(kind)
+    return count(min_steps)
 
 
 def _check_budget(kind: str, nfe_budget: int) -> None:
@@ -76,10 +163,12 @@ def nfe_on(kind: str, S: int, T: int, trajectory: str = "linear") -> int:
 
 
 def steps_for_nfe(kind: str, nfe_budget: int) -> int:
-    """Largest S whose NFE is at most ``nfe_budget`` (exact for ddim, plms, dpmpp_2m; heun with an even
-    budget spends one evaluation less, as 2S - 1 is odd). Raises ValueError below the method's minimum."""
+    """Largest S whose NFE is at most ``nfe_budget``, found from the solver's NFE rule (heun, 2S - 1, spends one
+    evaluation less than an even budget). Raises ValueError below the method's minimum."""
     _check_budget(kind, nfe_budget)
-    return {"ddim": nfe_budget, "plms": nfe_budget - 1, "dpmpp_2m": nfe_budget, "heun": (nfe_budget + 1) // 2}[kind]
+    min_steps, count = _count(kind)
+    # NFE rises by at least one per added step, so no S beyond nfe_budget + min_steps - 1 fits.
+    return max(S for S in range(min_steps, nfe_budget + min_steps) if count(S) <= nfe_budget)
 
 
 def steps_for_nfe_on(kind: str, nfe_budget: int, T: int, trajectory: str = "linear") -> tuple[int, int]:
@@ -100,23 +189,19 @@ def steps_for_nfe_on(kind: str, nfe_budget: int, T: int, trajectory: str = "line
     raise ValueError(f"no trajectory of T={T} ({trajectory}) fits NFE={nfe_budget} for {kind}")
 
 
-def _check_inputs(kind: str, x_T: torch.Tensor, alphas_cumprod: torch.Tensor, timesteps: torch.Tensor) -> None:
-    _check_kind(kind)
-    if alphas_cumprod.ndim != 1 or not bool(((alphas_cumprod > 0) & (alphas_cumprod <= 1)).all()):
-        raise ValueError("alphas_cumprod must be a 1-D tensor with values in (0, 1]")
-    if timesteps.ndim != 1 or timesteps.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"timesteps must be a 1-D integer tensor, got shape {tuple(timesteps.shape)} {timesteps.dtype}")
-    T = alphas_cumprod.numel()
-    if len(timesteps) and (int(timesteps.min()) < 0 or int(timesteps.max()) >= T):
-        raise ValueError(f"timesteps must lie in [0, {T - 1}], got [{int(timesteps.min())}, {int(timesteps.max())}]")
-    if len(timesteps) > 1 and not bool((timesteps[1:] > timesteps[:-1]).all()):
-        raise ValueError("timesteps must be strictly increasing (0-indexed, e.g. from ddim.diffusion.timesteps)")
-    S = len(timesteps)
-    if S < MIN_STEPS[kind]:
+def _check_inputs(kind: str, alphas_cumprod: torch.Tensor,
+                  timesteps: torch.Tensor | Sequence[int]) -> tuple[Solver, torch.Tensor, torch.Tensor]:
+    """(solver, ᾱ as float64 CPU, τ as a long CPU tensor), every check done before the first network call."""
+    solver = _solver(kind)
+    ac = check_alphas_cumprod(alphas_cumprod)
+    seq = check_timesteps(timesteps, ac.numel())
+    S = len(seq)
+    if S < solver.min_steps:
         raise ValueError(
-            f"{kind} needs at least S={MIN_STEPS[kind]} steps (NFE >= {min_nfe(kind)}), got S={S} (NFE would be "
+            f"{kind} needs at least S={solver.min_steps} steps (NFE >= {min_nfe(kind)}), got S={S} (NFE would be "
             f"too small for this method; use ddim for fewer evaluations)"
         )
+    return solver, ac, seq
 
 
 @torch.no_grad()
@@ -125,16 +210,16 @@ def solve(
     eps_model: EpsModel,
     x_T: torch.Tensor,
     alphas_cumprod: torch.Tensor,
-    timesteps: torch.Tensor,
+    timesteps: torch.Tensor | Sequence[int],
 ) -> torch.Tensor:
     """Integrate the DDIM ODE from x_T at ``timesteps[-1]`` down to x_0 (ᾱ = 1) with solver ``kind``.
 
+    ``timesteps``: a tensor or a sequence of ints, 0-indexed and strictly increasing, as for ``sample``.
     ``eps_model(x, t)`` gets t as a long tensor (B,) of 0-indexed timesteps. Deterministic; spends
     ``nfe(kind, len(timesteps))`` network evaluations.
     """
-    _check_inputs(kind, x_T, alphas_cumprod, timesteps)
-    a = alphas_cumprod.double().cpu()
-    taus = [int(t) for t in timesteps.flip(0)]  # τ_S, ..., τ_1 (high noise first)
+    solver, a, seq = _check_inputs(kind, alphas_cumprod, timesteps)
+    taus = [int(t) for t in seq.flip(0)]  # τ_S, ..., τ_1 (high noise first)
     # Noise levels along the run, with the final target ᾱ = 1 (σ = 0) appended.
     sqrt_a = [float(a[t].sqrt()) for t in taus] + [1.0]
     sig = [float(((1 - a[t]) / a[t]).sqrt()) for t in taus] + [0.0]
@@ -144,43 +229,4 @@ def solve(
         t = torch.full((B,), taus[i], dtype=torch.long, device=x_T.device)
         return eps_model(xbar * sqrt_a[i], t).to(x_T.dtype)
 
-    xbar = x_T / sqrt_a[0]
-    S = len(taus)
-    if kind == "heun":
-        for i in range(S):
-            d = eps(xbar, i)
-            x_euler = xbar + (sig[i + 1] - sig[i]) * d
-            if i + 1 == S:  # σ = 0 has no model evaluation: Euler (= DDIM) step
-                xbar = x_euler
-            else:
-                xbar = xbar + (sig[i + 1] - sig[i]) * 0.5 * (d + eps(x_euler, i + 1))
-    elif kind == "plms":
-        ets: list[torch.Tensor] = []
-        for i in range(S):
-            e = eps(xbar, i)
-            ets = (ets + [e])[-4:]
-            if i == 0:
-                # Pseudo improved Euler: DDIM predictor, then average its ε with the ε at the predicted point.
-                x_pred = xbar + (sig[1] - sig[0]) * e
-                e_hat = 0.5 * (e + eps(x_pred, 1)) if S > 1 else e
-            elif len(ets) == 2:
-                e_hat = (3 * ets[-1] - ets[-2]) / 2
-            elif len(ets) == 3:
-                e_hat = (23 * ets[-1] - 16 * ets[-2] + 5 * ets[-3]) / 12
-            else:
-                e_hat = (55 * ets[-1] - 59 * ets[-2] + 37 * ets[-3] - 9 * ets[-4]) / 24
-            xbar = xbar + (sig[i + 1] - sig[i]) * e_hat
-    else:  # dpmpp_2m: data prediction D = x̄ - σ ε; one step x̄_s = r x̄_t + (1 - r) D̂, r = σ_s / σ_t.
-        D_prev = None
-        for i in range(S):
-            D = xbar - sig[i] * eps(xbar, i)
-            r = sig[i + 1] / sig[i]
-            if D_prev is None or sig[i + 1] == 0.0:
-                D_hat = D  # first order (= DDIM step)
-            else:
-                h = math.log(sig[i] / sig[i + 1])  # λ_s - λ_t with λ = -log σ
-                h_0 = math.log(sig[i - 1] / sig[i])
-                D_hat = D + 0.5 * (h / h_0) * (D - D_prev)
-            xbar = r * xbar + (1 - r) * D_hat
-            D_prev = D
-    return xbar
+    return solver.integrate(eps, x_T / sqrt_a[0], sig)
