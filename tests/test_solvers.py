@@ -310,6 +310,15 @@ def test_registered_solver_runs_through_solve_nfe_and_steps_for_nfe(gauss, euler
         solve("euler_a", model, x_T, AC, tau)
 
 
+def test_registered_solver_is_a_sampler_kind_of_evaluate(euler):
+    """evaluate.py's sampler.kind check reads the registry when it runs, not a list made at import."""
+    from ddim.evaluation.runner import check_sampler
+
+    check_sampler("euler", 0.0, 5, None)
+    with pytest.raises(ValueError, match=r"sampler.kind must be one of ddim, plms, dpmpp_2m, heun, euler, got 'rk4'"):
+        check_sampler("rk4", 0.0, 5, None)
+
+
 @pytest.mark.parametrize("min_steps", [0, -1, 2.0, True])
 def test_solver_refuses_a_bad_min_steps(min_steps):
     with pytest.raises(ValueError, match=rf"Solver.min_steps must be a positive int, got {min_steps!r}"):

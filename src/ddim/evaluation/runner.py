@@ -31,7 +31,6 @@ from ddim.models import OFFICIAL_CONFIGS
 from ddim.models.diffusers_format import check_diffusers_source, is_diffusers_source, load_diffusers_for_sampling
 from ddim.models.pretrained import DIFFUSERS_SOURCES, DOWNLOADABLE_NAMES, check_pretrained_name, fetch
 
-SAMPLER_KINDS: tuple[str, ...] = ("ddim",) + tuple(SOLVERS)
 # the official configs' data set names -> this project's
 OFFICIAL_DATASETS = {"CIFAR10": "cifar10", "CELEBA": "celeba", "LSUN": "lsun"}
 REMOVED_SAMPLER_OPTIONS = ("fast", "fp8", "fp8_max_width")
@@ -48,8 +47,9 @@ def resolve_device(name: Any, setting: str = "device") -> str:
 
 def check_sampler(kind: Any, eta: float | str, steps: Any, trajectory: Any) -> None:
     """The sampler settings that do not depend on the model (S against T: ``check_steps_fit``)."""
-    if kind not in SAMPLER_KINDS:
-        raise ValueError(f"sampler.kind must be one of {', '.join(SAMPLER_KINDS)}, got {kind!r}")
+    kinds = ("ddim", *SOLVERS)  # read when called: a solver registered in ddim.diffusion.SOLVERS is one too
+    if kind not in kinds:
+        raise ValueError(f"sampler.kind must be one of {', '.join(kinds)}, got {kind!r}")
     check_positive_int(steps, "sampler.steps (S)")
     if trajectory is not None and trajectory not in TRAJECTORIES:
         raise ValueError(f"sampler.trajectory must be one of {', '.join(TRAJECTORIES)} (or null: the data set's "
@@ -188,14 +188,14 @@ def validate(cfg: DictConfig) -> Settings:
     task = cfg.get("task")
     if task not in EVAL_TASKS:
         raise ValueError(f"unknown task {task!r}; allowed: {', '.join(EVAL_TASKS)}")
-    for name in ("sampler", "fid", task):
-        check_known_keys(cfg.get(name) or {}, SECTION_KEYS[name], name)
     sampler = cfg.sampler
     eta = parse_eta(sampler.eta)
     check_sampler(sampler.kind, eta, sampler.steps, sampler.get("trajectory"))
     check_positive_int(sampler.batch_size, "sampler.batch_size")
     device = resolve_device(cfg.get("device"))
     precision, deterministic = check_precision(sampler, device)
+    for name in ("sampler", "fid", task):
+        check_known_keys(cfg.get(name) or {}, SECTION_KEYS[name], name)
     check_task_settings(task, cfg)
     if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int):
         raise ValueError(f"seed must be an integer, got {cfg.seed!r}")
