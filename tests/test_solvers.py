@@ -16,6 +16,7 @@ import torch
 
 from ddim.diffusion import sample
 from ddim.diffusion.solvers import SOLVERS, Solver, min_nfe, nfe, nfe_on, solve, steps_for_nfe, steps_for_nfe_on
+from ddim.evaluation.runner import check_sampler
 
 T = 1000
 BETAS = torch.linspace(1e-4, 0.02, T, dtype=torch.float64)
@@ -312,8 +313,6 @@ def test_registered_solver_runs_through_solve_nfe_and_steps_for_nfe(gauss, euler
 
 def test_registered_solver_is_a_sampler_kind_of_evaluate(euler):
     """evaluate.py's sampler.kind check reads the registry when it runs, not a list made at import."""
-    from ddim.evaluation.runner import check_sampler
-
     check_sampler("euler", 0.0, 5, None)
     with pytest.raises(ValueError, match=r"sampler.kind must be one of ddim, plms, dpmpp_2m, heun, euler, got 'rk4'"):
         check_sampler("rk4", 0.0, 5, None)
