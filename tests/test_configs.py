@@ -167,6 +167,7 @@ def test_wandb_run_names(config, overrides, name):
 def test_the_settings_each_section_accepts_are_those_the_configs_ship():
     """The lists that refuse unknown keys (+optim.loss=l1 ...) hold every key the shipped configs have, so a key
     added to a yaml file without the code that reads it, or the reverse, fails here."""
+    from ddim.data import DATASET_KEYS
     from ddim.diffusion.schedules import SCHEDULE_KEYS
     from ddim.evaluation.settings import SECTION_KEYS
     from ddim.training.module import FAST_DEFAULTS, OPTIM_KEYS
@@ -176,6 +177,8 @@ def test_the_settings_each_section_accepts_are_those_the_configs_ship():
     for diffusion in sorted(p.stem for p in (CONF / "diffusion").glob("*.yaml")):
         assert set(_compose(f"diffusion={diffusion}").diffusion) == set(SCHEDULE_KEYS), diffusion
     assert set(_compose().fast) == set(FAST_DEFAULTS)
+    for dataset in sorted(p.stem for p in (CONF / "dataset").glob("*.yaml")):
+        assert set(_compose(f"dataset={dataset}").dataset) == set(DATASET_KEYS), dataset
     with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
         cfg = compose(config_name="evaluate", overrides=["paths.log_dir=/tmp/unused"])
     for section, keys in SECTION_KEYS.items():

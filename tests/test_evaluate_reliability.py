@@ -105,6 +105,7 @@ BAD_INPUTS = [
     (("skip_done=maybe",), "skip_done must be true or false, got 'maybe'"),
     (("+sampler.clip_denoised=true",), "sampler.clip_denoised is not a setting of sampler (nothing reads it); allowed: "
                                        "kind, eta, steps, trajectory, batch_size, precision, deterministic"),
+    (("+dataset.rooot=/data",), "dataset.rooot is not a setting of dataset (nothing reads it); allowed: name, root, "),
     (("+fid.num_sample=10",), "fid.num_sample is not a setting of fid (nothing reads it); allowed: num_samples, "),
     (("task=samples", "+samples.grid=true"), "samples.grid is not a setting of samples (nothing reads it); allowed: "
                                              "num_samples, nrow, save_npz"),

@@ -113,6 +113,7 @@ BAD_INPUTS = [
     (["+diffusion.loss_type=l1"], r"diffusion.loss_type is not a setting of diffusion \(nothing reads it\); allowed: "
                                   r"beta_schedule, beta_start, beta_end, num_diffusion_timesteps"),
     (["+fast.fullgraph=true"], r"fast.fullgraph is not a setting of fast"),
+    (["+dataset.npz_file=x.npz"], r"dataset.npz_file is not a setting of dataset \(nothing reads it\); allowed: name, "),
     (["diffusion.beta_schedule=qaud"], r"diffusion.beta_schedule='qaud'; allowed: linear, quad, const, jsd, sigmoid, "
                                        r"cosine"),
     (["diffusion.beta_end=2"], r"diffusion.beta_end must be a number in \(0, 1\), got 2"),

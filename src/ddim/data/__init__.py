@@ -26,10 +26,13 @@ from PIL import Image
 from sklearn.datasets import load_digits
 from torch.utils.data import DataLoader, Dataset
 
-from ddim.config import as_bool, check_int_at_least, check_positive_int
+from ddim.config import as_bool, check_int_at_least, check_known_keys, check_positive_int
 
 DATASETS = ("digits", "cifar10", "celeba", "lsun", "image_folder")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+# every setting of a conf/dataset file (train_steps is train.py's default trainer.max_steps); another key is refused
+DATASET_KEYS = ("name", "root", "image_size", "channels", "split", "batch_size", "num_workers", "random_flip",
+                "uniform_dequantization", "download", "category", "train_steps")
 LSUN_SPLITS = {"train": "train", "val": "val", "valid": "val", "test": "val"}  # LSUN ships train and val only
 
 
@@ -392,6 +395,7 @@ class DiffusionDataModule(L.LightningDataModule):
                  uniform_dequantization: bool = False, download: bool = False, channels: int = 3,
                  category: str = "church_outdoor", seed: int = 0, **unused: Any):
         super().__init__()
+        check_known_keys(unused, DATASET_KEYS, "dataset")  # a key no code reads would be dropped without a word
         check_positive_int(image_size, "dataset.image_size")
         check_positive_int(batch_size, "dataset.batch_size")
         check_positive_int(channels, "dataset.channels")

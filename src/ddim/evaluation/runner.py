@@ -20,6 +20,7 @@ from torch import nn
 from ddim.accel import fp8_supported, prepare_for_inference
 from ddim.checkpoints import load_for_sampling
 from ddim.config import as_bool, check_known_keys, check_positive_int, check_writable_dir, log_lightning_once
+from ddim.data import DATASET_KEYS
 from ddim.diffusion import timesteps
 from ddim.diffusion.solvers import SOLVERS, nfe
 from ddim.evaluation import records
@@ -116,6 +117,7 @@ def dataset_override(cfg: DictConfig, task: str) -> dict | None:
     ``dataset=image_folder`` without ``dataset.root``); a task that reads no images does without the folder."""
     if cfg.get("dataset") is None:
         return None
+    check_known_keys(cfg.dataset, DATASET_KEYS, "dataset")
     unset = [k for k in cfg.dataset if OmegaConf.is_missing(cfg.dataset, k)]
     needed = [k for k in unset if k != "root" or reads_data(task, cfg.fid)]
     if needed:
