@@ -260,6 +260,33 @@ def test_two_runs_with_one_checkpoint_name_are_two_blocks(tmp_path):
     assert aggregate.checkpoint_names({"/r/a.ckpt", "/r/b/a.ckpt"}) == {"/r/a.ckpt": "r/a.ckpt", "/r/b/a.ckpt": "b/a.ckpt"}
 
 
+def test_a_sigma_rule_named_by_a_string_gets_its_own_row(tmp_path):
+    """A σ rule added to ddim.diffusion.ETA_STRINGS (here "beta") is a row after the numbers and σ̂, in the table
+    and the plot; the aggregator once failed on it with "could not convert string to float"."""
+    from ddim.evaluation import aggregate
+    from ddim.evaluation.records import record_path, write_record
+
+    for eta, fid in ((0.0, 20.0), ("beta", 30.0), ("hat", 40.0)):
+        key = {"task": "fid", "dataset": "cifar10-32", "model": {"ckpt": "/runs/last.ckpt"}, "seed": 0,
+               "params": {"num_samples": 100},
+               "sampler": {"kind": "ddim", "eta": eta, "steps": 10, "trajectory": "quadratic"}}
+        write_record(record_path(tmp_path, key), {"task": "fid", "key": key, "metric": {"fid": fid}, "num_samples": 100})
+    res = aggregate.aggregate(tmp_path, tmp_path / "out")
+    rows = [line.split(" |")[0] for line in res["table1_md"].read_text().splitlines() if line.startswith("| ")]
+    assert rows[1:] == ["| 0.0", "| σ̂", "| beta"] and res["fid_vs_steps_png"].is_file()
+
+
+def test_sampler_eta_takes_the_sigma_rules_the_sampler_names(monkeypatch):
+    """sampler.eta reads the σ rules from ddim.diffusion.samplers.ETA_STRINGS, not a list of its own."""
+    from ddim.evaluation import settings
+
+    assert [settings.parse_eta(e) for e in ("HAT", "σ̂", "sigma_hat", "0.5", 1)] == ["hat", "hat", "hat", 0.5, 1.0]
+    with pytest.raises(ValueError, match=r"sampler.eta must be a number >= 0 or 'hat', got 'beta'"):
+        settings.parse_eta("beta")
+    monkeypatch.setattr(settings, "ETA_STRINGS", ("hat", "beta"))
+    assert settings.parse_eta("beta") == "beta"
+
+
 def test_fid_vs_nfe_puts_table1_runs_into_the_sweeps_budgets(tmp_path):
     """Table 1's DDIM S = 50 on quadratic τ spends 49 NFE and the sweep's S = 51 spends 50: one column '50' showing
     the sweep's run, not a column 49 beside it; S = 10 (shared by both) fills the column 10."""

@@ -57,7 +57,12 @@ PAPER_RES = {"cifar10": 32, "celeba": 64, "lsun-bedroom": 256, "lsun-church_outd
 
 
 def _eta_key(eta: Any) -> Any:
-    return "hat" if eta == "hat" else float(eta)
+    """η as a float; a σ rule named by a string (``hat``, or one added to ``ddim.diffusion.ETA_STRINGS``) as is."""
+    return eta if isinstance(eta, str) else float(eta)
+
+
+def _eta_label(eta: Any, prefix: str = "") -> str:
+    return "σ̂" if eta == "hat" else str(eta) if isinstance(eta, str) else f"{prefix}{eta:g}"
 
 
 def paper_dataset(dataset_key: str) -> str | None:
@@ -251,7 +256,8 @@ NFE_CSV_COLUMNS = ["dataset", "model", "trajectory", "precision", "num_samples",
 
 
 def _order_eta(e: Any) -> tuple:
-    return (1, 0.0) if e == "hat" else (0, float(e))
+    """Numbers first, then σ̂, then other σ rules by name."""
+    return (0, float(e), "") if not isinstance(e, str) else (1, 0.0, "") if e == "hat" else (2, 0.0, e)
 
 
 def table1_markdown(rows: list[dict]) -> str:
@@ -268,7 +274,7 @@ def table1_markdown(rows: list[dict]) -> str:
             for S in steps:
                 ours, paper = cell.get((e, S)), paper_fid(ds, e, S) if kind == "ddim" else None
                 cells.append(f"{_fmt(ours)} ({_fmt(paper)})" if paper is not None else _fmt(ours))
-            body.append(["σ̂" if e == "hat" else f"{e:.1f}", *cells])
+            body.append([_eta_label(e) if isinstance(e, str) else f"{e:.1f}", *cells])
         out += [f"## {_title(group, 3)}", "", *markdown_table(["η \\ S", *steps], body), ""]
     return "\n".join(out)
 
@@ -348,7 +354,7 @@ def _plot(groups: dict[tuple, list[dict]], path: Path, xlabel: str, draw: Callab
 def _draw_fid_vs_steps(ax: Any, group: tuple, rs: list[dict]) -> None:
     ds, kind = group[0], group[2]
     for j, e in enumerate(sorted({r["eta"] for r in rs}, key=_order_eta)):
-        label = "σ̂" if e == "hat" else f"η = {e:g}"
+        label = _eta_label(e, "η = ")
         pts = sorted((r["steps"], r["value"]) for r in rs if r["eta"] == e)
         ax.plot(*zip(*pts), "o-", color=f"C{j}", label=f"{label} (ours)")
         paper = [(S, paper_fid(ds, e, S)) for S in paper_steps(ds)] if kind == "ddim" else []

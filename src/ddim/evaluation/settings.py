@@ -16,6 +16,7 @@ from torch import nn
 
 from ddim.accel import INFERENCE_PRESETS
 from ddim.diffusion import TRAJECTORIES as TRAJECTORY_ALIASES
+from ddim.diffusion.samplers import ETA_STRINGS
 
 EVAL_TASKS: tuple[str, ...] = ("fid", "reconstruction", "interpolation", "consistency", "samples")
 # the canonical names only (records and tables are keyed by them; ddim.diffusion also takes aliases)
@@ -45,16 +46,20 @@ def default_trajectory(dataset_name: str | None) -> str:
 
 
 def parse_eta(eta: Any) -> float | str:
-    """η as a float >= 0, or the string ``"hat"`` for the DDPM σ̂ (the paper's Table 1 last row)."""
+    """η as a float >= 0, or a σ rule named in ``ddim.diffusion.samplers.ETA_STRINGS``: ``"hat"`` (also
+    ``sigma_hat``, ``σ̂``) for the DDPM σ̂ of the paper's Table 1 last row."""
+    allowed = f"a number >= 0 or {' or '.join(map(repr, ETA_STRINGS))}"
     if isinstance(eta, str):
-        if eta.strip().lower() in ("hat", "sigma_hat", "σ̂"):
-            return "hat"
+        name = eta.strip().lower()
+        name = "hat" if name in ("sigma_hat", "σ̂") else name
+        if name in ETA_STRINGS:
+            return name
         try:
             eta = float(eta)
         except ValueError:
-            raise ValueError(f"sampler.eta must be a number >= 0 or 'hat', got {eta!r}") from None
+            raise ValueError(f"sampler.eta must be {allowed}, got {eta!r}") from None
     if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not math.isfinite(eta) or eta < 0:
-        raise ValueError(f"sampler.eta must be a number >= 0 or 'hat', got {eta!r}")
+        raise ValueError(f"sampler.eta must be {allowed}, got {eta!r}")
     return float(eta)
 
 
