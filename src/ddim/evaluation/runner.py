@@ -25,7 +25,7 @@ from ddim.diffusion import timesteps
 from ddim.diffusion.solvers import SOLVERS, nfe
 from ddim.evaluation import records
 from ddim.evaluation.fid import check_weights_file, read_reference_statistics
-from ddim.evaluation.settings import (ETA_ZERO_TASKS, EVAL_TASKS, PRECISIONS, SECTION_KEYS, TRAJECTORIES, Loaded,
+from ddim.evaluation.settings import (ETA_ZERO_TASKS, PRECISIONS, SECTION_KEYS, TRAJECTORIES, Loaded,
                                       Settings, default_trajectory, parse_eta, reads_data)
 from ddim.evaluation.tasks import TASKS, fid_grid, with_fid_defaults
 from ddim.models import OFFICIAL_CONFIGS
@@ -188,8 +188,8 @@ def check_model_source(cfg: DictConfig) -> str | None:
 def validate(cfg: DictConfig) -> Settings:
     """Every check that needs no file read and no model: the run's ``Settings``, or a ValueError naming the value."""
     task = cfg.get("task")
-    if task not in EVAL_TASKS:
-        raise ValueError(f"unknown task {task!r}; allowed: {', '.join(EVAL_TASKS)}")
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; allowed: {', '.join(TASKS)}")
     sampler = cfg.sampler
     eta = parse_eta(sampler.eta)
     check_sampler(sampler.kind, eta, sampler.steps, sampler.get("trajectory"))
@@ -197,7 +197,7 @@ def validate(cfg: DictConfig) -> Settings:
     device = resolve_device(cfg.get("device"))
     precision, deterministic = check_precision(sampler, device)
     for name in ("sampler", "fid", task):
-        check_known_keys(cfg.get(name) or {}, SECTION_KEYS[name], name)
+        check_known_keys(cfg.get(name) or {}, SECTION_KEYS.get(name, ()), name)  # a new task: add its keys there
     check_task_settings(task, cfg)
     if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int):
         raise ValueError(f"seed must be an integer, got {cfg.seed!r}")

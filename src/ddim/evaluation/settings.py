@@ -18,7 +18,6 @@ from ddim.accel import INFERENCE_PRESETS
 from ddim.diffusion import TRAJECTORIES as TRAJECTORY_ALIASES
 from ddim.diffusion.samplers import ETA_STRINGS
 
-EVAL_TASKS: tuple[str, ...] = ("fid", "reconstruction", "interpolation", "consistency", "samples")
 # the canonical names only (records and tables are keyed by them; ddim.diffusion also takes aliases)
 TRAJECTORIES: tuple[str, ...] = tuple(sorted(set(TRAJECTORY_ALIASES.values())))
 # fp32: the plain model (the exact reference); bf16 / fp8: ddim.accel.prepare_for_inference with that preset
