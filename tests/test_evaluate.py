@@ -515,7 +515,7 @@ def test_bad_task_settings_fail_before_loading(monkeypatch, tmp_path, tiny_ckpt,
 
     if "consistency.steps=[5,5000]" not in overrides:  # S against T: checked right after loading, before sampling
         monkeypatch.setattr(runner, "load_for_sampling", lambda *a, **k: pytest.fail("model loaded despite bad input"))
-    monkeypatch.setattr(runner, "TASKS", {})
+    monkeypatch.setattr(runner, "TASKS", {name: lambda *a: pytest.fail("task ran despite bad input") for name in runner.TASKS})
     with pytest.raises(ValueError, match=match):
         run_evaluate(monkeypatch, tmp_path, f"ckpt_path={tiny_ckpt}", "sampler.steps=3", *overrides)
     assert not (tmp_path / "records").exists()
