@@ -380,6 +380,21 @@ def test_resume_with_nothing_left_to_train_is_an_error(tmp_path):
     assert not (tmp_path / "b" / "checkpoints").exists()
 
 
+def test_resume_says_when_the_noise_schedule_changes(tmp_path, caplog):
+    """Resumed under another schedule: the run goes on, saying which settings changed; the same schedule written
+    differently (a default left out) says nothing."""
+    res = _run(_cfg(tmp_path / "a", *RESUME, "trainer.max_steps=3"))
+    with caplog.at_level("WARNING"):
+        _run(_cfg(tmp_path / "b", *RESUME, "trainer.max_steps=4", "diffusion.beta_schedule=quad",
+                  f"ckpt_path={res['last_ckpt']}"))
+    assert "trained its 3 steps under another noise schedule (diffusion.beta_schedule=linear -> quad)" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        _run(_cfg(tmp_path / "c", *RESUME, "trainer.max_steps=4", "~diffusion.beta_start",
+                  f"ckpt_path={res['last_ckpt']}"))
+    assert "noise schedule" not in caplog.text
+
+
 def test_resume_says_when_the_ema_rule_changes(tmp_path, caplog):
     """A checkpoint trained with the official EMA rule (as all did before the warm-up became the default), resumed
     under the default: the run goes on, and says which rule each side has and how to keep the checkpoint's."""

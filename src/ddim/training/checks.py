@@ -7,10 +7,12 @@ import importlib.util
 import logging
 from typing import Any
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ddim.checkpoints import check_train_checkpoint, read_checkpoint
-from ddim.config import check_int_at_least, check_positive_int, check_writable_dir
+from ddim.config import check_int_at_least, check_positive_int, check_writable_dir, plain
+from ddim.diffusion.schedules import SCHEDULE_KEYS, alphas_cumprod_from_config
 from ddim.models.build import check_architecture
 from ddim.models.ema import ema_warmup_of
 from ddim.training.module import fast_settings
@@ -103,6 +105,7 @@ def check_resume(cfg: DictConfig, model_cfg: dict, trust: bool) -> int:
     if max_steps is not None and max_steps != -1 and step >= max_steps:
         raise ValueError(f"ckpt_path={ckpt_path} is already at step {step}; trainer.max_steps={max_steps} leaves "
                          f"nothing to train (allowed: trainer.max_steps > {step})")
+    warn_if_schedule_changes(ckpt_path, ckpt["hyper_parameters"].get("diffusion") or {}, plain(cfg.diffusion), step)
     # the EMA rule is not part of the architecture but changes the average from here on
     was, now = ema_warmup_of(ckpt["hyper_parameters"].get("optim")), ema_warmup_of(cfg.optim)
     if was != now:
@@ -110,6 +113,17 @@ def check_resume(cfg: DictConfig, model_cfg: dict, trust: bool) -> int:
                     f"goes on from step {step} with optim.ema_warmup={str(now).lower()} (set "
                     f"optim.ema_warmup={str(was).lower()} to keep the checkpoint's rule)")
     return step
+
+
+def warn_if_schedule_changes(ckpt_path: Any, was: dict, now: dict, step: int) -> None:
+    """A resumed run trains the rest under its own noise schedule and saves that one as the checkpoint's: say so
+    when it is not the schedule the checkpoint's steps were trained under."""
+    if torch.equal(alphas_cumprod_from_config(was), alphas_cumprod_from_config(now)):
+        return
+    differ = ", ".join(f"diffusion.{k}={was.get(k)} -> {now.get(k)}" for k in SCHEDULE_KEYS if was.get(k) != now.get(k))
+    log.warning(f"ckpt_path={ckpt_path} trained its {step} steps under another noise schedule ({differ}); this run "
+                f"trains on under the new one, and its checkpoints name only that (pass the checkpoint's diffusion "
+                f"settings to keep its schedule)")
 
 
 def check_loggers(cfg: DictConfig) -> None:
