@@ -1,12 +1,15 @@
 """Data sets: shapes, ranges, the official CelebA crop, folder layouts, and clear errors for missing data."""
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch.utils.data import TensorDataset
 
-from ddim.data import DiffusionDataModule, EpochSeededSampler, SplitError, build_dataset
+from ddim.data import DATASETS, DataSpec, DiffusionDataModule, EpochSeededSampler, SplitError, build_dataset
 
 
 def make_image_folder(root, n=6, size=(20, 24)):
@@ -118,6 +121,51 @@ def test_a_split_the_data_set_lacks_is_a_split_error_naming_the_allowed(tmp_path
 def test_unknown_dataset():
     with pytest.raises(ValueError, match="unknown dataset 'mnist'.*digits"):
         build_dataset("mnist", root=".", image_size=32)
+
+
+def toy_dataset(root, split, image_size, random_flip, uniform_dequantization, download, channels=3,
+                category="church_outdoor"):
+    """A reader of four blank images, for registering a data set in a test."""
+    if split != "train":
+        raise SplitError(f"toy: split must be 'train', got {split!r}")
+    return TensorDataset(torch.full((4, channels, image_size, image_size), -1.0), torch.arange(4))
+
+
+def test_a_registered_data_set_is_read_and_evaluated_with_its_defaults(monkeypatch, tmp_path):
+    """One DATASETS entry is all a new data set needs: build_dataset reads it, grey follows its DataSpec, and
+    evaluate.py takes its τ, FID sample count and folder under paths.data_dir from the entry."""
+    from ddim.evaluation.runner import dataset_config
+    from ddim.evaluation.settings import default_trajectory
+    from ddim.evaluation.tasks import fid_num_samples
+    from ddim.training.checks import check_data_fits_model
+
+    monkeypatch.setitem(DATASETS, "toy", DataSpec(toy_dataset, grey=True, data_subdir="toys", fid_samples=7,
+                                                  trajectory="quadratic"))
+    monkeypatch.setitem(DATASETS, "rgb_toy", DataSpec(toy_dataset))
+    assert build_dataset("toy", image_size=8, channels=1)[0][0].shape == (1, 8, 8)
+    with pytest.raises(SplitError, match="toy: split must be 'train'"):
+        build_dataset("toy", image_size=8, split="test")
+    with pytest.raises(ValueError, match=r"dataset.channels=1 for dataset=rgb_toy; allowed: 3 \(RGB\), or 1 \(grey\) "
+                                         r"for digits, image_folder and toy$"):
+        build_dataset("rgb_toy", image_size=8, channels=1)
+    with pytest.raises(ValueError, match="unknown dataset 'mnist'; allowed: .*, toy, rgb_toy$"):
+        build_dataset("mnist", image_size=8)
+    dm = DiffusionDataModule(name="toy", image_size=8, channels=1, batch_size=2)
+    with pytest.raises(ValueError, match=r"channels: 3, or 1 for digits, image_folder and toy\)"):
+        check_data_fits_model(dm, {"in_channels": 3, "resolution": 8})
+    assert default_trajectory("toy") == "quadratic" and default_trajectory("rgb_toy") == "linear"
+    assert fid_num_samples({"num_samples": None}, {"name": "toy"}) == 7
+    assert fid_num_samples({"num_samples": None}, {"name": "rgb_toy"}) == 50_000
+    s = SimpleNamespace(dataset=None, data_dir=str(tmp_path), reads_data=True, task="fid")
+    assert dataset_config(s, {"data": {"name": "toy", "image_size": 8}})["root"] == str(tmp_path / "toys")
+    assert dataset_config(s, {"data": {"name": "rgb_toy", "image_size": 8}})["root"] == str(tmp_path)
+
+
+def test_a_data_spec_refuses_a_trajectory_or_fid_count_evaluate_cannot_use():
+    with pytest.raises(ValueError, match=r"DataSpec.trajectory='quad'; allowed: linear, quadratic"):
+        DataSpec(toy_dataset, trajectory="quad")
+    with pytest.raises(ValueError, match="DataSpec.fid_samples"):
+        DataSpec(toy_dataset, fid_samples=0)
 
 
 def test_batch_larger_than_dataset(tmp_path):

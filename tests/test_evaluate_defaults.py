@@ -5,6 +5,7 @@ Tiny random ε-model on 8x8 digits; the Inception network is swapped for pixel s
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import shutil
@@ -59,19 +60,21 @@ def test_no_model_and_no_train_run_names_the_folder_and_the_ways(monkeypatch, tm
 
 def test_fid_num_samples_defaults_to_the_data_sets_count():
     """Null: the paper's 50,000, the digits' CPU-sized count; a number given is kept."""
-    from ddim.evaluation.tasks import FID_SAMPLES_BY_DATASET, PAPER_FID_SAMPLES, fid_num_samples
+    from ddim.data import DATASETS, PAPER_FID_SAMPLES
+    from ddim.evaluation.tasks import fid_num_samples
 
-    assert PAPER_FID_SAMPLES == 50_000 and FID_SAMPLES_BY_DATASET["digits"] < 5_000
+    assert PAPER_FID_SAMPLES == 50_000 and DATASETS["digits"].fid_samples < 5_000
     assert fid_num_samples({"num_samples": None}, {"name": "cifar10"}) == 50_000
-    assert fid_num_samples({"num_samples": None}, {"name": "digits"}) == FID_SAMPLES_BY_DATASET["digits"]
+    assert fid_num_samples({"num_samples": None}, {"name": "digits"}) == DATASETS["digits"].fid_samples
     assert fid_num_samples({"num_samples": 12}, {"name": "digits"}) == 12
 
 
 def test_default_fid_count_and_the_same_count_given_share_a_record(monkeypatch, tmp_path, tiny_ckpt,  # noqa: F811
                                                                      fake_inception, capsys):  # noqa: F811
-    from ddim.evaluation import tasks
+    from ddim.data import DATASETS
 
-    monkeypatch.setitem(tasks.FID_SAMPLES_BY_DATASET, "digits", 5)  # the real count samples too long for a test
+    # the real count samples too long for a test
+    monkeypatch.setitem(DATASETS, "digits", dataclasses.replace(DATASETS["digits"], fid_samples=5))
     args = (f"ckpt_path={tiny_ckpt}", "task=fid", "sampler.steps=2", "fid.save_grid=false")
     run_evaluate(monkeypatch, tmp_path, *args)
     (rec,) = records(tmp_path)

@@ -1,8 +1,9 @@
 """Training data for the ε-model: images scaled to [-1, 1] as (C, H, W) float tensors, with labels.
 
-``build_dataset(name, root=..., image_size=..., split=...)`` knows the paper's data sets (cifar10,
-celeba, lsun church/bedroom), any folder of images, and ``digits``: scikit-learn's bundled 8x8
-digits, the embedded default so that ``python train.py`` runs with no download.
+``build_dataset(name, root=..., image_size=..., split=...)`` reads the data sets in ``DATASETS``: the paper's
+(cifar10, celeba, lsun church/bedroom), any folder of images, and ``digits``: scikit-learn's bundled 8x8
+digits, the embedded default so that ``python train.py`` runs with no download.  Each entry is a ``DataSpec``: its
+reader and the defaults train.py and evaluate.py take for it, so a new data set is one function and one entry.
 Preprocessing follows the official DDIM code: CelebA's centre crop (cx=89, cy=121, 128x128) then
 resize, random horizontal flip, optional uniform dequantisation, x -> 2x - 1.  The random parts are drawn in one
 place (``_Transformed``), from a generator seeded by (seed, epoch, image index) when the key comes from
@@ -14,8 +15,9 @@ from __future__ import annotations
 import hashlib
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import lightning as L
 import numpy as np
@@ -27,17 +29,29 @@ from sklearn.datasets import load_digits
 from torch.utils.data import DataLoader, Dataset
 
 from ddim.config import as_bool, check_int_at_least, check_known_keys, check_positive_int
+from ddim.diffusion import TRAJECTORIES
 
-DATASETS = ("digits", "cifar10", "celeba", "lsun", "image_folder")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 # every setting of a conf/dataset file (train_steps is train.py's default trainer.max_steps); another key is refused
 DATASET_KEYS = ("name", "root", "image_size", "channels", "split", "batch_size", "num_workers", "random_flip",
                 "uniform_dequantization", "download", "category", "train_steps")
 LSUN_SPLITS = {"train": "train", "val": "val", "valid": "val", "test": "val"}  # LSUN ships train and val only
+LSUN_CATEGORY = "church_outdoor"  # dataset.category when none is given
+PAPER_FID_SAMPLES = 50_000  # FID's sample count in the paper: fid.num_samples=null unless a DataSpec says
 
 
 class SplitError(ValueError):
     """A split the data set does not have; evaluate.py names it under the setting that chose the split."""
+
+
+class Reader(Protocol):
+    """A data set's reader, one signature for all (k-diffusion's style), so ``build_dataset`` calls any of them the
+    same way: a Dataset of (image in [-1, 1] as (C, H, W), label) read from ``root``; a split it lacks raises
+    ``SplitError``, missing files a FileNotFoundError naming the paths looked at.  ``channels`` and ``category``
+    default for the readers that ignore them."""
+
+    def __call__(self, root: Path, split: str, image_size: int, random_flip: bool, uniform_dequantization: bool,
+                 download: bool, channels: int = 3, category: str = LSUN_CATEGORY) -> Dataset: ...
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -134,7 +148,7 @@ CIFAR10_HELP = ("Set dataset.download=true where the internet is reachable (torc
 
 
 def cifar10_dataset(root: Path, split: str, image_size: int, random_flip: bool, uniform_dequantization: bool,
-                    download: bool) -> Dataset:
+                    download: bool, channels: int = 3, category: str = LSUN_CATEGORY) -> Dataset:
     """CIFAR-10 from ``root``: decoded arrays ``cifar10_<split>.npz`` (x uint8 NHWC, y) when present, else
     torchvision's ``cifar-10-batches-py`` (downloaded with ``download``).  torchvision checks the downloaded
     archive's MD5 and, on every load, each batch file's: a corrupt or partial copy is refused, not read."""
@@ -229,56 +243,112 @@ def _default_transform(image_size: int, crop: bool) -> Callable:
     return T.Compose(steps)
 
 
+def digits_dataset(root: Path, split: str, image_size: int, random_flip: bool, uniform_dequantization: bool,
+                   download: bool, channels: int = 3, category: str = LSUN_CATEGORY) -> Dataset:
+    """scikit-learn's bundled digits (``DigitsDataset``): ``root`` is unused, nothing is downloaded."""
+    return _Transformed(DigitsDataset(image_size=image_size, channels=channels, split=split), None, random_flip,
+                        uniform_dequantization)
+
+
+def celeba_dataset(root: Path, split: str, image_size: int, random_flip: bool, uniform_dequantization: bool,
+                   download: bool, channels: int = 3, category: str = LSUN_CATEGORY) -> Dataset:
+    """CelebA from ``root/celeba/img_align_celeba`` (or ``root/img_align_celeba``) with the official crop."""
+    files = _celeba_files(root, split)
+    return _Transformed(ImageFolderFlat(root, files), celeba_transform(image_size), random_flip,
+                        uniform_dequantization)
+
+
+def lsun_dataset(root: Path, split: str, image_size: int, random_flip: bool, uniform_dequantization: bool,
+                 download: bool, channels: int = 3, category: str = LSUN_CATEGORY) -> Dataset:
+    """LSUN ``category`` from ``root/<category>_<split>_lmdb``, or from an image folder ``root/<category>`` (which
+    has no splits: every split is all its images)."""
+    if split not in LSUN_SPLITS:
+        raise SplitError(f"lsun: split must be one of {sorted(LSUN_SPLITS)} (val, valid and test all read the val "
+                         f"lmdb), got {split!r}")
+    lmdb_dir = root / f"{category}_{LSUN_SPLITS[split]}_lmdb"
+    folder = root / category
+    tf = _default_transform(image_size, crop=True)
+    if lmdb_dir.is_dir():
+        base = torchvision.datasets.LSUN(str(root), classes=[lmdb_dir.name[:-5]])
+        return _Transformed(base, tf, random_flip, uniform_dequantization)
+    if folder.is_dir():
+        return _Transformed(ImageFolderFlat(folder), tf, random_flip, uniform_dequantization)
+    raise FileNotFoundError(
+        f"LSUN {category} not found: neither {lmdb_dir} (lmdb) nor {folder} (image folder) exists. Download with "
+        f"https://github.com/fyu/lsun (python download.py -c {category}) and unzip into {root}.")
+
+
+def image_folder_dataset(root: Path, split: str, image_size: int, random_flip: bool, uniform_dequantization: bool,
+                         download: bool, channels: int = 3, category: str = LSUN_CATEGORY) -> Dataset:
+    """Every image under ``root`` (any depth), centre-cropped; no splits: every split is all the images."""
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder not found: {root}. Point dataset.root at a folder of images "
+                                f"(any depth, e.g. <root>/<class>/<image>.jpg).")
+    base = ImageFolderFlat(root, mode="L" if channels == 1 else "RGB")
+    if len(base) == 0:
+        raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {root}")
+    return _Transformed(base, _default_transform(image_size, crop=True), random_flip, uniform_dequantization)
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """A named data set: its reader and the defaults that depend on the data set, in one place so that train.py
+    and evaluate.py need no table of their own.
+
+    grey: ``dataset.channels=1`` is allowed (the reader can give grey images).
+    data_subdir: where its files lie under ``paths.data_dir`` (the ``root:`` of ``conf/dataset/<name>.yaml``);
+    evaluate.py looks there when the checkpoint records no root.
+    fid_samples: FID's sample count for ``fid.num_samples=null``.
+    trajectory: the τ spacing the paper used for it (Appendix D.2), evaluate.py's ``sampler.trajectory=null``.
+    """
+
+    read: Reader
+    grey: bool = False
+    data_subdir: str = ""
+    fid_samples: int = PAPER_FID_SAMPLES
+    trajectory: str = "linear"
+
+    def __post_init__(self) -> None:
+        check_positive_int(self.fid_samples, "DataSpec.fid_samples")
+        canonical = sorted(set(TRAJECTORIES.values()))  # records name τ by these, not by ddim.diffusion's aliases
+        if self.trajectory not in canonical:
+            raise ValueError(f"DataSpec.trajectory={self.trajectory!r}; allowed: {', '.join(canonical)}")
+
+
+DATASETS: dict[str, DataSpec] = {
+    "digits": DataSpec(digits_dataset, grey=True, fid_samples=1000),  # FID a CPU can finish: a check, not the paper's
+    "cifar10": DataSpec(cifar10_dataset, data_subdir="cifar10", trajectory="quadratic"),
+    "celeba": DataSpec(celeba_dataset),
+    "lsun": DataSpec(lsun_dataset, data_subdir="lsun"),
+    "image_folder": DataSpec(image_folder_dataset, grey=True),
+}
+
+
+def grey_dataset_names() -> str:
+    """The names in DATASETS that allow ``channels=1``, as a message reads them ("digits and image_folder")."""
+    names = [name for name, spec in DATASETS.items() if spec.grey]
+    return " and ".join([", ".join(names[:-1]), names[-1]] if len(names) > 1 else names) or "none"
+
+
 def build_dataset(name: str, *, root: str | Path = "data", image_size: int = 32, split: str = "train",
                   random_flip: bool = True, uniform_dequantization: bool = False, download: bool = False,
-                  channels: int = 3, category: str = "church_outdoor", **unused: Any) -> Dataset:
-    """A Dataset of (image in [-1, 1], label) for ``name`` in DATASETS.
+                  channels: int = 3, category: str = LSUN_CATEGORY, **unused: Any) -> Dataset:
+    """A Dataset of (image in [-1, 1], label) for ``name`` in DATASETS, read by its ``DataSpec.read``.
 
-    root: folder holding the data (cifar10: decoded arrays ``cifar10_<split>.npz`` or torchvision's
-    ``cifar-10-batches-py``; celeba:
-    ``root/celeba/img_align_celeba``; lsun: ``root/<category>_<split>_lmdb`` or an image folder
-    ``root/<category>``; image_folder: the images themselves, any depth).
+    root: folder holding the data, laid out as its reader's docstring says (``cifar10_dataset``, ...).
     split: "train" or "test" ("valid" for celeba/lsun val); a name the data set lacks raises SplitError.
     image_folder, and LSUN read from an image folder, have no splits: every split is all the images.
-    channels: 3, or 1 (grey) for digits and image_folder.
+    channels: 3, or 1 (grey) where the DataSpec allows grey (digits and image_folder).
     """
-    root = Path(root).expanduser()
-    if channels not in ((1, 3) if name in ("digits", "image_folder") else (3,)):
-        raise ValueError(f"dataset.channels={channels} for dataset={name}; allowed: 3 (RGB), or 1 (grey) for digits "
-                         f"and image_folder")
-    if name == "digits":
-        return _Transformed(DigitsDataset(image_size=image_size, channels=channels, split=split), None, random_flip,
-                            uniform_dequantization)
-    if name == "cifar10":
-        return cifar10_dataset(root, split, image_size, random_flip, uniform_dequantization, download)
-    if name == "celeba":
-        files = _celeba_files(root, split)
-        return _Transformed(ImageFolderFlat(root, files), celeba_transform(image_size), random_flip,
-                            uniform_dequantization)
-    if name == "lsun":
-        if split not in LSUN_SPLITS:
-            raise SplitError(f"lsun: split must be one of {sorted(LSUN_SPLITS)} (val, valid and test all read the val "
-                             f"lmdb), got {split!r}")
-        lmdb_dir = root / f"{category}_{LSUN_SPLITS[split]}_lmdb"
-        folder = root / category
-        tf = _default_transform(image_size, crop=True)
-        if lmdb_dir.is_dir():
-            base = torchvision.datasets.LSUN(str(root), classes=[lmdb_dir.name[:-5]])
-            return _Transformed(base, tf, random_flip, uniform_dequantization)
-        if folder.is_dir():
-            return _Transformed(ImageFolderFlat(folder), tf, random_flip, uniform_dequantization)
-        raise FileNotFoundError(
-            f"LSUN {category} not found: neither {lmdb_dir} (lmdb) nor {folder} (image folder) exists. Download with "
-            f"https://github.com/fyu/lsun (python download.py -c {category}) and unzip into {root}.")
-    if name == "image_folder":
-        if not root.is_dir():
-            raise FileNotFoundError(f"image folder not found: {root}. Point dataset.root at a folder of images "
-                                    f"(any depth, e.g. <root>/<class>/<image>.jpg).")
-        base = ImageFolderFlat(root, mode="L" if channels == 1 else "RGB")
-        if len(base) == 0:
-            raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {root}")
-        return _Transformed(base, _default_transform(image_size, crop=True), random_flip, uniform_dequantization)
-    raise ValueError(f"unknown dataset {name!r}; allowed: {', '.join(DATASETS)}")
+    spec = DATASETS.get(name)
+    if spec is None:
+        raise ValueError(f"unknown dataset {name!r}; allowed: {', '.join(DATASETS)}")
+    if channels not in ((1, 3) if spec.grey else (3,)):
+        raise ValueError(f"dataset.channels={channels} for dataset={name}; allowed: 3 (RGB), or 1 (grey) for "
+                         f"{grey_dataset_names()}")
+    return spec.read(root=Path(root).expanduser(), split=split, image_size=image_size, random_flip=random_flip,
+                     uniform_dequantization=uniform_dequantization, download=download, channels=channels,
+                     category=category)
 
 
 def image_file(dataset: Dataset, i: int) -> Path | None:
@@ -393,7 +463,7 @@ class DiffusionDataModule(L.LightningDataModule):
     def __init__(self, name: str = "digits", root: str = "data", image_size: int = 16, batch_size: int = 64,
                  num_workers: int = 0, split: str = "train", random_flip: bool = True,
                  uniform_dequantization: bool = False, download: bool = False, channels: int = 3,
-                 category: str = "church_outdoor", seed: int = 0, **unused: Any):
+                 category: str = LSUN_CATEGORY, seed: int = 0, **unused: Any):
         super().__init__()
         check_known_keys(unused, DATASET_KEYS, "dataset")  # a key no code reads would be dropped without a word
         check_positive_int(image_size, "dataset.image_size")

@@ -20,7 +20,7 @@ from torch import nn
 from ddim.accel import fp8_supported, prepare_for_inference
 from ddim.checkpoints import load_for_sampling
 from ddim.config import as_bool, check_known_keys, check_positive_int, check_writable_dir, log_lightning_once
-from ddim.data import DATASET_KEYS
+from ddim.data import DATASET_KEYS, DATASETS
 from ddim.diffusion import timesteps
 from ddim.diffusion.solvers import SOLVERS, nfe
 from ddim.evaluation import records
@@ -247,7 +247,8 @@ def dataset_config(s: Settings, model_cfg: dict) -> dict:
             f"reads its images: pass +dataset.root=<folder of images>, or dataset=image_folder dataset.root=<folder> "
             f"dataset.image_size={d.get('image_size')} dataset.channels={d.get('channels', 3)} (the checkpoint's "
             f"values)")
-    sub = {"cifar10": "cifar10", "lsun": "lsun"}.get(d["name"])
+    spec = DATASETS.get(d["name"])
+    sub = spec.data_subdir if spec is not None else ""  # conf/dataset/<name>.yaml's root under paths.data_dir
     d.setdefault("root", str(Path(s.data_dir) / sub) if sub else s.data_dir)
     d.setdefault("channels", 3)
     return d

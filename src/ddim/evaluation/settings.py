@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ddim.accel import INFERENCE_PRESETS
+from ddim.data import DATASETS
 from ddim.diffusion import TRAJECTORIES as TRAJECTORY_ALIASES
 from ddim.diffusion.samplers import ETA_STRINGS
 
@@ -40,8 +41,10 @@ def reads_data(task: str, fid: dict) -> bool:
 
 
 def default_trajectory(dataset_name: str | None) -> str:
-    """The paper's choice (Appendix D.2): quadratic τ for CIFAR-10, linear for the other data sets."""
-    return "quadratic" if dataset_name == "cifar10" else "linear"
+    """The paper's choice (Appendix D.2), the data set's ``DataSpec.trajectory``: quadratic τ for CIFAR-10, linear
+    for the other data sets and for a name not in DATASETS (or none)."""
+    spec = DATASETS.get(dataset_name) if dataset_name is not None else None
+    return spec.trajectory if spec is not None else "linear"
 
 
 def parse_eta(eta: Any) -> float | str:

@@ -17,7 +17,7 @@ import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from ddim.data import SplitError, build_dataset
+from ddim.data import DATASETS, PAPER_FID_SAMPLES, SplitError, build_dataset
 from ddim.diffusion import encode, slerp, timesteps
 from ddim.diffusion.solvers import nfe, nfe_on
 from ddim.evaluation.fid import (fid_between, read_reference_statistics, reference_statistics,
@@ -30,9 +30,6 @@ from ddim.files import write_atomically
 # data set config keys that are not build_dataset arguments
 NOT_DATASET_KWARGS = ("name", "split", "batch_size", "num_workers", "train_steps")
 FID_GRID_SIZE = 64  # fid.save_grid: a grid of the first this many samples
-PAPER_FID_SAMPLES = 50_000  # fid.num_samples=null: the paper's count, except where FID_SAMPLES_BY_DATASET says
-# data sets whose FID is a CPU-sized check rather than the paper's protocol (Inception at 299x299 is the cost)
-FID_SAMPLES_BY_DATASET = {"digits": 1000}
 
 
 def evaluation_dataset(data: dict, split: str, setting: str) -> Dataset:
@@ -66,10 +63,13 @@ def write_samples(images: torch.Tensor, out_dir: Path, *, nrow: int | None = Non
 
 
 def fid_num_samples(fid: dict, data: dict) -> int:
-    """``fid.num_samples``, or where it is null the data set's default: the paper's 50,000, fewer for data sets
-    in ``FID_SAMPLES_BY_DATASET`` (the 8x8 digits: a check that finishes on a laptop's CPU)."""
+    """``fid.num_samples``, or where it is null the data set's ``DataSpec.fid_samples``: the paper's 50,000, fewer
+    for the 8x8 digits (a check that finishes on a laptop's CPU); the paper's for a name not in DATASETS."""
     n = fid.get("num_samples")
-    return int(n) if n is not None else FID_SAMPLES_BY_DATASET.get(data["name"], PAPER_FID_SAMPLES)
+    if n is not None:
+        return int(n)
+    spec = DATASETS.get(data["name"])
+    return spec.fid_samples if spec is not None else PAPER_FID_SAMPLES
 
 
 def with_fid_defaults(s: Settings, m: Loaded) -> Settings:

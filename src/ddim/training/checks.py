@@ -12,6 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ddim.checkpoints import check_train_checkpoint, read_checkpoint
 from ddim.config import check_int_at_least, check_positive_int, check_writable_dir, plain
+from ddim.data import grey_dataset_names
 from ddim.diffusion.schedules import SCHEDULE_KEYS, alphas_cumprod_from_config
 from ddim.models.build import check_architecture
 from ddim.models.ema import ema_warmup_of
@@ -77,7 +78,7 @@ def check_data_fits_model(dm: Any, model_cfg: dict) -> None:
         raise ValueError(f"the {h.name} data gives images of shape {tuple(x.shape)} (channels, height, width) but the "
                          f"model takes {wanted} (model.in_channels, model.resolution): dataset.channels={h.channels}, "
                          f"dataset.image_size={h.image_size}; allowed: a model that takes the data's images (channels: "
-                         f"3, or 1 for digits and image_folder)")
+                         f"3, or 1 for {grey_dataset_names()})")
     if model_cfg.get("out_ch", wanted[0]) != wanted[0]:
         raise ValueError(f"model.out_ch={model_cfg.get('out_ch')} must equal the image channels ({wanted[0]}): the "
                          f"model predicts the noise added to the image")
