@@ -167,15 +167,15 @@ def test_wandb_run_names(config, overrides, name):
 def test_the_settings_each_section_accepts_are_those_the_configs_ship():
     """The lists that refuse unknown keys (+optim.loss=l1 ...) hold every key the shipped configs have, so a key
     added to a yaml file without the code that reads it, or the reverse, fails here."""
-    from ddim.data import DATASET_KEYS
-    from ddim.diffusion.schedules import SCHEDULE_KEYS
+    from ddim.data import DATASET_KEYS, DATASETS
     from ddim.evaluation.settings import SECTION_KEYS
-    from ddim.training.module import FAST_DEFAULTS, OPTIM_KEYS
+    from ddim.evaluation.tasks import TASKS
+    from ddim.training.module import DIFFUSION_KEYS, FAST_DEFAULTS, OPTIM_KEYS
 
     for optim in sorted(p.stem for p in (CONF / "optim").glob("*.yaml")):
         assert set(_compose(f"optim={optim}").optim) == set(OPTIM_KEYS), optim
     for diffusion in sorted(p.stem for p in (CONF / "diffusion").glob("*.yaml")):
-        assert set(_compose(f"diffusion={diffusion}").diffusion) == set(SCHEDULE_KEYS), diffusion
+        assert set(_compose(f"diffusion={diffusion}").diffusion) == set(DIFFUSION_KEYS), diffusion
     assert set(_compose().fast) == set(FAST_DEFAULTS)
     for dataset in sorted(p.stem for p in (CONF / "dataset").glob("*.yaml")):
         assert set(_compose(f"dataset={dataset}").dataset) == set(DATASET_KEYS), dataset
@@ -183,3 +183,9 @@ def test_the_settings_each_section_accepts_are_those_the_configs_ship():
         cfg = compose(config_name="evaluate", overrides=["paths.log_dir=/tmp/unused"])
     for section, keys in SECTION_KEYS.items():
         assert set(cfg[section]) == set(keys), section
+    assert set(TASKS) <= set(SECTION_KEYS), "a task's section needs its keys in SECTION_KEYS"
+    for name, spec in DATASETS.items():  # the folder evaluate.py looks in is the one the data set file names
+        for f in (CONF / "dataset").glob("*.yaml"):
+            d = OmegaConf.to_container(OmegaConf.load(f), resolve=False)
+            if d["name"] == name and name != "image_folder":
+                assert d["root"] == "${paths.data_dir}" + (f"/{spec.data_subdir}" if spec.data_subdir else ""), f.name

@@ -118,6 +118,12 @@ def test_a_split_the_data_set_lacks_is_a_split_error_naming_the_allowed(tmp_path
     assert allowed in str(e.value) and "'validation'" in str(e.value)
 
 
+def test_a_key_no_reader_takes_is_refused():
+    with pytest.raises(ValueError, match=r"dataset.typo_key is not a setting of dataset \(nothing reads it\)"):
+        build_dataset("digits", image_size=8, typo_key=5)
+    assert len(build_dataset("digits", image_size=8, split="test", batch_size=20, train_steps=5)) == 180
+
+
 def test_unknown_dataset():
     with pytest.raises(ValueError, match="unknown dataset 'mnist'.*digits"):
         build_dataset("mnist", root=".", image_size=32)

@@ -340,6 +340,7 @@ def build_dataset(name: str, *, root: str | Path = "data", image_size: int = 32,
     image_folder, and LSUN read from an image folder, have no splits: every split is all the images.
     channels: 3, or 1 (grey) where the DataSpec allows grey (digits and image_folder).
     """
+    check_known_keys(unused, DATASET_KEYS, "dataset")  # the data module's own (batch_size, ...) pass; a typo does not
     spec = DATASETS.get(name)
     if spec is None:
         raise ValueError(f"unknown dataset {name!r}; allowed: {', '.join(DATASETS)}")
@@ -486,7 +487,7 @@ class DiffusionDataModule(L.LightningDataModule):
                                      download=h.download, channels=h.channels, category=h.category))
         if h.batch_size > len(self.dataset):
             raise ValueError(f"batch_size={h.batch_size} is larger than the {h.name} data set ({len(self.dataset)} "
-                             f"images at {h.root}); lower data.batch_size or add data")
+                             f"images at {h.root}); lower dataset.batch_size or add data")
 
     def train_dataloader(self) -> DataLoader:
         assert self.dataset is not None

@@ -29,7 +29,6 @@ from matplotlib.figure import Figure
 from ddim.diffusion.solvers import SOLVERS, nfe_on
 from ddim.evaluation.records import iter_records
 
-ETAS = (0.0, 0.2, 0.5, 1.0, "hat")
 TABLE1_STEPS = (10, 20, 50, 100, 1000)
 TABLE3_STEPS = (10, 20, 50, 100)
 TABLE2_STEPS = (10, 20, 50, 100, 200, 500, 1000)
@@ -57,7 +56,8 @@ PAPER_RES = {"cifar10": 32, "celeba": 64, "lsun-bedroom": 256, "lsun-church_outd
 
 
 def _eta_key(eta: Any) -> Any:
-    """η as a float; a σ rule named by a string (``hat``, or one added to ``ddim.diffusion.ETA_STRINGS``) as is."""
+    """η as a float; a σ rule named by a string (``hat``, or one added to ``ddim.diffusion.samplers.ETA_STRINGS``)
+    as is."""
     return eta if isinstance(eta, str) else float(eta)
 
 

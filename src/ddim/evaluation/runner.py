@@ -1,7 +1,8 @@
 """What ``evaluate.py`` does with its Hydra config: validate, skip if done, load, run one task, record.
 
-Everything that can be wrong with the input (task, η, S, trajectory, precision, counts, switches, device,
-checkpoint path, Inception weights, FID reference statistics, the folders results go to) is checked by ``validate``
+Everything that can be wrong with the input (task, η, S, trajectory, precision, keys nothing reads, counts, switches,
+device, checkpoint path, Inception weights, FID reference statistics, the folders results go to) is checked by
+``validate``
 before the model is read; ``load`` checks the rest against the model (S against its T, its image shape against the
 data set) before the first network evaluation, so a bad sweep entry fails in seconds, not hours.
 """
@@ -197,7 +198,7 @@ def validate(cfg: DictConfig) -> Settings:
     device = resolve_device(cfg.get("device"))
     precision, deterministic = check_precision(sampler, device)
     for name in ("sampler", "fid", task):
-        check_known_keys(cfg.get(name) or {}, SECTION_KEYS.get(name, ()), name)  # a new task: add its keys there
+        check_known_keys(cfg.get(name) or {}, SECTION_KEYS[name], name)
     check_task_settings(task, cfg)
     if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int):
         raise ValueError(f"seed must be an integer, got {cfg.seed!r}")

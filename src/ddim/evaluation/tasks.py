@@ -17,7 +17,7 @@ import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from ddim.data import DATASETS, PAPER_FID_SAMPLES, SplitError, build_dataset
+from ddim.data import DATASET_KEYS, DATASETS, PAPER_FID_SAMPLES, SplitError, build_dataset
 from ddim.diffusion import encode, slerp, timesteps
 from ddim.diffusion.solvers import nfe, nfe_on
 from ddim.evaluation.fid import (fid_between, read_reference_statistics, reference_statistics,
@@ -28,14 +28,13 @@ from ddim.evaluation.settings import Loaded, Settings, TaskResult
 from ddim.files import write_atomically
 
 # data set config keys that are not build_dataset arguments
-NOT_DATASET_KWARGS = ("name", "split", "batch_size", "num_workers", "train_steps")
 FID_GRID_SIZE = 64  # fid.save_grid: a grid of the first this many samples
 
 
 def evaluation_dataset(data: dict, split: str, setting: str) -> Dataset:
     """The data set as the model saw it, without training augmentation (no flips, no dequantization noise).
     ``setting`` names where ``split`` came from (``fid.ref_split``), so a bad split is refused under that name."""
-    kw = {k: v for k, v in data.items() if k not in NOT_DATASET_KWARGS}
+    kw = {k: v for k, v in data.items() if k in DATASET_KEYS and k not in ("name", "split")}
     kw.update(random_flip=False, uniform_dequantization=False)
     try:
         return build_dataset(data["name"], split=split, **kw)

@@ -37,6 +37,7 @@ FAST_DEFAULTS = {"compile": False, "mode": None, "step_graph": False}
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 OPTIM_NUMBERS = ("lr", "beta1", "eps", "weight_decay", "ema_decay", "grad_clip", "warmup_steps")
 OPTIM_KEYS = (*OPTIM_NUMBERS, "amsgrad", "ema_warmup")  # every optim setting read (conf/optim/default.yaml)
+DIFFUSION_KEYS = SCHEDULE_KEYS  # every diffusion setting read: the noise schedule's (a training setting added there joins)
 # (setting, test, what is allowed) for Adam and clipping; null keeps the default
 OPTIM_RANGES = (("lr", lambda v: v > 0, "a number > 0"), ("beta1", lambda v: 0 <= v < 1, "in [0, 1)"),
                 ("eps", lambda v: v >= 0, "a number >= 0"), ("weight_decay", lambda v: v >= 0, "a number >= 0"),
@@ -85,7 +86,7 @@ def check_optim(optim: dict) -> float:
 def check_diffusion(diffusion: dict) -> None:
     """The noise schedule's settings, refused by name before the U-Net is built (the schedule's own error names no
     setting and came after it)."""
-    check_known_keys(diffusion, SCHEDULE_KEYS, "diffusion")
+    check_known_keys(diffusion, DIFFUSION_KEYS, "diffusion")
     kind = diffusion.get("beta_schedule", "linear")
     if kind not in BETA_SCHEDULES:
         raise ValueError(f"diffusion.beta_schedule={kind!r}; allowed: {', '.join(BETA_SCHEDULES)}")
