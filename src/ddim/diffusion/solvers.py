@@ -32,10 +32,9 @@ from typing import Callable, Sequence
 
 import torch
 
-from ddim.diffusion.samplers import check_alphas_cumprod, check_timesteps
+from ddim.diffusion.samplers import EpsModel, check_alphas_cumprod, check_timesteps
 from ddim.diffusion.trajectories import timesteps
 
-EpsModel = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 # ε_θ at x̄ on the i-th noise level of the run (i = 0 is τ_S); evaluates the network once.
 EpsAt = Callable[[torch.Tensor, int], torch.Tensor]
 # (eps, x̄ at σ_S, [σ_S, ..., σ_1, 0]) -> x̄ at σ = 0, which is x_0.

@@ -67,7 +67,8 @@ def parse_eta(eta: Any) -> float | str:
 
 @dataclass(frozen=True)
 class Settings:
-    """The checked settings of one run; sections (``params``, ``fid``, ``trainer``) as plain dicts."""
+    """The checked settings of one run; config sections (``dataset``, ``params``, ``fid``, ``trainer``,
+    ``loggers``) as plain dicts."""
 
     task: str
     kind: str                    # ddim | plms | dpmpp_2m | heun

@@ -159,7 +159,7 @@ def reconstruction_task(s: Settings, m: Loaded) -> TaskResult:
     if n is not None and n > len(dataset):  # refused, not silently fewer: the record would claim n images
         raise ValueError(f"reconstruction.num_images={n} but reconstruction.split={s.params['split']} of "
                          f"{m.dataset_key} has {len(dataset)} images; allowed: 1..{len(dataset)}, or null (all)")
-    res = reconstruction_mse(m.eps_model, m.alphas_cumprod, m.seq, dataset, num_images=s.params.get("num_images"),
+    res = reconstruction_mse(m.eps_model, m.alphas_cumprod, m.seq, dataset, num_images=n,
                              batch_size=s.batch_size, device=s.device)
     return TaskResult({"mse": res["mse"]}, res["num_images"], 2 * len(m.seq), {})  # encode + decode
 

@@ -108,7 +108,7 @@ def match_layout(copy_of: nn.Module, model: nn.Module) -> None:
 
 class DiffusionModule(L.LightningModule):
     """Trains ``model`` (UNet kwargs) under ``diffusion`` (beta schedule) with ``optim`` (Adam + clip + EMA);
-    ``data`` (name, image_size, channels) is kept for sampling, ``fast`` holds the speed options."""
+    ``data`` (what train.py's ``data_record`` keeps of the data set) is kept for sampling, ``fast`` holds the speed options."""
 
     def __init__(self, model: dict, diffusion: dict, optim: dict | None = None, data: dict | None = None,
                  fast: dict | None = None):
