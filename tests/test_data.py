@@ -167,6 +167,26 @@ def test_a_registered_data_set_is_read_and_evaluated_with_its_defaults(monkeypat
     assert dataset_config(s, {"data": {"name": "rgb_toy", "image_size": 8}})["root"] == str(tmp_path)
 
 
+def test_a_data_set_known_by_its_folder_is_recorded_and_keyed_by_it(monkeypatch, tmp_path):
+    """DataSpec.by_place (image_folder's): train.py's checkpoint records the folder, evaluation keys by it, and a
+    checkpoint without it is told to name it, for a new reader as for image_folder."""
+    from conftest import REPO
+    monkeypatch.syspath_prepend(str(REPO))
+    import train
+    from ddim.evaluation.runner import dataset_config
+    from ddim.evaluation.settings import Loaded
+
+    monkeypatch.setitem(DATASETS, "my_folder", DataSpec(toy_dataset, by_place=True))
+    record = train.data_record({"name": "my_folder", "image_size": 8, "channels": 3, "root": str(tmp_path / "x")})
+    assert record["root"] == str((tmp_path / "x").resolve())
+    assert "root" not in train.data_record({"name": "digits", "image_size": 8, "channels": 1, "root": "data"})
+    loaded = Loaded(None, None, {}, record, (3, 8, 8), "linear", None)
+    assert loaded.data_folder == record["root"] and loaded.reference_name("train").startswith("my_folder-8-train-")
+    s = SimpleNamespace(dataset=None, data_dir=str(tmp_path), reads_data=True, task="reconstruction")
+    with pytest.raises(ValueError, match=r"trained on dataset=my_folder, whose folder it does not record"):
+        dataset_config(s, {"data": {"name": "my_folder", "image_size": 8}})
+
+
 def test_a_data_spec_refuses_a_trajectory_or_fid_count_evaluate_cannot_use():
     with pytest.raises(ValueError, match=r"DataSpec.trajectory='quad'; allowed: linear, quadratic"):
         DataSpec(toy_dataset, trajectory="quad")

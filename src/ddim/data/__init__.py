@@ -298,6 +298,8 @@ class DataSpec:
     grey: ``dataset.channels=1`` is allowed (the reader can give grey images).
     data_subdir: where its files lie under ``paths.data_dir`` (the ``root:`` of ``conf/dataset/<name>.yaml``);
     evaluate.py looks there when the checkpoint records no root.
+    by_place: its images are known only by their folder (``dataset.root``, no default): the checkpoint records the
+    folder, and evaluation records and reference statistics are keyed by it.
     fid_samples: FID's sample count for ``fid.num_samples=null``.
     trajectory: the τ spacing the paper used for it (Appendix D.2), evaluate.py's ``sampler.trajectory=null``.
     """
@@ -305,6 +307,7 @@ class DataSpec:
     read: Reader
     grey: bool = False
     data_subdir: str = ""
+    by_place: bool = False
     fid_samples: int = PAPER_FID_SAMPLES
     trajectory: str = "linear"
 
@@ -320,7 +323,7 @@ DATASETS: dict[str, DataSpec] = {
     "cifar10": DataSpec(cifar10_dataset, data_subdir="cifar10", trajectory="quadratic"),
     "celeba": DataSpec(celeba_dataset),
     "lsun": DataSpec(lsun_dataset, data_subdir="lsun"),
-    "image_folder": DataSpec(image_folder_dataset, grey=True),
+    "image_folder": DataSpec(image_folder_dataset, grey=True, by_place=True),
 }
 
 

@@ -242,13 +242,13 @@ def dataset_config(s: Settings, model_cfg: dict) -> dict:
     d.update(given)
     if not d.get("name"):
         raise ValueError("the checkpoint does not record its data set; pass dataset=<name> (e.g. dataset=cifar10)")
-    if d["name"] == "image_folder" and not d.get("root") and s.reads_data:
+    spec = DATASETS.get(d["name"])
+    if spec is not None and spec.by_place and not d.get("root") and s.reads_data:
         raise ValueError(
-            f"the checkpoint was trained on dataset=image_folder, whose folder it does not record, and task={s.task} "
-            f"reads its images: pass +dataset.root=<folder of images>, or dataset=image_folder dataset.root=<folder> "
+            f"the checkpoint was trained on dataset={d['name']}, whose folder it does not record, and task={s.task} "
+            f"reads its images: pass +dataset.root=<folder of images>, or dataset={d['name']} dataset.root=<folder> "
             f"dataset.image_size={d.get('image_size')} dataset.channels={d.get('channels', 3)} (the checkpoint's "
             f"values)")
-    spec = DATASETS.get(d["name"])
     sub = spec.data_subdir if spec is not None else ""  # conf/dataset/<name>.yaml's root under paths.data_dir
     d.setdefault("root", str(Path(s.data_dir) / sub) if sub else s.data_dir)
     d.setdefault("channels", 3)

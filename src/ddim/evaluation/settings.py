@@ -126,9 +126,10 @@ class Loaded:
 
     @property
     def data_folder(self) -> str | None:
-        """An image_folder's folder, absolute: unlike a named data set's, its images are known only by their place,
-        so the records and reference statistics of two folders of one size must not be taken for each other."""
-        root = self.data.get("root") if self.data.get("name") == "image_folder" else None
+        """The folder of a data set known by its place (``DataSpec.by_place``: image_folder), absolute: two folders
+        of one size must not take each other's records or reference statistics."""
+        spec = DATASETS.get(self.data.get("name"))
+        root = self.data.get("root") if spec is not None and spec.by_place else None
         return str(Path(root).expanduser().resolve()) if root else None
 
     def reference_name(self, split: str) -> str:
