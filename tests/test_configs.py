@@ -189,3 +189,18 @@ def test_the_settings_each_section_accepts_are_those_the_configs_ship():
             d = OmegaConf.to_container(OmegaConf.load(f), resolve=False)
             if d["name"] == name and name != "image_folder":
                 assert d["root"] == "${paths.data_dir}" + (f"/{spec.data_subdir}" if spec.data_subdir else ""), f.name
+
+
+@pytest.mark.parametrize("sweep", sorted(p.stem for p in (REPO / "sweeps").glob("*.yaml")))
+def test_every_sweep_preset_sets_only_settings_evaluate_reads(sweep):
+    """A preset's sampler, fid, task and dataset entries pass evaluate.py's unknown-key check (they would stop every
+    job of the sweep before its first sample)."""
+    from ddim.config import check_known_keys
+    from ddim.data import DATASET_KEYS
+    from ddim.evaluation.settings import SECTION_KEYS
+
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
+        cfg = compose(config_name="evaluate", overrides=[f"+sweeps={sweep}", "paths.log_dir=/tmp/unused"])
+    for name in ("sampler", "fid", cfg.task):
+        check_known_keys(cfg[name], SECTION_KEYS[name], name)
+    check_known_keys(cfg.get("dataset") or {}, DATASET_KEYS, "dataset")
