@@ -55,10 +55,13 @@ PRESETS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 
 @pytest.mark.parametrize("name", PRESETS)
 def test_every_experiment_preset_composes_and_instantiates(name):
-    """Every file in conf/experiment composes with train.yaml, and its model, callbacks and trainer build."""
+    """Every file in conf/experiment composes with train.yaml, its model and callbacks build, and its data,
+    optimiser, schedule and fast settings pass train.py's checks (unknown keys included)."""
     from hydra.utils import instantiate
 
+    from ddim.data import DiffusionDataModule
     from ddim.models.build import build_unet
+    from ddim.training.module import check_diffusion, check_optim, fast_settings
 
     cfg = _compose(f"experiment={name}", "trainer.accelerator=cpu")
     with torch.device("meta"):  # the architecture, without allocating its weights
@@ -66,6 +69,11 @@ def test_every_experiment_preset_composes_and_instantiates(name):
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None and "_target_" in c]
     assert any(type(c).__name__ == "FinalStepCheckpoint" for c in callbacks)
     assert cfg.trainer.max_steps > 0 and cfg.fast.keys() == {"compile", "mode", "step_graph"}
+    # the settings the data and training modules read, checked as train.py makes them (no data read, no U-Net)
+    DiffusionDataModule(**OmegaConf.to_container(cfg.dataset, resolve=True))
+    check_optim(OmegaConf.to_container(cfg.optim, resolve=True))
+    check_diffusion(OmegaConf.to_container(cfg.diffusion, resolve=True))
+    fast_settings(OmegaConf.to_container(cfg.fast, resolve=True))
 
 
 def test_cifar10_quick_is_the_cifar10_recipe_made_fast():
