@@ -236,6 +236,32 @@ def test_reference_statistics_of_two_image_folders_are_cached_apart(tmp_path):
     assert named.reference_name("train") == "cifar10-32-train"
 
 
+def test_a_task_added_as_extending_md_says_runs_and_is_recorded(tmp_path, tiny_ckpt, monkeypatch):
+    """docs/extending.md's recipe for a task: a function in TASKS and its keys in SECTION_KEYS (the section comes
+    from the command line here, as it would from conf/evaluate.yaml); a run is recorded and a re-run skipped, and
+    its section refuses keys it does not list."""
+    from ddim.evaluation import settings, tasks
+    from ddim.evaluation.sampling import decode, latents_and_noise
+
+    def stats_task(s, m):
+        n = int(s.params["num_samples"])
+        x_T, _ = latents_and_noise(range(n), m.shape, 0, s.seed)
+        x = decode(m.eps_model, m.alphas_cumprod, m.seq, x_T, device=s.device, batch_size=s.batch_size, kind=s.kind)
+        return settings.TaskResult({"mean": float(x.float().mean()), "std": float(x.float().std())}, n, len(m.seq), {})
+
+    monkeypatch.setitem(tasks.TASKS, "stats", stats_task)
+    args = (f"ckpt_path={tiny_ckpt}", "task=stats", "+stats.num_samples=3", "sampler.steps=2")
+    with pytest.raises(ValueError, match=r"task=stats lists no settings: add SECTION_KEYS\['stats'\]"):
+        run_composed(tmp_path, *args)
+    monkeypatch.setitem(settings.SECTION_KEYS, "stats", ("num_samples",))
+    rec = run_composed(tmp_path, *args)
+    assert rec["num_samples"] == 3 and rec["key"]["params"] == {"num_samples": 3} and rec["metric"]["std"] > 0
+    assert run_composed(tmp_path, *args)["skipped"]
+    with pytest.raises(ValueError, match=r"stats.size is not a setting of stats \(nothing reads it\); allowed: "
+                                         r"num_samples$"):
+        run_composed(tmp_path, *args, "+stats.size=8")
+
+
 def test_unreadable_reference_image_fails_before_sampling(tmp_path, tiny_ckpt, nothing_expensive, monkeypatch):
     """dataset=image_folder with a truncated JPEG: named (index and file) by the reference pass, before sampling."""
     from ddim.evaluation import fid, tasks

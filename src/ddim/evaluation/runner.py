@@ -197,6 +197,9 @@ def validate(cfg: DictConfig) -> Settings:
     check_positive_int(sampler.batch_size, "sampler.batch_size")
     device = resolve_device(cfg.get("device"))
     precision, deterministic = check_precision(sampler, device)
+    if task not in SECTION_KEYS:  # a task added to TASKS alone (docs/extending.md)
+        raise ValueError(f"task={task} lists no settings: add SECTION_KEYS[{task!r}] = (its section's keys) in "
+                         f"ddim.evaluation.settings")
     for name in ("sampler", "fid", task):
         check_known_keys(cfg.get(name) or {}, SECTION_KEYS[name], name)
     check_task_settings(task, cfg)
