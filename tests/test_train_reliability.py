@@ -365,11 +365,11 @@ def test_sigkill_during_saves_never_breaks_last_ckpt(tmp_path):
             strays.append(len(left))
             assert not left & set(stray_before), f"temporaries of an earlier kill survived a start: {left}"
             steps.append(read_checkpoint(ckpts / "last.ckpt")["global_step"])  # loads after every kill
-        assert list(tmpdir.iterdir()) == []  # nothing was staged in $TMPDIR
+        # Nothing was staged in $TMPDIR. Open MPI's session files (ompi.*) are not ours: where mpi4py is installed,
+        # Lightning's MPI detection initialises MPI, which keeps them there.
+        assert [p.name for p in tmpdir.iterdir() if not p.name.startswith("ompi.")] == []
     finally:
-        for p in tmpdir.iterdir():
-            p.unlink()
-        tmpdir.rmdir()
+        shutil.rmtree(tmpdir, ignore_errors=True)
     print(f"{len(kills)} kills ({kills.count('during a save')} during a save); last.ckpt loaded after each, at steps "
           f"{steps}; temporaries left by each kill: {strays}")
     assert len(kills) >= 2 and steps == sorted(steps) and steps[0] >= 1
