@@ -37,15 +37,19 @@ def load_script(relpath: str, name: str | None = None):
     return module
 
 
+# Where the tests run ddim.accel's Triton kernels: compiled on the GPU where there is one, else interpreted on the CPU.
+KERNEL_DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def import_triton_kernels(name: str):
-    """Import the Triton-kernel module ``name`` (ddim.accel.conv, ddim.accel.groupnorm) for tests that run its kernels on CPU
-    tensors, or skip the calling test module where Triton or its interpreter is missing."""
+    """Import the Triton-kernel module ``name`` (ddim.accel.conv, ddim.accel.groupnorm) for tests that run its kernels
+    on ``KERNEL_DEVICE``, or skip the calling test module where Triton, or on the CPU its interpreter, is missing."""
     module = pytest.importorskip(name)
     if not module.available():
         pytest.skip(f"{name} needs Triton (shipped with torch's CUDA builds)", allow_module_level=True)
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("these tests run Triton on CPU tensors under TRITON_INTERPRET=1, which tests/conftest.py sets "
-                    "only where CUDA is absent", allow_module_level=True)
+    if KERNEL_DEVICE.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("without a GPU these tests run Triton on CPU tensors under TRITON_INTERPRET=1, which "
+                    "tests/conftest.py sets unless the caller set it otherwise", allow_module_level=True)
     return module
 
 

@@ -1,5 +1,6 @@
-"""ddim.accel: the layers in PyTorch against the U-Net's own, the training swaps, and the inference presets (eager on
-the CPU; their Triton kernels run under Triton's interpreter, see tests/test_accel_kernels.py)."""
+"""ddim.accel: the layers in PyTorch against the U-Net's own, the training swaps, and the inference presets (eager, on
+the GPU where there is one, else on the CPU with their Triton kernels under Triton's interpreter; the kernels
+themselves: tests/test_accel_kernels.py)."""
 from __future__ import annotations
 
 import copy
@@ -8,6 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from conftest import KERNEL_DEVICE
 
 from ddim import accel
 from ddim.accel import groupnorm, layers
@@ -165,14 +168,15 @@ def _state(model: nn.Module) -> tuple:
 
 @pytest.mark.parametrize("preset", ["bf16", "fp8"])
 def test_presets_give_the_models_eps_and_leave_it_alone(preset):
-    """Eager (compile=False), each preset's copy computes the fp32 model's ε to bf16 (e4m3) precision, keeps its
-    state-dict keys, and the caller's model keeps its weights, modules and mode."""
-    if preset == "fp8" and not accel.fp8_supported("cpu"):
-        pytest.skip("the fp8 preset needs Triton's interpreter on the CPU (tests/conftest.py sets TRITON_INTERPRET=1)")
-    model = _unet(resolution=8, attn_resolutions=(4,)).train()
+    """Eager (compile=False, on the GPU where there is one), each preset's copy computes the fp32 model's ε to bf16
+    (e4m3) precision, keeps its state-dict keys, and the caller's model keeps its weights, modules and mode."""
+    if preset == "fp8" and not accel.fp8_supported(KERNEL_DEVICE):
+        pytest.skip(f"the fp8 preset needs a GPU with FP8 matrix units or, on the CPU, Triton's interpreter "
+                    f"(tests/conftest.py sets TRITON_INTERPRET=1); here: {KERNEL_DEVICE}")
+    model = _unet(resolution=8, attn_resolutions=(4,)).to(KERNEL_DEVICE).train()
     before = _state(model)
     fast = accel.prepare_for_inference(model, preset, compile=False)
-    x, t = torch.randn(2, 3, 8, 8), torch.tensor([3, 900])
+    x, t = torch.randn(2, 3, 8, 8, device=KERNEL_DEVICE), torch.tensor([3, 900], device=KERNEL_DEVICE)
     with torch.no_grad():
         ref, got = model.eval()(x, t), fast(x, t)
     model.train()

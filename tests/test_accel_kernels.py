@@ -1,6 +1,6 @@
-"""ddim.accel's Triton kernels, run on the CPU by Triton's interpreter against PyTorch: the GroupNorm(+SiLU) kernel
-and its inference blocks, the e4m3 convolution and the fp8 ResnetBlocks; and, compiled ahead of time for sm_90 (no
-GPU needed), the instructions they must use there."""
+"""ddim.accel's Triton kernels against PyTorch, compiled on a GPU where there is one, else run on the CPU by Triton's
+interpreter: the GroupNorm(+SiLU) kernel and its inference blocks, the e4m3 convolution and the fp8 ResnetBlocks;
+and, compiled ahead of time for sm_90 (no GPU needed), the instructions they must use there."""
 from __future__ import annotations
 
 import copy
@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import child_env, import_triton_kernels
+from conftest import KERNEL_DEVICE, child_env, import_triton_kernels
 
 gnk = import_triton_kernels("ddim.accel.groupnorm")
 conv = import_triton_kernels("ddim.accel.conv")
@@ -21,6 +21,14 @@ fp8 = import_triton_kernels("ddim.accel.fp8")
 from ddim.accel import layers  # noqa: E402
 from ddim.models import UNet  # noqa: E402
 from ddim.models.unet import AttnBlock, ResnetBlock  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def on_kernel_device():
+    """Every tensor and module a test makes is on KERNEL_DEVICE; PyTorch's reference convolutions there in full
+    float32 (cuDNN's default is TF32 on a GPU; matmuls are float32 by default)."""
+    with torch.device(KERNEL_DEVICE), torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+        yield
 
 
 def _gn(c: int, groups: int = 32) -> nn.GroupNorm:
