@@ -366,7 +366,7 @@ def test_sigkill_during_saves_never_breaks_last_ckpt(tmp_path):
             assert not left & set(stray_before), f"temporaries of an earlier kill survived a start: {left}"
             steps.append(read_checkpoint(ckpts / "last.ckpt")["global_step"])  # loads after every kill
         # Nothing was staged in $TMPDIR. Open MPI's session files (ompi.*) are not ours: where mpi4py is installed,
-        # Lightning's MPI detection initialises MPI, which keeps them there.
+        # Lightning's MPI detection initialises MPI, and a SIGKILLed process never removes them.
         assert [p.name for p in tmpdir.iterdir() if not p.name.startswith("ompi.")] == []
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
