@@ -9,7 +9,8 @@ import torch
 from PIL import Image
 from torch.utils.data import TensorDataset
 
-from ddim.data import DATASETS, DataSpec, DiffusionDataModule, EpochSeededSampler, SplitError, build_dataset
+from ddim.data import (DATASETS, DataSpec, DiffusionDataModule, EpochSeededSampler, SplitError, build_dataset,
+                       image_grid)
 
 
 def make_image_folder(root, n=6, size=(20, 24)):
@@ -261,3 +262,17 @@ def test_image_folder_reads_grey_with_one_channel(tmp_path):
     with Image.open(sorted(root.rglob("*.png"))[0]) as im:
         want = torch.from_numpy(np.asarray(im.convert("L"), dtype=np.float32)) / 127.5 - 1
     assert torch.allclose(x[0], want, atol=1e-6)
+
+
+def test_image_grid_enlarges_small_images_by_whole_factors():
+    """Grids are for looking at: 8-pixel digits become 32-pixel squares of 4x4 equal pixels, 28-pixel images 56
+    (x2, every pixel still square), 32-pixel ones stay as they are; 2-pixel white padding between."""
+    x = torch.rand(3, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    grid = image_grid(x, nrow=3)
+    assert grid.shape == (3, 34 + 2, 3 * 34 + 2)
+    tile = grid[0, 2:34, 2:34]
+    assert torch.equal(tile, x[0, 0].repeat_interleave(4, 0).repeat_interleave(4, 1))
+    assert grid[:, :2].eq(1).all() and grid[:, :, 34:36].eq(1).all()  # padding
+    assert image_grid(torch.rand(2, 3, 28, 28), nrow=2).shape == (3, 56 + 4, 2 * 58 + 2)
+    assert image_grid(torch.rand(2, 3, 32, 32), nrow=2).shape == (3, 32 + 4, 2 * 34 + 2)
+    assert image_grid(torch.rand(2, 3, 32, 32), nrow=2, min_size=64).shape == (3, 64 + 4, 2 * 66 + 2)

@@ -285,13 +285,13 @@ def test_interpolation_and_consistency_grids(monkeypatch, tmp_path, tiny_ckpt):
     run_evaluate(monkeypatch, tmp_path, f"ckpt_path={tiny_ckpt}", "task=interpolation", "sampler.steps=3",
                  "interpolation.num_pairs=2", "interpolation.num_alphas=5", f"output_dir={out}")
     w, h = Image.open(out / "interpolation.png").size
-    assert (w, h) == (5 * 10 + 2, 2 * 10 + 2)  # 8x8 tiles with 2-pixel padding: 5 alphas x 2 pairs
+    assert (w, h) == (5 * 34 + 2, 2 * 34 + 2)  # 8x8 images shown at 32x32, 2-pixel padding: 5 alphas x 2 pairs
 
     out = tmp_path / "cons"
     run_evaluate(monkeypatch, tmp_path, f"ckpt_path={tiny_ckpt}", "task=consistency", "consistency.steps=[2,5,10]",
                  "consistency.num_samples=3", f"output_dir={out}")
     w, h = Image.open(out / "consistency.png").size
-    assert (w, h) == (3 * 10 + 2, 3 * 10 + 2)
+    assert (w, h) == (3 * 34 + 2, 3 * 34 + 2)
     recs = {r["task"]: r for r in records(tmp_path)}
     assert sorted(recs) == ["consistency", "interpolation"]
     # one decode per S; linear trajectories of T = 1000: range(0, 1000, 500 | 200 | 100) -> 2 + 5 + 10

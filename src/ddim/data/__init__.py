@@ -355,6 +355,19 @@ def build_dataset(name: str, *, root: str | Path = "data", image_size: int = 32,
                      category=category)
 
 
+VIEW_MIN_SIZE = 32  # grids are for looking at: smaller images (digits' 8 px) are enlarged to at least this
+
+
+def image_grid(images: torch.Tensor, nrow: int, min_size: int | None = None) -> torch.Tensor:
+    """(N, C, H, W) images in [0, 1] as one (C, H', W') grid, ``nrow`` per row, 2-pixel white padding.  Images
+    smaller than ``min_size`` pixels (default ``VIEW_MIN_SIZE``) are enlarged by the smallest whole factor that
+    reaches it, nearest neighbour, so every pixel stays a square; samples and scores keep the native size."""
+    factor = -(-(min_size or VIEW_MIN_SIZE) // min(images.shape[-2:]))
+    if factor > 1:
+        images = torch.nn.functional.interpolate(images, scale_factor=factor, mode="nearest")
+    return torchvision.utils.make_grid(images, nrow=nrow, padding=2, pad_value=1.0)
+
+
 def image_file(dataset: Dataset, i: int) -> Path | None:
     """The file behind item ``i`` of a (wrapped) image-folder data set, found through ``base`` / ``dataset``
     wrappers down to a ``files`` list; None for data sets not read from single files (npz arrays, lmdb)."""

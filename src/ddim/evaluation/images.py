@@ -7,6 +7,7 @@ import torch
 import torchvision
 from torch.utils.data import Dataset
 
+from ddim.data import image_grid
 from ddim.files import write_atomically
 
 RANGE_TOLERANCE = 1e-3
@@ -51,10 +52,10 @@ class Uint8Images(Dataset):
 
 
 def save_grid(images: torch.Tensor, path: Path, nrow: int) -> Path:
-    """uint8 (N, C, H, W) images as one PNG grid, ``nrow`` images per row, 2-pixel white padding; written
-    atomically, so a killed run never leaves a torn grid that a re-run would take as done."""
+    """uint8 (N, C, H, W) images as one PNG grid (``ddim.data.image_grid``: small images enlarged for viewing);
+    written atomically, so a killed run never leaves a torn grid that a re-run would take as done."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    grid = torchvision.utils.make_grid(images.float() / 255.0, nrow=nrow, padding=2, pad_value=1.0)
+    grid = image_grid(images.float() / 255.0, nrow)
     write_atomically(path, lambda f: torchvision.utils.save_image(grid, f, format="png"))
     return path

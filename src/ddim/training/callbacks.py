@@ -15,6 +15,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 
+from ddim.data import image_grid
 from ddim.diffusion import sample, timesteps
 from ddim.files import remove_stray_temporaries
 
@@ -67,7 +68,7 @@ class SampleGrid(L.Callback):
         self.seed = int(seed)
         self.nrow = nrow
         self.use_ema = use_ema
-        self.display_size = display_size  # viewing only: nearest upscaling (None: images under 32 px go to 32)
+        self.display_size = display_size  # viewing only: image_grid's min_size (None: ddim.data.VIEW_MIN_SIZE)
         self.clip_denoised = bool(clip_denoised)
         self.last_path: Path | None = None
 
@@ -94,12 +95,9 @@ class SampleGrid(L.Callback):
     @rank_zero_only
     def write(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Path:
         x = self.sample(pl_module)
-        size = self.display_size or max(32, x.shape[-1])
-        if size > x.shape[-1]:
-            x = torch.nn.functional.interpolate(x, size=(size, size), mode="nearest")
         step = trainer.global_step
         nrow = self.nrow or int(math.ceil(math.sqrt(self.num_samples)))
-        grid = torchvision.utils.make_grid((x + 1) / 2, nrow=nrow, padding=2, pad_value=1.0)
+        grid = image_grid((x + 1) / 2, nrow, self.display_size)
         self.dirpath.mkdir(parents=True, exist_ok=True)
         path = self.dirpath / f"step_{step:07d}.png"
         torchvision.utils.save_image(grid, path)
