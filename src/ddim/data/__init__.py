@@ -8,7 +8,7 @@ Preprocessing follows the official DDIM code: CelebA's centre crop (cx=89, cy=12
 resize, random horizontal flip, optional uniform dequantisation, x -> 2x - 1.  The random parts are drawn in one
 place (``_Transformed``), from a generator seeded by (seed, epoch, image index) when the key comes from
 ``EpochSeededSampler``: a sample's flip and noise then do not depend on the number of data-loader workers, nor on the
-step a run was resumed at.
+step a run was resumed at.  ``image_grid`` lays images out for viewing (the grids train.py and evaluate.py write).
 """
 from __future__ import annotations
 
