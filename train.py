@@ -20,7 +20,7 @@ from lightning.pytorch.plugins.io import CheckpointIO
 from omegaconf import DictConfig, OmegaConf
 
 from ddim.config import as_bool, log_lightning_once
-from ddim.data import DATASETS, DiffusionDataModule
+from ddim.data import DiffusionDataModule, data_folder
 from ddim.training.checkpoint_io import AtomicCheckpointIO
 from ddim.training.checks import (check_data_fits_model, check_loggers, check_output_folders, check_resume,
                                   check_settings, check_strategy, check_training_length, slurm_per_node)
@@ -75,9 +75,9 @@ def data_record(data_cfg: dict) -> dict:
     """What the checkpoint records of its data set, so evaluate.py finds it again: name, size, channels, LSUN
     category, and an image folder's absolute path (the other data sets have their place under paths.data_dir)."""
     record = {k: data_cfg.get(k) for k in ("name", "image_size", "channels", "category")}
-    spec = DATASETS.get(data_cfg.get("name"))
-    if spec is not None and spec.by_place:  # image_folder: the images are known by their folder only
-        record["root"] = str(Path(data_cfg["root"]).expanduser().resolve())
+    folder = data_folder(data_cfg)  # image_folder: the images are known by their folder only
+    if folder is not None:
+        record["root"] = folder
     return record
 
 

@@ -333,6 +333,14 @@ def grey_dataset_names() -> str:
     return " and ".join([", ".join(names[:-1]), names[-1]] if len(names) > 1 else names) or "none"
 
 
+def data_folder(data: dict) -> str | None:
+    """The absolute folder of a data set known by its place (``DataSpec.by_place``: image_folder), from a dataset
+    config or a checkpoint's data record; None for the other data sets (their place is under paths.data_dir)."""
+    spec = DATASETS.get(data.get("name"))
+    root = data.get("root") if spec is not None and spec.by_place else None
+    return str(Path(root).expanduser().resolve()) if root else None
+
+
 def build_dataset(name: str, *, root: str | Path = "data", image_size: int = 32, split: str = "train",
                   random_flip: bool = True, uniform_dequantization: bool = False, download: bool = False,
                   channels: int = 3, category: str = LSUN_CATEGORY, **unused: Any) -> Dataset:

@@ -8,14 +8,13 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from ddim.accel import INFERENCE_PRESETS
-from ddim.data import DATASETS
+from ddim.data import DATASETS, data_folder
 from ddim.diffusion import TRAJECTORIES as TRAJECTORY_ALIASES
 from ddim.diffusion.samplers import ETA_STRINGS
 
@@ -128,9 +127,7 @@ class Loaded:
     def data_folder(self) -> str | None:
         """The folder of a data set known by its place (``DataSpec.by_place``: image_folder), absolute: two folders
         of one size must not take each other's records or reference statistics."""
-        spec = DATASETS.get(self.data.get("name"))
-        root = self.data.get("root") if spec is not None and spec.by_place else None
-        return str(Path(root).expanduser().resolve()) if root else None
+        return data_folder(self.data)
 
     def reference_name(self, split: str) -> str:
         """The name reference statistics are cached under: the data set and split, and an image folder's place."""
