@@ -3,8 +3,8 @@ released weights.  No Lightning import: a sampling script needs torch and the U-
 
 Checkpoint format (a Lightning ``.ckpt``): ``state_dict`` holds ``model.*`` (raw weights) and ``ema_model.*``
 (EMA weights, same keys after the prefix); ``hyper_parameters`` holds plain dicts ``model`` (UNet kwargs),
-``diffusion`` (beta schedule), ``optim``, ``data`` (name, image_size, channels, category; an image folder's absolute ``root``) and ``fast`` (speed settings,
-which change no parameter).
+``diffusion`` (beta schedule), ``optim``, ``data`` (name, image_size, channels, category; an image folder's
+absolute ``root``) and ``fast`` (speed settings, which change no parameter).
 
 Every file is opened with ``torch.load(weights_only=True)``: tensors, plain containers and numbers only, so
 opening a checkpoint cannot run code stored in it.  A file that needs full unpickling is refused unless the

@@ -36,7 +36,8 @@ def beta_schedule(kind: str, T: int = 1000, beta_start: float = 1e-4, beta_end: 
         betas = 1.0 / np.linspace(T, 1, T, dtype=np.float64)
     elif kind == "sigmoid":
         betas = 1 / (np.exp(-np.linspace(-6, 6, T)) + 1) * (beta_end - beta_start) + beta_start
-    else:  # cosine: ᾱ(t) = f(t) / f(0), f(t) = cos²((t/T + s) / (1 + s) · π/2); β_t = 1 - ᾱ(t+1)/ᾱ(t) <= 0.999
+    else:
+        # cosine: ᾱ(t) = f(t) / f(0), f(t) = cos²((t/T + s) / (1 + s) · π/2); β_t = 1 - ᾱ(t+1)/ᾱ(t) <= 0.999
         s = 0.008
         f = torch.cos((torch.arange(T + 1, dtype=torch.float64) / T + s) / (1 + s) * math.pi / 2) ** 2
         return (1 - f[1:] / f[:-1]).clamp(max=0.999)

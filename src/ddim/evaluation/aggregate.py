@@ -182,8 +182,9 @@ def _row(r: dict, ckpt_names: dict[str, str]) -> dict | None:
     # outside the FID-vs-NFE sweep, a run's budget is what S asks for (on linear τ): Table 1's S = 50 on quadratic τ
     # spends 49 of a budget of 50
     nominal = real_nfe(kind, s["steps"], "linear", int(sweep.get("T", 1000))) if task == "fid" else None
-    return {"task": task, "dataset": k["dataset"], "model": _model_label(k, ckpt_names), "kind": kind, "eta": _eta_key(s["eta"]),
-            "steps": int(s["steps"]), "trajectory": s.get("trajectory"), "precision": _precision(s),
+    return {"task": task, "dataset": k["dataset"], "model": _model_label(k, ckpt_names), "kind": kind,
+            "eta": _eta_key(s["eta"]), "steps": int(s["steps"]), "trajectory": s.get("trajectory"),
+            "precision": _precision(s),
             "value": float(value), "paper": paper, "num_samples": r.get("num_samples"), "nfe": spent,
             "reference": _reference_label(k.get("params") or {}) if task == "fid" else None,
             "budget": int(str(budget).removeprefix("nfe")) if budget else nominal, "nfe_sweep": bool(sweep),
@@ -196,7 +197,8 @@ def collect(records_dir: str | Path) -> list[dict]:
     budget, ...) of the FID and reconstruction records, oldest first: where a checkpoint was rewritten and evaluated
     again, the newest result fills the cell."""
     records = list(iter_records(records_dir))
-    names = checkpoint_names({r["key"]["model"]["ckpt"] for r in records if "ckpt" in r.get("key", {}).get("model", {})})
+    models = [r.get("key", {}).get("model", {}) for r in records]
+    names = checkpoint_names({m["ckpt"] for m in models if "ckpt" in m})
     rows = [row for row in (_row(r, names) for r in records) if row is not None]
     rows.sort(key=lambda row: row["finished"])
     return rows

@@ -37,7 +37,8 @@ FAST_DEFAULTS = {"compile": False, "mode": None, "step_graph": False}
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 OPTIM_NUMBERS = ("lr", "beta1", "eps", "weight_decay", "ema_decay", "grad_clip", "warmup_steps")
 OPTIM_KEYS = (*OPTIM_NUMBERS, "amsgrad", "ema_warmup")  # every optim setting read (conf/optim/default.yaml)
-DIFFUSION_KEYS = SCHEDULE_KEYS  # every diffusion setting read: the noise schedule's (a training setting added there joins)
+# every diffusion setting read: the noise schedule's (a training setting added there joins them)
+DIFFUSION_KEYS = SCHEDULE_KEYS
 # (setting, test, what is allowed) for Adam and clipping; null keeps the default
 OPTIM_RANGES = (("lr", lambda v: v > 0, "a number > 0"), ("beta1", lambda v: 0 <= v < 1, "in [0, 1)"),
                 ("eps", lambda v: v >= 0, "a number >= 0"), ("weight_decay", lambda v: v >= 0, "a number >= 0"),
@@ -108,7 +109,8 @@ def match_layout(copy_of: nn.Module, model: nn.Module) -> None:
 
 class DiffusionModule(L.LightningModule):
     """Trains ``model`` (UNet kwargs) under ``diffusion`` (beta schedule) with ``optim`` (Adam + clip + EMA);
-    ``data`` (what train.py's ``data_record`` keeps of the data set) is kept for sampling, ``fast`` holds the speed options."""
+    ``data`` (what train.py's ``data_record`` keeps of the data set) is kept for sampling, ``fast`` holds the speed
+    options."""
 
     def __init__(self, model: dict, diffusion: dict, optim: dict | None = None, data: dict | None = None,
                  fast: dict | None = None):
